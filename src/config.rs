@@ -1,0 +1,220 @@
+//! The layer's settings, their defaults, and the policies they choose between.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderName, Method, Response, StatusCode, response};
+
+use crate::{
+    key::{KeySource, Scope},
+    problem::Problem,
+};
+
+/// The request header that carries the key: `Idempotency-Key`.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The response header that marks a replay: `Idempotent-Replayed: true`.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// What to do with a protected request that carries no key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingKey {
+    /// Derive the key from the request itself (SHA-256 of method, path, query and body) and
+    /// remember it for this window only: what stops a double-clicked form from charging twice.
+    Fingerprint(Duration),
+    /// Refuse the request with a 400 problem.
+    Required,
+    /// Let the request through unprotected, without reading its body.
+    PassThrough,
+}
+
+/// What a request does while another request with its key is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Wait up to this long for the first request to finish, then replay its response; past
+    /// it, 409 with `Retry-After`. Waiting is woken by notification, not polling.
+    Wait(Duration),
+    /// Answer 409 with `Retry-After` at once (Stripe's and the IETF draft's behaviour).
+    Reject,
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// Refuse with a 503 problem and `Retry-After`: nothing runs unprotected.
+    Closed,
+    /// Run the handler unprotected, log a warning and count it.
+    ///
+    /// # Warning
+    ///
+    /// While the store is down, retries and concurrent duplicates execute again.
+    Open,
+}
+
+pub(crate) type StoreWhen = Arc<dyn Fn(&response::Parts) -> bool + Send + Sync>;
+pub(crate) type RenderProblem = Arc<dyn Fn(&Problem) -> Response<Bytes> + Send + Sync>;
+
+/// Every setting of an [`IdempotencyLayer`](crate::IdempotencyLayer), shared by all its
+/// services behind one `Arc`.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) header_name: HeaderName,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) missing_key: MissingKey,
+    pub(crate) key_source: Option<KeySource>,
+    pub(crate) scope: Scope,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) wait_mode: WaitMode,
+    pub(crate) mismatch_status: StatusCode,
+    pub(crate) request_body_limit: usize,
+    pub(crate) response_body_limit: usize,
+    pub(crate) store_when: StoreWhen,
+    pub(crate) fail_mode: FailMode,
+    pub(crate) render_problem: Option<RenderProblem>,
+}
+
+/// Defaults, in one place; the setters' docs repeat them.
+pub(crate) mod defaults {
+    use std::time::Duration;
+
+    pub(crate) const TTL: Duration = Duration::from_secs(24 * 60 * 60);
+    pub(crate) const LEASE: Duration = Duration::from_secs(30);
+    pub(crate) const WAIT: Duration = Duration::from_secs(10);
+    pub(crate) const FINGERPRINT_WINDOW: Duration = Duration::from_secs(60);
+    pub(crate) const BODY_LIMIT: usize = 1024 * 1024;
+}
+
+/// The default store-when predicate: everything but transient failures (5xx, 408, 429).
+pub(crate) fn is_not_transient(parts: &response::Parts) -> bool {
+    !(parts.status.is_server_error()
+        || parts.status == StatusCode::REQUEST_TIMEOUT
+        || parts.status == StatusCode::TOO_MANY_REQUESTS)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            header_name: IDEMPOTENCY_KEY,
+            methods: vec![Method::POST, Method::PATCH],
+            missing_key: MissingKey::Fingerprint(defaults::FINGERPRINT_WINDOW),
+            key_source: None,
+            scope: Scope::Credentials,
+            ttl: defaults::TTL,
+            lease: defaults::LEASE,
+            wait_mode: WaitMode::Wait(defaults::WAIT),
+            mismatch_status: StatusCode::CONFLICT,
+            request_body_limit: defaults::BODY_LIMIT,
+            response_body_limit: defaults::BODY_LIMIT,
+            store_when: Arc::new(is_not_transient),
+            fail_mode: FailMode::Closed,
+            render_problem: None,
+        }
+    }
+}
+
+impl Config {
+    /// Whether requests with `method` are protected at all.
+    pub(crate) fn protects(&self, method: &Method) -> bool {
+        self.methods.contains(method)
+    }
+
+    /// Renders a problem the layer produces itself.
+    pub(crate) fn render(&self, problem: &Problem) -> Response<Bytes> {
+        let mut response = match &self.render_problem {
+            Some(render) => render(problem),
+            None => problem.to_response(),
+        };
+        response.extensions_mut().insert(problem.kind());
+        response
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("header_name", &self.header_name)
+            .field("methods", &self.methods)
+            .field("missing_key", &self.missing_key)
+            .field("key_source", &self.key_source)
+            .field("scope", &self.scope)
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field("wait_mode", &self.wait_mode)
+            .field("mismatch_status", &self.mismatch_status)
+            .field("request_body_limit", &self.request_body_limit)
+            .field("response_body_limit", &self.response_body_limit)
+            .field("fail_mode", &self.fail_mode)
+            .field(
+                "render_problem",
+                &self.render_problem.as_ref().map(|_| ".."),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(status: StatusCode) -> response::Parts {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        response.into_parts().0
+    }
+
+    #[test]
+    fn transient_failures_are_not_stored_by_default() {
+        let cases = [
+            (200, true),
+            (201, true),
+            (302, true),
+            (400, true),
+            (404, true),
+            (409, true),
+            (422, true),
+            (408, false),
+            (429, false),
+            (500, false),
+            (502, false),
+            (503, false),
+        ];
+        for (status, stored) in cases {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(is_not_transient(&parts(status)), stored, "{status}");
+        }
+    }
+
+    #[test]
+    fn only_post_and_patch_are_protected_by_default() {
+        let config = Config::default();
+        for (method, protected) in [
+            (Method::POST, true),
+            (Method::PATCH, true),
+            (Method::GET, false),
+            (Method::PUT, false),
+            (Method::DELETE, false),
+            (Method::HEAD, false),
+            (Method::OPTIONS, false),
+        ] {
+            assert_eq!(config.protects(&method), protected, "{method}");
+        }
+    }
+
+    #[test]
+    fn rendered_problems_carry_their_kind_even_when_overridden() {
+        let mut config = Config::default();
+        config.render_problem = Some(Arc::new(|problem: &Problem| {
+            let mut response = Response::new(Bytes::from_static(b"custom"));
+            *response.status_mut() = problem.status();
+            response
+        }));
+        let problem = Problem::missing_key(&IDEMPOTENCY_KEY);
+        let response = config.render(&problem);
+        assert_eq!(response.body(), "custom");
+        assert_eq!(
+            response.extensions().get::<crate::ProblemKind>(),
+            Some(&crate::ProblemKind::MissingKey)
+        );
+    }
+}

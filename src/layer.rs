@@ -1,0 +1,285 @@
+//! [`IdempotencyLayer`]: the configuration, and the `Layer` that applies it.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderName, Method, Response, StatusCode, request, response};
+use tower_layer::Layer;
+
+use crate::{
+    config::{Config, FailMode, MissingKey, WaitMode},
+    key::{KeySource, Scope},
+    problem::Problem,
+    service::Idempotency,
+    store::IdempotencyStore,
+};
+
+/// Applies [`Idempotency`] to a service: retried and duplicated requests run the handler at
+/// most once per key, and every retry gets the first response, byte for byte.
+///
+/// The layer is its configuration: setters return it changed, and each service it makes
+/// shares the settings behind one `Arc` (a clone per request is a reference count).
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let app: Router = Router::new()
+///     .route("/charges", post(|| async { "charged" }))
+///     .layer(IdempotencyLayer::new(MemoryStore::default()));
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyLayer<St> {
+    store: St,
+    config: Arc<Config>,
+}
+
+impl<St: IdempotencyStore> IdempotencyLayer<St> {
+    /// A layer over `store` with the defaults: `POST` and `PATCH` protected, keys from the
+    /// `Idempotency-Key` header (or derived from the request for 60 s when absent), records
+    /// kept 24 h, scoped by credentials, duplicates waiting up to 10 s, fail-closed.
+    pub fn new(store: St) -> Self {
+        Self {
+            store,
+            config: Arc::new(Config::default()),
+        }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// The header that carries the key. Default: `Idempotency-Key`.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_header_name(http::HeaderName::from_static("x-request-key"));
+    /// ```
+    pub fn with_header_name(mut self, name: HeaderName) -> Self {
+        self.config().header_name = name;
+        self
+    }
+
+    /// The methods to protect; others pass straight through, with no store round trip and no
+    /// body buffering. Default: `POST` and `PATCH`.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// use http::Method;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_methods([Method::POST, Method::PUT, Method::PATCH, Method::DELETE]);
+    /// ```
+    pub fn with_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config().methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Protects one more method. Default set: `POST` and `PATCH`.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).add_method(http::Method::PUT);
+    /// ```
+    pub fn add_method(mut self, method: Method) -> Self {
+        let methods = &mut self.config().methods;
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+        self
+    }
+
+    /// What to do with a protected request that carries no key.
+    /// Default: [`MissingKey::Fingerprint`] with a 60 s window.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, MissingKey};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_missing_key(MissingKey::Required);
+    /// ```
+    pub fn with_missing_key(mut self, policy: MissingKey) -> Self {
+        self.config().missing_key = policy;
+        self
+    }
+
+    /// Where else to look for a key when the key header is absent: another header (webhook
+    /// delivery ids), a JSON body field, or a closure. Default: nowhere.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_key_source(KeySource::json_pointer("/id"));
+    /// ```
+    pub fn with_key_source(mut self, source: KeySource) -> Self {
+        self.config().key_source = Some(source);
+        self
+    }
+
+    /// Whose key it is: the principal a record belongs to, so the same key from another
+    /// principal is another record. Set it from your authenticated user or tenant.
+    /// Default: the request's `Authorization` header (and `Cookie` for derived keys).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// #[derive(Clone)]
+    /// struct UserId(String);
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_scope(|parts: &http::request::Parts| {
+    ///     parts.extensions.get::<UserId>().map(|user| user.0.clone()).unwrap_or_default()
+    /// });
+    /// ```
+    ///
+    /// # Warning
+    ///
+    /// A scope that maps different principals to the same value (`|_| ""`) lets one client
+    /// receive a response produced for another by reusing or guessing its key.
+    pub fn with_scope<F, R>(mut self, scope: F) -> Self
+    where
+        F: Fn(&request::Parts) -> R + Send + Sync + 'static,
+        R: AsRef<[u8]>,
+    {
+        self.config().scope = Scope::custom(scope);
+        self
+    }
+
+    /// How long a completed record is kept and replayed. Default: 24 hours.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_ttl(Duration::from_secs(7 * 24 * 3600));
+    /// ```
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.config().ttl = ttl;
+        self
+    }
+
+    /// How long an in-flight claim lasts without renewal. The owner renews it every third of
+    /// this while its handler runs, so it bounds how long a crashed instance's key stays
+    /// blocked, not how long a handler may take. Default: 30 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_lease(Duration::from_secs(10));
+    /// ```
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.config().lease = lease;
+        self
+    }
+
+    /// What a duplicate does while its key is in flight. Default: [`WaitMode::Wait`] 10 s.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, WaitMode};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_wait_mode(WaitMode::Reject);
+    /// ```
+    pub fn with_wait_mode(mut self, mode: WaitMode) -> Self {
+        self.config().wait_mode = mode;
+        self
+    }
+
+    /// The status for a key reused with another payload: 409 Conflict (default) or 422
+    /// Unprocessable Content (the IETF draft's choice).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_mismatch_status(http::StatusCode::UNPROCESSABLE_ENTITY);
+    /// ```
+    pub fn with_mismatch_status(mut self, status: StatusCode) -> Self {
+        self.config().mismatch_status = status;
+        self
+    }
+
+    /// The largest request body read to fingerprint it; larger ones get 413 and nothing runs.
+    /// Default: 1 MiB.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_request_body_limit(64 * 1024);
+    /// ```
+    pub fn with_request_body_limit(mut self, bytes: usize) -> Self {
+        self.config().request_body_limit = bytes;
+        self
+    }
+
+    /// The largest response body kept for replay. A larger response is still delivered, but
+    /// its key is recorded as completed-not-replayable: retries get a 409 problem and never
+    /// run the handler again. Default: 1 MiB.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_response_body_limit(4 * 1024 * 1024);
+    /// ```
+    pub fn with_response_body_limit(mut self, bytes: usize) -> Self {
+        self.config().response_body_limit = bytes;
+        self
+    }
+
+    /// Which responses are stored. A refused one releases its key, so a retry executes again.
+    /// Default: all but 5xx, 408 and 429 (transient failures).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// // Stripe's rule: once the handler ran, store whatever it answered.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_store_when(|_: &http::response::Parts| true);
+    /// ```
+    pub fn with_store_when<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.config().store_when = Arc::new(predicate);
+        self
+    }
+
+    /// What to do when the store is unavailable. Default: [`FailMode::Closed`] (503).
+    ///
+    /// ```
+    /// # use tower_idempotency::{FailMode, IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_fail_mode(FailMode::Open);
+    /// ```
+    ///
+    /// # Warning
+    ///
+    /// [`FailMode::Open`] runs handlers unprotected while the store is down.
+    pub fn with_fail_mode(mut self, mode: FailMode) -> Self {
+        self.config().fail_mode = mode;
+        self
+    }
+
+    /// Renders the layer's own problem responses. Default: [`Problem::to_response`]
+    /// (`application/problem+json`).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, Problem};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_problem_response(|problem: &Problem| {
+    ///     let mut response = http::Response::new(bytes::Bytes::from(problem.detail().to_owned()));
+    ///     *response.status_mut() = problem.status();
+    ///     response
+    /// });
+    /// ```
+    pub fn with_problem_response<F>(mut self, render: F) -> Self
+    where
+        F: Fn(&Problem) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        self.config().render_problem = Some(Arc::new(render));
+        self
+    }
+}
+
+impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(inner, self.store.clone(), Arc::clone(&self.config))
+    }
+}
+
+impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}

@@ -1,0 +1,205 @@
+//! The in-flight claim as a value: acquired without leaks on cancellation, renewed while its
+//! handler runs, and completed, released, or (on drop) released in the background.
+//!
+//! This is the shape of tower's concurrency permit: every path that does not complete the
+//! claim gives it back, so a key is never left blocked for a lease after an error, a panic
+//! or a dropped connection.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use crate::{
+    error::{StoreError, StoreErrorKind},
+    fingerprint::Fingerprint,
+    key::StorageKey,
+    record::Record,
+    store::{Claim, FenceToken, IdempotencyStore},
+};
+
+/// Claims `key`. If this future is dropped while the store is still answering (the client
+/// went away), the claim is finished in the background and released if it was acquired, so
+/// an abandoned request never holds a key for its whole lease.
+pub(crate) async fn claim<St: IdempotencyStore>(
+    store: &St,
+    key: StorageKey,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Result<Claim, StoreError> {
+    let owned = store.clone();
+    PendingClaim {
+        future: Some(Box::pin(async move {
+            owned.claim(&key, &fingerprint, lease).await
+        })),
+        store: store.clone(),
+        key,
+    }
+    .await
+}
+
+type ClaimFuture = Pin<Box<dyn Future<Output = Result<Claim, StoreError>> + Send>>;
+
+struct PendingClaim<St: IdempotencyStore> {
+    future: Option<ClaimFuture>,
+    store: St,
+    key: StorageKey,
+}
+
+// The store is never pinned: only the boxed future is polled.
+impl<St: IdempotencyStore> Unpin for PendingClaim<St> {}
+
+impl<St: IdempotencyStore> Future for PendingClaim<St> {
+    type Output = Result<Claim, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(future) = this.future.as_mut() else {
+            return Poll::Pending;
+        };
+        let result = std::task::ready!(future.as_mut().poll(cx));
+        this.future = None;
+        Poll::Ready(result)
+    }
+}
+
+impl<St: IdempotencyStore> Drop for PendingClaim<St> {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        let key = self.key;
+        runtime.spawn(async move {
+            if let Ok(Claim::Acquired(token)) = future.await {
+                tracing::debug!(?key, "releasing a claim its request abandoned");
+                let _ = store.release(&key, token).await;
+            }
+        });
+    }
+}
+
+/// A claim held by this process.
+pub(crate) struct Lease<St: IdempotencyStore> {
+    store: St,
+    key: StorageKey,
+    token: FenceToken,
+    duration: Duration,
+    held: bool,
+}
+
+impl<St: IdempotencyStore> Lease<St> {
+    pub(crate) fn new(store: St, key: StorageKey, token: FenceToken, duration: Duration) -> Self {
+        Self {
+            store,
+            key,
+            token,
+            duration,
+            held: true,
+        }
+    }
+
+    /// Runs `work`, renewing the lease every third of its duration until `work` is done.
+    ///
+    /// Renewal runs beside the work, never in front of it: the work is polled while a renewal
+    /// is on its way to the store.
+    pub(crate) async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
+        tokio::pin!(work);
+        // Most handlers are done on their first poll: they need no timer at all.
+        if let Some(output) = poll_once(work.as_mut()).await {
+            return output;
+        }
+        let period = self.duration / 3;
+        let mut renewing = true;
+        loop {
+            if !renewing {
+                return work.await;
+            }
+            tokio::select! {
+                biased;
+                output = &mut work => return output,
+                () = tokio::time::sleep_until(Instant::now() + period) => {}
+            }
+            let renewal = self.store.renew(&self.key, self.token, self.duration);
+            tokio::select! {
+                biased;
+                output = &mut work => return output,
+                result = renewal => match result {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
+                        tracing::warn!(key = ?self.key, "idempotency lease lost while the handler ran; its response will not be stored");
+                        renewing = false;
+                    }
+                    // A failed renewal is retried at the next period; the lease has two
+                    // more periods to go.
+                    Err(error) => tracing::warn!(key = ?self.key, %error, "renewing an idempotency lease failed"),
+                },
+            }
+        }
+    }
+
+    /// Stores `record` in place of the claim. A failed write releases the claim instead, so
+    /// a retry executes again rather than waiting out the lease.
+    pub(crate) async fn complete(mut self, record: Record, ttl: Duration) {
+        self.held = false;
+        match self
+            .store
+            .complete(&self.key, self.token, record, ttl)
+            .await
+        {
+            Ok(()) => {}
+            Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
+                tracing::warn!(key = ?self.key, "idempotency lease lost before completion; the response was not stored");
+            }
+            Err(error) => {
+                tracing::warn!(key = ?self.key, %error, "storing an idempotency record failed; releasing the key");
+                let _ = self.store.release(&self.key, self.token).await;
+            }
+        }
+    }
+
+    /// Gives the key back: the next request with it executes.
+    pub(crate) async fn release(mut self) {
+        self.held = false;
+        if let Err(error) = self.store.release(&self.key, self.token).await {
+            if error.kind() != StoreErrorKind::LeaseLost {
+                tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
+            }
+        }
+    }
+}
+
+impl<St: IdempotencyStore> Drop for Lease<St> {
+    fn drop(&mut self) {
+        // Reached when the task running the handler unwinds from a panic, or is cancelled.
+        if !self.held {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        let (key, token) = (self.key, self.token);
+        runtime.spawn(async move {
+            let _ = store.release(&key, token).await;
+        });
+    }
+}
+
+/// Polls `future` once: `Some(output)` if it was ready.
+async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}

@@ -1,0 +1,36 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![deny(unreachable_pub)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod config;
+mod error;
+mod execute;
+mod fingerprint;
+mod future;
+mod key;
+mod layer;
+mod lease;
+mod problem;
+mod record;
+mod service;
+pub mod store;
+
+pub use crate::{
+    body::{RequestBody, ResponseBody},
+    config::{FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MissingKey, WaitMode},
+    error::{BoxError, StoreError, StoreErrorKind},
+    fingerprint::Fingerprint,
+    future::ResponseFuture,
+    key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
+    layer::IdempotencyLayer,
+    problem::{Problem, ProblemKind},
+    record::{Record, RecordError},
+    service::Idempotency,
+    store::{Claim, FenceToken, IdempotencyStore},
+};
+
+#[cfg(feature = "moka")]
+pub use crate::store::memory::MemoryStore;

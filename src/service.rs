@@ -1,0 +1,331 @@
+//! [`Idempotency`]: the request flow, top to bottom.
+//!
+//! 1. Unprotected method → pass through (no allocation, no store call, body untouched).
+//! 2. Find the key: the key header (invalid → 400), else a configured key source, else the
+//!    missing-key policy (pass through, 400, or derive the key from the request).
+//! 3. Read the body up to the limit (over → 413) and fingerprint it.
+//! 4. Claim the key atomically. Completed → replay (or 409/422 on another fingerprint); in
+//!    flight → wait for it or 409; free → run the handler (`execute`); store down → 503 or,
+//!    fail-open, run unprotected.
+
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header, request::Parts};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::{
+    body::{RequestBody, ResponseBody},
+    config::{Config, FailMode, IDEMPOTENT_REPLAYED, MissingKey, WaitMode},
+    error::{BoxError, StoreError},
+    execute::execute,
+    fingerprint::Fingerprint,
+    future::ResponseFuture,
+    key::{IdempotencyKey, KeyRef, StorageKey},
+    lease::{self, Lease},
+    problem::Problem,
+    record::Record,
+    store::{Claim, IdempotencyStore},
+};
+
+/// Middleware that runs a request's handler at most once per idempotency key and replays the
+/// first response to every retry. Made by [`IdempotencyLayer`](crate::IdempotencyLayer).
+///
+/// The inner service receives [`RequestBody`]: the original body for requests passed
+/// through, the bytes the layer read otherwise. Its errors pass through unchanged; the
+/// layer's own rejections are problem responses. Protected requests run on a tokio task, so
+/// the layer needs a tokio runtime.
+#[derive(Clone)]
+pub struct Idempotency<S, St> {
+    inner: S,
+    store: St,
+    config: Arc<Config>,
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn new(inner: S, store: St, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            store,
+            config,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// Where the key comes from, as far as the request head tells.
+enum KeyPlan {
+    Client(IdempotencyKey),
+    /// A key source that reads the body; the missing-key policy applies if it finds nothing.
+    FromBody,
+    /// No key: derive one from the request.
+    Derived,
+}
+
+impl<S, St, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        let config = &self.config;
+        if !config.protects(request.method()) {
+            return ResponseFuture::pass_through(self.inner.call(request.map(RequestBody::new)));
+        }
+        let plan = match IdempotencyKey::from_headers(request.headers(), &config.header_name) {
+            Ok(Some(key)) => KeyPlan::Client(key),
+            Err(error) => {
+                return ResponseFuture::ready(reject(config, &Problem::invalid_key(&error)));
+            }
+            Ok(None) => {
+                let from_source = config
+                    .key_source
+                    .as_ref()
+                    .map(|source| source.extract_from_headers(request.headers()));
+                match from_source {
+                    Some(Some(Ok(Some(key)))) => KeyPlan::Client(key),
+                    Some(Some(Err(error))) => {
+                        return ResponseFuture::ready(reject(
+                            config,
+                            &Problem::invalid_key(&error),
+                        ));
+                    }
+                    Some(None) => KeyPlan::FromBody,
+                    Some(Some(Ok(None))) | None => match config.missing_key {
+                        MissingKey::PassThrough => {
+                            return ResponseFuture::pass_through(
+                                self.inner.call(request.map(RequestBody::new)),
+                            );
+                        }
+                        MissingKey::Required => {
+                            let problem = Problem::missing_key(&config.header_name);
+                            return ResponseFuture::ready(reject(config, &problem));
+                        }
+                        MissingKey::Fingerprint(_) => KeyPlan::Derived,
+                    },
+                }
+            }
+        };
+        // The service that `poll_ready` made ready moves into the future; this clone stays
+        // behind for the next request (tower's documented pattern).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (store, config) = (self.store.clone(), Arc::clone(config));
+        ResponseFuture::protected(Box::pin(protect(inner, store, config, request, plan)))
+    }
+}
+
+/// Steps 3 and 4 of the flow: read, fingerprint, claim, then replay, wait, refuse or execute.
+async fn protect<S, St, ReqB, ResB>(
+    inner: S,
+    store: St,
+    config: Arc<Config>,
+    request: Request<ReqB>,
+    plan: KeyPlan,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let body = match read_body(&parts, body, config.request_body_limit).await {
+        Ok(body) => body,
+        Err(problem) => return Ok(reject(&config, &problem)),
+    };
+    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
+
+    let key = match plan {
+        KeyPlan::Client(key) => Some(key),
+        KeyPlan::Derived => None,
+        KeyPlan::FromBody => {
+            let source = config.key_source.as_ref();
+            match source
+                .map(|source| source.extract(&parts, &body))
+                .transpose()
+            {
+                Ok(found) => found.flatten(),
+                Err(error) => return Ok(reject(&config, &Problem::invalid_key(&error))),
+            }
+        }
+    };
+    let (key_ref, ttl) = match (&key, config.missing_key) {
+        (Some(key), _) => (KeyRef::Client(key), config.ttl),
+        (None, MissingKey::Fingerprint(window)) => (KeyRef::Derived(&fingerprint), window),
+        (None, MissingKey::Required) => {
+            return Ok(reject(&config, &Problem::missing_key(&config.header_name)));
+        }
+        (None, MissingKey::PassThrough) => return call_unprotected(inner, parts, body).await,
+    };
+    let storage_key = StorageKey::derive(&config.scope, &parts.method, &parts, key_ref);
+
+    let wait_until = match config.wait_mode {
+        WaitMode::Wait(timeout) => Some(Instant::now() + timeout),
+        WaitMode::Reject => None,
+    };
+    loop {
+        let claim = lease::claim(&store, storage_key, fingerprint, config.lease).await;
+        match claim {
+            Ok(Claim::Acquired(token)) => {
+                tracing::debug!(key = ?storage_key, "idempotency: executing");
+                let lease = Lease::new(store, storage_key, token, config.lease);
+                let request = Request::from_parts(parts, RequestBody::full(body));
+                return execute(inner, request, lease, fingerprint, ttl, config).await;
+            }
+            Ok(Claim::Completed(record)) => return Ok(replay(&config, record, &fingerprint)),
+            Ok(Claim::InFlight { fingerprint: held }) => {
+                if held != fingerprint {
+                    tracing::debug!(key = ?storage_key, "idempotency: key reused while in flight");
+                    return Ok(reject(
+                        &config,
+                        &Problem::key_reused(config.mismatch_status),
+                    ));
+                }
+                let remaining =
+                    wait_until.and_then(|until| until.checked_duration_since(Instant::now()));
+                let Some(remaining) = remaining.filter(|r| !r.is_zero()) else {
+                    tracing::debug!(key = ?storage_key, "idempotency: in flight, refused");
+                    return Ok(reject(&config, &Problem::in_flight()));
+                };
+                tracing::debug!(key = ?storage_key, "idempotency: in flight, waiting");
+                if let Err(error) = store.wait(&storage_key, remaining).await {
+                    return store_failed(&config, error, inner, parts, body).await;
+                }
+            }
+            Err(error) => return store_failed(&config, error, inner, parts, body).await,
+        }
+    }
+}
+
+/// Reads the body whole, refusing it past `limit` (by its declared length first, so an
+/// oversized upload is refused before it is read).
+async fn read_body<B>(parts: &Parts, body: B, limit: usize) -> Result<Bytes, Problem>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) || body.size_hint().lower() > limit as u64 {
+        return Err(Problem::body_too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(Problem::body_too_large(limit)),
+        Err(_) => Err(Problem::unreadable_body()),
+    }
+}
+
+/// A completed key: the replay, or a problem if the payload differs or nothing was kept.
+fn replay<B>(
+    config: &Config,
+    record: Record,
+    fingerprint: &Fingerprint,
+) -> Response<ResponseBody<B>> {
+    if record.fingerprint() != fingerprint {
+        tracing::debug!("idempotency: key reused with another payload");
+        return reject(config, &Problem::key_reused(config.mismatch_status));
+    }
+    let status = record.status();
+    let Some(parts) = record.into_response_parts() else {
+        tracing::debug!("idempotency: completed but not replayable");
+        return reject(
+            config,
+            &Problem::not_replayable(status, config.response_body_limit),
+        );
+    };
+    tracing::debug!("idempotency: replayed");
+    let mut response = Response::new(ResponseBody::full(parts.body, parts.trailers));
+    *response.status_mut() = parts.status;
+    *response.headers_mut() = parts.headers;
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+/// The store failed: 503 when failing closed; when failing open, run the handler unprotected.
+async fn store_failed<S, ReqB, ResB>(
+    config: &Config,
+    error: StoreError,
+    inner: S,
+    parts: Parts,
+    body: Bytes,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+{
+    match config.fail_mode {
+        FailMode::Closed => {
+            tracing::warn!(%error, "idempotency store failed; refusing the request (fail-closed)");
+            Ok(reject(config, &Problem::store_unavailable()))
+        }
+        FailMode::Open => {
+            tracing::warn!(%error, "idempotency store failed; executing unprotected (fail-open)");
+            call_unprotected(inner, parts, body).await
+        }
+    }
+}
+
+async fn call_unprotected<S, ReqB, ResB>(
+    mut inner: S,
+    parts: Parts,
+    body: Bytes,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+{
+    let response = inner
+        .call(Request::from_parts(parts, RequestBody::full(body)))
+        .await?;
+    Ok(response.map(ResponseBody::inner))
+}
+
+/// A response the layer produces itself.
+fn reject<B>(config: &Config, problem: &Problem) -> Response<ResponseBody<B>> {
+    config
+        .render(problem)
+        .map(|body| ResponseBody::full(body, None))
+}
+
+impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}

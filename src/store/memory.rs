@@ -1,0 +1,331 @@
+//! [`MemoryStore`]: the embedded store for a single instance.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use moka::{Expiry, notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
+use tokio::{sync::Notify, time::Instant};
+
+use super::{Claim, FenceToken, IdempotencyStore};
+use crate::{error::StoreError, fingerprint::Fingerprint, key::StorageKey, record::Record};
+
+/// The capacity of [`MemoryStore::default`]: 64 MiB of records.
+pub const DEFAULT_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Claims are spread over this many independently locked maps, so requests for different
+/// keys do not contend.
+const SHARDS: usize = 64;
+
+/// An in-process store: completed records in a [moka] cache bounded by bytes, with a
+/// per-record TTL; in-flight claims beside it.
+///
+/// - **Claims in flight are never evicted.** They live outside the cache, in sharded maps
+///   bounded by the number of requests in flight, and leave only when completed, released,
+///   or taken over after their lease expired.
+/// - **A new record is always admitted.** The cache evicts the least recently used records,
+///   never the newcomer (moka's default TinyLFU admission would refuse new keys once full,
+///   and their retries would execute again). Evictions are counted: [`evictions`](Self::evictions).
+/// - **Waiters are notified**, not polled: a duplicate waiting on a claim wakes the moment it
+///   is completed or released, or when its lease runs out.
+///
+/// `MemoryStore` is a cheap `Clone` handle: clones share the same records. It serves one
+/// process; instances behind a load balancer need a shared store.
+///
+/// [moka]: https://docs.rs/moka
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    records: Cache<StorageKey, Arc<Stored>>,
+    claims: Box<[Mutex<HashMap<StorageKey, InFlight>>]>,
+    next_token: AtomicU64,
+    evictions: Arc<AtomicU64>,
+    capacity: u64,
+}
+
+struct Stored {
+    record: Record,
+    ttl: Duration,
+}
+
+struct InFlight {
+    token: FenceToken,
+    fingerprint: Fingerprint,
+    expires_at: Instant,
+    // Created by the first waiter: most claims never have one.
+    waiters: Option<Arc<Notify>>,
+}
+
+impl InFlight {
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+
+    fn wake_waiters(self) {
+        if let Some(waiters) = self.waiters {
+            waiters.notify_waiters();
+        }
+    }
+}
+
+struct PerRecordTtl;
+
+impl Expiry<StorageKey, Arc<Stored>> for PerRecordTtl {
+    fn expire_after_create(
+        &self,
+        _key: &StorageKey,
+        value: &Arc<Stored>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &StorageKey,
+        value: &Arc<Stored>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+impl MemoryStore {
+    /// A store holding up to `capacity_bytes` of records (as weighed by
+    /// [`Record::weight`]).
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    ///
+    /// let store = MemoryStore::new(256 * 1024 * 1024);
+    /// ```
+    pub fn new(capacity_bytes: u64) -> Self {
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&evictions);
+        let records = Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|_key: &StorageKey, stored: &Arc<Stored>| {
+                u32::try_from(stored.record.weight()).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(EvictionPolicy::lru())
+            .expire_after(PerRecordTtl)
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == RemovalCause::Size {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        let claims = (0..SHARDS).map(|_| Mutex::default()).collect();
+        Self {
+            inner: Arc::new(Inner {
+                records,
+                claims,
+                next_token: AtomicU64::new(1),
+                evictions,
+                capacity: capacity_bytes,
+            }),
+        }
+    }
+
+    /// How many records were evicted to stay within capacity (expired ones are not counted).
+    pub fn evictions(&self) -> u64 {
+        self.inner.records.run_pending_tasks();
+        self.inner.evictions.load(Ordering::Relaxed)
+    }
+
+    /// How many completed records the store holds.
+    pub fn record_count(&self) -> u64 {
+        self.inner.records.run_pending_tasks();
+        self.inner.records.entry_count()
+    }
+
+    /// How many keys are claimed by requests in flight.
+    pub fn in_flight_count(&self) -> usize {
+        let now = Instant::now();
+        self.inner
+            .claims
+            .iter()
+            .map(|shard| lock(shard).values().filter(|c| c.is_live(now)).count())
+            .sum()
+    }
+
+    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, HashMap<StorageKey, InFlight>> {
+        // Keys are SHA-256 digests: any byte of them is uniformly spread.
+        lock(&self.inner.claims[usize::from(key.as_bytes()[0]) % SHARDS])
+    }
+
+    fn completed(&self, key: &StorageKey) -> Option<Claim> {
+        self.inner
+            .records
+            .get(key)
+            .map(|stored| Claim::Completed(stored.record.clone()))
+    }
+
+    /// Runs `f` on the live claim `token` of `key`, or reports the lease lost.
+    fn fenced<T>(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        f: impl FnOnce(&mut HashMap<StorageKey, InFlight>) -> T,
+    ) -> Result<T, StoreError> {
+        let mut claims = self.shard(key);
+        match claims.get(key) {
+            Some(claim) if claim.token == token && claim.is_live(Instant::now()) => {
+                Ok(f(&mut claims))
+            }
+            _ => Err(StoreError::lease_lost()),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code panics while holding these locks; should one ever, the maps stay consistent
+    // (every update is a single insert or remove), so the poison flag carries no meaning.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Default for MemoryStore {
+    /// A store of [`DEFAULT_CAPACITY_BYTES`] (64 MiB).
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY_BYTES)
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("capacity_bytes", &self.inner.capacity)
+            .field("records", &self.inner.records.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyStore for MemoryStore {
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        // Records never change once written, so a hit needs no lock.
+        if let Some(completed) = self.completed(key) {
+            return Ok(completed);
+        }
+        let now = Instant::now();
+        let mut claims = self.shard(key);
+        if let Some(claim) = claims.get(key).filter(|claim| claim.is_live(now)) {
+            return Ok(Claim::InFlight {
+                fingerprint: claim.fingerprint,
+            });
+        }
+        // A completion can land between the read above and taking the lock; completions
+        // insert under this lock, so this second read settles it.
+        if let Some(completed) = self.completed(key) {
+            return Ok(completed);
+        }
+        let token = FenceToken::new(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
+        let expired = claims.insert(
+            *key,
+            InFlight {
+                token,
+                fingerprint: *fingerprint,
+                expires_at: now + lease,
+                waiters: None,
+            },
+        );
+        // Claims whose owner vanished without releasing (only when no runtime was left to
+        // release them) are dropped once in a while, so the maps stay bounded by requests
+        // in flight.
+        if claims.len() >= 64 && claims.len().is_power_of_two() {
+            claims.retain(|_, claim| claim.is_live(now));
+        }
+        drop(claims);
+        if let Some(expired) = expired {
+            expired.wake_waiters();
+        }
+        Ok(Claim::Acquired(token))
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let stored = Arc::new(Stored { record, ttl });
+        let claim = self.fenced(key, token, |claims| {
+            // Insert before removing the claim, under the lock: a concurrent claim sees one
+            // or the other, never neither.
+            self.inner.records.insert(*key, stored);
+            claims.remove(key)
+        })?;
+        if let Some(claim) = claim {
+            claim.wake_waiters();
+        }
+        Ok(())
+    }
+
+    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        let claim = {
+            let mut claims = self.shard(key);
+            match claims.get(key) {
+                // An expired claim that nobody took over is still ours to remove.
+                Some(claim) if claim.token == token => claims.remove(key),
+                _ => return Err(StoreError::lease_lost()),
+            }
+        };
+        if let Some(claim) = claim {
+            claim.wake_waiters();
+        }
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.fenced(key, token, |claims| {
+            if let Some(claim) = claims.get_mut(key) {
+                claim.expires_at = Instant::now() + lease;
+            }
+        })
+    }
+
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+        let deadline = Instant::now() + timeout;
+        let (waiters, token, expires_at) = {
+            let mut claims = self.shard(key);
+            let Some(claim) = claims.get_mut(key) else {
+                return Ok(());
+            };
+            let waiters = claim.waiters.get_or_insert_with(Default::default);
+            (Arc::clone(waiters), claim.token, claim.expires_at)
+        };
+        let notified = waiters.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // The claim may have ended between the lock above and `enable`: `notify_waiters`
+        // only wakes futures enabled before it, so look once more now that this one is.
+        if !matches!(self.shard(key).get(key), Some(claim) if claim.token == token) {
+            return Ok(());
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(deadline.min(expires_at)) => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,172 @@
+//! Where records and in-flight claims live.
+//!
+//! [`IdempotencyStore`] holds atomic primitives only: claim-or-get, complete, release, renew
+//! and wait. There is no `get` followed by a `set`: that pair is the race that lets two
+//! concurrent duplicates both execute.
+//!
+//! # A custom store
+//!
+//! A store is a cheap `Clone` handle over shared state. This one keeps everything in one
+//! mutex-guarded map (no expiry, no waiting by notification) to show the contract; see
+//! [`MemoryStore`](crate::MemoryStore) for a real one.
+//!
+//! ```
+//! use std::{collections::HashMap, sync::{Arc, Mutex}, time::Duration};
+//! use tower_idempotency::{
+//!     Claim, FenceToken, Fingerprint, IdempotencyStore, Record, StorageKey, StoreError,
+//! };
+//!
+//! enum Entry {
+//!     InFlight { token: FenceToken, fingerprint: Fingerprint },
+//!     Done(Record),
+//! }
+//!
+//! #[derive(Clone, Default)]
+//! struct MapStore {
+//!     entries: Arc<Mutex<HashMap<StorageKey, Entry>>>,
+//!     next_token: Arc<Mutex<u64>>,
+//! }
+//!
+//! impl MapStore {
+//!     fn fenced(&self, key: &StorageKey, token: FenceToken, f: impl FnOnce(&mut HashMap<StorageKey, Entry>)) -> Result<(), StoreError> {
+//!         let mut entries = self.entries.lock().unwrap();
+//!         match entries.get(key) {
+//!             Some(Entry::InFlight { token: held, .. }) if *held == token => Ok(f(&mut entries)),
+//!             _ => Err(StoreError::lease_lost()),
+//!         }
+//!     }
+//! }
+//!
+//! impl IdempotencyStore for MapStore {
+//!     async fn claim(&self, key: &StorageKey, fingerprint: &Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
+//!         let mut entries = self.entries.lock().unwrap();
+//!         Ok(match entries.get(key) {
+//!             Some(Entry::Done(record)) => Claim::Completed(record.clone()),
+//!             Some(Entry::InFlight { fingerprint, .. }) => Claim::InFlight { fingerprint: *fingerprint },
+//!             None => {
+//!                 let mut next = self.next_token.lock().unwrap();
+//!                 *next += 1;
+//!                 let token = FenceToken::new(*next);
+//!                 entries.insert(*key, Entry::InFlight { token, fingerprint: *fingerprint });
+//!                 Claim::Acquired(token)
+//!             }
+//!         })
+//!     }
+//!
+//!     async fn complete(&self, key: &StorageKey, token: FenceToken, record: Record, _ttl: Duration) -> Result<(), StoreError> {
+//!         self.fenced(key, token, |entries| { entries.insert(*key, Entry::Done(record)); })
+//!     }
+//!
+//!     async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+//!         self.fenced(key, token, |entries| { entries.remove(key); })
+//!     }
+//!
+//!     async fn renew(&self, key: &StorageKey, token: FenceToken, _lease: Duration) -> Result<(), StoreError> {
+//!         self.fenced(key, token, |_| ())
+//!     }
+//!
+//!     async fn wait(&self, _key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+//!         // No notifications here: let the layer look again shortly.
+//!         tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let layer = tower_idempotency::IdempotencyLayer::new(MapStore::default());
+//! ```
+
+use std::{fmt, future::Future, time::Duration};
+
+use crate::{error::StoreError, fingerprint::Fingerprint, key::StorageKey, record::Record};
+
+#[cfg(feature = "moka")]
+pub mod memory;
+
+/// A backend for idempotency records: atomic primitives over one key each.
+///
+/// Every operation that changes a claimed key is *fenced*: it names the [`FenceToken`]
+/// returned by [`claim`](IdempotencyStore::claim) and is refused with
+/// [`StoreErrorKind::LeaseLost`](crate::StoreErrorKind::LeaseLost) unless that claim is
+/// still the live one, so an owner whose lease expired cannot overwrite a newer owner's work.
+///
+/// Stores are cheap `Clone` handles over shared state: the layer clones one per request.
+pub trait IdempotencyStore: Clone + Send + Sync + 'static {
+    /// Atomically: if `key` is free (absent, or its claim's lease has expired), claims it for
+    /// `lease` and returns [`Claim::Acquired`]; otherwise returns what holds it.
+    fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Replaces the live claim `token` with `record`, kept for `ttl`, and wakes waiters.
+    fn complete(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        record: Record,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the live claim `token` so the key can be claimed again, and wakes waiters.
+    fn release(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Extends the live claim `token` to expire `lease` from now.
+    fn renew(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Waits until the claim on `key` is completed, released or expired, or `timeout` has
+    /// passed, whichever comes first. Spurious returns are allowed: the caller claims again to
+    /// learn the new state.
+    fn wait(
+        &self,
+        key: &StorageKey,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// What [`IdempotencyStore::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key was free and is now claimed by the caller, who must complete, release or renew
+    /// it with this token.
+    Acquired(FenceToken),
+    /// Another request holds the key.
+    InFlight {
+        /// The fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+    },
+    /// The key's request completed; here is its record.
+    Completed(Record),
+}
+
+/// Names one claim of a key: the fencing token that fenced operations must present.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FenceToken(u64);
+
+impl FenceToken {
+    /// Wraps a token a store issued.
+    pub fn new(token: u64) -> Self {
+        Self(token)
+    }
+
+    /// The token's value.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Debug for FenceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FenceToken({:#x})", self.0)
+    }
+}
