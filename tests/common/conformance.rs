@@ -1,0 +1,507 @@
+//! The store conformance suite: the contract of `IdempotencyStore`, checked against a real
+//! store. Every store runs all of it (`run_all`); each check uses keys of its own, so checks
+//! may share one store.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use tower_idempotency::{Claim, Fingerprint, IdempotencyStore, Record, StorageKey, StoreErrorKind};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+/// A key no other check (or earlier run against the same server) uses.
+pub fn fresh_key() -> StorageKey {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut bytes = [0; 32];
+    bytes[..8].copy_from_slice(&n.to_be_bytes());
+    bytes[8..16].copy_from_slice(&nanos.to_be_bytes());
+    bytes[16..20].copy_from_slice(&std::process::id().to_be_bytes());
+    // Spread keys over every shard / slot.
+    bytes[0] ^= (nanos as u8).wrapping_mul(31) ^ (n as u8).wrapping_mul(97);
+    StorageKey::from_bytes(bytes)
+}
+
+pub fn fingerprint(body: &str) -> Fingerprint {
+    Fingerprint::of(
+        &Method::POST,
+        &Uri::from_static("/charges"),
+        body.as_bytes(),
+    )
+}
+
+/// A record with what is easy to lose: repeated headers, non-UTF-8 values, a binary body.
+pub fn sample_record(fingerprint: Fingerprint) -> Record {
+    let mut headers = HeaderMap::new();
+    headers.append("content-type", HeaderValue::from_static("application/json"));
+    headers.append("set-cookie", HeaderValue::from_static("a=1; Path=/"));
+    headers.append("x-raw", HeaderValue::from_bytes(b"\xe9t\xe9 \xff").unwrap());
+    headers.append("set-cookie", HeaderValue::from_static("b=2; Path=/"));
+    Record::response(
+        fingerprint,
+        StatusCode::CREATED,
+        &headers,
+        Bytes::from_static(b"{\"id\":\"ch_1\"}\x00\xff"),
+        None,
+    )
+}
+
+fn acquired(claim: Claim) -> tower_idempotency::FenceToken {
+    match claim {
+        Claim::Acquired(token) => token,
+        other => panic!("expected the claim to be acquired, got {other:?}"),
+    }
+}
+
+fn header_pairs(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+    map.iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+pub async fn a_free_key_is_claimed_once_and_then_reported_in_flight<S: IdempotencyStore>(
+    store: &S,
+) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let again = store.claim(&key, &fingerprint("b"), LEASE).await.unwrap();
+    assert_eq!(
+        again,
+        Claim::InFlight {
+            fingerprint: fingerprint("a")
+        },
+        "the holder's fingerprint is reported"
+    );
+    store.release(&key, token).await.unwrap();
+}
+
+pub async fn a_completed_key_returns_its_record_unchanged<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let record = sample_record(fingerprint("a"));
+    store
+        .complete(&key, token, record.clone(), TTL)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        match store.claim(&key, &fingerprint("a"), LEASE).await.unwrap() {
+            Claim::Completed(found) => {
+                assert_eq!(found, record);
+                assert_eq!(
+                    header_pairs(found.headers().unwrap()),
+                    header_pairs(record.headers().unwrap())
+                );
+            }
+            other => panic!("expected the record, got {other:?}"),
+        }
+    }
+    // Another fingerprint still gets the record: judging it is the layer's business.
+    assert!(matches!(
+        store.claim(&key, &fingerprint("b"), LEASE).await.unwrap(),
+        Claim::Completed(_)
+    ));
+}
+
+pub async fn not_replayable_records_are_kept_as_such<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let record = Record::not_replayable(fingerprint("a"), StatusCode::OK);
+    store
+        .complete(&key, token, record.clone(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed(record)
+    );
+}
+
+pub async fn large_records_round_trip<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let body: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut headers = HeaderMap::new();
+    for i in 0..100 {
+        headers.append(
+            "x-many",
+            HeaderValue::from_str(&format!("value-{i}")).unwrap(),
+        );
+    }
+    let record = Record::response(
+        fingerprint("a"),
+        StatusCode::OK,
+        &headers,
+        Bytes::from(body),
+        None,
+    );
+    store
+        .complete(&key, token, record.clone(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed(record)
+    );
+}
+
+pub async fn completion_is_fenced_by_the_token<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let stale = tower_idempotency::FenceToken::new(token.get().wrapping_add(12345));
+    let refused = store
+        .complete(&key, stale, sample_record(fingerprint("a")), TTL)
+        .await;
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    // Nothing was written: the key is still in flight.
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    store
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    // A completed key cannot be completed, released or renewed again.
+    let again = store
+        .complete(
+            &key,
+            token,
+            Record::not_replayable(fingerprint("a"), StatusCode::OK),
+            TTL,
+        )
+        .await;
+    assert_eq!(again.map_err(|e| e.kind()), Err(StoreErrorKind::LeaseLost));
+    assert_eq!(
+        store.release(&key, token).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    assert_eq!(
+        store.renew(&key, token, LEASE).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    assert_eq!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed(sample_record(fingerprint("a")))
+    );
+}
+
+pub async fn a_released_key_can_be_claimed_again_with_a_new_token<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let first = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    store.release(&key, first).await.unwrap();
+    let second = acquired(store.claim(&key, &fingerprint("b"), LEASE).await.unwrap());
+    assert_ne!(first, second, "a new claim gets a new token");
+    // The first owner's token no longer works on the second claim.
+    assert_eq!(
+        store.release(&key, first).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    assert_eq!(
+        store.renew(&key, first, LEASE).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    assert!(matches!(
+        store.claim(&key, &fingerprint("b"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    store.release(&key, second).await.unwrap();
+}
+
+pub async fn an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out<
+    S: IdempotencyStore,
+>(
+    store: &S,
+) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(300);
+    let stale = acquired(store.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), lease).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    let fresh = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let refused = store
+        .complete(&key, stale, sample_record(fingerprint("stale")), TTL)
+        .await;
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    store
+        .complete(&key, fresh, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed(sample_record(fingerprint("a"))),
+        "the stale owner did not overwrite the newer record"
+    );
+}
+
+pub async fn renewal_keeps_a_claim_past_its_first_lease<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(400);
+    let token = acquired(store.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        store.renew(&key, token, lease).await.unwrap();
+    }
+    // 800 ms after the claim, twice its lease, it is still held.
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), lease).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    store
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+}
+
+pub async fn an_expired_lease_cannot_be_renewed<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(200);
+    let token = acquired(store.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert_eq!(
+        store.renew(&key, token, lease).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+}
+
+pub async fn records_expire_after_their_ttl<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    store
+        .complete(
+            &key,
+            token,
+            sample_record(fingerprint("a")),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    store.release(&key, token).await.unwrap();
+}
+
+pub async fn concurrent_claims_acquire_exactly_once<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim(&key, &fingerprint("a"), LEASE).await })
+        })
+        .collect();
+    let mut acquired_count = 0;
+    let mut in_flight = 0;
+    for task in tasks {
+        match task.await.unwrap().unwrap() {
+            Claim::Acquired(_) => acquired_count += 1,
+            Claim::InFlight { .. } => in_flight += 1,
+            Claim::Completed(_) => panic!("nothing was completed"),
+        }
+    }
+    assert_eq!((acquired_count, in_flight), (1, 63));
+}
+
+/// How long a waiter may take to notice a change it was notified of. Generous: this checks
+/// that waiting is woken, not how fast.
+const PROMPT: Duration = Duration::from_millis(500);
+
+pub async fn a_waiter_wakes_when_the_claim_completes<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            store.wait(&key, Duration::from_secs(20)).await.unwrap();
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(
+        waited < PROMPT + Duration::from_millis(100),
+        "woke after {waited:?}, not on completion"
+    );
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed(_)
+    ));
+}
+
+pub async fn a_waiter_wakes_when_the_claim_is_released<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            store.wait(&key, Duration::from_secs(20)).await.unwrap();
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.release(&key, token).await.unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(
+        waited < PROMPT + Duration::from_millis(100),
+        "woke after {waited:?}, not on release"
+    );
+}
+
+pub async fn many_waiters_all_wake<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let waiters: Vec<_> = (0..32)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                store.wait(&key, Duration::from_secs(20)).await.unwrap();
+                started.elapsed()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    for waiter in waiters {
+        let waited = waiter.await.unwrap();
+        assert!(
+            waited < PROMPT + Duration::from_millis(100),
+            "a waiter woke after {waited:?}"
+        );
+    }
+}
+
+pub async fn a_wait_ends_at_its_timeout<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let started = Instant::now();
+    store.wait(&key, Duration::from_millis(200)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(150),
+        "returned early, after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "overslept: {waited:?}");
+    store.release(&key, token).await.unwrap();
+}
+
+pub async fn a_wait_ends_when_an_abandoned_lease_expires<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(300);
+    let _abandoned = acquired(store.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    let started = Instant::now();
+    store.wait(&key, Duration::from_secs(20)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "a waiter on an abandoned claim waited {waited:?}"
+    );
+    acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+}
+
+pub async fn waiting_on_a_free_or_completed_key_returns_at_once<S: IdempotencyStore>(store: &S) {
+    let free = fresh_key();
+    let started = Instant::now();
+    store.wait(&free, Duration::from_secs(20)).await.unwrap();
+    let completed = fresh_key();
+    let token = acquired(
+        store
+            .claim(&completed, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    store
+        .complete(&completed, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    store
+        .wait(&completed, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < PROMPT, "waited {:?}", started.elapsed());
+}
+
+/// Defines one `#[tokio::test]` per conformance check, each on the store that `$make` (an
+/// async block) builds.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!($make;
+            a_free_key_is_claimed_once_and_then_reported_in_flight,
+            a_completed_key_returns_its_record_unchanged,
+            not_replayable_records_are_kept_as_such,
+            large_records_round_trip,
+            completion_is_fenced_by_the_token,
+            a_released_key_can_be_claimed_again_with_a_new_token,
+            an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out,
+            renewal_keeps_a_claim_past_its_first_lease,
+            an_expired_lease_cannot_be_renewed,
+            records_expire_after_their_ttl,
+            concurrent_claims_acquire_exactly_once,
+            a_waiter_wakes_when_the_claim_completes,
+            a_waiter_wakes_when_the_claim_is_released,
+            many_waiters_all_wake,
+            a_wait_ends_at_its_timeout,
+            a_wait_ends_when_an_abandoned_lease_expires,
+            waiting_on_a_free_or_completed_key_returns_at_once,
+        );
+    };
+    ($make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let store = ($make).await;
+                $crate::common::conformance::$check(&store).await;
+            }
+        )*
+    };
+}
+
+/// Every check above, in turn, on one store.
+pub async fn run_all<S: IdempotencyStore>(store: &S) {
+    a_free_key_is_claimed_once_and_then_reported_in_flight(store).await;
+    a_completed_key_returns_its_record_unchanged(store).await;
+    not_replayable_records_are_kept_as_such(store).await;
+    large_records_round_trip(store).await;
+    completion_is_fenced_by_the_token(store).await;
+    a_released_key_can_be_claimed_again_with_a_new_token(store).await;
+    an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out(store).await;
+    renewal_keeps_a_claim_past_its_first_lease(store).await;
+    an_expired_lease_cannot_be_renewed(store).await;
+    records_expire_after_their_ttl(store).await;
+    concurrent_claims_acquire_exactly_once(store).await;
+    a_waiter_wakes_when_the_claim_completes(store).await;
+    a_waiter_wakes_when_the_claim_is_released(store).await;
+    many_waiters_all_wake(store).await;
+    a_wait_ends_at_its_timeout(store).await;
+    a_wait_ends_when_an_abandoned_lease_expires(store).await;
+    waiting_on_a_free_or_completed_key_returns_at_once(store).await;
+}

@@ -1,0 +1,4 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unused_macros, unused_imports)]
+
+pub mod conformance;
