@@ -202,7 +202,9 @@ where
                 let request = Request::from_parts(parts, RequestBody::full(body));
                 return execute(inner, request, lease, fingerprint, ttl, config).await;
             }
-            Ok(Claim::Completed(record)) => return Ok(replay(&config, record, &fingerprint)),
+            Ok(Claim::Completed { record, .. }) => {
+                return Ok(replay(&config, record, &fingerprint));
+            }
             Ok(Claim::InFlight { fingerprint: held }) => {
                 if held != fingerprint {
                     tracing::debug!(key = ?storage_key, "idempotency: key reused while in flight");

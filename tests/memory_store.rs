@@ -49,7 +49,7 @@ async fn a_store_filled_past_its_capacity_still_replays_its_most_recent_keys() {
     for key in recent {
         if matches!(
             store.claim(key, &fingerprint("a"), LEASE).await.unwrap(),
-            Claim::Completed(_)
+            Claim::Completed { .. }
         ) {
             replayed += 1;
         }
@@ -90,7 +90,7 @@ async fn a_claim_in_flight_is_never_evicted() {
         .unwrap();
     assert!(matches!(
         store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
-        Claim::Completed(_)
+        Claim::Completed { .. }
     ));
 }
 
@@ -101,5 +101,8 @@ async fn a_record_larger_than_the_whole_store_is_not_kept_and_nothing_breaks() {
     store.evictions();
     // moka refuses an entry heavier than the cache; the key is then simply free again.
     let claim = store.claim(&key, &fingerprint("a"), LEASE).await.unwrap();
-    assert!(matches!(claim, Claim::Acquired(_) | Claim::Completed(_)));
+    assert!(matches!(
+        claim,
+        Claim::Acquired(_) | Claim::Completed { .. }
+    ));
 }

@@ -168,7 +168,11 @@ impl MemoryStore {
         self.inner
             .records
             .get(key)
-            .map(|stored| Claim::Completed(stored.record.clone()))
+            // Nothing caches in front of a store in the same process: no expiry to report.
+            .map(|stored| Claim::Completed {
+                record: stored.record.clone(),
+                expires_in: None,
+            })
     }
 
     /// Runs `f` on the live claim `token` of `key`, or reports the lease lost.

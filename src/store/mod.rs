@@ -41,7 +41,7 @@
 //!     async fn claim(&self, key: &StorageKey, fingerprint: &Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
 //!         let mut entries = self.entries.lock().unwrap();
 //!         Ok(match entries.get(key) {
-//!             Some(Entry::Done(record)) => Claim::Completed(record.clone()),
+//!             Some(Entry::Done(record)) => Claim::Completed { record: record.clone(), expires_in: None },
 //!             Some(Entry::InFlight { fingerprint, .. }) => Claim::InFlight { fingerprint: *fingerprint },
 //!             None => {
 //!                 let mut next = self.next_token.lock().unwrap();
@@ -146,7 +146,13 @@ pub enum Claim {
         fingerprint: Fingerprint,
     },
     /// The key's request completed; here is its record.
-    Completed(Record),
+    Completed {
+        /// The record.
+        record: Record,
+        /// How long the store keeps it from now, if the store knows: caches in front of the
+        /// store keep their copy no longer than this, and not at all when it is `None`.
+        expires_in: Option<Duration>,
+    },
 }
 
 /// Names one claim of a key: the fencing token that fenced operations must present.

@@ -61,6 +61,14 @@ fn acquired(claim: Claim) -> tower_idempotency::FenceToken {
     }
 }
 
+/// The record of a completed claim (whatever expiry the store reports).
+pub fn completed_record(claim: Claim) -> Record {
+    match claim {
+        Claim::Completed { record, .. } => record,
+        other => panic!("expected a completed record, got {other:?}"),
+    }
+}
+
 fn header_pairs(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
     map.iter()
         .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
@@ -93,7 +101,16 @@ pub async fn a_completed_key_returns_its_record_unchanged<S: IdempotencyStore>(s
         .unwrap();
     for _ in 0..2 {
         match store.claim(&key, &fingerprint("a"), LEASE).await.unwrap() {
-            Claim::Completed(found) => {
+            Claim::Completed {
+                record: found,
+                expires_in,
+            } => {
+                if let Some(left) = expires_in {
+                    assert!(
+                        left <= TTL && left > TTL / 2,
+                        "reported expiry {left:?} for a TTL of {TTL:?}"
+                    );
+                }
                 assert_eq!(found, record);
                 assert_eq!(
                     header_pairs(found.headers().unwrap()),
@@ -106,7 +123,7 @@ pub async fn a_completed_key_returns_its_record_unchanged<S: IdempotencyStore>(s
     // Another fingerprint still gets the record: judging it is the layer's business.
     assert!(matches!(
         store.claim(&key, &fingerprint("b"), LEASE).await.unwrap(),
-        Claim::Completed(_)
+        Claim::Completed { .. }
     ));
 }
 
@@ -119,8 +136,8 @@ pub async fn not_replayable_records_are_kept_as_such<S: IdempotencyStore>(store:
         .await
         .unwrap();
     assert_eq!(
-        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
-        Claim::Completed(record)
+        completed_record(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap()),
+        record
     );
 }
 
@@ -147,8 +164,8 @@ pub async fn large_records_round_trip<S: IdempotencyStore>(store: &S) {
         .await
         .unwrap();
     assert_eq!(
-        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
-        Claim::Completed(record)
+        completed_record(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap()),
+        record
     );
 }
 
@@ -191,8 +208,8 @@ pub async fn completion_is_fenced_by_the_token<S: IdempotencyStore>(store: &S) {
         Err(StoreErrorKind::LeaseLost)
     );
     assert_eq!(
-        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
-        Claim::Completed(sample_record(fingerprint("a")))
+        completed_record(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap()),
+        sample_record(fingerprint("a"))
     );
 }
 
@@ -244,8 +261,8 @@ pub async fn an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_
         .await
         .unwrap();
     assert_eq!(
-        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
-        Claim::Completed(sample_record(fingerprint("a"))),
+        completed_record(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap()),
+        sample_record(fingerprint("a")),
         "the stale owner did not overwrite the newer record"
     );
 }
@@ -294,7 +311,7 @@ pub async fn records_expire_after_their_ttl<S: IdempotencyStore>(store: &S) {
         .unwrap();
     assert!(matches!(
         store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
-        Claim::Completed(_)
+        Claim::Completed { .. }
     ));
     tokio::time::sleep(Duration::from_millis(700)).await;
     let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
@@ -315,7 +332,7 @@ pub async fn concurrent_claims_acquire_exactly_once<S: IdempotencyStore>(store: 
         match task.await.unwrap().unwrap() {
             Claim::Acquired(_) => acquired_count += 1,
             Claim::InFlight { .. } => in_flight += 1,
-            Claim::Completed(_) => panic!("nothing was completed"),
+            Claim::Completed { .. } => panic!("nothing was completed"),
         }
     }
     assert_eq!((acquired_count, in_flight), (1, 63));
@@ -348,7 +365,7 @@ pub async fn a_waiter_wakes_when_the_claim_completes<S: IdempotencyStore>(store:
     );
     assert!(matches!(
         store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
-        Claim::Completed(_)
+        Claim::Completed { .. }
     ));
 }
 
