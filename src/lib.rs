@@ -33,4 +33,4 @@ pub use crate::{
 };
 
 #[cfg(feature = "moka")]
-pub use crate::store::memory::MemoryStore;
+pub use crate::store::{cached::CachedStore, memory::MemoryStore};

@@ -10,10 +10,9 @@ use std::{
     time::Duration,
 };
 
-use moka::{Expiry, notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
 use tokio::{sync::Notify, time::Instant};
 
-use super::{Claim, FenceToken, IdempotencyStore};
+use super::{Claim, FenceToken, IdempotencyStore, record_cache::RecordCache};
 use crate::{error::StoreError, fingerprint::Fingerprint, key::StorageKey, record::Record};
 
 /// The capacity of [`MemoryStore::default`]: 64 MiB of records.
@@ -45,16 +44,9 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    records: Cache<StorageKey, Arc<Stored>>,
+    records: RecordCache,
     claims: Box<[Mutex<HashMap<StorageKey, InFlight>>]>,
     next_token: AtomicU64,
-    evictions: Arc<AtomicU64>,
-    capacity: u64,
-}
-
-struct Stored {
-    record: Record,
-    ttl: Duration,
 }
 
 struct InFlight {
@@ -77,29 +69,6 @@ impl InFlight {
     }
 }
 
-struct PerRecordTtl;
-
-impl Expiry<StorageKey, Arc<Stored>> for PerRecordTtl {
-    fn expire_after_create(
-        &self,
-        _key: &StorageKey,
-        value: &Arc<Stored>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &StorageKey,
-        value: &Arc<Stored>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
-    }
-}
-
 impl MemoryStore {
     /// A store holding up to `capacity_bytes` of records (as weighed by
     /// [`Record::weight`]).
@@ -110,43 +79,24 @@ impl MemoryStore {
     /// let store = MemoryStore::new(256 * 1024 * 1024);
     /// ```
     pub fn new(capacity_bytes: u64) -> Self {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&evictions);
-        let records = Cache::builder()
-            .max_capacity(capacity_bytes)
-            .weigher(|_key: &StorageKey, stored: &Arc<Stored>| {
-                u32::try_from(stored.record.weight()).unwrap_or(u32::MAX)
-            })
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(PerRecordTtl)
-            .eviction_listener(move |_key, _value, cause| {
-                if cause == RemovalCause::Size {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .build();
         let claims = (0..SHARDS).map(|_| Mutex::default()).collect();
         Self {
             inner: Arc::new(Inner {
-                records,
+                records: RecordCache::new(capacity_bytes),
                 claims,
                 next_token: AtomicU64::new(1),
-                evictions,
-                capacity: capacity_bytes,
             }),
         }
     }
 
     /// How many records were evicted to stay within capacity (expired ones are not counted).
     pub fn evictions(&self) -> u64 {
-        self.inner.records.run_pending_tasks();
-        self.inner.evictions.load(Ordering::Relaxed)
+        self.inner.records.evictions()
     }
 
     /// How many completed records the store holds.
     pub fn record_count(&self) -> u64 {
-        self.inner.records.run_pending_tasks();
-        self.inner.records.entry_count()
+        self.inner.records.len()
     }
 
     /// How many keys are claimed by requests in flight.
@@ -168,10 +118,9 @@ impl MemoryStore {
         self.inner
             .records
             .get(key)
-            // Nothing caches in front of a store in the same process: no expiry to report.
-            .map(|stored| Claim::Completed {
-                record: stored.record.clone(),
-                expires_in: None,
+            .map(|(record, left)| Claim::Completed {
+                record,
+                expires_in: Some(left),
             })
     }
 
@@ -208,8 +157,8 @@ impl Default for MemoryStore {
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("capacity_bytes", &self.inner.capacity)
-            .field("records", &self.inner.records.entry_count())
+            .field("capacity_bytes", &self.inner.records.capacity())
+            .field("records", &self.inner.records.approximate_len())
             .finish_non_exhaustive()
     }
 }
@@ -267,11 +216,10 @@ impl IdempotencyStore for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let stored = Arc::new(Stored { record, ttl });
         let claim = self.fenced(key, token, |claims| {
             // Insert before removing the claim, under the lock: a concurrent claim sees one
             // or the other, never neither.
-            self.inner.records.insert(*key, stored);
+            self.inner.records.insert(*key, record, ttl);
             claims.remove(key)
         })?;
         if let Some(claim) = claim {

@@ -80,7 +80,11 @@ use std::{fmt, future::Future, time::Duration};
 use crate::{error::StoreError, fingerprint::Fingerprint, key::StorageKey, record::Record};
 
 #[cfg(feature = "moka")]
+pub mod cached;
+#[cfg(feature = "moka")]
 pub mod memory;
+#[cfg(feature = "moka")]
+mod record_cache;
 
 /// A backend for idempotency records: atomic primitives over one key each.
 ///

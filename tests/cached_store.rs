@@ -1,0 +1,168 @@
+//! `CachedStore`: the conformance suite over a cached `MemoryStore`, and the cache's own
+//! promises: replays from memory, never past the inner store's expiry.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tower_idempotency::{
+    CachedStore, Claim, FenceToken, Fingerprint, IdempotencyStore, MemoryStore, Record, StorageKey,
+    StoreError,
+};
+
+use common::conformance::{completed_record, fingerprint, fresh_key, sample_record};
+
+conformance_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Counts the claims that reach the inner store; can hide the expiry it reports.
+#[derive(Clone)]
+struct Inner {
+    store: MemoryStore,
+    claims: Arc<AtomicUsize>,
+    report_expiry: bool,
+}
+
+impl Inner {
+    fn new(report_expiry: bool) -> Self {
+        Self {
+            store: MemoryStore::default(),
+            claims: Arc::default(),
+            report_expiry,
+        }
+    }
+
+    fn claims(&self) -> usize {
+        self.claims.load(Ordering::SeqCst)
+    }
+}
+
+impl IdempotencyStore for Inner {
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fp: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
+        let claim = self.store.claim(key, fp, lease).await?;
+        Ok(match claim {
+            Claim::Completed { record, expires_in } if !self.report_expiry => {
+                let _ = expires_in;
+                Claim::Completed {
+                    record,
+                    expires_in: None,
+                }
+            }
+            other => other,
+        })
+    }
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.complete(key, token, record, ttl).await
+    }
+    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.renew(key, token, lease).await
+    }
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+        self.store.wait(key, timeout).await
+    }
+}
+
+async fn complete_directly(store: &impl IdempotencyStore, key: &StorageKey, ttl: Duration) {
+    let Claim::Acquired(token) = store.claim(key, &fingerprint("a"), LEASE).await.unwrap() else {
+        panic!("a fresh key is free");
+    };
+    store
+        .complete(key, token, sample_record(fingerprint("a")), ttl)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_record_completed_through_the_cache_replays_without_touching_the_inner_store() {
+    let inner = Inner::new(true);
+    let cached = CachedStore::new(inner.clone(), 1024 * 1024);
+    let key = fresh_key();
+    complete_directly(&cached, &key, Duration::from_secs(60)).await;
+    assert_eq!(inner.claims(), 1);
+    for _ in 0..10 {
+        let record = completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+        assert_eq!(record, sample_record(fingerprint("a")));
+    }
+    assert_eq!(inner.claims(), 1, "replays came from the cache");
+}
+
+#[tokio::test]
+async fn a_record_learned_from_the_inner_store_is_cached_until_the_inner_store_drops_it() {
+    let inner = Inner::new(true);
+    let cached = CachedStore::new(inner.clone(), 1024 * 1024);
+    let key = fresh_key();
+    // Completed elsewhere (another instance), with a short life.
+    complete_directly(&inner.store, &key, Duration::from_millis(400)).await;
+    completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    assert_eq!(inner.claims(), 1, "the second replay came from the cache");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let claim = cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap();
+    assert!(
+        matches!(claim, Claim::Acquired(_)),
+        "the cache did not outlive the inner record: {claim:?}"
+    );
+    assert_eq!(inner.claims(), 2);
+}
+
+#[tokio::test]
+async fn a_record_of_unknown_lifetime_is_not_cached() {
+    let inner = Inner::new(false);
+    let cached = CachedStore::new(inner.clone(), 1024 * 1024);
+    let key = fresh_key();
+    complete_directly(&inner.store, &key, Duration::from_secs(60)).await;
+    for _ in 0..3 {
+        completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    }
+    assert_eq!(inner.claims(), 3);
+    assert_eq!(cached.record_count(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_completion_is_not_cached() {
+    let inner = Inner::new(true);
+    let cached = CachedStore::new(inner.clone(), 1024 * 1024);
+    let key = fresh_key();
+    let Claim::Acquired(token) = cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap() else {
+        panic!("a fresh key is free");
+    };
+    let stale = FenceToken::new(token.get() + 1000);
+    assert!(
+        cached
+            .complete(&key, stale, sample_record(fingerprint("a")), LEASE)
+            .await
+            .is_err()
+    );
+    assert!(matches!(
+        cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    assert_eq!(cached.record_count(), 0);
+}
