@@ -18,6 +18,7 @@ use crate::{
     error::{StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
     key::StorageKey,
+    observe,
     record::Record,
     store::{Claim, FenceToken, IdempotencyStore},
 };
@@ -34,7 +35,7 @@ pub(crate) async fn claim<St: IdempotencyStore>(
     let owned = store.clone();
     PendingClaim {
         future: Some(Box::pin(async move {
-            owned.claim(&key, &fingerprint, lease).await
+            observe::store_op("claim", owned.claim(&key, &fingerprint, lease)).await
         })),
         store: store.clone(),
         key,
@@ -128,6 +129,7 @@ impl<St: IdempotencyStore> Lease<St> {
                 () = tokio::time::sleep_until(Instant::now() + period) => {}
             }
             let renewal = self.store.renew(&self.key, self.token, self.duration);
+            let renewal = observe::store_op("renew", renewal);
             tokio::select! {
                 biased;
                 output = &mut work => return output,
@@ -149,11 +151,8 @@ impl<St: IdempotencyStore> Lease<St> {
     /// a retry executes again rather than waiting out the lease.
     pub(crate) async fn complete(mut self, record: Record, ttl: Duration) {
         self.held = false;
-        match self
-            .store
-            .complete(&self.key, self.token, record, ttl)
-            .await
-        {
+        let completion = self.store.complete(&self.key, self.token, record, ttl);
+        match observe::store_op("complete", completion).await {
             Ok(()) => {}
             Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
                 tracing::warn!(key = ?self.key, "idempotency lease lost before completion; the response was not stored");
@@ -168,7 +167,8 @@ impl<St: IdempotencyStore> Lease<St> {
     /// Gives the key back: the next request with it executes.
     pub(crate) async fn release(mut self) {
         self.held = false;
-        if let Err(error) = self.store.release(&self.key, self.token).await {
+        let release = self.store.release(&self.key, self.token);
+        if let Err(error) = observe::store_op("release", release).await {
             if error.kind() != StoreErrorKind::LeaseLost {
                 tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
             }

@@ -13,6 +13,7 @@ mod future;
 mod key;
 mod layer;
 mod lease;
+mod observe;
 mod problem;
 mod record;
 mod service;

@@ -30,6 +30,7 @@ use crate::{
     future::ResponseFuture,
     key::{IdempotencyKey, KeyRef, StorageKey},
     lease::{self, Lease},
+    observe::{self, Outcome},
     problem::Problem,
     record::Record,
     store::{Claim, IdempotencyStore},
@@ -193,21 +194,21 @@ where
         WaitMode::Wait(timeout) => Some(Instant::now() + timeout),
         WaitMode::Reject => None,
     };
+    let mut waited = false;
     loop {
         let claim = lease::claim(&store, storage_key, fingerprint, config.lease).await;
         match claim {
             Ok(Claim::Acquired(token)) => {
-                tracing::debug!(key = ?storage_key, "idempotency: executing");
+                observe::outcome(Outcome::Executed);
                 let lease = Lease::new(store, storage_key, token, config.lease);
                 let request = Request::from_parts(parts, RequestBody::full(body));
                 return execute(inner, request, lease, fingerprint, ttl, config).await;
             }
             Ok(Claim::Completed { record, .. }) => {
-                return Ok(replay(&config, record, &fingerprint));
+                return Ok(replay(&config, record, &fingerprint, waited));
             }
             Ok(Claim::InFlight { fingerprint: held }) => {
                 if held != fingerprint {
-                    tracing::debug!(key = ?storage_key, "idempotency: key reused while in flight");
                     return Ok(reject(
                         &config,
                         &Problem::key_reused(config.mismatch_status),
@@ -216,11 +217,11 @@ where
                 let remaining =
                     wait_until.and_then(|until| until.checked_duration_since(Instant::now()));
                 let Some(remaining) = remaining.filter(|r| !r.is_zero()) else {
-                    tracing::debug!(key = ?storage_key, "idempotency: in flight, refused");
                     return Ok(reject(&config, &Problem::in_flight()));
                 };
-                tracing::debug!(key = ?storage_key, "idempotency: in flight, waiting");
-                if let Err(error) = store.wait(&storage_key, remaining).await {
+                waited = true;
+                let wait = store.wait(&storage_key, remaining);
+                if let Err(error) = observe::store_op("wait", wait).await {
                     return store_failed(&config, error, inner, parts, body).await;
                 }
             }
@@ -255,20 +256,23 @@ fn replay<B>(
     config: &Config,
     record: Record,
     fingerprint: &Fingerprint,
+    waited: bool,
 ) -> Response<ResponseBody<B>> {
     if record.fingerprint() != fingerprint {
-        tracing::debug!("idempotency: key reused with another payload");
         return reject(config, &Problem::key_reused(config.mismatch_status));
     }
     let status = record.status();
     let Some(parts) = record.into_response_parts() else {
-        tracing::debug!("idempotency: completed but not replayable");
         return reject(
             config,
             &Problem::not_replayable(status, config.response_body_limit),
         );
     };
-    tracing::debug!("idempotency: replayed");
+    observe::outcome(if waited {
+        Outcome::Waited
+    } else {
+        Outcome::Replayed
+    });
     let mut response = Response::new(ResponseBody::full(parts.body, parts.trailers));
     *response.status_mut() = parts.status;
     *response.headers_mut() = parts.headers;
@@ -291,11 +295,12 @@ where
 {
     match config.fail_mode {
         FailMode::Closed => {
-            tracing::warn!(%error, "idempotency store failed; refusing the request (fail-closed)");
+            tracing::warn!(%error, "refusing the request (fail-closed)");
             Ok(reject(config, &Problem::store_unavailable()))
         }
         FailMode::Open => {
-            tracing::warn!(%error, "idempotency store failed; executing unprotected (fail-open)");
+            tracing::warn!(%error, "executing unprotected (fail-open)");
+            observe::outcome(Outcome::FailOpen);
             call_unprotected(inner, parts, body).await
         }
     }
@@ -317,6 +322,7 @@ where
 
 /// A response the layer produces itself.
 fn reject<B>(config: &Config, problem: &Problem) -> Response<ResponseBody<B>> {
+    observe::outcome(Outcome::of_problem(problem.kind()));
     config
         .render(problem)
         .map(|body| ResponseBody::full(body, None))
