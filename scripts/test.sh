@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole check: formatting, lints, every test (Redis ones start their own redis-server),
+# docs with warnings denied, benches compile, and the declared minimum Rust version builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+for tool in redis-server redis-cli; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "error: $tool is not on PATH; the Redis tests need it." >&2
+        echo "       install Debian's redis-server package: sudo apt-get install redis-server" >&2
+        exit 1
+    fi
+done
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, all features)"
+cargo clippy --all-targets --all-features -- -D warnings
+
+step "cargo test (all features)"
+cargo test --all-features
+
+step "cargo test (default features: the feature set users get)"
+cargo test --lib --tests
+
+step "cargo check (no default features: features stay additive)"
+cargo check --no-default-features --lib
+
+step "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps
+
+msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+step "minimum supported Rust version $msrv builds the library"
+if ! rustup run "$msrv" rustc --version >/dev/null 2>&1; then
+    rustup toolchain install "$msrv" --profile minimal --no-self-update
+fi
+CARGO_TARGET_DIR=target/msrv cargo "+$msrv" check --all-features --lib
+
+step "all checks passed"
