@@ -2,3 +2,4 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod conformance;
+pub mod service;

@@ -1,0 +1,240 @@
+//! Exactly one execution per key under concurrency, waiting, rejecting, leases (SPEC §5), and
+//! disconnect safety (SPEC §6).
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http::StatusCode;
+use tokio::sync::mpsc;
+use tower_idempotency::{IdempotencyLayer, MemoryStore, ProblemKind, WaitMode};
+
+use common::service::{Gate, Handler, Reply, created, eventually, keyed_post, send, serve, within};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_run_the_handler_once_and_all_get_the_same_body() {
+    let handler = Handler::sleeping(Duration::from_millis(50));
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let svc = svc.clone();
+        tasks.spawn(async move { send(&svc, keyed_post("/charges", "same-key", "{}")).await });
+    }
+    let replies = within(tasks.join_all()).await;
+
+    assert_eq!(handler.calls(), 1);
+    assert_eq!(replies.len(), 100);
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert_eq!(reply.text(), "execution #1");
+    }
+    let originals = replies.iter().filter(|reply| !reply.replayed()).count();
+    assert_eq!(originals, 1, "one execution, 99 replays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_mode_answers_concurrent_duplicates_409_with_retry_after() {
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_wait_mode(WaitMode::Reject);
+    let svc = serve(&layer, &handler);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for _ in 0..100 {
+        let (svc, tx) = (svc.clone(), tx.clone());
+        tokio::spawn(async move {
+            let reply = send(&svc, keyed_post("/charges", "same-key", "{}")).await;
+            let _ = tx.send(reply);
+        });
+    }
+    // While the first request is held at the gate, every other one is refused at once.
+    let mut rejected = Vec::new();
+    for _ in 0..99 {
+        rejected.push(within(rx.recv()).await.expect("a reply"));
+    }
+    assert_eq!(handler.calls(), 1);
+    for reply in &rejected {
+        reply.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
+        reply.assert_retry_after();
+    }
+    gate.open();
+    let success = within(rx.recv()).await.expect("the first reply");
+    assert_eq!(success.status, StatusCode::CREATED);
+    assert!(!success.replayed());
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_duplicate_that_waits_too_long_gets_409_in_flight_with_retry_after() {
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_wait_mode(WaitMode::Wait(Duration::from_millis(100)));
+    let svc = serve(&layer, &handler);
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, keyed_post("/charges", "k", "{}")).await }
+    });
+    eventually("the first request runs", || handler.calls() == 1).await;
+
+    let duplicate = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    duplicate.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
+    duplicate.assert_retry_after();
+
+    gate.open();
+    let first = within(first).await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert!(
+        retry.replayed(),
+        "once the first is done, the retry is a replay"
+    );
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_waiting_duplicate_gets_the_replay_as_soon_as_the_first_finishes() {
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, keyed_post("/charges", "k", "{}")).await }
+    });
+    eventually("the first request runs", || handler.calls() == 1).await;
+    let duplicate = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, keyed_post("/charges", "k", "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!duplicate.is_finished(), "the duplicate waits");
+    gate.open();
+    let (first, duplicate) = (
+        within(first).await.unwrap(),
+        within(duplicate).await.unwrap(),
+    );
+    assert!(!first.replayed());
+    assert!(duplicate.replayed());
+    assert_eq!(duplicate.body, first.body);
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_key_reused_with_another_body_while_in_flight_is_refused_at_once() {
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    // Waiting is the default: a mismatch must not wait for the first request.
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, keyed_post("/charges", "k", "{\"amount\":1}")).await }
+    });
+    eventually("the first request runs", || handler.calls() == 1).await;
+
+    let other = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(&svc, keyed_post("/charges", "k", "{\"amount\":2}")),
+    )
+    .await
+    .expect("a mismatch is answered without waiting for the key");
+    other.assert_problem(ProblemKind::KeyReused, StatusCode::CONFLICT);
+
+    gate.open();
+    assert_eq!(within(first).await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_keeps_its_claim_by_renewing_its_lease() {
+    let handler = Handler::sleeping(Duration::from_millis(1_500));
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_lease(Duration::from_millis(300))
+        .with_wait_mode(WaitMode::Wait(Duration::from_secs(5)));
+    let svc = serve(&layer, &handler);
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, keyed_post("/charges", "k", "{}")).await }
+    });
+    eventually("the first request runs", || handler.calls() == 1).await;
+    // Without renewal the claim would expire after 300 ms and this duplicate would execute.
+    let duplicate = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    let first = within(first).await.unwrap();
+    assert_eq!(handler.calls(), 1);
+    assert!(!first.replayed());
+    assert!(duplicate.replayed());
+    assert_eq!(duplicate.text(), "execution #1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_does_not_cancel_the_handler_and_its_retry_is_replayed() {
+    let gate = Gate::new();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let handler = Handler::with_counter({
+        let (gate, finished) = (gate.clone(), Arc::clone(&finished));
+        move |n, _request| {
+            let (gate, finished) = (gate.clone(), Arc::clone(&finished));
+            async move {
+                gate.pass().await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                created(format!("execution #{n}"))
+            }
+        }
+    });
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+
+    // The client goes away while its handler runs: its response future is dropped.
+    let abandoned = send(&svc, keyed_post("/charges", "k", "{}"));
+    let started = eventually("the handler runs", || handler.calls() == 1);
+    tokio::select! {
+        _ = abandoned => panic!("the handler is held at the gate; no response yet"),
+        () = started => {}
+    }
+    gate.open();
+    eventually("the handler completes", || {
+        finished.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert!(retry.replayed(), "the abandoned execution was stored");
+    assert_eq!(retry.text(), "execution #1");
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dropped_by_a_timeout_mid_request_still_gets_a_replay_on_retry() {
+    let handler = Handler::sleeping(Duration::from_millis(1_000));
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    // The client's own timeout, shorter than the handler: the response future is dropped.
+    let attempt = tokio::time::timeout(
+        Duration::from_millis(250),
+        send(&svc, keyed_post("/charges", "k", "{}")),
+    )
+    .await;
+    assert!(attempt.is_err(), "the client gave up first");
+    eventually("the handler was called", || handler.calls() == 1).await;
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "execution #1");
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_different_keys_all_execute() {
+    let handler = Handler::sleeping(Duration::from_millis(20));
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let svc = svc.clone();
+        tasks
+            .spawn(async move { send(&svc, keyed_post("/charges", &format!("k{n}"), "{}")).await });
+    }
+    let replies: Vec<Reply> = within(tasks.join_all()).await;
+    assert!(replies.iter().all(|reply| !reply.replayed()));
+    assert_eq!(handler.calls(), 20);
+}
