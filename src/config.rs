@@ -203,12 +203,14 @@ mod tests {
 
     #[test]
     fn rendered_problems_carry_their_kind_even_when_overridden() {
-        let mut config = Config::default();
-        config.render_problem = Some(Arc::new(|problem: &Problem| {
-            let mut response = Response::new(Bytes::from_static(b"custom"));
-            *response.status_mut() = problem.status();
-            response
-        }));
+        let config = Config {
+            render_problem: Some(Arc::new(|problem: &Problem| {
+                let mut response = Response::new(Bytes::from_static(b"custom"));
+                *response.status_mut() = problem.status();
+                response
+            })),
+            ..Config::default()
+        };
         let problem = Problem::missing_key(&IDEMPOTENCY_KEY);
         let response = config.render(&problem);
         assert_eq!(response.body(), "custom");

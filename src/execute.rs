@@ -213,11 +213,11 @@ where
 /// Sends a chunk to the client while it is there; once it is gone, chunks are dropped and the
 /// handler's body is still read to the end (and captured).
 async fn forward(client: &mut Option<mpsc::Sender<Chunk>>, chunk: Chunk) {
-    if let Some(tx) = client {
-        if tx.send(chunk).await.is_err() {
-            tracing::debug!("client went away; the handler runs on and its response is stored");
-            *client = None;
-        }
+    if let Some(tx) = client
+        && tx.send(chunk).await.is_err()
+    {
+        tracing::debug!("client went away; the handler runs on and its response is stored");
+        *client = None;
     }
 }
 

@@ -156,8 +156,11 @@ pub struct KeySource(SourceRepr);
 enum SourceRepr {
     Header(HeaderName),
     JsonPointer(Box<str>),
-    Fn(Arc<dyn Fn(&Parts, &Bytes) -> Option<String> + Send + Sync>),
+    Fn(KeyFn),
 }
+
+type KeyFn = Arc<dyn Fn(&Parts, &Bytes) -> Option<String> + Send + Sync>;
+type ScopeFn = Arc<dyn Fn(&Parts, &mut KeyHasher) + Send + Sync>;
 
 impl KeySource {
     /// Another header holds the key, e.g. `X-GitHub-Delivery` or `X-Shopify-Webhook-Id`.
@@ -278,7 +281,7 @@ pub(crate) enum Scope {
     /// The request's credentials: `Authorization`, and `Cookie` for derived keys.
     Credentials,
     /// The application's own notion of a principal.
-    Custom(Arc<dyn Fn(&Parts, &mut KeyHasher) + Send + Sync>),
+    Custom(ScopeFn),
 }
 
 impl Scope {
@@ -499,7 +502,12 @@ mod tests {
             "/hook?request_id=q-1",
             &[("x-github-delivery", "gh-1")],
         );
-        let cases: Vec<(KeySource, &str, Result<Option<&str>, KeyError>)> = vec![
+        type Case = (
+            KeySource,
+            &'static str,
+            Result<Option<&'static str>, KeyError>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 KeySource::header(HeaderName::from_static("x-github-delivery")),
                 "",

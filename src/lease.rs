@@ -168,10 +168,10 @@ impl<St: IdempotencyStore> Lease<St> {
     pub(crate) async fn release(mut self) {
         self.held = false;
         let release = self.store.release(&self.key, self.token);
-        if let Err(error) = observe::store_op("release", release).await {
-            if error.kind() != StoreErrorKind::LeaseLost {
-                tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
-            }
+        if let Err(error) = observe::store_op("release", release).await
+            && error.kind() != StoreErrorKind::LeaseLost
+        {
+            tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
         }
     }
 }

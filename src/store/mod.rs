@@ -139,6 +139,8 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
 }
 
 /// What [`IdempotencyStore::claim`] found.
+// A transient return value: boxing the record would cost every replay an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// The key was free and is now claimed by the caller, who must complete, release or renew
