@@ -1,0 +1,419 @@
+//! Failures: panicking handlers, broken response bodies, store outages (SPEC §8), abandoned
+//! claims (SPEC §5), and the layer's own problem responses (SPEC §7).
+
+mod common;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::BodyExt;
+use tower_idempotency::{
+    Claim, FailMode, FenceToken, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore,
+    MissingKey, Problem, ProblemKind, Record, StorageKey, StoreError, WaitMode,
+};
+
+use common::service::{
+    Gate, Handler, Reply, Step, created, data, eventually, keyed_post, post, respond, scripted,
+    send, send_raw, serve, within,
+};
+
+/// A `MemoryStore` whose operations can be made to fail as if the backend were unreachable.
+#[derive(Clone, Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    /// Every operation fails.
+    down: Arc<AtomicBool>,
+    /// Only `complete` fails.
+    completions_down: Arc<AtomicBool>,
+    /// `complete`, `release` and `renew` fail: an owner cut off from the store after claiming.
+    writes_down: Arc<AtomicBool>,
+}
+
+impl FlakyStore {
+    fn over(inner: MemoryStore) -> Self {
+        Self {
+            inner,
+            ..Self::default()
+        }
+    }
+
+    fn check(&self, switches: &[&AtomicBool]) -> Result<(), StoreError> {
+        let failing = self.down.load(Ordering::SeqCst)
+            || switches.iter().any(|switch| switch.load(Ordering::SeqCst));
+        if failing {
+            return Err(StoreError::unavailable("simulated outage"));
+        }
+        Ok(())
+    }
+}
+
+impl IdempotencyStore for FlakyStore {
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.check(&[])?;
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.check(&[&self.completions_down, &self.writes_down])?;
+        self.inner.complete(key, token, record, ttl).await
+    }
+
+    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        self.check(&[&self.writes_down])?;
+        self.inner.release(key, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.check(&[&self.writes_down])?;
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+        self.check(&[])?;
+        self.inner.wait(key, timeout).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_outage_fails_closed_with_503_and_recovers_by_itself() {
+    let handler = Handler::counting();
+    let store = FlakyStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+
+    store.down.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let reply = send(&svc, keyed_post("/charges", "k", "{}")).await;
+        reply.assert_problem(
+            ProblemKind::StoreUnavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+        reply.assert_retry_after();
+    }
+    assert_eq!(handler.calls(), 0, "nothing runs unprotected");
+
+    store.down.store(false, Ordering::SeqCst);
+    let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_store_outage_fails_open_by_executing_unprotected_and_recovers_by_itself() {
+    let handler = Handler::counting();
+    let store = FlakyStore::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_fail_mode(FailMode::Open);
+    let svc = serve(&layer, &handler);
+
+    store.down.store(true, Ordering::SeqCst);
+    for n in 1..=2 {
+        let reply = send(&svc, keyed_post("/charges", "k", "{}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert!(!reply.replayed());
+        assert_eq!(reply.text(), format!("execution #{n}"));
+    }
+    assert_eq!(store.inner.record_count(), 0);
+
+    store.down.store(false, Ordering::SeqCst);
+    let protected = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert!(!protected.replayed());
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "execution #3");
+    assert_eq!(handler.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_failed_store_write_releases_the_key_so_a_retry_executes_again() {
+    let handler = Handler::counting();
+    let store = FlakyStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    store.completions_down.store(true, Ordering::SeqCst);
+    let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the client still gets its response"
+    );
+    eventually("the key is released", || store.inner.in_flight_count() == 0).await;
+    store.completions_down.store(false, Ordering::SeqCst);
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert!(!retry.replayed());
+    assert_eq!(retry.text(), "execution #2");
+    assert_eq!(handler.calls(), 2);
+}
+
+#[tokio::test]
+async fn duplicates_of_a_key_in_flight_fail_closed_when_the_store_goes_down() {
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let store = FlakyStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    let first = tokio::spawn(send(&svc, keyed_post("/charges", "k", "{}")));
+    eventually("the first request runs", || handler.calls() == 1).await;
+    store.down.store(true, Ordering::SeqCst);
+    let duplicate = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    duplicate.assert_problem(
+        ProblemKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    store.down.store(false, Ordering::SeqCst);
+    gate.open();
+    within(first).await.unwrap();
+    assert_eq!(handler.calls(), 1);
+}
+
+// An abandoned claim is one whose owner stopped renewing it without completing or releasing
+// it: a crashed instance, or one cut off from the store. Neither can be had by holding a
+// handler forever: the owner's task is alive and renews the lease, which is the point of
+// renewal (and `tokio::time::pause` would not make a renewing lease expire either). Nor can a
+// test claim the key on the store directly, as the storage key is a digest computed inside
+// the layer. So instance A claims through a store handle that then loses the store (its
+// completion, release and renewals fail), while instance B shares the same `MemoryStore`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_claim_expires_after_its_lease_and_the_key_executes_again() {
+    let shared = MemoryStore::default();
+    let lease = Duration::from_millis(1_000);
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let handler = Handler::with_counter({
+        let started = Arc::clone(&started);
+        move |n, _request| {
+            started.lock().unwrap().push(Instant::now());
+            async move { created(format!("execution #{n}")) }
+        }
+    });
+    let cut_off = FlakyStore::over(shared.clone());
+    cut_off.writes_down.store(true, Ordering::SeqCst);
+    let instance_a = serve(
+        &IdempotencyLayer::new(cut_off.clone()).with_lease(lease),
+        &handler,
+    );
+    let instance_b = serve(
+        &IdempotencyLayer::new(shared.clone())
+            .with_lease(lease)
+            .with_wait_mode(WaitMode::Wait(Duration::from_secs(10))),
+        &handler,
+    );
+
+    let sent = Instant::now();
+    let a = send(&instance_a, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    assert_eq!(shared.record_count(), 0, "A could not store its response");
+
+    let b = send(&instance_b, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(b.status, StatusCode::CREATED);
+    assert!(!b.replayed());
+    assert_eq!(b.text(), "execution #2");
+    assert_eq!(handler.calls(), 2);
+    let started = started.lock().unwrap().clone();
+    assert!(
+        started[1] >= sent + lease,
+        "B executed only once A's lease had run out ({:?} after A was sent)",
+        started[1] - sent
+    );
+
+    let c = send(&instance_b, keyed_post("/charges", "k", "{}")).await;
+    assert!(c.replayed());
+    assert_eq!(c.text(), "execution #2");
+    assert_eq!(handler.calls(), 2);
+}
+
+fn panicking_once() -> Handler {
+    Handler::with_counter(|n, _request| async move {
+        assert!(
+            n != 1,
+            "the first execution panics (this panic is expected)"
+        );
+        created(format!("execution #{n}"))
+    })
+}
+
+#[tokio::test]
+async fn a_panicking_handler_gives_a_500_problem_and_releases_the_key() {
+    let handler = panicking_once();
+    let store = MemoryStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    let failed = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    failed.assert_problem(
+        ProblemKind::HandlerFailed,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    );
+
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed());
+    assert_eq!(retry.text(), "execution #2");
+    assert_eq!(handler.calls(), 2);
+    assert!(
+        send(&svc, keyed_post("/charges", "k", "{}"))
+            .await
+            .replayed()
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_releases_the_key_in_reject_mode_too() {
+    let handler = panicking_once();
+    let store = MemoryStore::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_wait_mode(WaitMode::Reject);
+    let svc = serve(&layer, &handler);
+    let failed = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(failed.problem, Some(ProblemKind::HandlerFailed));
+    // The release runs in the background: give it a moment, but never a whole lease.
+    eventually("the key is released", || store.in_flight_count() == 0).await;
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(retry.text(), "execution #2");
+}
+
+/// First execution: a head, a chunk, then `failure` once the head is on its way; later
+/// executions answer normally.
+fn breaking_mid_body(failure: Step) -> Handler {
+    Handler::with_counter(move |n, _request| {
+        let failure = failure.clone();
+        async move {
+            if n == 1 {
+                let steps = [
+                    data("partial "),
+                    Step::Sleep(Duration::from_millis(30)),
+                    failure,
+                ];
+                respond(StatusCode::OK, scripted(steps))
+            } else {
+                respond(StatusCode::OK, scripted([data("complete body")]))
+            }
+        }
+    })
+}
+
+async fn a_broken_body_reaches_the_client_as_an_error_and_the_key_is_released(failure: Step) {
+    let handler = breaking_mid_body(failure);
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let response = send_raw(&svc, keyed_post("/export", "k", "{}")).await;
+    assert_eq!(response.status(), StatusCode::OK, "the head was sent");
+    let mut body = response.into_body();
+    let first = within(body.frame()).await.expect("a frame").expect("data");
+    assert_eq!(first.into_data().unwrap(), "partial ");
+    let broken = within(body.frame())
+        .await
+        .expect("the body does not just end");
+    assert!(broken.is_err(), "the client's body fails");
+
+    let retry = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert!(!retry.replayed(), "a broken response is never replayed");
+    assert_eq!(retry.text(), "complete body");
+    assert_eq!(handler.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_response_body_that_errors_mid_stream_fails_the_client_body_and_releases_the_key() {
+    a_broken_body_reaches_the_client_as_an_error_and_the_key_is_released(Step::Error(
+        "disk on fire",
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_response_body_that_panics_mid_stream_fails_the_client_body_and_releases_the_key() {
+    a_broken_body_reaches_the_client_as_an_error_and_the_key_is_released(Step::Panic(
+        "the body panics (this panic is expected)",
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_response_body_that_fails_at_once_is_an_error_and_releases_the_key() {
+    let handler = Handler::with_counter(|n, _request| async move {
+        let steps = if n == 1 {
+            vec![data("partial "), Step::Error("broken at once")]
+        } else {
+            vec![data("complete body")]
+        };
+        respond(StatusCode::OK, scripted(steps))
+    });
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let response = send_raw(&svc, keyed_post("/export", "k", "{}")).await;
+    let collected = within(response.into_body().collect()).await;
+    assert!(collected.is_err(), "the client's body fails");
+    let retry = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert_eq!(retry.text(), "complete body");
+    assert_eq!(handler.calls(), 2);
+}
+
+#[tokio::test]
+async fn with_problem_response_replaces_problem_bodies_and_keeps_the_kind() {
+    let handler = Handler::counting();
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_missing_key(MissingKey::Required)
+        .with_problem_response(|problem: &Problem| {
+            let mut response = Response::new(Bytes::from(format!(
+                "custom: {} / {}",
+                problem.title(),
+                problem.status().as_u16()
+            )));
+            *response.status_mut() = problem.status();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+            response
+        });
+    let svc = serve(&layer, &handler);
+
+    let missing = send(&svc, post("/charges", "{}")).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    assert_eq!(missing.headers[header::CONTENT_TYPE], "text/plain");
+    assert_eq!(
+        missing.text(),
+        format!("custom: {} / 400", ProblemKind::MissingKey.title())
+    );
+    assert_eq!(missing.problem, Some(ProblemKind::MissingKey));
+
+    send(&svc, keyed_post("/charges", "k", "{\"a\":1}")).await;
+    let reused = send(&svc, keyed_post("/charges", "k", "{\"a\":2}")).await;
+    assert_eq!(reused.status, StatusCode::CONFLICT);
+    assert!(reused.text().starts_with("custom: "));
+    assert_eq!(reused.problem, Some(ProblemKind::KeyReused));
+
+    let invalid = send(&svc, keyed_post("/charges", "bad key", "{}")).await;
+    assert_eq!(invalid.problem, Some(ProblemKind::InvalidKey));
+    assert!(invalid.text().starts_with("custom: "));
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn problem_kinds_are_in_the_extensions_of_default_problems() {
+    let handler = Handler::counting();
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let invalid: Reply = send(&svc, keyed_post("/charges", "", "{}")).await;
+    assert_eq!(invalid.problem, Some(ProblemKind::InvalidKey));
+    let ok = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(
+        ok.problem, None,
+        "a handler's response carries no problem kind"
+    );
+    let replay = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(replay.problem, None, "nor does its replay");
+}

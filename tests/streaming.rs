@@ -1,0 +1,341 @@
+//! Bodies: request size limits, streamed and over-cap responses, trailers, and a client that
+//! leaves mid-body (SPEC §6).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tower_idempotency::{IDEMPOTENCY_KEY, IdempotencyLayer, MemoryStore, ProblemKind};
+
+use common::service::{
+    Handler, ResBody, Scripted, Step, body, data, full, keyed_post, respond, scripted, send,
+    send_raw, serve, value, within,
+};
+
+const LIMIT: usize = 1024;
+
+#[tokio::test]
+async fn an_over_limit_request_body_is_refused_with_413_and_nothing_runs() {
+    let handler = Handler::counting();
+    let store = MemoryStore::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_request_body_limit(LIMIT);
+    let svc = serve(&layer, &handler);
+
+    // Declared by Content-Length.
+    let declared = Request::post("/upload")
+        .header(IDEMPOTENCY_KEY, "k1")
+        .header(header::CONTENT_LENGTH, (LIMIT + 1).to_string())
+        .body(body(vec![b'x'; LIMIT + 1]))
+        .unwrap();
+    let reply = send(&svc, declared).await;
+    reply.assert_problem(ProblemKind::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // No Content-Length; the body's exact size is known.
+    let sized = keyed_post("/upload", "k2", &"x".repeat(LIMIT + 1));
+    let reply = send(&svc, sized).await;
+    reply.assert_problem(ProblemKind::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // No Content-Length, no size: a stream that grows past the limit.
+    let streamed = Request::post("/upload")
+        .header(IDEMPOTENCY_KEY, "k3")
+        .body(Scripted::new([
+            data(vec![b'x'; 600]),
+            Step::Yield,
+            data(vec![b'x'; 600]),
+        ]))
+        .unwrap();
+    let reply = send(&svc, streamed).await;
+    reply.assert_problem(ProblemKind::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A derived key refuses too.
+    let unkeyed = Request::post("/upload")
+        .body(body(vec![b'x'; LIMIT + 1]))
+        .unwrap();
+    send(&svc, unkeyed)
+        .await
+        .assert_problem(ProblemKind::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE);
+
+    assert_eq!(handler.calls(), 0);
+    assert_eq!(store.record_count(), 0);
+    assert_eq!(store.in_flight_count(), 0);
+}
+
+#[tokio::test]
+async fn a_request_body_at_the_limit_is_accepted_and_handed_on_whole() {
+    let handler = Handler::new(|request: Request<Bytes>| async move {
+        respond(StatusCode::OK, full(request.into_body()))
+    });
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_request_body_limit(LIMIT);
+    let svc = serve(&layer, &handler);
+    let streamed = |key: &str| {
+        Request::post("/upload")
+            .header(IDEMPOTENCY_KEY, key)
+            .body(Scripted::new([
+                data(vec![b'a'; 500]),
+                Step::Yield,
+                data(vec![b'b'; LIMIT - 500]),
+            ]))
+            .unwrap()
+    };
+    let reply = send(&svc, streamed("k")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), LIMIT);
+    assert!(reply.body[..500].iter().all(|b| *b == b'a'));
+    assert!(reply.body[500..].iter().all(|b| *b == b'b'));
+    // The streamed request fingerprints like the same bytes sent whole.
+    let whole = [vec![b'a'; 500], vec![b'b'; LIMIT - 500]].concat();
+    let same = Request::post("/upload")
+        .header(IDEMPOTENCY_KEY, "k")
+        .body(body(whole))
+        .unwrap();
+    assert!(send(&svc, same).await.replayed());
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn an_unreadable_request_body_is_refused_with_400() {
+    let handler = Handler::counting();
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let broken = Request::post("/upload")
+        .header(IDEMPOTENCY_KEY, "k")
+        .body(Scripted::new([
+            data("abc"),
+            Step::Error("connection reset"),
+        ]))
+        .unwrap();
+    send(&svc, broken)
+        .await
+        .assert_problem(ProblemKind::UnreadableBody, StatusCode::BAD_REQUEST);
+    assert_eq!(handler.calls(), 0);
+}
+
+fn chunks(total: usize, chunk: usize, delay: Duration) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for (n, start) in (0..total).step_by(chunk).enumerate() {
+        if n > 0 {
+            steps.push(Step::Sleep(delay));
+        }
+        let len = chunk.min(total - start);
+        steps.push(data(vec![b'a' + (n % 26) as u8; len]));
+    }
+    steps
+}
+
+/// Checks that a response over the capture limit reaches its client whole and that retries
+/// get a `NotReplayable` problem without a second execution.
+async fn an_over_cap_response_is_delivered_but_not_replayable(
+    make_body: impl Fn() -> ResBody + Send + Sync + 'static,
+    total: usize,
+) {
+    let handler = Handler::new(move |_request| {
+        let body = make_body();
+        async move { respond(StatusCode::CREATED, body) }
+    });
+    let store = MemoryStore::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_response_body_limit(LIMIT);
+    let svc = serve(&layer, &handler);
+
+    let first = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.body.len(), total, "the first client gets it all");
+    assert!(!first.replayed());
+
+    for _ in 0..2 {
+        let retry = send(&svc, keyed_post("/export", "k", "{}")).await;
+        retry.assert_problem(ProblemKind::NotReplayable, StatusCode::CONFLICT);
+    }
+    assert_eq!(handler.calls(), 1, "never executed a second time");
+    assert_eq!(store.record_count(), 1, "the key is spent");
+}
+
+#[tokio::test]
+async fn an_over_cap_whole_response_is_delivered_and_retries_get_not_replayable() {
+    let total = 4 * LIMIT;
+    let whole = Bytes::from(vec![b'z'; total]);
+    an_over_cap_response_is_delivered_but_not_replayable(move || full(whole.clone()), total).await;
+}
+
+#[tokio::test]
+async fn an_over_cap_streamed_response_is_delivered_and_retries_get_not_replayable() {
+    let total = 3 * LIMIT + 17;
+    let steps = chunks(total, 256, Duration::from_millis(5));
+    an_over_cap_response_is_delivered_but_not_replayable(move || scripted(steps.clone()), total)
+        .await;
+}
+
+#[tokio::test]
+async fn an_over_cap_response_of_many_ready_chunks_is_delivered_and_not_replayable() {
+    let total = 200 * 16;
+    let steps: Vec<Step> = (0..200).map(|_| data(vec![b'r'; 16])).collect();
+    an_over_cap_response_is_delivered_but_not_replayable(move || scripted(steps.clone()), total)
+        .await;
+}
+
+#[tokio::test]
+async fn a_response_exactly_at_the_cap_is_replayed() {
+    let handler = Handler::new(|_request| async {
+        respond(
+            StatusCode::OK,
+            scripted(chunks(LIMIT, 100, Duration::from_millis(2))),
+        )
+    });
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_response_body_limit(LIMIT);
+    let svc = serve(&layer, &handler);
+    let first = send(&svc, keyed_post("/export", "k", "{}")).await;
+    let replay = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body.len(), LIMIT);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(handler.calls(), 1);
+}
+
+fn stream_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.append(header::CONTENT_TYPE, value(b"text/event-stream"));
+    headers.append(header::SET_COOKIE, value(b"a=1"));
+    headers.append(header::SET_COOKIE, value(b"b=2"));
+    headers.append("x-raw", value(b"\xfe\xff"));
+    headers
+}
+
+#[tokio::test]
+async fn a_streamed_response_within_the_cap_is_captured_and_replayed_identically() {
+    let handler = Handler::new(|_request| async {
+        let mut response = respond(
+            StatusCode::OK,
+            scripted(chunks(900, 100, Duration::from_millis(10))),
+        );
+        *response.headers_mut() = stream_headers();
+        response
+    });
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_response_body_limit(LIMIT);
+    let svc = serve(&layer, &handler);
+
+    let response = send_raw(&svc, keyed_post("/events", "k", "{}")).await;
+    assert_eq!(
+        response.body().size_hint().exact(),
+        None,
+        "the first response streams"
+    );
+    let first = common::service::Reply::read(response).await;
+    let replay = send(&svc, keyed_post("/events", "k", "{}")).await;
+
+    assert_eq!(handler.calls(), 1);
+    assert_eq!(first.body.len(), 900);
+    assert!(replay.replayed());
+    assert_eq!(replay.status, first.status);
+    assert_eq!(replay.header_list(), first.header_list());
+    assert_eq!(
+        first.header_list(),
+        common::service::header_list(&stream_headers())
+    );
+    assert_eq!(replay.body, first.body);
+}
+
+fn trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.append("x-checksum", value(b"sha256=abc"));
+    trailers.append("x-row-count", value(b"3"));
+    trailers.append("x-row-count", value(b"3 again"));
+    trailers
+}
+
+async fn trailers_are_replayed(steps: Vec<Step>) {
+    let handler = Handler::new(move |_request| {
+        let steps = steps.clone();
+        async move { respond(StatusCode::OK, scripted(steps)) }
+    });
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let first = send(&svc, keyed_post("/export", "k", "{}")).await;
+    let replay = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert_eq!(handler.calls(), 1);
+    assert!(replay.replayed());
+    assert_eq!(first.body, "row1\nrow2\n");
+    assert_eq!(replay.body, first.body);
+    let expected = common::service::header_list(&trailers());
+    assert_eq!(
+        first.trailers.as_ref().map(common::service::header_list),
+        Some(expected.clone())
+    );
+    assert_eq!(
+        replay.trailers.as_ref().map(common::service::header_list),
+        Some(expected)
+    );
+}
+
+#[tokio::test]
+async fn trailers_of_a_ready_response_are_replayed() {
+    trailers_are_replayed(vec![
+        data("row1\n"),
+        data("row2\n"),
+        Step::Trailers(trailers()),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn trailers_of_a_streamed_response_are_replayed() {
+    trailers_are_replayed(vec![
+        data("row1\n"),
+        Step::Sleep(Duration::from_millis(10)),
+        data("row2\n"),
+        Step::Sleep(Duration::from_millis(10)),
+        Step::Trailers(trailers()),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_body_does_not_stop_the_capture_and_the_retry_is_replayed() {
+    let handler = Handler::new(|_request| async {
+        let steps = [
+            data("part-1 "),
+            Step::Sleep(Duration::from_millis(30)),
+            data("part-2 "),
+            Step::Sleep(Duration::from_millis(30)),
+            data("part-3"),
+        ];
+        respond(StatusCode::OK, scripted(steps))
+    });
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+
+    let response = send_raw(&svc, keyed_post("/export", "k", "{}")).await;
+    let mut body = response.into_body();
+    let first = within(body.frame()).await.expect("a frame").expect("data");
+    assert_eq!(first.into_data().unwrap(), "part-1 ");
+    drop(body);
+
+    // The retry waits for the capture to finish, then replays all of it.
+    let retry = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "part-1 part-2 part-3");
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_slow_client_still_receives_every_chunk_of_a_long_stream() {
+    // More chunks than the layer buffers between the handler and its client.
+    let steps: Vec<Step> = (0..64)
+        .flat_map(|n| [data(format!("{n:02},")), Step::Yield])
+        .collect();
+    let expected: String = (0..64).map(|n| format!("{n:02},")).collect();
+    let handler = Handler::new(move |_request| {
+        let steps = steps.clone();
+        async move { respond(StatusCode::OK, scripted(steps)) }
+    });
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
+    let response = send_raw(&svc, keyed_post("/export", "k", "{}")).await;
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    while let Some(frame) = within(body.frame()).await {
+        received.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(received, expected.as_bytes());
+    let replay = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert_eq!(replay.body, expected.as_bytes());
+}
