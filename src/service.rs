@@ -40,7 +40,9 @@ use crate::{
 /// first response to every retry. Made by [`IdempotencyLayer`](crate::IdempotencyLayer).
 ///
 /// The inner service receives [`RequestBody`]: the original body for requests passed
-/// through, the bytes the layer read otherwise. Its errors pass through unchanged; the
+/// through, the bytes the layer read otherwise. A request that runs under a client-sent key
+/// carries it as an [`IdempotencyKey`] in its extensions (to hand on to a payment provider,
+/// say). Its errors pass through unchanged; the
 /// layer's own rejections are problem responses. Protected requests run on a tokio task, so
 /// the layer needs a tokio runtime.
 #[derive(Clone)]
@@ -201,7 +203,10 @@ where
             Ok(Claim::Acquired(token)) => {
                 observe::outcome(Outcome::Executed);
                 let lease = Lease::new(store, storage_key, token, config.lease);
-                let request = Request::from_parts(parts, RequestBody::full(body));
+                let mut request = Request::from_parts(parts, RequestBody::full(body));
+                if let Some(key) = key {
+                    request.extensions_mut().insert(key);
+                }
                 return execute(inner, request, lease, fingerprint, ttl, config).await;
             }
             Ok(Claim::Completed { record, .. }) => {
