@@ -33,5 +33,7 @@ pub use crate::{
     store::{Claim, FenceToken, IdempotencyStore},
 };
 
+#[cfg(feature = "redis")]
+pub use crate::store::redis::RedisStore;
 #[cfg(feature = "moka")]
 pub use crate::store::{cached::CachedStore, memory::MemoryStore};

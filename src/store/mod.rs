@@ -85,6 +85,8 @@ pub mod cached;
 pub mod memory;
 #[cfg(feature = "moka")]
 mod record_cache;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// A backend for idempotency records: atomic primitives over one key each.
 ///

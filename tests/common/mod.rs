@@ -2,4 +2,5 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod conformance;
+pub mod redis_server;
 pub mod service;

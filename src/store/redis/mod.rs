@@ -1,0 +1,704 @@
+//! [`RedisStore`]: one store shared by every instance of a service (feature `redis`).
+//!
+//! # Layout in Redis
+//!
+//! One key per record, `{prefix}{hex digest}` (default prefix `idempotency:`), so keys spread
+//! over the slots of a Redis Cluster and every operation touches exactly one key. The key
+//! holds either
+//!
+//! - an **in-flight marker** (45 bytes: magic `TIF`, version, flags, the owner's fence token,
+//!   the request fingerprint) with the lease as its expiry (`PX`), or
+//! - a **completed record** in [`Record::encode`]'s versioned binary form, with the record
+//!   TTL as its expiry.
+//!
+//! # Round trips
+//!
+//! Each operation is one Lua script (`EVALSHA`), so one round trip: claim-or-replay,
+//! complete, release, renew. The first call of a script on a server that does not know it
+//! costs one more (`EVAL`, which also caches it there).
+//!
+//! # Waiting
+//!
+//! A waiter flags the claim it waits on; when a flagged claim is completed or released, the
+//! script publishes the key on the store's channel (`{prefix}notifications`). Each store
+//! keeps one subscriber connection, shared by all its waiters, that wakes the waiters of that
+//! key. A waiter also wakes when the claim's lease runs out (its owner may be gone) and, should
+//! a message be lost, after a bounded poll interval.
+
+mod marker;
+mod notify;
+
+use std::{
+    collections::hash_map::RandomState,
+    fmt,
+    hash::{BuildHasher, Hasher},
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ::redis::{
+    Client, Cmd, ErrorKind, RedisError, ServerErrorKind, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use self::{
+    marker::Marker,
+    notify::{Notifier, Watch},
+};
+use super::{Claim, FenceToken, IdempotencyStore};
+use crate::{
+    error::{StoreError, StoreErrorKind},
+    fingerprint::Fingerprint,
+    key::{StorageKey, hex},
+    record::Record,
+};
+
+/// The default key prefix: `idempotency:`.
+pub const DEFAULT_PREFIX: &str = "idempotency:";
+/// The default bound on each command: 1 s.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default bound on waiting for a notification before looking again: 1 s.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Redis expires keys to the millisecond; a waiter looks again this long after a lease's end.
+const EXPIRY_SLACK: Duration = Duration::from_millis(2);
+
+/// A store in Redis, shared by every instance of a service: a request executes once across
+/// all of them, and a retry sent to any instance is replayed.
+///
+/// - **One round trip** to claim-or-replay and one to complete, each a Lua script.
+/// - **Fenced**: completing, releasing and renewing name the claim's token; an owner whose
+///   lease expired is refused ([`StoreErrorKind::LeaseLost`]) and cannot overwrite the
+///   newer owner's record.
+/// - **Redis Cluster**: a record is one key. Use [`connect_cluster`](Self::connect_cluster).
+/// - **Waiting by notification** across instances (pub/sub, one subscriber connection per
+///   store), bounded by the claim's lease so a crashed owner's claim ends a wait when it
+///   expires.
+/// - **Reconnects by itself**: [`connect`](Self::connect) uses a [`ConnectionManager`]. Every
+///   command is bounded by a response timeout, so a dead Redis yields errors quickly (the
+///   layer answers 503, or runs unprotected when failing open), not hung requests.
+/// - **Corrupt or foreign bytes** under a key are [`StoreErrorKind::Corrupt`] errors.
+///
+/// `RedisStore` is a cheap `Clone` handle: clones share the connection and the subscriber.
+///
+/// ```no_run
+/// use axum::{Router, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, RedisStore};
+///
+/// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let app: Router = Router::new()
+///     .route("/charges", post(|| async { "charged" }))
+///     .layer(IdempotencyLayer::new(store));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore<C = ConnectionManager> {
+    connection: C,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: Settings,
+    notifier: Notifier,
+    tokens: Tokens,
+}
+
+#[derive(Clone)]
+struct Settings {
+    prefix: String,
+    response_timeout: Duration,
+    poll_interval: Duration,
+}
+
+impl Shared {
+    fn new(settings: Settings, clients: Vec<Client>) -> Self {
+        let mut channel = settings.prefix.clone().into_bytes();
+        channel.extend_from_slice(b"notifications");
+        Self {
+            notifier: Notifier::new(clients, channel, settings.response_timeout),
+            settings,
+            tokens: Tokens::default(),
+        }
+    }
+}
+
+/// Fence tokens unique to this store: a counter, hashed with a key drawn at random, so tokens
+/// from different processes do not collide and cannot be guessed from one another.
+struct Tokens {
+    seed: RandomState,
+    next: AtomicU64,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Self {
+            seed: RandomState::new(),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Tokens {
+    fn next(&self) -> FenceToken {
+        let mut hasher = self.seed.build_hasher();
+        hasher.write_u64(self.next.fetch_add(1, Ordering::Relaxed));
+        FenceToken::new(hasher.finish())
+    }
+}
+
+impl RedisStore<ConnectionManager> {
+    /// Connects to the Redis server at `url` (`redis://host:port/db`, `rediss://…` with a TLS
+    /// feature of `redis`), with a connection that reconnects by itself and a second one,
+    /// opened on the first wait, for notifications.
+    ///
+    /// Fails if the URL is invalid or the server cannot be reached within the default
+    /// response timeout.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = Client::open(url).map_err(store_error)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
+            // The store bounds every command itself (`with_response_timeout`).
+            .set_response_timeout(None)
+            // While Redis is down, retry often enough that service resumes within about
+            // half a second of its return.
+            .set_max_delay(Duration::from_millis(500));
+        let connecting = ConnectionManager::new_with_config(client.clone(), config);
+        let connection = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, connecting)
+            .await
+            .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
+            .map_err(store_error)?;
+        Ok(Self::new(connection, client))
+    }
+}
+
+impl RedisStore<ClusterConnection> {
+    /// Connects to the Redis Cluster that `nodes` (URLs of some of its nodes) belong to.
+    /// Notifications are received through one of these nodes, the next one if it fails.
+    pub async fn connect_cluster<I, U>(nodes: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: AsRef<str>,
+    {
+        let clients = nodes
+            .into_iter()
+            .map(|url| Client::open(url.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_error)?;
+        let infos = clients
+            .iter()
+            .map(|client| client.get_connection_info().clone());
+        let cluster = ClusterClient::builder(infos)
+            .connection_timeout(DEFAULT_RESPONSE_TIMEOUT)
+            // The store bounds every command itself; this only stops the cluster client
+            // from cutting a longer `with_response_timeout` short.
+            .response_timeout(Duration::from_secs(24 * 60 * 60))
+            .build()
+            .map_err(store_error)?;
+        let connection =
+            tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, cluster.get_async_connection())
+                .await
+                .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
+                .map_err(store_error)?;
+        Ok(Self::with_subscribers(connection, clients))
+    }
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A store over an existing `connection` — a [`ConnectionManager`], a
+    /// [`ClusterConnection`], a [`MultiplexedConnection`](::redis::aio::MultiplexedConnection)
+    /// (which does not reconnect) — with `subscriber` opening the connection that receives
+    /// notifications (for a cluster, any of its nodes).
+    ///
+    /// Commands are bounded by the store's response timeout, whatever the connection's own.
+    ///
+    /// ```no_run
+    /// use tower_idempotency::RedisStore;
+    ///
+    /// # async fn run() -> redis::RedisResult<()> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let connection = client.get_connection_manager().await?;
+    /// let store = RedisStore::new(connection, client);
+    /// # Ok(()) }
+    /// ```
+    pub fn new(connection: C, subscriber: Client) -> Self {
+        Self::with_subscribers(connection, vec![subscriber])
+    }
+
+    fn with_subscribers(connection: C, subscribers: Vec<Client>) -> Self {
+        let settings = Settings {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        };
+        Self {
+            connection,
+            shared: Arc::new(Shared::new(settings, subscribers)),
+        }
+    }
+
+    /// The prefix of every key this store writes, and of its notification channel
+    /// (`{prefix}notifications`). Default: `idempotency:` ([`DEFAULT_PREFIX`]).
+    ///
+    /// Stores with different prefixes share nothing. On Redis Cluster, a prefix must not
+    /// contain a `{hash tag}`: it would put every record in one slot.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1").await?
+    ///     .with_prefix("payments:idem:");
+    /// # Ok(()) }
+    /// ```
+    pub fn with_prefix(self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        self.reconfigured(|settings| settings.prefix = prefix)
+    }
+
+    /// How long a command may take before it fails with [`StoreErrorKind::Unavailable`].
+    /// Default: 1 s ([`DEFAULT_RESPONSE_TIMEOUT`]). It also bounds each attempt to open the
+    /// notification connection.
+    ///
+    /// A command that timed out may still have run: a claim is then released in the
+    /// background (its token is known), a completion is left to expire with its lease.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1").await?
+    ///     .with_response_timeout(Duration::from_millis(250));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_response_timeout(self, timeout: Duration) -> Self {
+        self.reconfigured(|settings| settings.response_timeout = timeout)
+    }
+
+    /// How long a waiter waits for a notification before looking at the claim again, in
+    /// case a message was lost. Default: 1 s ([`DEFAULT_POLL_INTERVAL`]). Waiters also look
+    /// again when the claim's lease ends and whenever the subscription is re-established.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1").await?
+    ///     .with_poll_interval(Duration::from_secs(2));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_poll_interval(self, interval: Duration) -> Self {
+        self.reconfigured(|settings| settings.poll_interval = interval)
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.shared.settings.prefix
+    }
+
+    /// The Redis key that holds `key`'s claim or record.
+    pub fn redis_key(&self, key: &StorageKey) -> String {
+        format!("{}{}", self.shared.settings.prefix, hex(key.as_bytes()))
+    }
+
+    /// A new handle with changed settings (and so a fresh subscriber: the channel may have
+    /// changed). Clones made before keep the old settings.
+    fn reconfigured(self, change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.shared.settings.clone();
+        change(&mut settings);
+        let clients = self.shared.notifier.clients().to_vec();
+        Self {
+            connection: self.connection,
+            shared: Arc::new(Shared::new(settings, clients)),
+        }
+    }
+
+    /// Runs `script` on `key` with `args`, in one round trip once the server knows the
+    /// script, bounded by the response timeout.
+    async fn run(
+        &self,
+        script: &Script,
+        key: &StorageKey,
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let redis_key = self.redis_key(key);
+        let mut connection = self.connection.clone();
+        let command = |verb: &str, body: &[u8]| {
+            let mut command = Cmd::new();
+            command.arg(verb).arg(body).arg(1).arg(redis_key.as_bytes());
+            for arg in args {
+                command.arg(*arg);
+            }
+            command
+        };
+        let exchange = async {
+            let reply = command("EVALSHA", script.sha.as_bytes())
+                .query_async::<Value>(&mut connection)
+                .await;
+            match reply {
+                // EVAL runs the script and caches it under the same digest: the next call is
+                // one EVALSHA again. (`SCRIPT LOAD` would take a third command, and on a
+                // cluster would need every primary to answer.)
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    command("EVAL", script.code.as_bytes())
+                        .query_async::<Value>(&mut connection)
+                        .await
+                }
+                reply => reply,
+            }
+        };
+        let timeout = self.shared.settings.response_timeout;
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| timed_out(timeout))?
+            .map_err(store_error)
+    }
+
+    async fn fenced(
+        &self,
+        script: &Script,
+        key: &StorageKey,
+        args: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        match self.run(script, key, args).await? {
+            Value::Int(1) => Ok(()),
+            Value::Int(0) => Err(StoreError::lease_lost()),
+            Value::Int(-1) => Err(StoreError::corrupt(Unexpected::Foreign)),
+            _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+        }
+    }
+}
+
+impl<C> IdempotencyStore for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let token = self.shared.tokens.next();
+        let marker = Marker {
+            token,
+            fingerprint: *fingerprint,
+        }
+        .encode();
+        let reply = self
+            .run(&CLAIM, key, &[&marker, millis(lease).as_bytes()])
+            .await;
+        match reply {
+            Ok(Value::Int(1)) => Ok(Claim::Acquired(token)),
+            Ok(Value::Array(held)) => held_by(held),
+            Ok(_) => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+            Err(error) => {
+                if error.kind() == StoreErrorKind::Unavailable {
+                    // The claim may have landed without its reply reaching us. Its token is
+                    // ours: releasing it frees the key now rather than at the lease's end.
+                    let (store, key) = (self.clone(), *key);
+                    tokio::spawn(async move {
+                        let _ = store.release(&key, token).await;
+                    });
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (encoded, ttl) = (record.encode(), millis(ttl));
+        let args: [&[u8]; 5] = [
+            &token.get().to_be_bytes(),
+            &encoded,
+            ttl.as_bytes(),
+            self.shared.notifier.channel(),
+            key.as_bytes(),
+        ];
+        self.fenced(&COMPLETE, key, &args).await
+    }
+
+    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        let args: [&[u8]; 3] = [
+            &token.get().to_be_bytes(),
+            self.shared.notifier.channel(),
+            key.as_bytes(),
+        ];
+        self.fenced(&RELEASE, key, &args).await
+    }
+
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let lease = millis(lease);
+        let args: [&[u8]; 2] = [&token.get().to_be_bytes(), lease.as_bytes()];
+        self.fenced(&RENEW, key, &args).await
+    }
+
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+        let deadline = Instant::now() + timeout;
+        let watch: Watch = self.shared.notifier.watch(*key);
+        loop {
+            // Armed before looking, so an end published after the look is not missed.
+            let ended = watch.ended().notified();
+            let resubscribed = watch.resubscribed().notified();
+            tokio::pin!(ended, resubscribed);
+            ended.as_mut().enable();
+            resubscribed.as_mut().enable();
+            let lease_left = match self.run(&WATCH, key, &[]).await? {
+                Value::Int(-2 | -1) => return Ok(()),
+                Value::Int(-3) => None,
+                Value::Int(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+                _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+            };
+            let now = Instant::now();
+            let mut wake_at = deadline.min(now + self.shared.settings.poll_interval);
+            if let Some(left) = lease_left {
+                wake_at = wake_at.min(now + left + EXPIRY_SLACK);
+            }
+            tokio::select! {
+                () = &mut ended => return Ok(()),
+                () = &mut resubscribed => {}
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What a held key's value says: a claim in flight, or a completed record.
+fn held_by(reply: Vec<Value>) -> Result<Claim, StoreError> {
+    let mut reply = reply.into_iter();
+    let (Some(Value::BulkString(value)), Some(Value::Int(ttl)), None) =
+        (reply.next(), reply.next(), reply.next())
+    else {
+        return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply));
+    };
+    if value.starts_with(marker::MAGIC) {
+        let marker = Marker::decode(&value)?;
+        return Ok(Claim::InFlight {
+            fingerprint: marker.fingerprint,
+        });
+    }
+    let record = Record::decode(Bytes::from(value))?;
+    let expires_in = u64::try_from(ttl).ok().map(Duration::from_millis);
+    Ok(Claim::Completed { record, expires_in })
+}
+
+/// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires.
+fn millis(duration: Duration) -> String {
+    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
+}
+
+fn timed_out(after: Duration) -> StoreError {
+    StoreError::unavailable(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("redis did not answer within {after:?}"),
+    ))
+}
+
+fn store_error(error: RedisError) -> StoreError {
+    // A key of another type (a hash, a list) under one of ours: foreign data, like bad bytes.
+    if error.code() == Some("WRONGTYPE") {
+        return StoreError::corrupt(error);
+    }
+    let unavailable = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                )
+        )
+        || error.code() == Some("BUSY");
+    let kind = if unavailable {
+        StoreErrorKind::Unavailable
+    } else {
+        StoreErrorKind::Other
+    };
+    StoreError::new(kind, error)
+}
+
+/// A reply the store's scripts never give.
+#[derive(Debug)]
+enum Unexpected {
+    /// The key holds bytes that are neither a marker nor a record of this crate.
+    Foreign,
+    /// A reply of a shape the script does not return.
+    Reply,
+}
+
+impl fmt::Display for Unexpected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Foreign => "the key holds a value that is not an idempotency record or claim",
+            Self::Reply => "unexpected reply from redis",
+        })
+    }
+}
+
+impl std::error::Error for Unexpected {}
+
+/// A Lua script and its SHA-1, the name `EVALSHA` knows it by.
+struct Script {
+    code: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(code: &'static str) -> Self {
+        Self {
+            code,
+            sha: ::redis::Script::new(code).get_hash().to_owned(),
+        }
+    }
+}
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("claim.lua")));
+static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watch.lua")));
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("fence.lua"),
+        include_str!("complete.lua")
+    ))
+});
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("fence.lua"),
+        include_str!("release.lua")
+    ))
+});
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("fence.lua"),
+        include_str!("renew.lua")
+    ))
+});
+
+impl<C> fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings = &self.shared.settings;
+        f.debug_struct("RedisStore")
+            .field("prefix", &settings.prefix)
+            .field("response_timeout", &settings.response_timeout)
+            .field("poll_interval", &settings.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_become_at_least_one_millisecond() {
+        assert_eq!(millis(Duration::ZERO), "1");
+        assert_eq!(millis(Duration::from_micros(1_500)), "1");
+        assert_eq!(millis(Duration::from_secs(86_400)), "86400000");
+        assert_eq!(millis(Duration::MAX), i64::MAX.to_string());
+    }
+
+    #[test]
+    fn tokens_do_not_repeat() {
+        let tokens = Tokens::default();
+        let other = Tokens::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            assert!(seen.insert(tokens.next()));
+            assert!(seen.insert(other.next()));
+        }
+    }
+
+    #[test]
+    fn a_held_reply_is_a_claim_in_flight_or_a_record_and_anything_else_an_error() {
+        let fingerprint = Fingerprint::from_bytes([7; 32]);
+        let marker = Marker {
+            token: FenceToken::new(9),
+            fingerprint,
+        };
+        let in_flight = held_by(vec![
+            Value::BulkString(marker.encode().to_vec()),
+            Value::Int(300),
+        ]);
+        assert_eq!(in_flight.ok(), Some(Claim::InFlight { fingerprint }));
+
+        let record = Record::not_replayable(fingerprint, http::StatusCode::OK);
+        let completed = held_by(vec![Value::BulkString(record.encode()), Value::Int(5_000)]);
+        assert_eq!(
+            completed.ok(),
+            Some(Claim::Completed {
+                record: record.clone(),
+                expires_in: Some(Duration::from_millis(5_000)),
+            })
+        );
+        let forever = held_by(vec![Value::BulkString(record.encode()), Value::Int(-1)]);
+        assert!(matches!(
+            forever,
+            Ok(Claim::Completed {
+                expires_in: None,
+                ..
+            })
+        ));
+
+        let corrupt = [
+            vec![
+                Value::BulkString(b"{\"status\":200}".to_vec()),
+                Value::Int(1),
+            ],
+            vec![Value::BulkString(b"TIF\x02".to_vec()), Value::Int(1)],
+            vec![Value::BulkString(b"TIR\x01\x00".to_vec()), Value::Int(1)],
+        ];
+        for reply in corrupt {
+            assert_eq!(
+                held_by(reply).map_err(|e| e.kind()),
+                Err(StoreErrorKind::Corrupt)
+            );
+        }
+        let malformed = [
+            vec![],
+            vec![Value::Int(1)],
+            vec![Value::BulkString(vec![]), Value::Int(1), Value::Int(1)],
+            vec![Value::Nil, Value::Int(1)],
+        ];
+        for reply in malformed {
+            assert_eq!(
+                held_by(reply).map_err(|e| e.kind()),
+                Err(StoreErrorKind::Other)
+            );
+        }
+    }
+
+    #[test]
+    fn the_fenced_scripts_share_the_fence() {
+        for script in [&*COMPLETE, &*RELEASE, &*RENEW] {
+            assert!(script.code.starts_with(include_str!("fence.lua")));
+            assert_eq!(script.sha.len(), 40);
+        }
+        assert_ne!(COMPLETE.sha, RELEASE.sha);
+    }
+}

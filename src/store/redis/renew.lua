@@ -1,0 +1,7 @@
+-- KEYS[1]: the record's key. ARGV: the fence token, the new lease in ms.
+local head, status = fence(KEYS[1], ARGV[1])
+if not head then
+  return status
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1

@@ -1,0 +1,411 @@
+//! Real `redis-server` processes for the Redis tests: started on free loopback ports in a
+//! temporary directory, without persistence, and stopped when dropped.
+//!
+//! Each server runs under a small `sh` watchdog that reads its standard input: when the test
+//! process ends in any way (even killed, or a server kept in a `static` that is never
+//! dropped), the pipe closes and the watchdog stops the server. No server outlives its tests.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+const INSTALL: &str = "the Redis tests need `redis-server` and `redis-cli` on PATH: \
+                       install Debian's `redis-server` package (`apt-get install redis-server`)";
+
+/// How long a server may take to answer its first PING.
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// Fails the test, with how to fix it, unless `redis-server` and `redis-cli` are installed.
+pub fn require_redis() {
+    for tool in ["redis-server", "redis-cli"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(found, "`{tool}` was not found: {INSTALL}");
+    }
+}
+
+/// A free TCP port on the loopback interface (free when asked; taken by the server soon after).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
+    listener.local_addr().expect("a bound address").port()
+}
+
+fn temp_dir(what: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tower-idempotency-{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create a temporary directory");
+    dir
+}
+
+/// One `redis-server` process.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    running: Option<Running>,
+}
+
+struct Running {
+    watchdog: Child,
+    stdin: ChildStdin,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server on a free port with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        require_redis();
+        let dir = temp_dir("redis");
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        // A port found free may be taken before the server binds it: try a few.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let mut server = Self {
+                port: free_port(),
+                dir: dir.clone(),
+                extra: extra.clone(),
+                running: None,
+            };
+            match server.try_start() {
+                Ok(()) => return server,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("redis-server did not start: {last_error}");
+    }
+
+    /// The port it listens on (the same across `stop`/`restart`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory it runs in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops the server (its clients see their connections closed). Bounded: a server that
+    /// does not exit within 10 s fails the test.
+    pub fn stop(&mut self) {
+        let Some(Running {
+            mut watchdog,
+            stdin,
+        }) = self.running.take()
+        else {
+            return;
+        };
+        drop(stdin);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match watchdog.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => {
+                    let _ = watchdog.kill();
+                    let _ = watchdog.wait();
+                    panic!("redis-server on port {} did not stop", self.port);
+                }
+            }
+        }
+        // The port is free again once nothing accepts on it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "port {} still accepts",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the server again on the same port, empty (nothing is persisted).
+    pub fn restart(&mut self) {
+        assert!(self.running.is_none(), "the server is running");
+        if let Err(error) = self.try_start() {
+            panic!(
+                "redis-server did not restart on port {}: {error}",
+                self.port
+            );
+        }
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
+        let mut args: Vec<String> = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
+            "--dir",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.push(self.dir.display().to_string());
+        args.extend(self.extra.iter().cloned());
+        // `read` returns when the test process closes the pipe, however it ends.
+        let script = r#"redis-server "$@" </dev/null >/dev/null 2>&1 &
+pid=$!
+read _
+kill "$pid" 2>/dev/null
+wait "$pid""#;
+        let mut watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .args(&args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|error| format!("spawning sh: {error}"))?;
+        let stdin = watchdog.stdin.take().ok_or("no stdin")?;
+        let running = Running { watchdog, stdin };
+        let deadline = Instant::now() + STARTUP;
+        while Instant::now() < deadline {
+            if ping(self.port) {
+                self.running = Some(running);
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let Running {
+            mut watchdog,
+            stdin,
+        } = running;
+        drop(stdin);
+        let _ = watchdog.kill();
+        let _ = watchdog.wait();
+        let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+        Err(format!(
+            "no PONG on port {} within {STARTUP:?}; log:\n{log}",
+            self.port
+        ))
+    }
+
+    /// Runs `redis-cli` against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(Running {
+            mut watchdog,
+            stdin,
+        }) = self.running.take()
+        {
+            drop(stdin);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(watchdog.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether a server answers PING on `port` within a short bound.
+fn ping(port: u16) -> bool {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0; 7];
+    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// Runs `redis-cli -p {port} {args}`, bounded by 30 s, and returns its standard output.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let mut child = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("running redis-cli: {error}; {INSTALL}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(child.try_wait(), Ok(None)) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("redis-cli {args:?} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = child.wait_with_output().expect("redis-cli output");
+    assert!(
+        output.status.success(),
+        "redis-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// How many commands the server ran since its statistics were last reset, by name, from
+/// `INFO commandstats` — leaving out the `INFO` and `CONFIG` calls that measure it.
+pub fn command_counts(server_port: u16) -> std::collections::BTreeMap<String, u64> {
+    let info = cli(server_port, &["INFO", "commandstats"]);
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|s| s.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.trim().parse().ok()?))
+        })
+        .filter(|(name, _)| name != "info" && !name.starts_with("config"))
+        .collect()
+}
+
+/// A Redis Cluster of `masters` primaries and no replicas, each a `RedisServer`.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits (bounded) until every node reports
+    /// `cluster_state:ok`.
+    pub fn start(masters: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    &bus,
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addresses.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        cli(nodes[0].port(), &create);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &nodes {
+            loop {
+                let info = node.cli(&["CLUSTER", "INFO"]);
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not become ok:\n{info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// The URLs of its nodes.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Its nodes.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+/// Scenarios run against both a single server and a cluster.
+pub mod scenarios {
+    use std::time::Duration;
+
+    use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
+
+    use crate::common::service::{Handler, keyed_post, send, serve, within};
+
+    /// Two layer instances, each over its own store (its own connections), share one Redis:
+    /// 200 concurrent requests with one key, split across both, run the handler once and all
+    /// get the same response.
+    pub async fn concurrent_duplicates_across_two_instances_run_the_handler_once<
+        St: IdempotencyStore,
+    >(
+        first: St,
+        second: St,
+    ) {
+        let handler = Handler::sleeping(Duration::from_millis(300));
+        let instances = [
+            serve(&IdempotencyLayer::new(first), &handler),
+            serve(&IdempotencyLayer::new(second), &handler),
+        ];
+        let key = format!("two-instances-{}", std::process::id());
+        let requests: Vec<_> = (0..200)
+            .map(|i| {
+                let request = keyed_post("/charges", &key, r#"{"amount":1000}"#);
+                tokio::spawn(send(&instances[i % 2], request))
+            })
+            .collect();
+        let mut replies = Vec::new();
+        for request in requests {
+            replies.push(within(request).await.expect("the request task completed"));
+        }
+        assert_eq!(
+            handler.calls(),
+            1,
+            "the handler ran once across both instances"
+        );
+        let first = &replies[0];
+        for reply in &replies {
+            assert_eq!(reply.status, http::StatusCode::CREATED, "{reply:?}");
+            assert_eq!(
+                reply.body, first.body,
+                "every body is the first execution's"
+            );
+            assert_eq!(reply.header_list(), first.header_list());
+        }
+        assert_eq!(first.text(), "execution #1");
+        let replays = replies.iter().filter(|reply| reply.replayed()).count();
+        assert_eq!(replays, 199, "all but the first are replays");
+    }
+}

@@ -1,0 +1,801 @@
+//! `RedisStore` against real `redis-server` processes: the conformance suite, two instances
+//! sharing one Redis, leases across instances, round trips counted by the server, waiting by
+//! notification, and corrupt data.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::StatusCode;
+use tower_idempotency::{
+    CachedStore, Claim, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, Record,
+    RedisStore, StoreErrorKind, WaitMode,
+};
+
+use common::{
+    conformance::{fingerprint, fresh_key, sample_record},
+    redis_server::{RedisServer, command_counts, scenarios},
+    service::{Gate, Handler, created, eventually, keyed_post, send, serve, within},
+};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+/// One server for the tests that only need keys of their own; it stops with the test binary.
+fn shared_server() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start)
+}
+
+async fn connect(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&server.url())
+        .await
+        .expect("connect to the test server")
+}
+
+/// A plain connection for inspecting and tampering with what the store wrote.
+async fn admin(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("a valid URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("an admin connection")
+}
+
+async fn query<T: redis::FromRedisValue>(
+    connection: &mut redis::aio::MultiplexedConnection,
+    command: &mut redis::Cmd,
+) -> T {
+    command
+        .query_async(connection)
+        .await
+        .expect("the admin command succeeds")
+}
+
+/// The keys under `prefix`.
+async fn keys(server: &RedisServer, prefix: &str) -> Vec<String> {
+    let mut admin = admin(server).await;
+    query(&mut admin, redis::cmd("KEYS").arg(format!("{prefix}*"))).await
+}
+
+fn acquired(claim: Claim) -> FenceToken {
+    match claim {
+        Claim::Acquired(token) => token,
+        other => panic!("expected the claim to be acquired, got {other:?}"),
+    }
+}
+
+fn unique_prefix(what: &str) -> String {
+    format!(
+        "test:{what}:{}:",
+        fresh_key().to_hex().get(..8).unwrap_or("x")
+    )
+}
+
+conformance_suite!(async { connect(shared_server()).await });
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_across_two_instances_run_the_handler_once() {
+    let server = shared_server();
+    let prefix = unique_prefix("two");
+    scenarios::concurrent_duplicates_across_two_instances_run_the_handler_once(
+        connect(server).await.with_prefix(&prefix),
+        connect(server).await.with_prefix(&prefix),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_hold_a_small_marker_while_in_flight_then_the_record_with_its_ttl() {
+    let server = shared_server();
+    let prefix = unique_prefix("layout");
+    let store = connect(server).await.with_prefix(&prefix);
+    let key = fresh_key();
+    let redis_key = store.redis_key(&key);
+    assert_eq!(redis_key, format!("{prefix}{}", key.to_hex()));
+    let mut admin = admin(server).await;
+
+    let token = acquired(
+        store
+            .claim(&key, &fingerprint("a"), Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    let marker: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
+    assert_eq!(marker.len(), 45, "token and fingerprint, nothing more");
+    assert_eq!(&marker[..5], b"TIF\x01\x00");
+    assert_eq!(&marker[5..13], &token.get().to_be_bytes());
+    assert_eq!(&marker[13..], fingerprint("a").as_bytes());
+    let lease_left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
+    assert!((1..=5_000).contains(&lease_left), "lease PTTL {lease_left}");
+
+    let record = sample_record(fingerprint("a"));
+    store
+        .complete(&key, token, record.clone(), TTL)
+        .await
+        .unwrap();
+    let stored: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
+    assert_eq!(stored, record.encode(), "the record's own binary encoding");
+    let ttl_left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
+    assert!(
+        ttl_left > 3_500_000 && ttl_left <= 3_600_000,
+        "record PTTL {ttl_left}"
+    );
+    assert_eq!(
+        keys(server, &prefix).await,
+        vec![redis_key],
+        "one key per record"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_with_different_prefixes_share_nothing() {
+    let server = shared_server();
+    let first = connect(server).await.with_prefix(unique_prefix("one"));
+    let second = connect(server).await.with_prefix(unique_prefix("two"));
+    let key = fresh_key();
+    let token = acquired(first.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    first
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    let other = acquired(second.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    assert_eq!(
+        second.release(&key, token).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost),
+        "a token of one store means nothing to the other"
+    );
+    second.release(&key, other).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_owner_is_gone_ends_a_wait_and_frees_the_key_after_its_lease() {
+    let server = shared_server();
+    let key = fresh_key();
+    let lease = Duration::from_millis(500);
+    {
+        let owner = connect(server).await;
+        acquired(owner.claim(&key, &fingerprint("a"), lease).await.unwrap());
+        // The owner goes away without completing or releasing.
+    }
+    let other = connect(server).await;
+    assert!(matches!(
+        other.claim(&key, &fingerprint("a"), lease).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    let started = Instant::now();
+    other.wait(&key, Duration::from_secs(20)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "the wait ended with the lease, after {waited:?}"
+    );
+    acquired(other.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_dies_holding_a_claim_frees_the_key_when_its_lease_ends() {
+    let server = shared_server();
+    let prefix = unique_prefix("dies");
+    let lease = Duration::from_millis(500);
+    let key = format!("dies-{}", fresh_key().to_hex());
+
+    // Instance A runs on a runtime of its own, which is shut down mid-request: its handler,
+    // its lease renewals and its connections end without releasing anything.
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let store_a = {
+        let url = server.url();
+        let prefix = prefix.clone();
+        doomed
+            .spawn(async move {
+                RedisStore::connect(&url)
+                    .await
+                    .map(|store| store.with_prefix(prefix))
+            })
+            .await
+            .expect("the connect task")
+            .expect("connect")
+    };
+    let never = Gate::new();
+    let handler_a = Handler::gated(&never);
+    let instance_a = serve(
+        &IdempotencyLayer::new(store_a).with_lease(lease),
+        &handler_a,
+    );
+    doomed.spawn(send(&instance_a, keyed_post("/charges", &key, "{}")));
+    eventually("instance A runs the handler", || handler_a.calls() == 1).await;
+    // Renewals keep the claim past several leases while A lives.
+    tokio::time::sleep(lease * 3).await;
+    assert_eq!(
+        keys(server, &prefix).await.len(),
+        1,
+        "A still holds its claim"
+    );
+    doomed.shutdown_background();
+
+    let handler_b = Handler::counting();
+    let instance_b = serve(
+        &IdempotencyLayer::new(connect(server).await.with_prefix(&prefix)).with_lease(lease),
+        &handler_b,
+    );
+    let started = Instant::now();
+    let reply = send(&instance_b, keyed_post("/charges", &key, "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+    assert!(!reply.replayed());
+    assert_eq!(handler_b.calls(), 1, "B executed once A's claim expired");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "B waited {:?}, not just the rest of A's lease",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_keeps_its_claim_through_renewal() {
+    let server = shared_server();
+    let prefix = unique_prefix("renew");
+    let lease = Duration::from_millis(300);
+    let handler = Handler::sleeping(lease * 6);
+    let layer = |store: RedisStore| IdempotencyLayer::new(store).with_lease(lease);
+    let first = serve(&layer(connect(server).await.with_prefix(&prefix)), &handler);
+    let impatient = serve(
+        &layer(connect(server).await.with_prefix(&prefix)).with_wait_mode(WaitMode::Reject),
+        &handler,
+    );
+    let running = tokio::spawn(send(&first, keyed_post("/charges", "long", "{}")));
+    for _ in 0..3 {
+        tokio::time::sleep(lease).await;
+        let duplicate = send(&impatient, keyed_post("/charges", "long", "{}")).await;
+        duplicate.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
+        duplicate.assert_retry_after();
+    }
+    let mut admin = admin(server).await;
+    let redis_key = keys(server, &prefix).await.pop().expect("the claim's key");
+    let left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
+    assert!(
+        (1..=300).contains(&left),
+        "the claim lives by renewal of a short lease (PTTL {left})"
+    );
+    let reply = within(running).await.expect("the first request");
+    assert_eq!(reply.status, StatusCode::CREATED);
+    let retry = send(&impatient, keyed_post("/charges", "long", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, reply.body);
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_cannot_overwrite_the_newer_record() {
+    let server = shared_server();
+    let prefix = unique_prefix("stale");
+    let lease = Duration::from_millis(300);
+    let gate = Gate::new();
+    let stale_handler = {
+        let gate = gate.clone();
+        Handler::new(move |_| {
+            let gate = gate.clone();
+            async move {
+                gate.pass().await;
+                created("from the stale owner")
+            }
+        })
+    };
+    let new_handler = Handler::new(|_| async { created("from the new owner") });
+    let layer = |store: RedisStore| IdempotencyLayer::new(store).with_lease(lease);
+    let stale = serve(
+        &layer(connect(server).await.with_prefix(&prefix)),
+        &stale_handler,
+    );
+    let fresh = serve(
+        &layer(connect(server).await.with_prefix(&prefix)),
+        &new_handler,
+    );
+
+    let running = tokio::spawn(send(&stale, keyed_post("/charges", "k", "{}")));
+    eventually("the first owner runs", || stale_handler.calls() == 1).await;
+    // Its lease is lost (as after a long pause): the claim is gone from Redis.
+    let mut admin = admin(server).await;
+    let redis_key = keys(server, &prefix).await.pop().expect("the claim's key");
+    let deleted: u64 = query(&mut admin, redis::cmd("DEL").arg(&redis_key)).await;
+    assert_eq!(deleted, 1);
+
+    let newer = send(&fresh, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(newer.text(), "from the new owner");
+    gate.open();
+    let stale_reply = within(running).await.expect("the stale request");
+    assert_eq!(
+        stale_reply.text(),
+        "from the stale owner",
+        "its client still gets it"
+    );
+
+    for instance in [&stale, &fresh] {
+        let retry = send(instance, keyed_post("/charges", "k", "{}")).await;
+        assert!(retry.replayed());
+        assert_eq!(
+            retry.text(),
+            "from the new owner",
+            "the newer record stands"
+        );
+    }
+    assert_eq!((stale_handler.calls(), new_handler.calls()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_token_from_another_instance_is_refused_as_lease_lost() {
+    let server = shared_server();
+    let (first, second) = (connect(server).await, connect(server).await);
+    let key = fresh_key();
+    let lease = Duration::from_millis(200);
+    let stale = acquired(first.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    let current = acquired(second.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    for refused in [
+        first
+            .complete(&key, stale, sample_record(fingerprint("stale")), TTL)
+            .await,
+        first.renew(&key, stale, LEASE).await,
+        first.release(&key, stale).await,
+    ] {
+        assert_eq!(
+            refused.map_err(|e| e.kind()),
+            Err(StoreErrorKind::LeaseLost)
+        );
+    }
+    second
+        .complete(&key, current, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    assert!(matches!(
+        first.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed { record, .. } if record == sample_record(fingerprint("a"))
+    ));
+}
+
+/// Runs every operation once, so the server knows every script.
+async fn warm_up<St: IdempotencyStore>(store: &St) {
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("w"), LEASE).await.unwrap());
+    store.renew(&key, token, LEASE).await.unwrap();
+    store
+        .complete(&key, token, sample_record(fingerprint("w")), TTL)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&key, &fingerprint("w"), LEASE).await.unwrap(),
+        Claim::Completed { .. }
+    ));
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("w"), LEASE).await.unwrap());
+    store.release(&key, token).await.unwrap();
+    store.wait(&key, LEASE).await.unwrap();
+}
+
+fn counts(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    entries
+        .iter()
+        .map(|(name, calls)| ((*name).to_owned(), *calls))
+        .collect()
+}
+
+/// Commands sent by clients: `INFO commandstats` also counts the calls scripts make, which
+/// cost no round trip.
+fn round_trips(counts: &BTreeMap<String, u64>) -> u64 {
+    ["evalsha", "eval"]
+        .iter()
+        .filter_map(|name| counts.get(*name))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_one_command_and_a_first_execution_two() {
+    let server = RedisServer::start();
+    let handler = Handler::counting();
+    let instance = serve(&IdempotencyLayer::new(connect(&server).await), &handler);
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let first = send(&instance, keyed_post("/charges", "warm-up", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    // On a server that has never seen the scripts, each costs one more command, once: the
+    // EVALSHA refused with NOSCRIPT, then EVAL.
+    let first_ever = command_counts(server.port());
+    assert_eq!(round_trips(&first_ever), 4, "{first_ever:?}");
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let executed = send(&instance, keyed_post("/charges", "counted", "{}")).await;
+    assert!(!executed.replayed());
+    // Everything the server ran: two scripts, and what they called inside (no round trips).
+    assert_eq!(
+        command_counts(server.port()),
+        counts(&[("evalsha", 2), ("get", 1), ("set", 2), ("getrange", 1)]),
+        "claim (GET, SET) + complete (GETRANGE, SET)"
+    );
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let replayed = send(&instance, keyed_post("/charges", "counted", "{}")).await;
+    assert!(replayed.replayed());
+    assert_eq!(replayed.body, executed.body);
+    assert_eq!(
+        command_counts(server.port()),
+        counts(&[("evalsha", 1), ("get", 1), ("pttl", 1)]),
+        "one claim-or-get (GET, PTTL)"
+    );
+    assert_eq!(handler.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_through_the_local_cache_is_zero_commands() {
+    let server = RedisServer::start();
+    let store = CachedStore::new(connect(&server).await, 16 * 1024 * 1024);
+    warm_up(store.inner()).await;
+    let handler = Handler::counting();
+    let instance = serve(&IdempotencyLayer::new(store), &handler);
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let executed = send(&instance, keyed_post("/charges", "cached", "{}")).await;
+    assert_eq!(round_trips(&command_counts(server.port())), 2);
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    for _ in 0..3 {
+        let replayed = send(&instance, keyed_post("/charges", "cached", "{}")).await;
+        assert!(replayed.replayed());
+        assert_eq!(replayed.body, executed.body);
+    }
+    let three = command_counts(server.port());
+    assert!(
+        round_trips(&three) <= 1,
+        "at most the first replay asks Redis: {three:?}"
+    );
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let replayed = send(&instance, keyed_post("/charges", "cached", "{}")).await;
+    assert!(replayed.replayed());
+    assert_eq!(
+        command_counts(server.port()),
+        counts(&[]),
+        "served from memory"
+    );
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_instance_is_woken_by_notification_not_by_polling() {
+    let server = RedisServer::start();
+    let owner = connect(&server).await;
+    // Only a notification (or the end of the 30 s lease) can wake this waiter in time.
+    let waiter = connect(&server)
+        .await
+        .with_poll_interval(Duration::from_secs(30));
+    warm_up(&owner).await;
+    // A first wait (on a free key) opens the waiter's subscription (the owner's warm-up
+    // opened the other).
+    waiter.wait(&fresh_key(), LEASE).await.unwrap();
+    eventually_async("the waiter subscribes", || async {
+        subscribers(&server) == 2
+    })
+    .await;
+    let key = fresh_key();
+    let token = acquired(owner.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            waiter.wait(&key, Duration::from_secs(20)).await.unwrap();
+            Instant::now()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the wait lasts while the claim does"
+    );
+    let during = command_counts(server.port());
+    assert_eq!(
+        round_trips(&during),
+        1,
+        "one look at the claim, then no polling in 1.5 s: {during:?}"
+    );
+
+    owner
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    let completed = Instant::now();
+    let woke = within(waiting).await.expect("the waiter");
+    let delay = woke.saturating_duration_since(completed);
+    assert!(
+        delay < Duration::from_millis(500),
+        "woke {delay:?} after completion"
+    );
+    assert!(matches!(
+        waiter.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_subscription_drops_still_wakes_when_the_claim_ends() {
+    let server = RedisServer::start();
+    let owner = connect(&server).await;
+    let waiter = connect(&server)
+        .await
+        .with_poll_interval(Duration::from_secs(30));
+    let key = fresh_key();
+    let token = acquired(owner.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { waiter.wait(&key, Duration::from_secs(20)).await }
+    });
+    eventually_async("the waiter subscribes", || async {
+        subscribers(&server) == 1
+    })
+    .await;
+    // The subscription is cut; the release below is published while nobody listens.
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    owner.release(&key, token).await.unwrap();
+    let started = Instant::now();
+    within(waiting).await.expect("the waiter").unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the waiter looked again on resubscribing, after {:?}",
+        started.elapsed()
+    );
+}
+
+/// How many connections listen on the default notification channel.
+fn subscribers(server: &RedisServer) -> u64 {
+    let reply = server.cli(&["PUBSUB", "NUMSUB", "idempotency:notifications"]);
+    reply
+        .lines()
+        .nth(1)
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn eventually_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_gets_no_answer_times_out_and_a_claim_that_landed_is_released() {
+    let server = RedisServer::start();
+    let store = connect(&server)
+        .await
+        .with_response_timeout(Duration::from_millis(200));
+    warm_up(&store).await;
+    let key = fresh_key();
+    // The server stops answering for a while; the claim is queued behind the pause.
+    server.cli(&["CLIENT", "PAUSE", "1000", "ALL"]);
+    let started = Instant::now();
+    let claim = store.claim(&key, &fingerprint("a"), LEASE).await;
+    assert_eq!(
+        claim.map_err(|e| e.kind()),
+        Err(StoreErrorKind::Unavailable)
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "failed after {:?}",
+        started.elapsed()
+    );
+    // Once the server answers again, the claim has run — and was released, rather than
+    // blocking the key for its 30 s lease.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let other = connect(&server).await;
+    acquired(other.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_foreign_values_are_corrupt_errors_never_panics() {
+    let server = shared_server();
+    let store = connect(server).await;
+    let mut admin = admin(server).await;
+    let valid = sample_record(fingerprint("a")).encode();
+    let mut newer_record = valid.clone();
+    newer_record[3] = 9;
+    let values: Vec<(&str, Vec<u8>)> = vec![
+        ("json", br#"{"status":200,"body":"aGk="}"#.to_vec()),
+        ("empty", Vec::new()),
+        ("truncated record", valid[..valid.len() / 2].to_vec()),
+        ("newer record", newer_record),
+        (
+            "newer marker",
+            b"TIF\x02\x00\x01\x02\x03\x04\x05\x06\x07\x08".to_vec(),
+        ),
+        ("truncated marker", b"TIF\x01\x00\x01\x02".to_vec()),
+        ("binary", vec![0xff, 0x00, 0xfe, 0x01]),
+    ];
+    for (what, value) in values {
+        let key = fresh_key();
+        let redis_key = store.redis_key(&key);
+        let () = query(&mut admin, redis::cmd("SET").arg(&redis_key).arg(&value)).await;
+        let claim = store.claim(&key, &fingerprint("a"), LEASE).await;
+        assert_eq!(
+            claim.map_err(|e| e.kind()),
+            Err(StoreErrorKind::Corrupt),
+            "claim over {what}"
+        );
+        let token = FenceToken::new(1);
+        let fenced = [
+            store
+                .complete(&key, token, sample_record(fingerprint("a")), TTL)
+                .await,
+            store.renew(&key, token, LEASE).await,
+            store.release(&key, token).await,
+        ];
+        for result in fenced {
+            let kind = result.map_err(|e| e.kind()).err();
+            assert!(
+                matches!(
+                    kind,
+                    Some(StoreErrorKind::Corrupt | StoreErrorKind::LeaseLost)
+                ),
+                "fenced op over {what}: {kind:?}"
+            );
+        }
+        let untouched: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
+        assert_eq!(untouched, value, "nothing was written over {what}");
+        let wait = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.wait(&key, Duration::from_secs(2)),
+        )
+        .await;
+        assert!(wait.is_ok(), "a wait over {what} ends");
+    }
+
+    // Foreign bytes that are not ours at all are reported as such by the fenced ops too.
+    let key = fresh_key();
+    let () = query(
+        &mut admin,
+        redis::cmd("SET").arg(store.redis_key(&key)).arg("hello"),
+    )
+    .await;
+    assert_eq!(
+        store
+            .release(&key, FenceToken::new(1))
+            .await
+            .map_err(|e| e.kind()),
+        Err(StoreErrorKind::Corrupt)
+    );
+
+    // A key of another type.
+    let key = fresh_key();
+    let added: u64 = query(
+        &mut admin,
+        redis::cmd("HSET")
+            .arg(store.redis_key(&key))
+            .arg("status")
+            .arg("200"),
+    )
+    .await;
+    assert_eq!(added, 1);
+    for kind in [
+        store
+            .claim(&key, &fingerprint("a"), LEASE)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.kind()),
+        store
+            .complete(
+                &key,
+                FenceToken::new(1),
+                sample_record(fingerprint("a")),
+                TTL,
+            )
+            .await
+            .map_err(|e| e.kind()),
+        store
+            .wait(&key, Duration::from_secs(1))
+            .await
+            .map_err(|e| e.kind()),
+    ] {
+        assert_eq!(kind, Err(StoreErrorKind::Corrupt));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_bytes_through_the_layer_give_a_503_problem_and_no_second_execution() {
+    let server = shared_server();
+    let prefix = unique_prefix("corrupt");
+    let handler = Handler::counting();
+    let instance = serve(
+        &IdempotencyLayer::new(connect(server).await.with_prefix(&prefix)),
+        &handler,
+    );
+    let first = send(&instance, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let redis_key = keys(server, &prefix).await.pop().expect("the record's key");
+    let mut admin = admin(server).await;
+    let () = query(
+        &mut admin,
+        redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(&b"\x00\x01 not a record \xff"[..]),
+    )
+    .await;
+    let retry = send(&instance, keyed_post("/charges", "k", "{}")).await;
+    retry.assert_problem(
+        ProblemKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    retry.assert_retry_after();
+    assert_eq!(handler.calls(), 1, "nothing ran unprotected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_every_size_and_shape_round_trip_through_redis() {
+    let server = shared_server();
+    let store = connect(server).await;
+    let fingerprint = fingerprint("shapes");
+    let mut headers = http::HeaderMap::new();
+    headers.append("set-cookie", http::HeaderValue::from_static("a=1"));
+    headers.append("set-cookie", http::HeaderValue::from_static("b=2"));
+    let mut trailers = http::HeaderMap::new();
+    trailers.append("grpc-status", http::HeaderValue::from_static("0"));
+    let records = [
+        Record::response(
+            fingerprint,
+            StatusCode::OK,
+            &http::HeaderMap::new(),
+            Bytes::new(),
+            None,
+        ),
+        Record::response(
+            fingerprint,
+            StatusCode::ACCEPTED,
+            &headers,
+            Bytes::from_static(b"\x00\xff\r\n"),
+            Some(&trailers),
+        ),
+        Record::not_replayable(fingerprint, StatusCode::CREATED),
+    ];
+    for record in records {
+        let key = fresh_key();
+        let token = acquired(store.claim(&key, &fingerprint, LEASE).await.unwrap());
+        store
+            .complete(&key, token, record.clone(), TTL)
+            .await
+            .unwrap();
+        match store.claim(&key, &fingerprint, LEASE).await.unwrap() {
+            Claim::Completed {
+                record: found,
+                expires_in,
+            } => {
+                assert_eq!(found, record);
+                assert!(expires_in.is_some_and(|left| left <= TTL && left > TTL / 2));
+            }
+            other => panic!("expected the record, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_nothing_fails_quickly_as_unavailable() {
+    let port = common::redis_server::free_port();
+    let started = Instant::now();
+    let error = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let invalid = RedisStore::connect("not a url").await.expect_err("invalid");
+    assert_ne!(invalid.kind(), StoreErrorKind::Unavailable);
+}
