@@ -1,0 +1,268 @@
+//! Deterministic costs per request, beside the bare handler: heap allocations (count and
+//! bytes, through a counting global allocator), handler executions and, with the `redis`
+//! feature, Redis commands. Same cases and services as `benches/layer.rs`.
+//!
+//! ```sh
+//! cargo bench --bench alloc                        # bare and MemoryStore
+//! cargo bench --bench alloc --features redis       # and RedisStore, CachedStore
+//! ALLOC_ITERS=5000 cargo bench --bench alloc       # more requests per case (default 2000)
+//! ```
+//!
+//! `ALLOC_ONLY=memory:replay` runs one target and case only, which makes the binary a small
+//! driver for `valgrind --tool=callgrind` (instructions per request: the difference between
+//! two runs with different `ALLOC_ITERS`, divided by the difference in requests).
+
+mod common;
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::BTreeMap,
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tokio::runtime::Runtime;
+use tower::Service;
+use tower_idempotency::MemoryStore;
+
+use common::{Case, ReqBody, Requests, bare, check, handler::CREATED, layered, run};
+
+/// Counts every allocation (a `realloc` counts as one) and the bytes asked for.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+fn counted(bytes: usize) {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    ALLOCATED_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; counting has no effect
+// on the memory handed out.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        counted(layout.size());
+        // SAFETY: the caller's contract for `alloc` is passed on as it is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        counted(layout.size());
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        counted(new_size);
+        // SAFETY: the caller's contract for `realloc` is passed on as it is.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract for `dealloc` is passed on as it is.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// What one target cost on one case, per request.
+struct Costs {
+    allocations: f64,
+    bytes: f64,
+    executions: f64,
+    commands: String,
+}
+
+fn main() {
+    let iterations: u64 = std::env::var("ALLOC_ITERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let only = std::env::var("ALLOC_ONLY").ok();
+    let wanted = |target: &str, case: Case| {
+        only.as_deref()
+            .is_none_or(|only| only == format!("{target}:{}", case.name()))
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+
+    #[cfg(feature = "redis")]
+    let redis = if Case::ALL
+        .iter()
+        .any(|case| wanted("redis", *case) || wanted("cached", *case))
+    {
+        common::redis_server::with_store(&runtime)
+    } else {
+        None
+    };
+
+    println!(
+        "{:<26}{:<8}{:>12}{:>12}{:>14}{:>12}  redis/request",
+        "case", "target", "allocs/req", "Δ vs bare", "bytes/req", "handler/req"
+    );
+    for case in Case::ALL {
+        let mut bare_allocations = None;
+        let mut row = |target: &str, costs: Costs| {
+            let delta = match bare_allocations {
+                None => {
+                    bare_allocations = Some(costs.allocations);
+                    String::from("-")
+                }
+                Some(bare) => format!("{:+.2}", costs.allocations - bare),
+            };
+            println!(
+                "{:<26}{:<8}{:>12.2}{:>12}{:>14.1}{:>12.3}  {}",
+                case.name(),
+                target,
+                costs.allocations,
+                delta,
+                costs.bytes,
+                costs.executions,
+                costs.commands
+            );
+        };
+        if wanted("bare", case) || only.is_none() {
+            row(
+                "bare",
+                measure(&runtime, case, false, bare(), iterations, None),
+            );
+        }
+        if wanted("memory", case) {
+            let service = layered(case, MemoryStore::default());
+            row(
+                "memory",
+                measure(&runtime, case, true, service, iterations, None),
+            );
+        }
+        #[cfg(feature = "redis")]
+        if let Some((server, store)) = &redis {
+            if wanted("redis", case) {
+                let service = layered(case, store.clone());
+                let costs = measure(&runtime, case, true, service, iterations, Some(server));
+                row("redis", costs);
+            }
+            if wanted("cached", case) {
+                let cached = tower_idempotency::CachedStore::new(store.clone(), 64 << 20);
+                let service = layered(case, cached);
+                let costs = measure(&runtime, case, true, service, iterations, Some(server));
+                row("cached", costs);
+            }
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+type Server = common::redis_server::RedisServer;
+#[cfg(not(feature = "redis"))]
+type Server = std::convert::Infallible;
+
+/// Runs `iterations` iterations of `case` on `service` (after a warm-up) and counts what
+/// they cost, requests being built outside the count.
+fn measure<S, B>(
+    runtime: &Runtime,
+    case: Case,
+    is_layered: bool,
+    service: S,
+    iterations: u64,
+    server: Option<&Server>,
+) -> Costs
+where
+    S: Service<Request<ReqBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: fmt::Debug + Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: fmt::Debug,
+{
+    let mut requests = Requests::new();
+    runtime.block_on(async {
+        if case == Case::Replay {
+            run(&service, requests.next(case)).await;
+        }
+        for _ in 0..2 {
+            check(case, is_layered, &run(&service, requests.next(case)).await);
+        }
+        for _ in 0..100 {
+            run(&service, requests.next(case)).await;
+        }
+        // Completions of the warm-up run after their responses: let them land.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    let commands_before = commands(server);
+    let executions_before = CREATED.load(Ordering::Relaxed);
+    let (mut allocations, mut bytes) = (0, 0);
+    runtime.block_on(async {
+        for _ in 0..iterations {
+            let batch = requests.next(case);
+            let (a, b) = snapshot();
+            drop(run(&service, batch).await);
+            let (a2, b2) = snapshot();
+            allocations += a2 - a;
+            bytes += b2 - b;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    let requests = (iterations * case.requests() as u64) as f64;
+    let executions = (CREATED.load(Ordering::Relaxed) - executions_before) as f64;
+    Costs {
+        allocations: allocations as f64 / requests,
+        bytes: bytes as f64 / requests,
+        executions: executions / requests,
+        commands: commands_since(server, commands_before, requests),
+    }
+}
+
+fn snapshot() -> (u64, u64) {
+    (
+        ALLOCATIONS.load(Ordering::Relaxed),
+        ALLOCATED_BYTES.load(Ordering::Relaxed),
+    )
+}
+
+/// How many times each Redis command ran so far (nothing without a Redis server).
+fn commands(server: Option<&Server>) -> BTreeMap<String, u64> {
+    #[cfg(feature = "redis")]
+    if let Some(server) = server {
+        return server.command_counts();
+    }
+    let _ = server;
+    BTreeMap::new()
+}
+
+/// The Redis commands run since `before`, per request: round trips (scripts and commands a
+/// client sent), then the commands scripts ran inside them (`INFO commandstats` counts both).
+fn commands_since(server: Option<&Server>, before: BTreeMap<String, u64>, requests: f64) -> String {
+    if server.is_none() {
+        return String::new();
+    }
+    let (mut sent, mut inside) = (Vec::new(), Vec::new());
+    let mut round_trips = 0;
+    for (name, calls) in commands(server) {
+        let delta = calls - before.get(&name).copied().unwrap_or(0);
+        if delta == 0 {
+            continue;
+        }
+        let entry = format!("{name} {:.2}", delta as f64 / requests);
+        // The store sends nothing but scripts; the other commands counted ran inside them.
+        if name.starts_with("eval") || name.starts_with("fcall") {
+            round_trips += delta;
+            sent.push(entry);
+        } else {
+            inside.push(entry);
+        }
+    }
+    format!(
+        "{:.2} round trips ({}); inside scripts: {}",
+        round_trips as f64 / requests,
+        sent.join(", "),
+        inside.join(", ")
+    )
+}
