@@ -20,10 +20,13 @@
 //! # Waiting
 //!
 //! A waiter flags the claim it waits on; when a flagged claim is completed or released, the
-//! script publishes the key on the store's channel (`{prefix}notifications`). Each store
-//! keeps one subscriber connection, shared by all its waiters, that wakes the waiters of that
-//! key. A waiter also wakes when the claim's lease runs out (its owner may be gone) and, should
-//! a message be lost, after a bounded poll interval.
+//! script publishes the key on the store's channel (`{prefix}notifications`), so claims that
+//! nobody waits on publish nothing. Each store keeps one subscriber connection, shared by all
+//! its waiters, that wakes the waiters of that key (waiters on the instance that completed
+//! are woken at once, without the message). A waiter also wakes when the claim's lease runs
+//! out (its owner may be gone), looks again whenever the subscription is re-established
+//! (messages may have been lost meanwhile) and, as a last resort, after a bounded poll
+//! interval.
 
 mod marker;
 mod notify;
@@ -160,7 +163,8 @@ impl RedisStore<ConnectionManager> {
     /// opened on the first wait, for notifications.
     ///
     /// Fails if the URL is invalid or the server cannot be reached within the default
-    /// response timeout.
+    /// response timeout. To start while Redis may be down, give [`new`](Self::new) a
+    /// connection made with [`ConnectionManager::new_lazy_with_config`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = Client::open(url).map_err(store_error)?;
         let config = ConnectionManagerConfig::new()
@@ -427,7 +431,9 @@ where
             self.shared.notifier.channel(),
             key.as_bytes(),
         ];
-        self.fenced(&COMPLETE, key, &args).await
+        self.fenced(&COMPLETE, key, &args).await?;
+        self.shared.notifier.wake(key);
+        Ok(())
     }
 
     async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
@@ -436,7 +442,9 @@ where
             self.shared.notifier.channel(),
             key.as_bytes(),
         ];
-        self.fenced(&RELEASE, key, &args).await
+        self.fenced(&RELEASE, key, &args).await?;
+        self.shared.notifier.wake(key);
+        Ok(())
     }
 
     async fn renew(

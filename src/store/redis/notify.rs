@@ -63,6 +63,11 @@ impl Notifier {
         self.waiters.register(key)
     }
 
+    /// Wakes this store's own waiters on `key` at once, without waiting for the message.
+    pub(super) fn wake(&self, key: &StorageKey) {
+        self.waiters.wake(key);
+    }
+
     fn ensure_running(&self) {
         let mut task = lock(&self.task);
         // A task ends only with its runtime (tests run one runtime per test): start anew.
@@ -101,6 +106,8 @@ async fn subscribe(
                 waiters.wake_all();
                 listen(sink, stream, &waiters, timeout).await;
                 tracing::debug!("idempotency store: notification subscription lost; resubscribing");
+                // A server that keeps closing the connection is not hammered.
+                tokio::time::sleep(BACKOFF.0).await;
             }
             Err(error) => {
                 tracing::debug!(%error, "idempotency store: subscribing to notifications failed");
@@ -184,6 +191,7 @@ impl Waiters {
         }
     }
 
+    /// Tells every waiter to look again.
     fn wake_all(&self) {
         self.resubscribed.notify_waiters();
     }
