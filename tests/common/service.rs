@@ -420,8 +420,7 @@ pub fn header_list(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
 
 /// Sends `request` through (a clone of) `svc` and reads the response whole.
 ///
-/// The future is boxed so that it is known to be `Send` here, where the body's bounds are
-/// spelled out (spawning the unboxed future trips a higher-ranked lifetime inference bug).
+/// The future clones `svc` at once and owns all it needs, so it can be spawned as it is.
 pub fn send<St, B>(svc: &Svc<St>, request: Request<B>) -> BoxFuture<Reply>
 where
     St: IdempotencyStore,
