@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# HTTP load test: what the layer costs a real server, beside the bare handler in the same run.
+#
+# Runs examples/bench_server.rs (release) bare and layered, alternately (bare, memory, redis,
+# cached, bare, memory, … for ROUNDS rounds), drives each with Debian's `wrk` through the Lua
+# scripts in scripts/wrk/, and prints per scenario and mode: requests/s, p50/p99 latency,
+# and server CPU per request (the CPU time /proc gives for the server process around the wrk
+# run, divided by the requests wrk reports), with the ratio to bare (per round, then the
+# median), and for Redis modes redis-server's CPU per request too.
+# Everything listens on and talks to 127.0.0.1 only.
+#
+# Usage: scripts/loadtest.sh [--quick]
+#   --quick        2 s per run (what CI can afford); otherwise DURATION
+# Environment:
+#   DURATION=5s    each wrk run                 ROUNDS=3        rounds of every mode
+#   CONNECTIONS=16 wrk connections              THREADS=1       wrk threads
+#   MODES="memory redis cached"  layered modes (redis and cached need redis-server; without
+#                  it, the default is "memory" only)
+#   SCENARIOS="get nokey unique replay derived"
+#   CARGO_TARGET_DIR  where the server is built (default target/)
+#
+# Pins the server to the first CPU and wrk (and redis-server) to others with `taskset`
+# when there are at least two. Fails (non-zero) on any error, wrk's included; every process
+# it starts is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-16}
+THREADS=${THREADS:-1}
+SCENARIOS=${SCENARIOS:-get nokey unique replay derived}
+for arg in "$@"; do
+    case "$arg" in
+        --quick) DURATION=2s ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+die() { echo "error: $*" >&2; exit 1; }
+command -v wrk >/dev/null || die "wrk is not on PATH (Debian: apt-get install wrk)"
+command -v curl >/dev/null || die "curl is not on PATH (Debian: apt-get install curl)"
+if [ -z "${MODES:-}" ]; then
+    if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+        MODES="memory redis cached"
+    else
+        echo "note: no redis-server on PATH; measuring MemoryStore only" >&2
+        MODES=memory
+    fi
+fi
+needs_redis=false
+for mode in $MODES; do
+    case "$mode" in
+        memory) ;;
+        redis | cached) needs_redis=true ;;
+        *) die "unknown mode $mode (memory, redis, cached)" ;;
+    esac
+done
+for scenario in $SCENARIOS; do
+    [ -f "scripts/wrk/$scenario.lua" ] || die "no scripts/wrk/$scenario.lua"
+done
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# CPUs: the server alone on the first one; wrk and redis-server on the others.
+server_cpu=() client_cpu=() redis_cpu=()
+cpus=$(nproc)
+if command -v taskset >/dev/null && [ "$cpus" -ge 2 ]; then
+    server_cpu=(taskset -c 0)
+    client_cpu=(taskset -c 1)
+    if [ "$cpus" -ge 3 ]; then redis_cpu=(taskset -c 2); else redis_cpu=(taskset -c 1); fi
+    pinning="server on CPU 0, wrk on CPU 1, redis-server on CPU ${redis_cpu[2]}"
+else
+    pinning="not pinned (no taskset, or one CPU)"
+fi
+
+features=()
+if $needs_redis; then features=(--features redis); fi
+echo "building the server (release)…"
+cargo build --quiet --release --example bench_server "${features[@]}"
+server_bin=${CARGO_TARGET_DIR:-target}/release/examples/bench_server
+[ -x "$server_bin" ] || die "no $server_bin after the build"
+
+# A port nothing listens on (the server fails to start if one is taken in between).
+free_port() {
+    local port
+    for _ in $(seq 50); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+    die "no free loopback port found"
+}
+
+redis_pid=
+redis_url=
+if $needs_redis; then
+    redis_port=$(free_port)
+    mkdir "$work/redis"
+    "${redis_cpu[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
+        --appendonly no --daemonize no --dir "$work/redis" --logfile "$work/redis/log" &
+    redis_pid=$!
+    pids+=("$redis_pid")
+    for _ in $(seq 100); do
+        if redis-cli -h 127.0.0.1 -p "$redis_port" ping 2>/dev/null | grep -q PONG; then
+            break
+        fi
+        kill -0 "$redis_pid" 2>/dev/null || die "redis-server exited: $(cat "$work/redis/log")"
+        sleep 0.1
+    done
+    redis-cli -h 127.0.0.1 -p "$redis_port" ping | grep -q PONG || die "redis-server did not start"
+    redis_url="redis://127.0.0.1:$redis_port"
+fi
+
+clk_tck=$(getconf CLK_TCK)
+# CPU time a process has used, in ns: utime + stime from /proc/<pid>/stat (fields 14 and 15;
+# the command name, field 2, may hold spaces, so count from the ')' that ends it). Those
+# are in clock ticks (10 ms), too coarse for a 2 s run: where the kernel keeps schedstats,
+# the same time is read to the ns as the sum over the process's threads of the first field
+# of /proc/<pid>/task/*/schedstat.
+cpu_ns() {
+    local pid=$1 stat total=0 file ran
+    if [ -r "/proc/$pid/schedstat" ]; then
+        for file in "/proc/$pid"/task/*/schedstat; do
+            read -r ran _ <"$file" || die "process $pid is gone"
+            total=$((total + ran))
+        done
+        echo "$total"
+        return
+    fi
+    stat=$(cat "/proc/$pid/stat") || die "process $pid is gone"
+    stat=${stat##*) }
+    # shellcheck disable=SC2086
+    set -- $stat
+    echo $(((${12} + ${13}) * 1000000000 / clk_tck))
+}
+
+server_pid=
+server_port=
+start_server() {
+    local mode=$1 attempt
+    for attempt in 1 2 3; do
+        server_port=$(free_port)
+        MODE=$mode PORT=$server_port REDIS_URL=$redis_url "${server_cpu[@]}" "$server_bin" \
+            >"$work/server.log" 2>&1 &
+        server_pid=$!
+        pids+=("$server_pid")
+        for _ in $(seq 100); do
+            if grep -q listening "$work/server.log" 2>/dev/null; then
+                return
+            fi
+            kill -0 "$server_pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+        echo "note: the $mode server did not start (attempt $attempt): $(cat "$work/server.log")" >&2
+    done
+    die "the $mode server did not start"
+}
+
+stop_server() {
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=
+}
+
+# Before measuring: the server answers, and replays if and only if it is layered.
+check_server() {
+    local mode=$1 url="http://127.0.0.1:$server_port" key="check-$RANDOM-$$" headers
+    curl -sf -o /dev/null "$url/v1/charges/ch_1" || die "$mode: GET failed"
+    for _ in 1 2; do
+        headers=$(curl -sf -D - -o /dev/null "$url/v1/charges" -H "Idempotency-Key: $key" \
+            -H 'Content-Type: application/json' -d "$(check_body)") || die "$mode: POST failed"
+    done
+    if [ "$mode" = bare ]; then
+        ! grep -qi '^idempotent-replayed' <<<"$headers" || die "bare server replayed"
+    else
+        grep -qi '^idempotent-replayed: true' <<<"$headers" || die "$mode: the retry was not replayed"
+    fi
+}
+check_body() {
+    printf '{"amount":1000,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"%s","metadata":{"order_id":"ord_0","channel":"web"},"capture":true}' "check"
+}
+
+results=$work/results.tsv
+: >"$results"
+# One wrk run: appends "round mode scenario requests rps p50_us p99_us cpu_us_per_req
+# redis_cpu_us_per_req" to the results.
+measure() {
+    local round=$1 mode=$2 scenario=$3 log=$work/wrk.log before after rbefore=0 rafter=0 line
+    before=$(cpu_ns "$server_pid")
+    if [ -n "$redis_pid" ]; then rbefore=$(cpu_ns "$redis_pid"); fi
+    "${client_cpu[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 5s \
+        -s "scripts/wrk/$scenario.lua" "http://127.0.0.1:$server_port" \
+        -- "r$round-$mode-$$-$RANDOM" >"$log" 2>&1 || die "wrk failed ($mode $scenario): $(cat "$log")"
+    after=$(cpu_ns "$server_pid")
+    if [ -n "$redis_pid" ]; then rafter=$(cpu_ns "$redis_pid"); fi
+    line=$(grep '^RESULT' "$log") || die "no result from wrk ($mode $scenario): $(cat "$log")"
+    local requests errors non2xx rps p50 p99
+    requests=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")
+    errors=$(sed -n 's/.* errors=\([0-9]*\).*/\1/p' <<<"$line")
+    non2xx=$(sed -n 's/.* non2xx=\([0-9]*\).*/\1/p' <<<"$line")
+    rps=$(sed -n 's/.* rps=\([0-9.]*\).*/\1/p' <<<"$line")
+    p50=$(sed -n 's/.* p50_us=\([0-9]*\).*/\1/p' <<<"$line")
+    p99=$(sed -n 's/.* p99_us=\([0-9]*\).*/\1/p' <<<"$line")
+    [ "$errors" = 0 ] && [ "$non2xx" = 0 ] ||
+        die "wrk saw $errors socket errors and $non2xx non-2xx answers ($mode $scenario): $(cat "$log")"
+    [ "$requests" -gt 0 ] || die "wrk sent no requests ($mode $scenario)"
+    awk -v r="$round" -v m="$mode" -v s="$scenario" -v n="$requests" -v rps="$rps" \
+        -v p50="$p50" -v p99="$p99" -v t="$((after - before))" -v rt="$((rafter - rbefore))" \
+        -v redis="$([ "$mode" = redis ] || [ "$mode" = cached ] && echo 1 || echo 0)" \
+        'BEGIN { printf "%s\t%s\t%s\t%d\t%.1f\t%d\t%d\t%.2f\t%s\n", r, m, s, n, rps, p50, p99,
+                 t / 1e3 / n, redis ? sprintf("%.2f", rt / 1e3 / n) : "-" }' >>"$results"
+    printf '  %-7s %-8s %8d req %9.0f req/s  CPU %6s µs/req\n' "$mode" "$scenario" "$requests" \
+        "$rps" "$(cut -f8 <<<"$(tail -n1 "$results")")"
+}
+
+echo "machine: $cpus CPUs; $pinning; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "runs: $DURATION each, $CONNECTIONS connections, $THREADS wrk thread(s), $ROUNDS rounds of: bare $MODES"
+for round in $(seq "$ROUNDS"); do
+    echo "round $round"
+    for mode in bare $MODES; do
+        start_server "$mode"
+        check_server "$mode"
+        for scenario in $SCENARIOS; do
+            measure "$round" "$mode" "$scenario"
+        done
+        stop_server
+    done
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Medians over the rounds; the CPU ratio is taken per round (bare and layered ran next to
+# each other), then its median.
+awk -F'\t' -v modes="bare $MODES" -v scenarios="$SCENARIOS" '
+function median(list,    n, v, i, j, t) {
+    n = split(list, v, " ")
+    for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] + 0 > t + 0; j--) v[j + 1] = v[j]; v[j + 1] = t }
+    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+}
+{ key = $2 SUBSEP $3; rps[key] = rps[key] " " $5; p50[key] = p50[key] " " $6; p99[key] = p99[key] " " $7
+  cpu[key] = cpu[key] " " $8; rcpu[key] = rcpu[key] " " $9; byround[$1, $2, $3] = $8; rounds[$1] = 1 }
+END {
+    printf "\n%-9s %-7s %10s %9s %9s %11s %14s %16s\n", "scenario", "mode", "req/s", "p50 µs", "p99 µs", "CPU µs/req", "CPU vs bare", "redis CPU µs/req"
+    nm = split(modes, m, " "); ns = split(scenarios, s, " ")
+    for (i = 1; i <= ns; i++) for (k = 1; k <= nm; k++) {
+        key = m[k] SUBSEP s[i]
+        ratios = ""
+        for (r in rounds) if (byround[r, "bare", s[i]] > 0) ratios = ratios " " byround[r, m[k], s[i]] / byround[r, "bare", s[i]]
+        ratio = m[k] == "bare" ? "1" : sprintf("%.2f", median(ratios))
+        r = m[k] == "redis" || m[k] == "cached" ? sprintf("%.2f", median(rcpu[key])) : "-"
+        printf "%-9s %-7s %10.0f %9.0f %9.0f %11.2f %13s× %16s\n", s[i], m[k], median(rps[key]), median(p50[key]), median(p99[key]), median(cpu[key]), ratio, r
+    }
+}' "$results"
