@@ -245,30 +245,41 @@ async fn a_long_handler_keeps_its_claim_through_renewal() {
     let server = shared_server();
     let prefix = unique_prefix("renew");
     let lease = Duration::from_millis(300);
-    let handler = Handler::sleeping(lease * 6);
+    // The handler runs until the test lets it finish: several leases.
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
     let layer = |store: RedisStore| IdempotencyLayer::new(store).with_lease(lease);
     let first = serve(&layer(connect(server).await.with_prefix(&prefix)), &handler);
     let impatient = serve(
         &layer(connect(server).await.with_prefix(&prefix)).with_wait_mode(WaitMode::Reject),
         &handler,
     );
+    let started = Instant::now();
     let running = tokio::spawn(send(&first, keyed_post("/charges", "long", "{}")));
-    for _ in 0..3 {
-        tokio::time::sleep(lease).await;
+    eventually("the handler runs", || handler.calls() == 1).await;
+    while started.elapsed() < lease * 5 {
+        tokio::time::sleep(lease / 2).await;
         let duplicate = send(&impatient, keyed_post("/charges", "long", "{}")).await;
         duplicate.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
         duplicate.assert_retry_after();
     }
     let mut admin = admin(server).await;
     let redis_key = keys(server, &prefix).await.pop().expect("the claim's key");
+    let marker: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
+    assert!(
+        marker.starts_with(b"TIF"),
+        "still in flight after five leases"
+    );
     let left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
     assert!(
         (1..=300).contains(&left),
         "the claim lives by renewal of a short lease (PTTL {left})"
     );
+    gate.open();
     let reply = within(running).await.expect("the first request");
     assert_eq!(reply.status, StatusCode::CREATED);
-    let retry = send(&impatient, keyed_post("/charges", "long", "{}")).await;
+    // (An instance that waits: the record may land just after the response.)
+    let retry = send(&first, keyed_post("/charges", "long", "{}")).await;
     assert!(retry.replayed());
     assert_eq!(retry.body, reply.body);
     assert_eq!(handler.calls(), 1);
@@ -388,6 +399,24 @@ fn counts(entries: &[(&str, u64)]) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The server's command counts once they reach `expected` (bounded): a client has its
+/// response before the record is stored, so the completion may still be on its way.
+async fn settled_counts(
+    server: &RedisServer,
+    expected: impl Fn(&BTreeMap<String, u64>) -> bool,
+) -> BTreeMap<String, u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = command_counts(server.port());
+        if expected(&counts) || Instant::now() > deadline {
+            // Nothing else arrives afterwards.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return command_counts(server.port());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Commands sent by clients: `INFO commandstats` also counts the calls scripts make, which
 /// cost no round trip.
 fn round_trips(counts: &BTreeMap<String, u64>) -> u64 {
@@ -408,7 +437,7 @@ async fn a_replay_is_one_command_and_a_first_execution_two() {
     assert_eq!(first.status, StatusCode::CREATED);
     // On a server that has never seen the scripts, each costs one more command, once: the
     // EVALSHA refused with NOSCRIPT, then EVAL.
-    let first_ever = command_counts(server.port());
+    let first_ever = settled_counts(&server, |counts| round_trips(counts) >= 4).await;
     assert_eq!(round_trips(&first_ever), 4, "{first_ever:?}");
 
     server.cli(&["CONFIG", "RESETSTAT"]);
@@ -416,7 +445,7 @@ async fn a_replay_is_one_command_and_a_first_execution_two() {
     assert!(!executed.replayed());
     // Everything the server ran: two scripts, and what they called inside (no round trips).
     assert_eq!(
-        command_counts(server.port()),
+        settled_counts(&server, |counts| round_trips(counts) >= 2).await,
         counts(&[("evalsha", 2), ("get", 1), ("set", 2), ("getrange", 1)]),
         "claim (GET, SET) + complete (GETRANGE, SET)"
     );
@@ -443,7 +472,8 @@ async fn a_replay_through_the_local_cache_is_zero_commands() {
 
     server.cli(&["CONFIG", "RESETSTAT"]);
     let executed = send(&instance, keyed_post("/charges", "cached", "{}")).await;
-    assert_eq!(round_trips(&command_counts(server.port())), 2);
+    let first = settled_counts(&server, |counts| round_trips(counts) >= 2).await;
+    assert_eq!(round_trips(&first), 2, "{first:?}");
 
     server.cli(&["CONFIG", "RESETSTAT"]);
     for _ in 0..3 {
