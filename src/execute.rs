@@ -132,7 +132,11 @@ where
                 Err(frame) => trailers = frame.into_trailers().ok(),
             },
             Poll::Ready(Some(Err(error))) => {
-                let (tx, rx) = mpsc::channel(1);
+                // The client gets what the body produced, then its error; the key is released.
+                let (tx, rx) = mpsc::channel(ready.len() + 1);
+                for data in ready {
+                    let _ = tx.try_send(Chunk::Frame(Frame::data(data)));
+                }
                 let _ = tx.try_send(Chunk::Error(error));
                 let _ = head_tx.send(Ok(Response::from_parts(parts, ResponseBody::channel(rx))));
                 return None;

@@ -102,9 +102,7 @@ where
         }
         let plan = match IdempotencyKey::from_headers(request.headers(), &config.header_name) {
             Ok(Some(key)) => KeyPlan::Client(key),
-            Err(error) => {
-                return ResponseFuture::ready(reject(config, &Problem::invalid_key(&error)));
-            }
+            Err(error) => return refuse(config, request, Problem::invalid_key(&error)),
             Ok(None) => {
                 let from_source = config
                     .key_source
@@ -113,10 +111,7 @@ where
                 match from_source {
                     Some(Some(Ok(Some(key)))) => KeyPlan::Client(key),
                     Some(Some(Err(error))) => {
-                        return ResponseFuture::ready(reject(
-                            config,
-                            &Problem::invalid_key(&error),
-                        ));
+                        return refuse(config, request, Problem::invalid_key(&error));
                     }
                     Some(None) => KeyPlan::FromBody,
                     Some(Some(Ok(None))) | None => match config.missing_key {
@@ -127,7 +122,7 @@ where
                         }
                         MissingKey::Required => {
                             let problem = Problem::missing_key(&config.header_name);
-                            return ResponseFuture::ready(reject(config, &problem));
+                            return refuse(config, request, problem);
                         }
                         MissingKey::Fingerprint(_) => KeyPlan::Derived,
                     },
@@ -164,7 +159,8 @@ where
     let (parts, body) = request.into_parts();
     let body = match read_body(&parts, body, config.request_body_limit).await {
         Ok(body) => body,
-        Err(problem) => return Ok(reject(&config, &problem)),
+        // The rest of the body was not read: the connection cannot carry another request.
+        Err(problem) => return Ok(close_connection(reject(&config, &problem))),
     };
     let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
 
@@ -323,6 +319,47 @@ where
         .call(Request::from_parts(parts, RequestBody::full(body)))
         .await?;
     Ok(response.map(ResponseBody::inner))
+}
+
+/// Refuses a request from its head alone, once its body is read and discarded (up to the
+/// limit): hyper closes a keep-alive connection whose request body was left unread, taking
+/// with it any request the client already sent behind this one.
+fn refuse<F, ReqB, ResB, E>(
+    config: &Arc<Config>,
+    request: Request<ReqB>,
+    problem: Problem,
+) -> ResponseFuture<F, ResB, E>
+where
+    E: Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Send + 'static,
+{
+    if request.body().is_end_stream() {
+        return ResponseFuture::ready(reject(config, &problem));
+    }
+    let config = Arc::clone(config);
+    ResponseFuture::protected(Box::pin(async move {
+        let limit = config.request_body_limit;
+        let drained = Limited::new(request.into_body(), limit)
+            .collect()
+            .await
+            .is_ok();
+        let response = reject(&config, &problem);
+        Ok(if drained {
+            response
+        } else {
+            close_connection(response)
+        })
+    }))
+}
+
+/// Tells the client (and hyper) that this connection ends with this response.
+fn close_connection<B>(mut response: Response<B>) -> Response<B> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// A response the layer produces itself.

@@ -364,3 +364,59 @@ async fn concurrent_duplicates_over_hyper_run_the_handler_once() {
     assert_eq!(originals, 1);
     assert_eq!(connections.load(Ordering::SeqCst), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_decided_from_the_head_still_keeps_the_keep_alive_connection() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (addr, connections) = start_server(app(&calls, MemoryStore::default())).await;
+    let mut client = Client::connect(addr).await;
+
+    // The key is refused from the headers alone; the body arrives in a second write.
+    let refused = client
+        .post_in_two_writes("/charges", "bad key", "{\"amount\":7}")
+        .await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_ne!(refused.header("connection"), Some("close"));
+
+    let next = client
+        .post_in_two_writes("/charges", "good-key", "{\"amount\":7}")
+        .await;
+    assert_eq!(next.status, 201);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one connection served both"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_refused_with_connection_close_without_reading_it() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let post_calls = Arc::clone(&calls);
+    let router = Router::new()
+        .route(
+            "/charges",
+            post(move || {
+                post_calls.fetch_add(1, Ordering::SeqCst);
+                async { "charged" }
+            }),
+        )
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_request_body_limit(16));
+    let (addr, _) = start_server(router).await;
+    let mut client = Client::connect(addr).await;
+    let refused = client
+        .post_in_two_writes("/charges", "big", "{\"amount\":1234567890123456789}")
+        .await;
+    assert_eq!(refused.status, 413);
+    assert_eq!(
+        refused.header("connection"),
+        Some("close"),
+        "the unread body makes the connection unusable, and the client is told so"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
