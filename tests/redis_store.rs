@@ -14,8 +14,8 @@ use std::{
 use bytes::Bytes;
 use http::StatusCode;
 use tower_idempotency::{
-    CachedStore, Claim, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, Record,
-    RedisStore, StoreErrorKind, WaitMode,
+    Claim, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, Record, RedisStore,
+    StoreErrorKind, WaitMode,
 };
 
 use common::{
@@ -462,10 +462,11 @@ async fn a_replay_is_one_command_and_a_first_execution_two() {
     assert_eq!(handler.calls(), 2);
 }
 
+#[cfg(feature = "moka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_through_the_local_cache_is_zero_commands() {
     let server = RedisServer::start();
-    let store = CachedStore::new(connect(&server).await, 16 * 1024 * 1024);
+    let store = tower_idempotency::CachedStore::new(connect(&server).await, 16 * 1024 * 1024);
     warm_up(store.inner()).await;
     let handler = Handler::counting();
     let instance = serve(&IdempotencyLayer::new(store), &handler);
