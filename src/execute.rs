@@ -2,7 +2,9 @@
 //! disconnects stops only the forwarding of the response, never the handler or the capture.
 //!
 //! The task calls the inner service, sends the response head to the client, captures the
-//! body up to the limit while forwarding it, and then completes or releases the claim. A
+//! body up to the limit while forwarding it, and then completes or releases the claim. The
+//! client's response ends only once its record is stored, so a client that has the whole
+//! response and retries at once is replayed, never told the key is still in flight. A
 //! panic anywhere in it drops the [`Lease`], which releases the claim; the client sees a 500
 //! problem (before the head) or a body error (after it).
 
@@ -60,12 +62,15 @@ where
     let (head_tx, head_rx) = oneshot::channel();
     let task_config = Arc::clone(&config);
     let task = async move {
-        let record = lease
+        let finish = lease
             .keep_alive(run(inner, request, fingerprint, &task_config, head_tx))
             .await;
-        match record {
-            Some(record) => lease.complete(record, ttl).await,
-            None => lease.release().await,
+        match finish {
+            Finish::Store { record, then } => {
+                lease.complete(record, ttl).await;
+                then.deliver().await;
+            }
+            Finish::Release => lease.release().await,
         }
     };
     tokio::spawn(task.in_current_span());
@@ -82,15 +87,46 @@ where
     }
 }
 
+/// How the handler's run ends.
+enum Finish<B, E> {
+    /// Store the record, then finish the client's response: a client that has the whole
+    /// response and retries at once finds the record, not the claim.
+    Store { record: Record, then: Deliver<B, E> },
+    /// Release the key (an error, or a response not to be stored).
+    Release,
+}
+
+/// The part of the response held back until its record is stored.
+enum Deliver<B, E> {
+    /// A response that was ready whole: all of it.
+    Whole {
+        head_tx: oneshot::Sender<Head<B, E>>,
+        response: Response<ResponseBody<B>>,
+    },
+    /// A streamed response: its end.
+    End { client: Option<mpsc::Sender<Chunk>> },
+}
+
+impl<B, E> Deliver<B, E> {
+    async fn deliver(self) {
+        match self {
+            Self::Whole { head_tx, response } => {
+                let _ = head_tx.send(Ok(response));
+            }
+            Self::End { mut client } => forward(&mut client, Chunk::End).await,
+        }
+    }
+}
+
 /// Calls the handler, hands the head to the client and captures the body. Returns the record
-/// to store, or `None` to release the key (an error, or a response not to be stored).
+/// to store and what of the response awaits it, or that the key is to be released.
 async fn run<S, ReqB, ResB>(
     mut inner: S,
     request: Request<RequestBody<ReqB>>,
     fingerprint: Fingerprint,
     config: &Config,
     head_tx: oneshot::Sender<Head<ResB, S::Error>>,
-) -> Option<Record>
+) -> Finish<ResB, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     ResB: Body<Data = Bytes>,
@@ -100,14 +136,14 @@ where
         Ok(response) => response,
         Err(error) => {
             let _ = head_tx.send(Err(error));
-            return None;
+            return Finish::Release;
         }
     };
     let (parts, body) = response.into_parts();
     if !(config.store_when)(&parts) {
         tracing::debug!(status = %parts.status, "response not stored; key released");
         let _ = head_tx.send(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
-        return None;
+        return Finish::Release;
     }
     let limit = config.response_body_limit;
     let mut body = pin!(body);
@@ -139,7 +175,7 @@ where
                 }
                 let _ = tx.try_send(Chunk::Error(error));
                 let _ = head_tx.send(Ok(Response::from_parts(parts, ResponseBody::channel(rx))));
-                return None;
+                return Finish::Release;
             }
         }
     };
@@ -157,11 +193,11 @@ where
         } else {
             Record::not_replayable(fingerprint, parts.status)
         };
-        let _ = head_tx.send(Ok(Response::from_parts(
-            parts,
-            ResponseBody::full(whole, trailers),
-        )));
-        return Some(record);
+        let response = Response::from_parts(parts, ResponseBody::full(whole, trailers));
+        return Finish::Store {
+            record,
+            then: Deliver::Whole { head_tx, response },
+        };
     }
 
     let status = parts.status;
@@ -181,7 +217,7 @@ where
             Some(Err(error)) => {
                 // The response is broken: release the key so that a retry executes again.
                 forward(&mut client, Chunk::Error(error)).await;
-                return None;
+                return Finish::Release;
             }
         };
         if let Some(data) = frame.data_ref() {
@@ -191,8 +227,10 @@ where
         }
         forward(&mut client, Chunk::Frame(frame)).await;
     }
-    forward(&mut client, Chunk::End).await;
-    Some(capture.into_record(fingerprint, status, &headers, trailers.as_ref()))
+    Finish::Store {
+        record: capture.into_record(fingerprint, status, &headers, trailers.as_ref()),
+        then: Deliver::End { client },
+    }
 }
 
 /// Polls the body once: its next frame if ready, without waiting.
