@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # HTTP load test: what the layer costs a real server, beside the bare handler in the same run.
 #
-# Runs examples/bench_server.rs (release) bare and layered, alternately (bare, memory, redis,
-# cached, bare, memory, … for ROUNDS rounds), drives each with Debian's `wrk` through the Lua
-# scripts in scripts/wrk/, and prints per scenario and mode: requests/s, p50/p99 latency,
+# Starts examples/bench_server.rs (release) bare and layered (one server per mode), then for
+# each round and scenario drives them one after the other (bare, memory, redis, cached, then
+# the reverse order in the next round) with Debian's `wrk` through the Lua scripts in
+# scripts/wrk/, and prints per scenario and mode: requests/s, p50/p99 latency,
 # and server CPU per request (the CPU time /proc gives for the server process around the wrk
 # run, divided by the requests wrk reports), with the ratio to bare (per round, then the
 # median), and for Redis modes redis-server's CPU per request too.
@@ -151,39 +152,35 @@ cpu_ns() {
     echo $(((${12} + ${13}) * 1000000000 / clk_tck))
 }
 
-server_pid=
-server_port=
+# Every server runs from the start to the end, idle but for its own wrk runs: each run of a
+# layered server sits right next to a run of the bare one.
+declare -A server_pid server_port
 start_server() {
-    local mode=$1 attempt
+    local mode=$1 attempt port pid log=$work/server-$1.log
     for attempt in 1 2 3; do
-        server_port=$(free_port)
-        MODE=$mode PORT=$server_port REDIS_URL=$redis_url "${server_cpu[@]}" "$server_bin" \
-            >"$work/server.log" 2>&1 &
-        server_pid=$!
-        pids+=("$server_pid")
+        port=$(free_port)
+        MODE=$mode PORT=$port REDIS_URL=$redis_url "${server_cpu[@]}" "$server_bin" >"$log" 2>&1 &
+        pid=$!
+        pids+=("$pid")
         for _ in $(seq 100); do
-            if grep -q listening "$work/server.log" 2>/dev/null; then
+            if grep -q listening "$log" 2>/dev/null; then
+                server_pid[$mode]=$pid
+                server_port[$mode]=$port
                 return
             fi
-            kill -0 "$server_pid" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 0.05
         done
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        echo "note: the $mode server did not start (attempt $attempt): $(cat "$work/server.log")" >&2
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        echo "note: the $mode server did not start (attempt $attempt): $(cat "$log")" >&2
     done
     die "the $mode server did not start"
 }
 
-stop_server() {
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=
-}
-
 # Before measuring: the server answers, and replays if and only if it is layered.
 check_server() {
-    local mode=$1 url="http://127.0.0.1:$server_port" key="check-$RANDOM-$$" headers
+    local mode=$1 url="http://127.0.0.1:${server_port[$1]}" key="check-$RANDOM-$$" headers
     curl -sf -o /dev/null "$url/v1/charges/ch_1" || die "$mode: GET failed"
     for _ in 1 2; do
         headers=$(curl -sf -D - -o /dev/null "$url/v1/charges" -H "Idempotency-Key: $key" \
@@ -205,12 +202,12 @@ results=$work/results.tsv
 # redis_cpu_us_per_req" to the results.
 measure() {
     local round=$1 mode=$2 scenario=$3 log=$work/wrk.log before after rbefore=0 rafter=0 line
-    before=$(cpu_ns "$server_pid")
+    before=$(cpu_ns "${server_pid[$mode]}")
     if [ -n "$redis_pid" ]; then rbefore=$(cpu_ns "$redis_pid"); fi
     "${client_cpu[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 5s \
-        -s "scripts/wrk/$scenario.lua" "http://127.0.0.1:$server_port" \
+        -s "scripts/wrk/$scenario.lua" "http://127.0.0.1:${server_port[$mode]}" \
         -- "r$round-$mode-$$-$RANDOM" >"$log" 2>&1 || die "wrk failed ($mode $scenario): $(cat "$log")"
-    after=$(cpu_ns "$server_pid")
+    after=$(cpu_ns "${server_pid[$mode]}")
     if [ -n "$redis_pid" ]; then rafter=$(cpu_ns "$redis_pid"); fi
     line=$(grep '^RESULT' "$log") || die "no result from wrk ($mode $scenario): $(cat "$log")"
     local requests errors non2xx rps p50 p99
@@ -234,16 +231,21 @@ measure() {
 
 echo "machine: $cpus CPUs; $pinning; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "runs: $DURATION each, $CONNECTIONS connections, $THREADS wrk thread(s), $ROUNDS rounds of: bare $MODES"
+for mode in bare $MODES; do
+    start_server "$mode"
+    check_server "$mode"
+done
+order="bare $MODES"
 for round in $(seq "$ROUNDS"); do
     echo "round $round"
-    for mode in bare $MODES; do
-        start_server "$mode"
-        check_server "$mode"
-        for scenario in $SCENARIOS; do
+    for scenario in $SCENARIOS; do
+        for mode in $order; do
             measure "$round" "$mode" "$scenario"
         done
-        stop_server
     done
+    # Alternate the order (A B C, C B A, …) so that a drift in the machine's speed during a
+    # round does not always favour the same mode.
+    order=$(tr ' ' '\n' <<<"$order" | tac | tr '\n' ' ')
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
