@@ -1,24 +1,35 @@
-//! Running the handler for a claimed key: in a task of its own, so that a client that
-//! disconnects stops only the forwarding of the response, never the handler or the capture.
+//! Running the handler for a claimed key, capturing its response, and completing or releasing
+//! the claim.
 //!
-//! The task calls the inner service, sends the response head to the client, captures the
-//! body up to the limit while forwarding it, and then completes or releases the claim. The
-//! client's response ends only once its record is stored, so a client that has the whole
-//! response and retries at once is replayed, never told the key is still in flight. A
-//! panic anywhere in it drops the [`Lease`], which releases the claim; the client sees a 500
-//! problem (before the head) or a body error (after it).
+//! The handler runs inline, in the request's own future: no task, no channel for the common
+//! response whose body is ready at once. Three things keep that safe:
+//!
+//! - **Disconnects**: the response future hands its unfinished work to a task when it is
+//!   dropped ([`ResponseFuture`](crate::ResponseFuture)), so a client that goes away stops
+//!   nothing: the handler finishes and its record is stored.
+//! - **Panics** in the handler are caught here: the claim is released and the client gets a
+//!   500 problem.
+//! - **Streaming**: a body that is not ready whole is pumped by a task of its own, which
+//!   forwards it to the client while capturing it; a client that goes away stops only the
+//!   forwarding.
+//!
+//! A response ends only once its record is stored, so a client that has the whole response
+//! and retries at once is replayed, never told the key is still in flight.
 
 use std::{
-    pin::{Pin, pin},
-    sync::Arc,
-    task::Poll,
+    any::Any,
+    future::Future,
+    panic::{AssertUnwindSafe, catch_unwind},
+    pin::Pin,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode, response};
 use http_body::{Body, Frame};
-use tokio::sync::{mpsc, oneshot};
+use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -33,53 +44,89 @@ use crate::{
     store::IdempotencyStore,
 };
 
-/// Frames buffered between the handler's task and a slow client.
+/// Frames buffered between the task pumping a streamed body and a slow client.
 const FRAMES_IN_FLIGHT: usize = 8;
 /// At most this many frames are taken at once before the response is streamed.
 const READY_FRAMES: usize = 64;
 
-type Head<B, E> = Result<Response<ResponseBody<B>>, E>;
-
-/// Runs `inner` for a request whose key `lease` holds, and returns the response head as
-/// soon as there is one.
+/// Runs `inner` for a request whose key `lease` holds; stores or releases the key.
 pub(crate) async fn execute<S, St, ReqB, ResB>(
     inner: S,
     request: Request<RequestBody<ReqB>>,
     lease: Lease<St>,
     fingerprint: Fingerprint,
     ttl: Duration,
-    config: Arc<Config>,
+    config: &Config,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     St: IdempotencyStore,
-    ReqB: Send + 'static,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let (head_tx, head_rx) = oneshot::channel();
-    let task_config = Arc::clone(&config);
-    let task = async move {
-        let finish = lease
-            .keep_alive(run(inner, request, fingerprint, &task_config, head_tx))
-            .await;
-        match finish {
-            Finish::Store { record, then } => {
-                lease.complete(record, ttl).await;
-                then.deliver().await;
-            }
-            Finish::Release => lease.release().await,
+    let limit = config.response_body_limit;
+    let ran = lease
+        .keep_alive(CatchUnwind::new(run(inner, request, config)))
+        .await;
+    match ran {
+        Ok(Ran::Failed(error)) => {
+            lease.release().await;
+            Err(error)
         }
-    };
-    tokio::spawn(task.in_current_span());
-    match head_rx.await {
-        Ok(head) => head,
-        // The task ended without a head: the handler panicked, and the lease's drop has
-        // released the key.
-        Err(_) => {
+        Ok(Ran::NotStored(response)) => {
+            tracing::debug!(status = %response.status(), "response not stored; key released");
+            lease.release().await;
+            Ok(response)
+        }
+        Ok(Ran::Broken(response)) => {
+            lease.release().await;
+            Ok(response)
+        }
+        Ok(Ran::Whole {
+            head,
+            body,
+            trailers,
+        }) => {
+            let record = if body.len() <= limit {
+                Record::response(
+                    fingerprint,
+                    head.status,
+                    &head.headers,
+                    body.clone(),
+                    trailers.as_ref(),
+                )
+            } else {
+                Record::not_replayable(fingerprint, head.status)
+            };
+            lease.complete(record, ttl).await;
+            Ok(Response::from_parts(
+                head,
+                ResponseBody::full(body, trailers),
+            ))
+        }
+        Ok(Ran::Streaming { head, pump }) => {
+            let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
+            let status = head.status;
+            let headers = head.headers.clone();
+            let pump = async move {
+                let capture = lease.keep_alive(pump.run(tx, limit)).await;
+                match capture {
+                    Some((capture, trailers, client)) => {
+                        let record =
+                            capture.into_record(fingerprint, status, &headers, trailers.as_ref());
+                        lease.complete(record, ttl).await;
+                        Deliver(client).end().await;
+                    }
+                    None => lease.release().await,
+                }
+            };
+            tokio::spawn(pump.in_current_span());
+            Ok(Response::from_parts(head, ResponseBody::channel(rx)))
+        }
+        Err(_panic) => {
+            // The panic message went to the panic hook already.
             tracing::error!("the handler of an idempotent request panicked; key released");
+            lease.release().await;
             Ok(config
                 .render(&Problem::handler_failed())
                 .map(|body| ResponseBody::full(body, None)))
@@ -87,46 +134,34 @@ where
     }
 }
 
-/// How the handler's run ends.
-enum Finish<B, E> {
-    /// Store the record, then finish the client's response: a client that has the whole
-    /// response and retries at once finds the record, not the claim.
-    Store { record: Record, then: Deliver<B, E> },
-    /// Release the key (an error, or a response not to be stored).
-    Release,
-}
-
-/// The part of the response held back until its record is stored.
-enum Deliver<B, E> {
-    /// A response that was ready whole: all of it.
+/// How the handler's run went, as far as it could be taken without waiting for the body.
+enum Ran<B, E> {
+    /// The inner service returned an error: it passes through, the key is released.
+    Failed(E),
+    /// A response the store-when predicate refuses: delivered untouched, the key released.
+    NotStored(Response<ResponseBody<B>>),
+    /// A body that failed at once: the client gets what it produced and the error; the key is
+    /// released.
+    Broken(Response<ResponseBody<B>>),
+    /// The whole body was ready.
     Whole {
-        head_tx: oneshot::Sender<Head<B, E>>,
-        response: Response<ResponseBody<B>>,
+        head: response::Parts,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
     },
-    /// A streamed response: its end.
-    End { client: Option<mpsc::Sender<Chunk>> },
+    /// The body is still being produced.
+    Streaming {
+        head: response::Parts,
+        pump: Pump<B>,
+    },
 }
 
-impl<B, E> Deliver<B, E> {
-    async fn deliver(self) {
-        match self {
-            Self::Whole { head_tx, response } => {
-                let _ = head_tx.send(Ok(response));
-            }
-            Self::End { mut client } => forward(&mut client, Chunk::End).await,
-        }
-    }
-}
-
-/// Calls the handler, hands the head to the client and captures the body. Returns the record
-/// to store and what of the response awaits it, or that the key is to be released.
+/// Calls the handler and takes what its body has ready now.
 async fn run<S, ReqB, ResB>(
     mut inner: S,
     request: Request<RequestBody<ReqB>>,
-    fingerprint: Fingerprint,
     config: &Config,
-    head_tx: oneshot::Sender<Head<ResB, S::Error>>,
-) -> Finish<ResB, S::Error>
+) -> Ran<ResB, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     ResB: Body<Data = Bytes>,
@@ -134,122 +169,117 @@ where
 {
     let response = match inner.call(request).await {
         Ok(response) => response,
-        Err(error) => {
-            let _ = head_tx.send(Err(error));
-            return Finish::Release;
-        }
+        Err(error) => return Ran::Failed(error),
     };
-    let (parts, body) = response.into_parts();
-    if !(config.store_when)(&parts) {
-        tracing::debug!(status = %parts.status, "response not stored; key released");
-        let _ = head_tx.send(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
-        return Finish::Release;
+    let (head, body) = response.into_parts();
+    if !(config.store_when)(&head) {
+        return Ran::NotStored(Response::from_parts(head, ResponseBody::inner(body)));
     }
+    // Pinned in a box so that a body still being produced can move to the pump's task.
+    let mut body = Box::pin(body);
     let limit = config.response_body_limit;
-    let mut body = pin!(body);
-
-    // Take what the body has ready now. A body that is ready whole (the common case: a
-    // buffered JSON response) goes out in one piece, with no channel and no copy.
-    let mut ready = Vec::new();
-    let mut ready_len = 0;
+    let mut ready = Chunks::default();
     let mut trailers = None;
-    let streaming = loop {
-        if ready_len > limit || ready.len() >= READY_FRAMES {
-            break true;
+    loop {
+        if ready.len > limit || ready.count() >= READY_FRAMES {
+            break;
         }
-        match poll_frame_now(body.as_mut()).await {
-            Poll::Pending => break true,
-            Poll::Ready(None) => break false,
+        let polled = std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await;
+        match polled {
+            Poll::Pending => break,
+            Poll::Ready(None) => {
+                return Ran::Whole {
+                    head,
+                    body: ready.concat(),
+                    trailers,
+                };
+            }
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => {
-                    ready_len += data.len();
-                    ready.push(data);
-                }
+                Ok(data) => ready.push(data),
                 Err(frame) => trailers = frame.into_trailers().ok(),
             },
             Poll::Ready(Some(Err(error))) => {
-                // The client gets what the body produced, then its error; the key is released.
-                let (tx, rx) = mpsc::channel(ready.len() + 1);
-                for data in ready {
+                let chunks = ready.into_vec();
+                let (tx, rx) = mpsc::channel(chunks.len() + 1);
+                for data in chunks {
                     let _ = tx.try_send(Chunk::Frame(Frame::data(data)));
                 }
-                let _ = tx.try_send(Chunk::Error(error));
-                let _ = head_tx.send(Ok(Response::from_parts(parts, ResponseBody::channel(rx))));
-                return Finish::Release;
+                let _ = tx.try_send(Chunk::Error(error.into()));
+                return Ran::Broken(Response::from_parts(head, ResponseBody::channel(rx)));
             }
         }
-    };
-
-    if !streaming {
-        let whole = concat(ready);
-        let record = if whole.len() <= limit {
-            Record::response(
-                fingerprint,
-                parts.status,
-                &parts.headers,
-                whole.clone(),
-                trailers.as_ref(),
-            )
-        } else {
-            Record::not_replayable(fingerprint, parts.status)
-        };
-        let response = Response::from_parts(parts, ResponseBody::full(whole, trailers));
-        return Finish::Store {
-            record,
-            then: Deliver::Whole { head_tx, response },
-        };
     }
-
-    let status = parts.status;
-    let headers = parts.headers.clone();
-    let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
-    let _ = head_tx.send(Ok(Response::from_parts(parts, ResponseBody::channel(rx))));
-    let mut client = Some(tx);
-    let mut capture = Capture::new(limit);
-    for data in ready {
-        capture.push(&data);
-        forward(&mut client, Chunk::Frame(Frame::data(data))).await;
-    }
-    loop {
-        let frame = match next_frame(body.as_mut()).await {
-            None => break,
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => {
-                // The response is broken: release the key so that a retry executes again.
-                forward(&mut client, Chunk::Error(error)).await;
-                return Finish::Release;
-            }
-        };
-        if let Some(data) = frame.data_ref() {
-            capture.push(data);
-        } else if let Some(frame_trailers) = frame.trailers_ref() {
-            trailers = Some(frame_trailers.clone());
-        }
-        forward(&mut client, Chunk::Frame(frame)).await;
-    }
-    Finish::Store {
-        record: capture.into_record(fingerprint, status, &headers, trailers.as_ref()),
-        then: Deliver::End { client },
+    Ran::Streaming {
+        head,
+        pump: Pump {
+            body,
+            ready,
+            trailers,
+        },
     }
 }
 
-/// Polls the body once: its next frame if ready, without waiting.
-async fn poll_frame_now<B>(body: Pin<&mut B>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+/// The rest of a body still being produced, and what was taken of it so far.
+struct Pump<B> {
+    body: Pin<Box<B>>,
+    ready: Chunks,
+    trailers: Option<HeaderMap>,
+}
+
+impl<B> Pump<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let mut body = body;
-    std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))).await
+    /// Forwards the body to the client while capturing it. Returns the capture, the trailers
+    /// and the client's end of the channel (to be ended once the record is stored), or `None`
+    /// if the body failed (the key is then released).
+    async fn run(
+        mut self,
+        tx: mpsc::Sender<Chunk>,
+        limit: usize,
+    ) -> Option<(Capture, Option<HeaderMap>, Option<mpsc::Sender<Chunk>>)> {
+        let mut client = Some(tx);
+        let mut capture = Capture::new(limit);
+        for data in self.ready.into_vec() {
+            capture.push(&data);
+            forward(&mut client, Chunk::Frame(Frame::data(data))).await;
+        }
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                self.body
+                    .as_mut()
+                    .poll_frame(cx)
+                    .map_err(Into::<BoxError>::into)
+            })
+            .await;
+            let frame = match next {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    // The response is broken: release the key so that a retry executes again.
+                    forward(&mut client, Chunk::Error(error)).await;
+                    return None;
+                }
+            };
+            if let Some(data) = frame.data_ref() {
+                capture.push(data);
+            } else if let Some(trailers) = frame.trailers_ref() {
+                self.trailers = Some(trailers.clone());
+            }
+            forward(&mut client, Chunk::Frame(frame)).await;
+        }
+        Some((capture, self.trailers, client))
+    }
 }
 
-/// Waits for the body's next frame.
-async fn next_frame<B>(mut body: Pin<&mut B>) -> Option<Result<Frame<Bytes>, BoxError>>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    std::future::poll_fn(|cx| body.as_mut().poll_frame(cx).map_err(Into::into)).await
+/// The end of a streamed response, held back until its record is stored.
+struct Deliver(Option<mpsc::Sender<Chunk>>);
+
+impl Deliver {
+    async fn end(mut self) {
+        forward(&mut self.0, Chunk::End).await;
+    }
 }
 
 /// Sends a chunk to the client while it is there; once it is gone, chunks are dropped and the
@@ -263,10 +293,55 @@ async fn forward(client: &mut Option<mpsc::Sender<Chunk>>, chunk: Chunk) {
     }
 }
 
+/// Data frames taken so far: the first one without a `Vec`.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.rest.push(data);
+        }
+    }
+
+    fn count(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn into_vec(self) -> Vec<Bytes> {
+        let mut all = Vec::with_capacity(self.count());
+        all.extend(self.first);
+        all.extend(self.rest);
+        all
+    }
+
+    /// Joins the chunks; a single chunk is handed on as it is, without a copy.
+    fn concat(self) -> Bytes {
+        match self.first {
+            None => Bytes::new(),
+            Some(first) if self.rest.is_empty() => first,
+            Some(first) => {
+                let mut joined = BytesMut::with_capacity(self.len);
+                joined.extend_from_slice(&first);
+                for chunk in &self.rest {
+                    joined.extend_from_slice(chunk);
+                }
+                joined.freeze()
+            }
+        }
+    }
+}
+
 /// The copy of a streamed body, kept while it stays within the limit.
 struct Capture {
-    chunks: Vec<Bytes>,
-    len: usize,
+    chunks: Chunks,
     limit: usize,
     over: bool,
 }
@@ -274,8 +349,7 @@ struct Capture {
 impl Capture {
     fn new(limit: usize) -> Self {
         Self {
-            chunks: Vec::new(),
-            len: 0,
+            chunks: Chunks::default(),
             limit,
             over: false,
         }
@@ -285,10 +359,9 @@ impl Capture {
         if self.over {
             return;
         }
-        self.len += data.len();
-        if self.len > self.limit {
+        if self.chunks.len + data.len() > self.limit {
             self.over = true;
-            self.chunks = Vec::new();
+            self.chunks = Chunks::default();
         } else {
             self.chunks.push(data.clone());
         }
@@ -304,21 +377,35 @@ impl Capture {
         if self.over {
             return Record::not_replayable(fingerprint, status);
         }
-        Record::response(fingerprint, status, headers, concat(self.chunks), trailers)
+        Record::response(fingerprint, status, headers, self.chunks.concat(), trailers)
     }
 }
 
-/// Joins chunks; one chunk is handed on as it is.
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut joined = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-            for chunk in chunks {
-                joined.extend_from_slice(&chunk);
-            }
-            joined.freeze()
+pin_project! {
+    /// Catches a panic while polling the handler, so that it costs the request a 500 problem
+    /// and a released key rather than the whole connection.
+    struct CatchUnwind<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F> CatchUnwind<F> {
+    fn new(future: F) -> Self {
+        Self { future }
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = self.project().future;
+        // After a panic the future is dropped unpolled, which is all unwind safety asks.
+        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }
@@ -333,7 +420,7 @@ mod tests {
         let mut capture = Capture::new(4);
         capture.push(&Bytes::from_static(b"abc"));
         capture.push(&Bytes::from_static(b"de"));
-        assert!(capture.chunks.is_empty());
+        assert_eq!(capture.chunks.count(), 0);
         let record = capture.into_record(fingerprint, StatusCode::OK, &HeaderMap::new(), None);
         assert!(!record.is_replayable());
     }
@@ -349,14 +436,32 @@ mod tests {
     }
 
     #[test]
-    fn concat_keeps_a_single_chunk_without_copying() {
+    fn a_single_chunk_is_kept_without_copying() {
         let chunk = Bytes::from(vec![1, 2, 3]);
         let pointer = chunk.as_ptr();
-        assert_eq!(concat(vec![chunk]).as_ptr(), pointer);
-        assert_eq!(concat(vec![]), Bytes::new());
-        assert_eq!(
-            concat(vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]),
-            Bytes::from_static(b"ab")
-        );
+        let mut one = Chunks::default();
+        one.push(chunk);
+        assert_eq!(one.concat().as_ptr(), pointer);
+        assert_eq!(Chunks::default().concat(), Bytes::new());
+        let mut two = Chunks::default();
+        two.push(Bytes::from_static(b"a"));
+        two.push(Bytes::from_static(b"b"));
+        assert_eq!(two.count(), 2);
+        assert_eq!(two.concat(), Bytes::from_static(b"ab"));
+    }
+
+    #[test]
+    fn a_panic_while_polling_is_caught() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut panicking = Box::pin(CatchUnwind::new(async {
+            panic!("expected in this test");
+        }));
+        assert!(matches!(
+            panicking.as_mut().poll(&mut cx),
+            Poll::Ready(Err(_))
+        ));
+        let mut fine = Box::pin(CatchUnwind::new(async { 7 }));
+        assert!(matches!(fine.as_mut().poll(&mut cx), Poll::Ready(Ok(7))));
     }
 }

@@ -20,6 +20,11 @@ pin_project! {
     /// Requests the layer lets through poll the inner future in place (no allocation); a
     /// response the layer knows at once is ready in place; a protected request runs as one
     /// boxed future.
+    ///
+    /// Dropping this future (the client went away) does not cancel a protected request: its
+    /// unfinished work moves to a task of its own and runs to the end, so a handler that
+    /// started finishes and its response is stored for the retry, and a claim on its way to
+    /// the store is never left behind.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -31,7 +36,7 @@ pin_project! {
     enum Kind<F, B, E> {
         PassThrough { #[pin] future: F },
         Ready { response: Option<Response<ResponseBody<B>>> },
-        Protected { future: Protected<B, E> },
+        Protected { future: FinishOnDrop<B, E> },
     }
 }
 
@@ -50,9 +55,18 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn protected(future: Protected<B, E>) -> Self {
+    pub(crate) fn protected(future: Protected<B, E>) -> Self
+    where
+        B: 'static,
+        E: 'static,
+    {
         Self {
-            kind: Kind::Protected { future },
+            kind: Kind::Protected {
+                future: FinishOnDrop {
+                    future: Some(future),
+                    finish: finish_in_task::<B, E>,
+                },
+            },
         }
     }
 }
@@ -72,8 +86,45 @@ where
             KindProj::Ready { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            KindProj::Protected { future } => future.as_mut().poll(cx),
+            KindProj::Protected { future } => future.poll(cx),
         }
+    }
+}
+
+/// A protected request's future, finished in a task of its own if dropped before the end.
+struct FinishOnDrop<B, E> {
+    future: Option<Protected<B, E>>,
+    // Made where `B` and `E` are known to be `'static`, which a `Drop` impl cannot require.
+    finish: fn(Protected<B, E>),
+}
+
+impl<B, E> FinishOnDrop<B, E> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
+        let future = self
+            .future
+            .as_mut()
+            .expect("ResponseFuture polled after completion");
+        let output = ready!(future.as_mut().poll(cx));
+        self.future = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<B, E> Drop for FinishOnDrop<B, E> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            (self.finish)(future);
+        }
+    }
+}
+
+fn finish_in_task<B: 'static, E: 'static>(future: Protected<B, E>) {
+    // Without a runtime (it is shutting down) the work is dropped; a claim it held frees
+    // itself when its lease ends.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _ = future.await;
+        });
     }
 }
 

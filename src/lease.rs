@@ -1,91 +1,21 @@
-//! The in-flight claim as a value: acquired without leaks on cancellation, renewed while its
-//! handler runs, and completed, released, or (on drop) released in the background.
+//! The in-flight claim as a value: renewed while its handler runs, and completed, released,
+//! or (on drop) released in the background.
 //!
 //! This is the shape of tower's concurrency permit: every path that does not complete the
 //! claim gives it back, so a key is never left blocked for a lease after an error, a panic
 //! or a dropped connection.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{future::Future, pin::Pin, task::Poll, time::Duration};
 
 use tokio::time::Instant;
 
 use crate::{
-    error::{StoreError, StoreErrorKind},
-    fingerprint::Fingerprint,
+    error::StoreErrorKind,
     key::StorageKey,
     observe,
     record::Record,
-    store::{Claim, FenceToken, IdempotencyStore},
+    store::{FenceToken, IdempotencyStore},
 };
-
-/// Claims `key`. If this future is dropped while the store is still answering (the client
-/// went away), the claim is finished in the background and released if it was acquired, so
-/// an abandoned request never holds a key for its whole lease.
-pub(crate) async fn claim<St: IdempotencyStore>(
-    store: &St,
-    key: StorageKey,
-    fingerprint: Fingerprint,
-    lease: Duration,
-) -> Result<Claim, StoreError> {
-    let owned = store.clone();
-    PendingClaim {
-        future: Some(Box::pin(async move {
-            observe::store_op("claim", owned.claim(&key, &fingerprint, lease)).await
-        })),
-        store: store.clone(),
-        key,
-    }
-    .await
-}
-
-type ClaimFuture = Pin<Box<dyn Future<Output = Result<Claim, StoreError>> + Send>>;
-
-struct PendingClaim<St: IdempotencyStore> {
-    future: Option<ClaimFuture>,
-    store: St,
-    key: StorageKey,
-}
-
-// The store is never pinned: only the boxed future is polled.
-impl<St: IdempotencyStore> Unpin for PendingClaim<St> {}
-
-impl<St: IdempotencyStore> Future for PendingClaim<St> {
-    type Output = Result<Claim, StoreError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let Some(future) = this.future.as_mut() else {
-            return Poll::Pending;
-        };
-        let result = std::task::ready!(future.as_mut().poll(cx));
-        this.future = None;
-        Poll::Ready(result)
-    }
-}
-
-impl<St: IdempotencyStore> Drop for PendingClaim<St> {
-    fn drop(&mut self) {
-        let Some(future) = self.future.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.store.clone();
-        let key = self.key;
-        runtime.spawn(async move {
-            if let Ok(Claim::Acquired(token)) = future.await {
-                tracing::debug!(?key, "releasing a claim its request abandoned");
-                let _ = store.release(&key, token).await;
-            }
-        });
-    }
-}
 
 /// A claim held by this process.
 pub(crate) struct Lease<St: IdempotencyStore> {

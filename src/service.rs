@@ -29,7 +29,7 @@ use crate::{
     fingerprint::Fingerprint,
     future::ResponseFuture,
     key::{IdempotencyKey, KeyRef, StorageKey},
-    lease::{self, Lease},
+    lease::Lease,
     observe::{self, Outcome},
     problem::Problem,
     record::Record,
@@ -194,7 +194,8 @@ where
     };
     let mut waited = false;
     loop {
-        let claim = lease::claim(&store, storage_key, fingerprint, config.lease).await;
+        let claim = store.claim(&storage_key, &fingerprint, config.lease);
+        let claim = observe::store_op("claim", claim).await;
         match claim {
             Ok(Claim::Acquired(token)) => {
                 observe::outcome(Outcome::Executed);
@@ -203,7 +204,7 @@ where
                 if let Some(key) = key {
                     request.extensions_mut().insert(key);
                 }
-                return execute(inner, request, lease, fingerprint, ttl, config).await;
+                return execute(inner, request, lease, fingerprint, ttl, &config).await;
             }
             Ok(Claim::Completed { record, .. }) => {
                 return Ok(replay(&config, record, &fingerprint, waited));
