@@ -7,7 +7,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -94,6 +94,52 @@ impl<B> fmt::Debug for RequestBody<B> {
                 .debug_struct("RequestBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
                 .finish(),
+        }
+    }
+}
+
+/// Data frames taken so far: the first one without a `Vec`.
+#[derive(Default)]
+pub(crate) struct Chunks {
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
+    pub(crate) len: usize,
+}
+
+impl Chunks {
+    pub(crate) fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.rest.push(data);
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<Bytes> {
+        let mut all = Vec::with_capacity(self.count());
+        all.extend(self.first);
+        all.extend(self.rest);
+        all
+    }
+
+    /// Joins the chunks; a single chunk is handed on as it is, without a copy.
+    pub(crate) fn concat(self) -> Bytes {
+        match self.first {
+            None => Bytes::new(),
+            Some(first) if self.rest.is_empty() => first,
+            Some(first) => {
+                let mut joined = BytesMut::with_capacity(self.len);
+                joined.extend_from_slice(&first);
+                for chunk in &self.rest {
+                    joined.extend_from_slice(chunk);
+                }
+                joined.freeze()
+            }
         }
     }
 }
@@ -238,6 +284,21 @@ mod tests {
     use http_body_util::{BodyExt, Empty, Full};
 
     type Plain = Empty<Bytes>;
+
+    #[test]
+    fn a_single_chunk_is_kept_without_copying() {
+        let chunk = Bytes::from(vec![1, 2, 3]);
+        let pointer = chunk.as_ptr();
+        let mut one = Chunks::default();
+        one.push(chunk);
+        assert_eq!(one.concat().as_ptr(), pointer);
+        assert_eq!(Chunks::default().concat(), Bytes::new());
+        let mut two = Chunks::default();
+        two.push(Bytes::from_static(b"a"));
+        two.push(Bytes::from_static(b"b"));
+        assert_eq!(two.count(), 2);
+        assert_eq!(two.concat(), Bytes::from_static(b"ab"));
+    }
 
     #[tokio::test]
     async fn a_full_body_yields_its_data_then_its_trailers() {

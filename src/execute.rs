@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, response};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
@@ -34,7 +34,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    body::{Chunk, RequestBody, ResponseBody},
+    body::{Chunk, Chunks, RequestBody, ResponseBody},
     config::Config,
     error::BoxError,
     fingerprint::Fingerprint,
@@ -293,52 +293,6 @@ async fn forward(client: &mut Option<mpsc::Sender<Chunk>>, chunk: Chunk) {
     }
 }
 
-/// Data frames taken so far: the first one without a `Vec`.
-#[derive(Default)]
-struct Chunks {
-    first: Option<Bytes>,
-    rest: Vec<Bytes>,
-    len: usize,
-}
-
-impl Chunks {
-    fn push(&mut self, data: Bytes) {
-        self.len += data.len();
-        if self.first.is_none() {
-            self.first = Some(data);
-        } else {
-            self.rest.push(data);
-        }
-    }
-
-    fn count(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.len()
-    }
-
-    fn into_vec(self) -> Vec<Bytes> {
-        let mut all = Vec::with_capacity(self.count());
-        all.extend(self.first);
-        all.extend(self.rest);
-        all
-    }
-
-    /// Joins the chunks; a single chunk is handed on as it is, without a copy.
-    fn concat(self) -> Bytes {
-        match self.first {
-            None => Bytes::new(),
-            Some(first) if self.rest.is_empty() => first,
-            Some(first) => {
-                let mut joined = BytesMut::with_capacity(self.len);
-                joined.extend_from_slice(&first);
-                for chunk in &self.rest {
-                    joined.extend_from_slice(chunk);
-                }
-                joined.freeze()
-            }
-        }
-    }
-}
-
 /// The copy of a streamed body, kept while it stays within the limit.
 struct Capture {
     chunks: Chunks,
@@ -433,21 +387,6 @@ mod tests {
         capture.push(&Bytes::from_static(b"de"));
         let record = capture.into_record(fingerprint, StatusCode::OK, &HeaderMap::new(), None);
         assert_eq!(record.body().map(|b| &b[..]), Some(&b"abcde"[..]));
-    }
-
-    #[test]
-    fn a_single_chunk_is_kept_without_copying() {
-        let chunk = Bytes::from(vec![1, 2, 3]);
-        let pointer = chunk.as_ptr();
-        let mut one = Chunks::default();
-        one.push(chunk);
-        assert_eq!(one.concat().as_ptr(), pointer);
-        assert_eq!(Chunks::default().concat(), Bytes::new());
-        let mut two = Chunks::default();
-        two.push(Bytes::from_static(b"a"));
-        two.push(Bytes::from_static(b"b"));
-        assert_eq!(two.count(), 2);
-        assert_eq!(two.concat(), Bytes::from_static(b"ab"));
     }
 
     #[test]

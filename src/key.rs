@@ -6,10 +6,9 @@
 use std::{fmt, sync::Arc};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Method, header, request::Parts};
-use sha2::{Digest, Sha256};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header, request::Parts};
 
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{FieldHasher, Fingerprint};
 
 /// The longest key accepted, in bytes (the IETF draft and Stripe both cap keys at 255).
 pub const MAX_KEY_LEN: usize = 255;
@@ -18,8 +17,15 @@ pub const MAX_KEY_LEN: usize = 255;
 /// Field string).
 ///
 /// Keys are never stored in clear: the store only sees a [`StorageKey`] digest.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(Box<str>);
+#[derive(Clone)]
+pub struct IdempotencyKey(KeyRepr);
+
+#[derive(Clone)]
+enum KeyRepr {
+    /// A bare header value, shared with the request rather than copied.
+    Header(HeaderValue),
+    Owned(Box<str>),
+}
 
 impl IdempotencyKey {
     /// Parses a header value.
@@ -46,13 +52,7 @@ impl IdempotencyKey {
 
     /// Validates a key taken as it is, from a header or another source.
     fn parse_bare(value: &[u8]) -> Result<Self, KeyError> {
-        check_len(value.len())?;
-        if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
-            return Err(KeyError::InvalidCharacter);
-        }
-        // Every byte is ASCII, checked just above.
-        let text = std::str::from_utf8(value).map_err(|_| KeyError::InvalidCharacter)?;
-        Ok(Self(text.into()))
+        Ok(Self(KeyRepr::Owned(check_bare(value)?.into())))
     }
 
     fn parse_quoted(value: &[u8]) -> Result<Self, KeyError> {
@@ -63,7 +63,7 @@ impl IdempotencyKey {
             return Err(KeyError::MalformedQuoted);
         };
         check_len(text.as_str().len())?;
-        Ok(Self(text.as_str().into()))
+        Ok(Self(KeyRepr::Owned(text.as_str().into())))
     }
 
     /// Reads the key from `headers[name]`: `Ok(None)` when absent, an error when invalid or
@@ -76,12 +76,43 @@ impl IdempotencyKey {
         if values.next().is_some() {
             return Err(KeyError::Repeated);
         }
-        Self::parse(value.as_bytes()).map(Some)
+        if value.as_bytes().first() == Some(&b'"') {
+            return Self::parse_quoted(value.as_bytes()).map(Some);
+        }
+        check_bare(value.as_bytes())?;
+        Ok(Some(Self(KeyRepr::Header(value.clone()))))
     }
 
     /// The key's text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // Checked to be visible ASCII when the key was made.
+            KeyRepr::Header(value) => value.to_str().unwrap_or_default(),
+            KeyRepr::Owned(text) => text,
+        }
+    }
+}
+
+/// A bare key's text: 1 to [`MAX_KEY_LEN`] bytes of visible ASCII.
+fn check_bare(value: &[u8]) -> Result<&str, KeyError> {
+    check_len(value.len())?;
+    if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(KeyError::InvalidCharacter);
+    }
+    std::str::from_utf8(value).map_err(|_| KeyError::InvalidCharacter)
+}
+
+impl PartialEq for IdempotencyKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for IdempotencyKey {}
+
+impl std::hash::Hash for IdempotencyKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
@@ -96,7 +127,7 @@ fn check_len(len: usize) -> Result<(), KeyError> {
 impl fmt::Debug for IdempotencyKey {
     // Keys act as bearer tokens for a stored response: never print them whole.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IdempotencyKey({} bytes)", self.0.len())
+        write!(f, "IdempotencyKey({} bytes)", self.as_str().len())
     }
 }
 
@@ -323,27 +354,8 @@ impl fmt::Debug for Scope {
     }
 }
 
-/// An unambiguous SHA-256 over tagged, length-prefixed fields.
-#[allow(missing_debug_implementations)]
-pub(crate) struct KeyHasher(Sha256);
-
-impl KeyHasher {
-    fn new(domain: &[u8]) -> Self {
-        let mut hasher = Self(Sha256::new());
-        hasher.field(b'd', domain);
-        hasher
-    }
-
-    pub(crate) fn field(&mut self, tag: u8, bytes: &[u8]) {
-        self.0.update([tag]);
-        self.0.update((bytes.len() as u64).to_be_bytes());
-        self.0.update(bytes);
-    }
-
-    fn finish(self) -> [u8; 32] {
-        self.0.finalize().into()
-    }
-}
+/// The hasher a storage key is derived with.
+pub(crate) type KeyHasher = FieldHasher;
 
 /// Which key a request carries.
 #[derive(Debug, Clone, Copy)]
@@ -357,12 +369,24 @@ pub(crate) enum KeyRef<'a> {
 /// The address of a record in a store: a SHA-256 digest of (scope, method, path, key), so the
 /// same key on another route or from another principal is another record, and neither keys
 /// nor credentials are ever stored in clear.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StorageKey([u8; 32]);
+
+impl std::hash::Hash for StorageKey {
+    // The digest is uniformly spread already: eight of its bytes are plenty for a hash table,
+    // and four times cheaper to feed to the table's keyed hasher than all 32. The hasher stays
+    // keyed, so keys ground to collide in a table cannot be chosen from outside.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut prefix = [0; 8];
+        prefix.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(prefix));
+    }
+}
 
 impl StorageKey {
     pub(crate) fn derive(scope: &Scope, method: &Method, parts: &Parts, key: KeyRef<'_>) -> Self {
-        let mut hasher = KeyHasher::new(b"tower-idempotency storage key v1");
+        let mut hasher = KeyHasher::new();
+        hasher.field(b'd', b"tower-idempotency storage key v1");
         let derived = matches!(key, KeyRef::Derived(_));
         scope.hash(parts, derived, &mut hasher);
         hasher.field(b'm', method.as_str().as_bytes());
@@ -449,11 +473,18 @@ mod tests {
             ("\"caf\u{e9}\"".as_bytes(), Err(KeyError::MalformedQuoted)),
         ];
         for (input, expected) in cases {
-            let got = IdempotencyKey::parse(input);
-            match (expected, got) {
+            let check = |got: Result<IdempotencyKey, KeyError>| match (expected, got) {
                 (Ok(text), Ok(key)) => assert_eq!(key.as_str(), *text, "input {input:?}"),
                 (Err(want), Err(err)) => assert_eq!(*want, err, "input {input:?}"),
                 (want, got) => panic!("input {input:?}: want {want:?}, got {got:?}"),
+            };
+            check(IdempotencyKey::parse(input));
+            // The same rules when the key comes from a request's headers.
+            if let Ok(value) = HeaderValue::from_bytes(input) {
+                let mut headers = HeaderMap::new();
+                headers.insert(&IDEMPOTENCY_KEY, value);
+                let from_headers = IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY);
+                check(from_headers.map(|key| key.expect("the header is there")));
             }
         }
     }
@@ -467,8 +498,9 @@ mod tests {
         );
         headers.append(&IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
         assert_eq!(
-            IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY).map(|k| k.map(|k| k.0)),
-            Ok(Some("a".into()))
+            IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY)
+                .map(|k| k.map(|k| k.as_str().to_owned())),
+            Ok(Some("a".to_owned()))
         );
         headers.append(&IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
         assert_eq!(
@@ -622,6 +654,21 @@ mod tests {
         assert_ne!(k, storage_key(&scope, &method, "k1"));
         assert_ne!(k, storage_key(&scope, &principal, "k1"));
         assert_ne!(k, storage_key(&scope, &anonymous, "k1"));
+    }
+
+    #[test]
+    fn storage_keys_are_stable_across_versions() {
+        // Stores are addressed by these digests: a change to how they are computed would
+        // orphan every stored record (and let every retry after an upgrade execute again).
+        let head = parts(
+            Method::POST,
+            "/charges",
+            &[("authorization", "Bearer alice")],
+        );
+        assert_eq!(
+            storage_key(&Scope::Credentials, &head, "k1").to_hex(),
+            "1ff42507437fb8f75ea7b329e75da3deeff644911e4f06e49b1fac19f6412f81"
+        );
     }
 
     #[test]

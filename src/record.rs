@@ -4,7 +4,7 @@
 //! ours, and must keep what generic formats lose or bloat: header order, repeated names and
 //! non-UTF-8 value bytes, without base64.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -23,16 +23,20 @@ const KIND_NOT_REPLAYABLE: u8 = 1;
 /// it and either the full response (status, headers in order with repeats, body, trailers) or
 /// the mark that the response was too large to keep.
 ///
-/// Records never change once written, so caches may hold them freely.
+/// Records never change once written, so caches may hold them freely: a clone shares the
+/// same record (a reference count), it copies nothing.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Record {
+pub struct Record(Arc<Inner>);
+
+#[derive(PartialEq, Eq)]
+struct Inner {
     fingerprint: Fingerprint,
     outcome: Outcome,
 }
 
-// Nearly every record is a response: boxing it would add an allocation to every replay.
+// Nearly every record is a response: boxing it would add an allocation to every record.
 #[allow(clippy::large_enum_variant)]
-#[derive(Clone, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 enum Outcome {
     Response {
         status: StatusCode,
@@ -55,7 +59,7 @@ impl Record {
         body: Bytes,
         trailers: Option<&HeaderMap>,
     ) -> Self {
-        Self {
+        Self(Arc::new(Inner {
             fingerprint,
             outcome: Outcome::Response {
                 status,
@@ -63,38 +67,38 @@ impl Record {
                 body,
                 trailers: trailers.map(end_to_end),
             },
-        }
+        }))
     }
 
     /// A request that completed with a response too large to keep: its key is spent, but
     /// retries cannot be given the response.
     pub fn not_replayable(fingerprint: Fingerprint, status: StatusCode) -> Self {
-        Self {
+        Self(Arc::new(Inner {
             fingerprint,
             outcome: Outcome::NotReplayable { status },
-        }
+        }))
     }
 
     /// The fingerprint of the request that produced this record.
     pub fn fingerprint(&self) -> &Fingerprint {
-        &self.fingerprint
+        &self.0.fingerprint
     }
 
     /// The status of the original response.
     pub fn status(&self) -> StatusCode {
-        match &self.outcome {
+        match &self.0.outcome {
             Outcome::Response { status, .. } | Outcome::NotReplayable { status } => *status,
         }
     }
 
     /// Whether the full response was kept and can be replayed.
     pub fn is_replayable(&self) -> bool {
-        matches!(self.outcome, Outcome::Response { .. })
+        matches!(self.0.outcome, Outcome::Response { .. })
     }
 
     /// The response headers, if replayable.
     pub fn headers(&self) -> Option<&HeaderMap> {
-        match &self.outcome {
+        match &self.0.outcome {
             Outcome::Response { headers, .. } => Some(headers),
             Outcome::NotReplayable { .. } => None,
         }
@@ -102,7 +106,7 @@ impl Record {
 
     /// The response body, if replayable.
     pub fn body(&self) -> Option<&Bytes> {
-        match &self.outcome {
+        match &self.0.outcome {
             Outcome::Response { body, .. } => Some(body),
             Outcome::NotReplayable { .. } => None,
         }
@@ -110,28 +114,34 @@ impl Record {
 
     /// The response trailers, if replayable and the response had any.
     pub fn trailers(&self) -> Option<&HeaderMap> {
-        match &self.outcome {
+        match &self.0.outcome {
             Outcome::Response { trailers, .. } => trailers.as_ref(),
             Outcome::NotReplayable { .. } => None,
         }
     }
 
-    /// Takes the response apart for a replay; `None` when not replayable.
-    pub(crate) fn into_response_parts(self) -> Option<ResponseParts> {
-        match self.outcome {
-            Outcome::Response {
-                status,
-                headers,
-                body,
-                trailers,
-            } => Some(ResponseParts {
-                status,
-                headers,
-                body,
-                trailers,
-            }),
-            Outcome::NotReplayable { .. } => None,
+    /// The parts of a replay; `None` when not replayable. The header map has room for
+    /// `extra` more headers, so adding them does not grow it.
+    pub(crate) fn replay_parts(&self, extra: usize) -> Option<ResponseParts> {
+        let Outcome::Response {
+            status,
+            headers,
+            body,
+            trailers,
+        } = &self.0.outcome
+        else {
+            return None;
+        };
+        let mut replayed = HeaderMap::with_capacity(headers.len() + extra);
+        for (name, value) in headers {
+            replayed.append(name, value.clone());
         }
+        Some(ResponseParts {
+            status: *status,
+            headers: replayed,
+            body: body.clone(),
+            trailers: trailers.clone(),
+        })
     }
 
     /// About how many bytes this record occupies in memory: what byte-bounded caches weigh.
@@ -144,7 +154,7 @@ impl Record {
                 .sum::<usize>()
         };
         OVERHEAD
-            + match &self.outcome {
+            + match &self.0.outcome {
                 Outcome::Response {
                     headers,
                     body,
@@ -172,7 +182,7 @@ impl Record {
         let mut out = Vec::with_capacity(self.weight());
         out.put_slice(MAGIC);
         out.put_u8(VERSION);
-        match &self.outcome {
+        match &self.0.outcome {
             Outcome::Response {
                 status,
                 headers,
@@ -180,7 +190,7 @@ impl Record {
                 trailers,
             } => {
                 out.put_u8(KIND_RESPONSE);
-                out.put_slice(self.fingerprint.as_bytes());
+                out.put_slice(self.0.fingerprint.as_bytes());
                 out.put_u16(status.as_u16());
                 put_headers(&mut out, headers);
                 put_bytes(&mut out, body);
@@ -194,7 +204,7 @@ impl Record {
             }
             Outcome::NotReplayable { status } => {
                 out.put_u8(KIND_NOT_REPLAYABLE);
-                out.put_slice(self.fingerprint.as_bytes());
+                out.put_slice(self.0.fingerprint.as_bytes());
                 out.put_u16(status.as_u16());
             }
         }
@@ -238,19 +248,19 @@ impl Record {
         if input.has_remaining() {
             return Err(RecordError::TrailingBytes);
         }
-        Ok(Self {
+        Ok(Self(Arc::new(Inner {
             fingerprint,
             outcome,
-        })
+        })))
     }
 }
 
 impl fmt::Debug for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = f.debug_struct("Record");
-        out.field("fingerprint", &self.fingerprint)
+        out.field("fingerprint", &self.0.fingerprint)
             .field("status", &self.status());
-        match &self.outcome {
+        match &self.0.outcome {
             Outcome::Response {
                 headers,
                 body,

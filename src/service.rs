@@ -10,6 +10,7 @@
 
 use std::{
     fmt,
+    pin::pin,
     sync::Arc,
     task::{Context, Poll},
 };
@@ -17,12 +18,11 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header, request::Parts};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::{
-    body::{RequestBody, ResponseBody},
+    body::{Chunks, RequestBody, ResponseBody},
     config::{Config, FailMode, IDEMPOTENT_REPLAYED, MissingKey, WaitMode},
     error::{BoxError, StoreError},
     execute::execute,
@@ -204,7 +204,9 @@ where
                 if let Some(key) = key {
                     request.extensions_mut().insert(key);
                 }
-                return execute(inner, request, lease, fingerprint, ttl, &config).await;
+                // Boxed: the handler's state is large, and replays need not carry it.
+                let execution = execute(inner, request, lease, fingerprint, ttl, &config);
+                return Box::pin(execution).await;
             }
             Ok(Claim::Completed { record, .. }) => {
                 return Ok(replay(&config, record, &fingerprint, waited));
@@ -246,11 +248,28 @@ where
     if declared.is_some_and(|len| len > limit as u64) || body.size_hint().lower() > limit as u64 {
         return Err(Problem::body_too_large(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<LengthLimitError>() => Err(Problem::body_too_large(limit)),
-        Err(_) => Err(Problem::unreadable_body()),
+    read_limited(body, limit).await
+}
+
+/// Reads a body whole, refusing it past `limit`.
+async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, Problem>
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = pin!(body);
+    let mut read = Chunks::default();
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let Ok(frame) = frame else {
+            return Err(Problem::unreadable_body());
+        };
+        if let Ok(data) = frame.into_data() {
+            if read.len + data.len() > limit {
+                return Err(Problem::body_too_large(limit));
+            }
+            read.push(data);
+        }
     }
+    Ok(read.concat())
 }
 
 /// A completed key: the replay, or a problem if the payload differs or nothing was kept.
@@ -264,7 +283,7 @@ fn replay<B>(
         return reject(config, &Problem::key_reused(config.mismatch_status));
     }
     let status = record.status();
-    let Some(parts) = record.into_response_parts() else {
+    let Some(parts) = record.replay_parts(1) else {
         return reject(
             config,
             &Problem::not_replayable(status, config.response_body_limit),
@@ -342,10 +361,7 @@ where
     let config = Arc::clone(config);
     ResponseFuture::protected(Box::pin(async move {
         let limit = config.request_body_limit;
-        let drained = Limited::new(request.into_body(), limit)
-            .collect()
-            .await
-            .is_ok();
+        let drained = read_limited(request.into_body(), limit).await.is_ok();
         let response = reject(&config, &problem);
         Ok(if drained {
             response

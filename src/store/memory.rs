@@ -45,9 +45,12 @@ pub struct MemoryStore {
 
 struct Inner {
     records: RecordCache,
-    claims: Box<[Mutex<HashMap<StorageKey, InFlight>>]>,
+    claims: Box<[Mutex<Claims>]>,
     next_token: AtomicU64,
 }
+
+/// One shard of the claims in flight. Keys are digests: a fast seeded hasher is enough.
+type Claims = HashMap<StorageKey, InFlight, foldhash::fast::RandomState>;
 
 struct InFlight {
     token: FenceToken,
@@ -109,7 +112,7 @@ impl MemoryStore {
             .sum()
     }
 
-    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, HashMap<StorageKey, InFlight>> {
+    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Claims> {
         // Keys are SHA-256 digests: any byte of them is uniformly spread.
         lock(&self.inner.claims[usize::from(key.as_bytes()[0]) % SHARDS])
     }
@@ -129,7 +132,7 @@ impl MemoryStore {
         &self,
         key: &StorageKey,
         token: FenceToken,
-        f: impl FnOnce(&mut HashMap<StorageKey, InFlight>) -> T,
+        f: impl FnOnce(&mut Claims) -> T,
     ) -> Result<T, StoreError> {
         let mut claims = self.shard(key);
         match claims.get(key) {
@@ -170,19 +173,17 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        // Records never change once written, so a hit needs no lock.
-        if let Some(completed) = self.completed(key) {
-            return Ok(completed);
-        }
         let now = Instant::now();
+        // One lookup of the record, under the shard's lock: completions insert under it too,
+        // so a concurrent claim sees the claim or the record, never neither. (A lock-free look
+        // first would save replays an uncontended lock, but cost every first execution a
+        // second miss in a large table: a cache miss or more each.)
         let mut claims = self.shard(key);
         if let Some(claim) = claims.get(key).filter(|claim| claim.is_live(now)) {
             return Ok(Claim::InFlight {
                 fingerprint: claim.fingerprint,
             });
         }
-        // A completion can land between the read above and taking the lock; completions
-        // insert under this lock, so this second read settles it.
         if let Some(completed) = self.completed(key) {
             return Ok(completed);
         }

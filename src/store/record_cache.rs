@@ -15,11 +15,13 @@ use moka::{Expiry, notification::RemovalCause, policy::EvictionPolicy, sync::Cac
 use crate::{key::StorageKey, record::Record};
 
 pub(crate) struct RecordCache {
-    cache: Cache<StorageKey, Arc<Entry>>,
+    cache: Cache<StorageKey, Entry, foldhash::fast::RandomState>,
     evictions: Arc<AtomicU64>,
     capacity: u64,
 }
 
+// Cheap to clone: the record is shared, not copied.
+#[derive(Clone)]
 struct Entry {
     record: Record,
     ttl: Duration,
@@ -28,20 +30,15 @@ struct Entry {
 
 struct PerEntryTtl;
 
-impl Expiry<StorageKey, Arc<Entry>> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _: &StorageKey,
-        entry: &Arc<Entry>,
-        _: Instant,
-    ) -> Option<Duration> {
+impl Expiry<StorageKey, Entry> for PerEntryTtl {
+    fn expire_after_create(&self, _: &StorageKey, entry: &Entry, _: Instant) -> Option<Duration> {
         Some(entry.ttl)
     }
 
     fn expire_after_update(
         &self,
         _: &StorageKey,
-        entry: &Arc<Entry>,
+        entry: &Entry,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -55,7 +52,14 @@ impl RecordCache {
         let counter = Arc::clone(&evictions);
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
-            .weigher(|_: &StorageKey, entry: &Arc<Entry>| {
+            // Sized for records of a few KiB, so that a filling store does not rehash its
+            // table over and over; capped so a large store does not reserve it all up front.
+            .initial_capacity(
+                usize::try_from(capacity_bytes / 4096)
+                    .unwrap_or(0)
+                    .min(16_384),
+            )
+            .weigher(|_: &StorageKey, entry: &Entry| {
                 u32::try_from(entry.record.weight()).unwrap_or(u32::MAX)
             })
             // moka's default TinyLFU admission refuses new keys once the cache is full, and
@@ -67,7 +71,8 @@ impl RecordCache {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build();
+            // Keys are digests: a fast seeded hasher is enough, SipHash is not needed.
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             cache,
             evictions,
@@ -79,18 +84,18 @@ impl RecordCache {
     pub(crate) fn get(&self, key: &StorageKey) -> Option<(Record, Duration)> {
         let entry = self.cache.get(key)?;
         let left = entry.expires_at.checked_duration_since(Instant::now())?;
-        Some((entry.record.clone(), left))
+        Some((entry.record, left))
     }
 
     pub(crate) fn insert(&self, key: StorageKey, record: Record, ttl: Duration) {
         let expires_at = Instant::now() + ttl;
         self.cache.insert(
             key,
-            Arc::new(Entry {
+            Entry {
                 record,
                 ttl,
                 expires_at,
-            }),
+            },
         );
     }
 
