@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The whole check: formatting, lints, every test (Redis ones start their own redis-server),
-# docs with warnings denied, benches compile, and the declared minimum Rust version builds.
+# docs with warnings denied, benches compile, the load script runs, and the declared minimum
+# Rust version builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-for tool in redis-server redis-cli; do
+for tool in redis-server redis-cli wrk; do
     if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "error: $tool is not on PATH; the Redis tests need it." >&2
-        echo "       install Debian's redis-server package: sudo apt-get install redis-server" >&2
+        echo "error: $tool is not on PATH; the Redis tests and the load script need it." >&2
+        echo "       install Debian's packages: sudo apt-get install redis-server wrk" >&2
         exit 1
     fi
 done
@@ -31,6 +32,12 @@ cargo check --no-default-features --lib
 
 step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps
+
+step "benches compile (criterion; numbers come from running them, never from tests)"
+cargo bench --all-features --no-run
+
+step "the load script runs (a few seconds of each scenario; its numbers are not checked)"
+DURATION=1s ROUNDS=1 scripts/loadtest.sh
 
 msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
 step "minimum supported Rust version $msrv builds the library"
