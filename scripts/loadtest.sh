@@ -2,12 +2,16 @@
 # HTTP load test: what the layer costs a real server, beside the bare handler in the same run.
 #
 # Starts examples/bench_server.rs (release) bare and layered (one server per mode), then for
-# each round and scenario drives them one after the other (bare, memory, redis, cached, then
-# the reverse order in the next round) with Debian's `wrk` through the Lua scripts in
-# scripts/wrk/, and prints per scenario and mode: requests/s, p50/p99 latency,
+# each round and scenario drives them one after the other (bare, naive-moka, memory,
+# naive-redis, redis, cached, then the reverse order in the next round) with Debian's `wrk`
+# through the Lua scripts in scripts/wrk/, and prints per scenario and mode: requests/s, p50/p99 latency,
 # and server CPU per request (the CPU time /proc gives for the server process around the wrk
 # run, divided by the requests wrk reports), with the ratio to bare (per round, then the
 # median), and for Redis modes redis-server's CPU per request too.
+# naive-moka and naive-redis are baselines, not the layer: the naive middlewares of
+# examples/bench_server.rs (a response cache by raw key, no claim, no fingerprint), which
+# pass requests without an Idempotency-Key through: their derived rows measure a
+# pass-through (marked in the table), where the layer derives a key and protects the request.
 # Everything listens on and talks to 127.0.0.1 only.
 #
 # Usage: scripts/loadtest.sh [--quick]
@@ -15,8 +19,9 @@
 # Environment:
 #   DURATION=5s    each wrk run                 ROUNDS=3        rounds of every mode
 #   CONNECTIONS=16 wrk connections              THREADS=1       wrk threads
-#   MODES="memory redis cached"  layered modes (redis and cached need redis-server; without
-#                  it, the default is "memory" only)
+#   MODES="naive-moka memory naive-redis redis cached"  layered modes (naive-redis, redis
+#                  and cached need redis-server; without it, the default is
+#                  "naive-moka memory")
 #   SCENARIOS="get nokey unique replay derived"
 #   CARGO_TARGET_DIR  where the server is built (default target/)
 #
@@ -44,18 +49,18 @@ command -v wrk >/dev/null || die "wrk is not on PATH (Debian: apt-get install wr
 command -v curl >/dev/null || die "curl is not on PATH (Debian: apt-get install curl)"
 if [ -z "${MODES:-}" ]; then
     if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
-        MODES="memory redis cached"
+        MODES="naive-moka memory naive-redis redis cached"
     else
-        echo "note: no redis-server on PATH; measuring MemoryStore only" >&2
-        MODES=memory
+        echo "note: no redis-server on PATH; measuring MemoryStore (and naive-moka) only" >&2
+        MODES="naive-moka memory"
     fi
 fi
 needs_redis=false
 for mode in $MODES; do
     case "$mode" in
-        memory) ;;
-        redis | cached) needs_redis=true ;;
-        *) die "unknown mode $mode (memory, redis, cached)" ;;
+        memory | naive-moka) ;;
+        redis | cached | naive-redis) needs_redis=true ;;
+        *) die "unknown mode $mode (naive-moka, memory, naive-redis, redis, cached)" ;;
     esac
 done
 for scenario in $SCENARIOS; do
@@ -196,6 +201,11 @@ check_body() {
     printf '{"amount":1000,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"%s","metadata":{"order_id":"ord_0","channel":"web"},"capture":true}' "check"
 }
 
+# Modes whose store is redis-server (its CPU is measured too).
+is_redis() {
+    case "$1" in redis | cached | naive-redis) return 0 ;; *) return 1 ;; esac
+}
+
 results=$work/results.tsv
 : >"$results"
 # One wrk run: appends "round mode scenario requests rps p50_us p99_us cpu_us_per_req
@@ -222,15 +232,21 @@ measure() {
     [ "$requests" -gt 0 ] || die "wrk sent no requests ($mode $scenario)"
     awk -v r="$round" -v m="$mode" -v s="$scenario" -v n="$requests" -v rps="$rps" \
         -v p50="$p50" -v p99="$p99" -v t="$((after - before))" -v rt="$((rafter - rbefore))" \
-        -v redis="$([ "$mode" = redis ] || [ "$mode" = cached ] && echo 1 || echo 0)" \
+        -v redis="$(is_redis "$mode" && echo 1 || echo 0)" \
         'BEGIN { printf "%s\t%s\t%s\t%d\t%.1f\t%d\t%d\t%.2f\t%s\n", r, m, s, n, rps, p50, p99,
                  t / 1e3 / n, redis ? sprintf("%.2f", rt / 1e3 / n) : "-" }' >>"$results"
-    printf '  %-7s %-8s %8d req %9.0f req/s  CPU %6s µs/req\n' "$mode" "$scenario" "$requests" \
+    printf '  %-11s %-8s %8d req %9.0f req/s  CPU %6s µs/req\n' "$mode" "$scenario" "$requests" \
         "$rps" "$(cut -f8 <<<"$(tail -n1 "$results")")"
 }
 
 echo "machine: $cpus CPUs; $pinning; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "runs: $DURATION each, $CONNECTIONS connections, $THREADS wrk thread(s), $ROUNDS rounds of: bare $MODES"
+case " $MODES " in
+    *" naive-"*)
+        echo "naive-*: baselines (examples/bench_server.rs), a response cache by raw key with no claim,"
+        echo "  no fingerprint; a POST without Idempotency-Key (derived) passes through them unprotected"
+        ;;
+esac
 for mode in bare $MODES; do
     start_server "$mode"
     check_server "$mode"
@@ -260,14 +276,15 @@ function median(list,    n, v, i, j, t) {
 { key = $2 SUBSEP $3; rps[key] = rps[key] " " $5; p50[key] = p50[key] " " $6; p99[key] = p99[key] " " $7
   cpu[key] = cpu[key] " " $8; rcpu[key] = rcpu[key] " " $9; byround[$1, $2, $3] = $8; rounds[$1] = 1 }
 END {
-    printf "\n%-9s %-7s %10s %9s %9s %11s %14s %16s\n", "scenario", "mode", "req/s", "p50 µs", "p99 µs", "CPU µs/req", "CPU vs bare", "redis CPU µs/req"
+    printf "\n%-9s %-11s %10s %9s %9s %11s %14s %16s\n", "scenario", "mode", "req/s", "p50 µs", "p99 µs", "CPU µs/req", "CPU vs bare", "redis CPU µs/req"
     nm = split(modes, m, " "); ns = split(scenarios, s, " ")
     for (i = 1; i <= ns; i++) for (k = 1; k <= nm; k++) {
         key = m[k] SUBSEP s[i]
         ratios = ""
         for (r in rounds) if (byround[r, "bare", s[i]] > 0) ratios = ratios " " byround[r, m[k], s[i]] / byround[r, "bare", s[i]]
         ratio = m[k] == "bare" ? "1" : sprintf("%.2f", median(ratios))
-        r = m[k] == "redis" || m[k] == "cached" ? sprintf("%.2f", median(rcpu[key])) : "-"
-        printf "%-9s %-7s %10.0f %9.0f %9.0f %11.2f %13s× %16s\n", s[i], m[k], median(rps[key]), median(p50[key]), median(p99[key]), median(cpu[key]), ratio, r
+        r = m[k] == "redis" || m[k] == "cached" || m[k] == "naive-redis" ? sprintf("%.2f", median(rcpu[key])) : "-"
+        note = m[k] ~ /^naive-/ && s[i] == "derived" ? "  (no key: passed through)" : ""
+        printf "%-9s %-11s %10.0f %9.0f %9.0f %11.2f %13s× %16s%s\n", s[i], m[k], median(rps[key]), median(p50[key]), median(p99[key]), median(cpu[key]), ratio, r, note
     }
 }' "$results"
