@@ -121,8 +121,33 @@ impl Record {
     }
 
     /// The parts of a replay; `None` when not replayable. The header map has room for
-    /// `extra` more headers, so adding them does not grow it.
-    pub(crate) fn replay_parts(&self, extra: usize) -> Option<ResponseParts> {
+    /// `extra` more headers, so adding them does not grow it. A record nobody else holds (one
+    /// just decoded from a remote store) gives its parts away; a shared one is copied.
+    pub(crate) fn into_replay_parts(self, extra: usize) -> Option<ResponseParts> {
+        let inner = match Arc::try_unwrap(self.0) {
+            Ok(inner) => inner,
+            Err(shared) => return Self(shared).replay_parts(extra),
+        };
+        match inner.outcome {
+            Outcome::Response {
+                status,
+                mut headers,
+                body,
+                trailers,
+            } => {
+                headers.reserve(extra);
+                Some(ResponseParts {
+                    status,
+                    headers,
+                    body,
+                    trailers,
+                })
+            }
+            Outcome::NotReplayable { .. } => None,
+        }
+    }
+
+    fn replay_parts(&self, extra: usize) -> Option<ResponseParts> {
         let Outcome::Response {
             status,
             headers,
@@ -427,7 +452,8 @@ fn take_headers(input: &mut Bytes) -> Result<HeaderMap, RecordError> {
     let capacity = usize::try_from(count)
         .unwrap_or(usize::MAX)
         .min(input.remaining() / 3);
-    let mut headers = HeaderMap::with_capacity(capacity);
+    // One spare slot: a replay adds `Idempotent-Replayed` without growing the map.
+    let mut headers = HeaderMap::with_capacity(capacity + 1);
     for _ in 0..count {
         let name = take_len_prefixed(input)?;
         let name = HeaderName::from_bytes(&name).map_err(|_| RecordError::InvalidHeader)?;
@@ -569,6 +595,22 @@ mod tests {
                 "prefix of {len} bytes decoded"
             );
         }
+    }
+
+    #[test]
+    fn a_replay_of_a_shared_or_an_owned_record_has_the_same_parts_and_room_for_one_more() {
+        let record = sample();
+        let decoded = Record::decode(Bytes::from(record.encode())).unwrap();
+        let shared = record.clone().into_replay_parts(1).unwrap();
+        let owned = decoded.into_replay_parts(1).unwrap();
+        for parts in [&shared, &owned] {
+            assert_eq!(parts.status, StatusCode::CREATED);
+            assert_eq!(pairs(&parts.headers), pairs(record.headers().unwrap()));
+            assert_eq!(&parts.body, record.body().unwrap());
+            assert!(parts.headers.capacity() > parts.headers.len());
+        }
+        let spent = Record::not_replayable(fingerprint(), StatusCode::OK);
+        assert!(spent.into_replay_parts(1).is_none());
     }
 
     #[test]

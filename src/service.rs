@@ -283,7 +283,7 @@ fn replay<B>(
         return reject(config, &Problem::key_reused(config.mismatch_status));
     }
     let status = record.status();
-    let Some(parts) = record.replay_parts(1) else {
+    let Some(parts) = record.into_replay_parts(1) else {
         return reject(
             config,
             &Problem::not_replayable(status, config.response_body_limit),
