@@ -15,6 +15,7 @@ use http::StatusCode;
 use tokio::sync::mpsc;
 use tower_idempotency::{IdempotencyLayer, MemoryStore, ProblemKind, WaitMode};
 
+use common::flaky_store::FlakyStore;
 use common::service::{Gate, Handler, Reply, created, eventually, keyed_post, send, serve, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,53 +246,6 @@ async fn concurrent_requests_with_different_keys_all_execute() {
     assert_eq!(handler.calls(), 20);
 }
 
-/// A `MemoryStore` whose completions take a while to land, as a remote store's do.
-#[derive(Clone, Default)]
-struct SlowCompletions(MemoryStore);
-
-impl tower_idempotency::IdempotencyStore for SlowCompletions {
-    async fn claim(
-        &self,
-        key: &tower_idempotency::StorageKey,
-        fingerprint: &tower_idempotency::Fingerprint,
-        lease: Duration,
-    ) -> Result<tower_idempotency::Claim, tower_idempotency::StoreError> {
-        self.0.claim(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &tower_idempotency::StorageKey,
-        token: tower_idempotency::FenceToken,
-        record: tower_idempotency::Record,
-        ttl: Duration,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        self.0.complete(key, token, record, ttl).await
-    }
-    async fn release(
-        &self,
-        key: &tower_idempotency::StorageKey,
-        token: tower_idempotency::FenceToken,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.0.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &tower_idempotency::StorageKey,
-        token: tower_idempotency::FenceToken,
-        lease: Duration,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-    async fn wait(
-        &self,
-        key: &tower_idempotency::StorageKey,
-        timeout: Duration,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.0.wait(key, timeout).await
-    }
-}
-
 #[tokio::test]
 async fn a_client_that_has_the_whole_response_and_retries_at_once_is_replayed_even_in_reject_mode()
 {
@@ -305,8 +259,9 @@ async fn a_client_that_has_the_whole_response_and_retries_at_once_is_replayed_ev
         common::service::respond(StatusCode::CREATED, common::service::scripted(steps))
     });
     for handler in [whole, streamed] {
-        let layer =
-            IdempotencyLayer::new(SlowCompletions::default()).with_wait_mode(WaitMode::Reject);
+        let store = FlakyStore::default();
+        store.slow_completions.store(true, Ordering::SeqCst);
+        let layer = IdempotencyLayer::new(store).with_wait_mode(WaitMode::Reject);
         let svc = serve(&layer, &handler);
         let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
         assert!(!first.replayed());

@@ -4,10 +4,7 @@
 mod common;
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -15,87 +12,14 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::BodyExt;
 use tower_idempotency::{
-    Claim, FailMode, FenceToken, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore,
-    MissingKey, Problem, ProblemKind, Record, StorageKey, StoreError, WaitMode,
+    FailMode, IdempotencyLayer, MemoryStore, MissingKey, Problem, ProblemKind, WaitMode,
 };
 
+use common::flaky_store::FlakyStore;
 use common::service::{
     Gate, Handler, Reply, Step, created, data, eventually, keyed_post, post, respond, scripted,
     send, send_raw, serve, within,
 };
-
-/// A `MemoryStore` whose operations can be made to fail as if the backend were unreachable.
-#[derive(Clone, Default)]
-struct FlakyStore {
-    inner: MemoryStore,
-    /// Every operation fails.
-    down: Arc<AtomicBool>,
-    /// Only `complete` fails.
-    completions_down: Arc<AtomicBool>,
-    /// `complete`, `release` and `renew` fail: an owner cut off from the store after claiming.
-    writes_down: Arc<AtomicBool>,
-}
-
-impl FlakyStore {
-    fn over(inner: MemoryStore) -> Self {
-        Self {
-            inner,
-            ..Self::default()
-        }
-    }
-
-    fn check(&self, switches: &[&AtomicBool]) -> Result<(), StoreError> {
-        let failing = self.down.load(Ordering::SeqCst)
-            || switches.iter().any(|switch| switch.load(Ordering::SeqCst));
-        if failing {
-            return Err(StoreError::unavailable("simulated outage"));
-        }
-        Ok(())
-    }
-}
-
-impl IdempotencyStore for FlakyStore {
-    async fn claim(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.check(&[])?;
-        self.inner.claim(key, fingerprint, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.check(&[&self.completions_down, &self.writes_down])?;
-        self.inner.complete(key, token, record, ttl).await
-    }
-
-    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
-        self.check(&[&self.writes_down])?;
-        self.inner.release(key, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.check(&[&self.writes_down])?;
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.check(&[])?;
-        self.inner.wait(key, timeout).await
-    }
-}
 
 #[tokio::test]
 async fn a_store_outage_fails_closed_with_503_and_recovers_by_itself() {

@@ -1,87 +1,23 @@
 //! With the `metrics` feature: one counter per request outcome, and store latency.
 #![cfg(feature = "metrics")]
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+mod common;
+
+use std::{collections::HashMap, sync::atomic::Ordering};
 
 use axum::{Router, body::Body, routing::post};
 use http::{Request, StatusCode};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::ServiceExt;
-use tower_idempotency::{
-    Claim, FailMode, FenceToken, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore,
-    Record, StorageKey, StoreError,
-};
+use tower_idempotency::{FailMode, IdempotencyLayer};
 
-/// A `MemoryStore` that can be switched off, failing as an unreachable store does.
-#[derive(Clone, Default)]
-struct Switchable {
-    store: MemoryStore,
-    down: Arc<AtomicBool>,
-}
+use common::flaky_store::FlakyStore;
 
-impl Switchable {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::unavailable(std::io::Error::other(
-                "store is down",
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl IdempotencyStore for Switchable {
-    async fn claim(
-        &self,
-        key: &StorageKey,
-        fp: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.check()?;
-        self.store.claim(key, fp, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.check()?;
-        self.store.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
-        self.check()?;
-        self.store.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.check()?;
-        self.store.renew(key, token, lease).await
-    }
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.check()?;
-        self.store.wait(key, timeout).await
-    }
-}
-
-fn post_with(key: Option<&str>, body: &'static str) -> Request<Body> {
-    let mut request = Request::post("/charges");
-    if let Some(key) = key {
-        request = request.header("idempotency-key", key);
-    }
-    request.body(Body::from(body)).unwrap()
+fn post_with(key: &str, body: &'static str) -> Request<Body> {
+    Request::post("/charges")
+        .header("idempotency-key", key)
+        .body(Body::from(body))
+        .unwrap()
 }
 
 #[tokio::test]
@@ -92,7 +28,7 @@ async fn every_outcome_is_counted_and_store_latency_is_recorded() {
         .install()
         .expect("the only recorder in this test binary");
 
-    let store = Switchable::default();
+    let store = FlakyStore::default();
     let app = |mode| {
         Router::new()
             .route(
@@ -105,56 +41,21 @@ async fn every_outcome_is_counted_and_store_latency_is_recorded() {
     let open = app(FailMode::Open);
     let send = |app: &Router, request| app.clone().oneshot(request);
 
-    assert_eq!(
-        send(&closed, post_with(Some("k1"), "a"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(
-        send(&closed, post_with(Some("k1"), "a"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(
-        send(&closed, post_with(Some("k1"), "b"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::CONFLICT
-    );
-    assert_eq!(
-        send(&closed, post_with(Some(""), "a"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::BAD_REQUEST
-    );
-    store.down.store(true, Ordering::SeqCst);
-    assert_eq!(
-        send(&closed, post_with(Some("k2"), "a"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert_eq!(
-        send(&open, post_with(Some("k3"), "a"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(
-        send(&open, post_with(Some("k4"), "a"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::CREATED
-    );
+    // (layer, key, body, whether the store is down, the status expected)
+    let steps = [
+        (&closed, "k1", "a", false, StatusCode::CREATED),
+        (&closed, "k1", "a", false, StatusCode::CREATED),
+        (&closed, "k1", "b", false, StatusCode::CONFLICT),
+        (&closed, "", "a", false, StatusCode::BAD_REQUEST),
+        (&closed, "k2", "a", true, StatusCode::SERVICE_UNAVAILABLE),
+        (&open, "k3", "a", true, StatusCode::CREATED),
+        (&open, "k4", "a", true, StatusCode::CREATED),
+    ];
+    for (app, key, body, down, status) in steps {
+        store.down.store(down, Ordering::SeqCst);
+        let response = send(app, post_with(key, body)).await.unwrap();
+        assert_eq!(response.status(), status, "key {key:?}, body {body:?}");
+    }
 
     let mut outcomes = HashMap::new();
     let mut latency_ops = Vec::new();

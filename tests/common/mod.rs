@@ -2,5 +2,6 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod conformance;
+pub mod flaky_store;
 pub mod redis_server;
 pub mod service;

@@ -1,0 +1,91 @@
+//! A store whose operations can be switched to fail, shared by the failure tests.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tower_idempotency::{
+    Claim, FenceToken, Fingerprint, IdempotencyStore, MemoryStore, Record, StorageKey, StoreError,
+};
+
+/// A `MemoryStore` whose operations can be made to fail as if the backend were unreachable.
+#[derive(Clone, Default)]
+pub struct FlakyStore {
+    pub inner: MemoryStore,
+    /// Every operation fails.
+    pub down: Arc<AtomicBool>,
+    /// Only `complete` fails.
+    pub completions_down: Arc<AtomicBool>,
+    /// `complete`, `release` and `renew` fail: an owner cut off from the store after claiming.
+    pub writes_down: Arc<AtomicBool>,
+    /// Completions land only after a while, as a remote store's do.
+    pub slow_completions: Arc<AtomicBool>,
+}
+
+impl FlakyStore {
+    pub fn over(inner: MemoryStore) -> Self {
+        Self {
+            inner,
+            ..Self::default()
+        }
+    }
+
+    fn check(&self, switches: &[&AtomicBool]) -> Result<(), StoreError> {
+        let failing = self.down.load(Ordering::SeqCst)
+            || switches.iter().any(|switch| switch.load(Ordering::SeqCst));
+        if failing {
+            return Err(StoreError::unavailable("simulated outage"));
+        }
+        Ok(())
+    }
+}
+
+impl IdempotencyStore for FlakyStore {
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.check(&[])?;
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.check(&[&self.completions_down, &self.writes_down])?;
+        if self.slow_completions.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.inner.complete(key, token, record, ttl).await
+    }
+
+    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        self.check(&[&self.writes_down])?;
+        self.inner.release(key, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.check(&[&self.writes_down])?;
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+        self.check(&[])?;
+        self.inner.wait(key, timeout).await
+    }
+}
