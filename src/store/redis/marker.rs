@@ -4,7 +4,7 @@
 //!
 //! | bytes  | what                                                        |
 //! |--------|-------------------------------------------------------------|
-//! | 0..3   | magic `TIF` (a completed record starts with `TIR`)          |
+//! | 0..3   | magic `TIF` (a completed envelope starts with `TIC`)        |
 //! | 3      | version, 1                                                  |
 //! | 4      | flags: 1 once a waiter watches the claim (its end is published) |
 //! | 5..13  | the owner's fence token, big-endian                         |
@@ -97,7 +97,7 @@ mod tests {
         long.push(0);
         let cases: [(&str, &[u8], RecordError); 6] = [
             ("empty", b"", RecordError::BadMagic),
-            ("record", b"TIR\x01", RecordError::BadMagic),
+            ("completed", b"TIC\x01", RecordError::BadMagic),
             ("magic only", b"TIF", RecordError::Truncated),
             ("newer version", &newer, RecordError::UnsupportedVersion(2)),
             ("trailing", &long, RecordError::TrailingBytes),

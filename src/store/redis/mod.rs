@@ -8,14 +8,20 @@
 //!
 //! - an **in-flight marker** (45 bytes: magic `TIF`, version, flags, the owner's fence token,
 //!   the request fingerprint) with the lease as its expiry (`PX`), or
-//! - a **completed record** in [`Record::encode`]'s versioned binary form, with the record
-//!   TTL as its expiry.
+//! - a **completed envelope** (magic `TIC`, version, the key's expiry as Unix milliseconds
+//!   by Redis's clock, the TTL, then the record in [`Record::encode`]'s versioned binary
+//!   form), with the record TTL as its expiry.
 //!
 //! # Round trips
 //!
-//! Each operation is one Lua script (`EVALSHA`), so one round trip: claim-or-replay,
-//! complete, release, renew. The first call of a script on a server that does not know it
-//! costs one more (`EVAL`, which also caches it there).
+//! Claim-or-replay is one native command, `SET key marker NX PX lease GET`: a nil reply
+//! means the claim is ours, a value is what holds the key. It is as cheap for Redis as a
+//! plain `GET`, which a replay amounts to. Complete, release and renew are one Lua script
+//! each (`EVALSHA`), fenced by the claim's token. The first call of a script on a server
+//! that does not know it costs one more command (`EVAL`, which also caches it there).
+//!
+//! A claim does not learn the key's remaining lifetime from Redis: it reads it from the
+//! envelope, against the local clock (see [`RedisStore`] on clocks).
 //!
 //! # Waiting
 //!
@@ -28,6 +34,7 @@
 //! (messages may have been lost meanwhile) and, as a last resort, after a bounded poll
 //! interval.
 
+mod completed;
 mod marker;
 mod notify;
 
@@ -39,7 +46,7 @@ use std::{
         Arc, LazyLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use ::redis::{
@@ -52,6 +59,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use self::{
+    completed::Completed,
     marker::Marker,
     notify::{Notifier, Watch},
 };
@@ -76,7 +84,8 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 /// A store in Redis, shared by every instance of a service: a request executes once across
 /// all of them, and a retry sent to any instance is replayed.
 ///
-/// - **One round trip** to claim-or-replay and one to complete, each a Lua script.
+/// - **One round trip** to claim-or-replay (a native `SET … NX GET`) and one to complete
+///   (a Lua script).
 /// - **Fenced**: completing, releasing and renewing name the claim's token; an owner whose
 ///   lease expired is refused ([`StoreErrorKind::LeaseLost`]) and cannot overwrite the
 ///   newer owner's record.
@@ -90,6 +99,22 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 /// - **Corrupt or foreign bytes** under a key are [`StoreErrorKind::Corrupt`] errors.
 ///
 /// `RedisStore` is a cheap `Clone` handle: clones share the connection and the subscriber.
+///
+/// # Requirements
+///
+/// **Redis 7.0 or newer** (or a server compatible with it): claims use `SET` with both `NX`
+/// and `GET`, which older servers refuse as a syntax error. On those, every claim fails with
+/// a [`StoreErrorKind::Other`] error saying that Redis 7.0 or newer is required.
+///
+/// # Clocks
+///
+/// A replay reports how long the record has left ([`Claim::Completed`]'s `expires_in`), so
+/// that a [`CachedStore`](crate::CachedStore) in front keeps its copy no longer than Redis
+/// does. The record carries its expiry by Redis's clock; the claim subtracts the local time
+/// and a margin of 100 ms, and never reports more than the record's TTL. Skew between the
+/// instance's clock and Redis's affects nothing else (leases and expiry run on Redis's clock
+/// alone): an instance whose clock runs behind Redis's by more than the margin may keep a
+/// cached copy for up to the excess after Redis dropped the record.
 ///
 /// ```no_run
 /// use axum::{Router, routing::post};
@@ -357,11 +382,21 @@ where
                 reply => reply,
             }
         };
+        self.bounded(exchange, store_error).await
+    }
+
+    /// `exchange`, its error turned into a [`StoreError`] by `error`, failing as
+    /// [`StoreErrorKind::Unavailable`] after the response timeout.
+    async fn bounded<T>(
+        &self,
+        exchange: impl Future<Output = Result<T, RedisError>>,
+        error: fn(RedisError) -> StoreError,
+    ) -> Result<T, StoreError> {
         let timeout = self.shared.settings.response_timeout;
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| timed_out(timeout))?
-            .map_err(store_error)
+            .map_err(error)
     }
 
     async fn fenced(
@@ -395,12 +430,22 @@ where
             fingerprint: *fingerprint,
         }
         .encode();
+        let mut claim = Cmd::new();
+        claim
+            .arg("SET")
+            .arg(self.redis_key(key).as_bytes())
+            .arg(&marker[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lease).as_bytes())
+            .arg("GET");
+        let mut connection = self.connection.clone();
         let reply = self
-            .run(&CLAIM, key, &[&marker, millis(lease).as_bytes()])
+            .bounded(claim.query_async::<Value>(&mut connection), claim_error)
             .await;
         match reply {
-            Ok(Value::Int(1)) => Ok(Claim::Acquired(token)),
-            Ok(Value::Array(held)) => held_by(held),
+            Ok(Value::Nil) => Ok(Claim::Acquired(token)),
+            Ok(Value::BulkString(held)) => held_by(held, SystemTime::now()),
             Ok(_) => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
             Err(error) => {
                 if error.kind() == StoreErrorKind::Unavailable {
@@ -491,23 +536,24 @@ where
     }
 }
 
-/// What a held key's value says: a claim in flight, or a completed record.
-fn held_by(reply: Vec<Value>) -> Result<Claim, StoreError> {
-    let mut reply = reply.into_iter();
-    let (Some(Value::BulkString(value)), Some(Value::Int(ttl)), None) =
-        (reply.next(), reply.next(), reply.next())
-    else {
-        return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply));
-    };
+/// What a held key's value says, as of `now` by the local clock: a claim in flight, or a
+/// completed record and how long it has left.
+fn held_by(value: Vec<u8>, now: SystemTime) -> Result<Claim, StoreError> {
     if value.starts_with(marker::MAGIC) {
         let marker = Marker::decode(&value)?;
         return Ok(Claim::InFlight {
             fingerprint: marker.fingerprint,
         });
     }
-    let record = Record::decode(Bytes::from(value))?;
-    let expires_in = u64::try_from(ttl).ok().map(Duration::from_millis);
-    Ok(Claim::Completed { record, expires_in })
+    if value.starts_with(completed::MAGIC) {
+        let completed = Completed::decode(Bytes::from(value))?;
+        let expires_in = completed.expires_in(now);
+        return Ok(Claim::Completed {
+            record: completed.record,
+            expires_in,
+        });
+    }
+    Err(StoreError::corrupt(Unexpected::Foreign))
 }
 
 /// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires.
@@ -520,6 +566,19 @@ fn timed_out(after: Duration) -> StoreError {
         std::io::ErrorKind::TimedOut,
         format!("redis did not answer within {after:?}"),
     ))
+}
+
+/// A failed claim's error: as [`store_error`], but a syntax error is a server older than 7.0,
+/// which does not take `NX` together with `GET`.
+fn claim_error(error: RedisError) -> StoreError {
+    let syntax = error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+        && error
+            .detail()
+            .is_some_and(|detail| detail.to_ascii_lowercase().starts_with("syntax error"));
+    if syntax {
+        return StoreError::new(StoreErrorKind::Other, NeedsRedis7(error));
+    }
+    store_error(error)
 }
 
 fn store_error(error: RedisError) -> StoreError {
@@ -572,6 +631,25 @@ impl fmt::Display for Unexpected {
 
 impl std::error::Error for Unexpected {}
 
+/// A server that refused `SET … NX … GET`: older than Redis 7.0.
+#[derive(Debug)]
+struct NeedsRedis7(RedisError);
+
+impl fmt::Display for NeedsRedis7 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The server's reply is the source, for reporters that walk the chain.
+        f.write_str(
+            "RedisStore requires Redis 7.0 or newer: the server refused SET with both NX and GET",
+        )
+    }
+}
+
+impl std::error::Error for NeedsRedis7 {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
 /// A Lua script and its SHA-1, the name `EVALSHA` knows it by.
 struct Script {
     code: &'static str,
@@ -587,7 +665,6 @@ impl Script {
     }
 }
 
-static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("claim.lua")));
 static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watch.lua")));
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -642,63 +719,95 @@ mod tests {
         }
     }
 
+    /// What the complete script stores for `record`, expiring at `expires_at` (Unix ms).
+    fn envelope(expires_at: u64, ttl: u64, record: &Record) -> Vec<u8> {
+        let mut out = b"TIC\x01".to_vec();
+        out.extend_from_slice(&expires_at.to_be_bytes());
+        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&record.encode());
+        out
+    }
+
     #[test]
-    fn a_held_reply_is_a_claim_in_flight_or_a_record_and_anything_else_an_error() {
+    fn a_held_value_is_a_claim_in_flight_or_a_record_and_anything_else_corrupt() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let now_ms = 1_700_000_000_000;
         let fingerprint = Fingerprint::from_bytes([7; 32]);
         let marker = Marker {
             token: FenceToken::new(9),
             fingerprint,
         };
-        let in_flight = held_by(vec![
-            Value::BulkString(marker.encode().to_vec()),
-            Value::Int(300),
-        ]);
+        let in_flight = held_by(marker.encode().to_vec(), now);
         assert_eq!(in_flight.ok(), Some(Claim::InFlight { fingerprint }));
 
         let record = Record::not_replayable(fingerprint, http::StatusCode::OK);
-        let completed = held_by(vec![Value::BulkString(record.encode()), Value::Int(5_000)]);
+        let completed = held_by(envelope(now_ms + 5_000, 60_000, &record), now);
         assert_eq!(
             completed.ok(),
             Some(Claim::Completed {
                 record: record.clone(),
-                expires_in: Some(Duration::from_millis(5_000)),
+                expires_in: Some(Duration::from_millis(5_000) - completed::SKEW_MARGIN),
             })
         );
-        let forever = held_by(vec![Value::BulkString(record.encode()), Value::Int(-1)]);
+        let expired = held_by(envelope(now_ms - 1, 60_000, &record), now);
         assert!(matches!(
-            forever,
+            expired,
             Ok(Claim::Completed {
                 expires_in: None,
                 ..
             })
         ));
 
-        let corrupt = [
-            vec![
-                Value::BulkString(b"{\"status\":200}".to_vec()),
-                Value::Int(1),
-            ],
-            vec![Value::BulkString(b"TIF\x02".to_vec()), Value::Int(1)],
-            vec![Value::BulkString(b"TIR\x01\x00".to_vec()), Value::Int(1)],
+        let corrupt: [&[u8]; 7] = [
+            b"{\"status\":200}",
+            b"",
+            b"TIF\x02",
+            b"TIC\x01\x00",
+            b"TIC\x09",
+            &record.encode(),
+            &envelope(now_ms, 60_000, &record)[..30],
         ];
-        for reply in corrupt {
+        for value in corrupt {
             assert_eq!(
-                held_by(reply).map_err(|e| e.kind()),
-                Err(StoreErrorKind::Corrupt)
+                held_by(value.to_vec(), now).map_err(|e| e.kind()),
+                Err(StoreErrorKind::Corrupt),
+                "{value:?}"
             );
         }
-        let malformed = [
-            vec![],
-            vec![Value::Int(1)],
-            vec![Value::BulkString(vec![]), Value::Int(1), Value::Int(1)],
-            vec![Value::Nil, Value::Int(1)],
-        ];
-        for reply in malformed {
-            assert_eq!(
-                held_by(reply).map_err(|e| e.kind()),
-                Err(StoreErrorKind::Other)
-            );
-        }
+    }
+
+    #[test]
+    fn a_server_older_than_7_is_told_apart_by_its_syntax_error() {
+        // What Redis 6.2 answers to `SET key value NX PX 30000 GET`.
+        let reply = ::redis::parse_redis_value(b"-ERR syntax error\r\n")
+            .and_then(Value::extract_error)
+            .err();
+        let Some(refused) = reply else {
+            panic!("an error reply parses as an error");
+        };
+        let error = claim_error(refused);
+        assert_eq!(error.kind(), StoreErrorKind::Other);
+        let message = error.to_string();
+        assert!(message.contains("Redis 7.0 or newer"), "{message}");
+        let reply = std::error::Error::source(&error)
+            .and_then(std::error::Error::source)
+            .map(ToString::to_string);
+        assert!(
+            reply
+                .as_deref()
+                .is_some_and(|reply| reply.contains("syntax error")),
+            "the server's reply is kept as the source: {reply:?}"
+        );
+
+        let other = ::redis::parse_redis_value(b"-WRONGTYPE Operation against a key\r\n")
+            .and_then(Value::extract_error)
+            .err();
+        let Some(other) = other else {
+            panic!("an error reply parses as an error");
+        };
+        let error = claim_error(other);
+        assert_eq!(error.kind(), StoreErrorKind::Corrupt);
+        assert!(!error.to_string().contains("7.0"));
     }
 
     #[test]
