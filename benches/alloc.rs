@@ -1,6 +1,8 @@
 //! Deterministic costs per request, beside the bare handler: heap allocations (count and
 //! bytes, through a counting global allocator), handler executions and, with the `redis`
-//! feature, Redis commands. Same cases and services as `benches/layer.rs`.
+//! feature, Redis round trips (counted where the store sends them) and the commands the
+//! server ran (`INFO commandstats`, which counts those scripts run inside them alike). Same
+//! cases and services as `benches/layer.rs`.
 //!
 //! ```sh
 //! cargo bench --bench alloc                        # bare and MemoryStore
@@ -100,7 +102,7 @@ fn main() {
         .iter()
         .any(|case| wanted("redis", *case) || wanted("cached", *case))
     {
-        common::redis_server::with_store(&runtime)
+        counted::with_store(&runtime)
     } else {
         None
     };
@@ -161,9 +163,87 @@ fn main() {
 }
 
 #[cfg(feature = "redis")]
-type Server = common::redis_server::RedisServer;
+type Server = counted::Server;
 #[cfg(not(feature = "redis"))]
 type Server = std::convert::Infallible;
+
+/// A `RedisStore` whose connection counts what it sends: its round trips.
+#[cfg(feature = "redis")]
+mod counted {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    use redis::{
+        Cmd, Pipeline, RedisFuture, Value,
+        aio::{ConnectionLike, ConnectionManager},
+    };
+    use tower_idempotency::RedisStore;
+
+    use crate::common::redis_server::RedisServer;
+
+    /// The server, and how many commands the store sent it.
+    pub(crate) struct Server {
+        pub(crate) redis: RedisServer,
+        pub(crate) sent: Arc<AtomicU64>,
+    }
+
+    #[derive(Clone)]
+    pub(crate) struct Counted {
+        inner: ConnectionManager,
+        sent: Arc<AtomicU64>,
+    }
+
+    impl ConnectionLike for Counted {
+        fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            self.inner.req_packed_command(cmd)
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            pipeline: &'a Pipeline,
+            offset: usize,
+            count: usize,
+        ) -> RedisFuture<'a, Vec<Value>> {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            self.inner.req_packed_commands(pipeline, offset, count)
+        }
+
+        fn get_db(&self) -> i64 {
+            self.inner.get_db()
+        }
+    }
+
+    /// A `redis-server` of our own and a counted store on it; `None` (with a note on
+    /// standard error) if there is no `redis-server` to run.
+    pub(crate) fn with_store(
+        runtime: &tokio::runtime::Runtime,
+    ) -> Option<(Server, RedisStore<Counted>)> {
+        let connected = RedisServer::start().and_then(|redis| {
+            let client = redis::Client::open(redis.url()).map_err(|e| e.to_string())?;
+            let inner = runtime
+                .block_on(client.get_connection_manager())
+                .map_err(|e| e.to_string())?;
+            Ok((redis, client, inner))
+        });
+        match connected {
+            Ok((redis, client, inner)) => {
+                let sent = Arc::new(AtomicU64::new(0));
+                let connection = Counted {
+                    inner,
+                    sent: Arc::clone(&sent),
+                };
+                Some((Server { redis, sent }, RedisStore::new(connection, client)))
+            }
+            Err(error) => {
+                eprintln!("skipping the Redis measurements: {error}");
+                None
+            }
+        }
+    }
+}
 
 /// Runs `iterations` iterations of `case` on `service` (after a warm-up) and counts what
 /// they cost, requests being built outside the count.
@@ -227,42 +307,39 @@ fn snapshot() -> (u64, u64) {
     )
 }
 
-/// How many times each Redis command ran so far (nothing without a Redis server).
-fn commands(server: Option<&Server>) -> BTreeMap<String, u64> {
+/// How many commands the store sent so far, and how many times the server ran each command
+/// (nothing without a Redis server).
+fn commands(server: Option<&Server>) -> (u64, BTreeMap<String, u64>) {
     #[cfg(feature = "redis")]
     if let Some(server) = server {
-        return server.command_counts();
+        let sent = server.sent.load(Ordering::Relaxed);
+        return (sent, server.redis.command_counts());
     }
     let _ = server;
-    BTreeMap::new()
+    (0, BTreeMap::new())
 }
 
-/// The Redis commands run since `before`, per request: round trips (scripts and commands a
-/// client sent), then the commands scripts ran inside them (`INFO commandstats` counts both).
-fn commands_since(server: Option<&Server>, before: BTreeMap<String, u64>, requests: f64) -> String {
+/// The Redis round trips since `before`, per request, then every command the server ran
+/// (those sent, and those scripts ran inside them: `INFO commandstats` counts both).
+fn commands_since(
+    server: Option<&Server>,
+    before: (u64, BTreeMap<String, u64>),
+    requests: f64,
+) -> String {
     if server.is_none() {
         return String::new();
     }
-    let (mut sent, mut inside) = (Vec::new(), Vec::new());
-    let mut round_trips = 0;
-    for (name, calls) in commands(server) {
-        let delta = calls - before.get(&name).copied().unwrap_or(0);
-        if delta == 0 {
-            continue;
-        }
-        let entry = format!("{name} {:.2}", delta as f64 / requests);
-        // The store sends nothing but scripts; the other commands counted ran inside them.
-        if name.starts_with("eval") || name.starts_with("fcall") {
-            round_trips += delta;
-            sent.push(entry);
-        } else {
-            inside.push(entry);
-        }
-    }
+    let (sent, ran) = commands(server);
+    let ran: Vec<String> = ran
+        .into_iter()
+        .filter_map(|(name, calls)| {
+            let delta = calls - before.1.get(&name).copied().unwrap_or(0);
+            (delta > 0).then(|| format!("{name} {:.2}", delta as f64 / requests))
+        })
+        .collect();
     format!(
-        "{:.2} round trips ({}); inside scripts: {}",
-        round_trips as f64 / requests,
-        sent.join(", "),
-        inside.join(", ")
+        "{:.2} round trips; server ran: {}",
+        (sent - before.0) as f64 / requests,
+        ran.join(", ")
     )
 }
