@@ -106,3 +106,60 @@ async fn a_record_larger_than_the_whole_store_is_not_kept_and_nothing_breaks() {
         Claim::Acquired(_) | Claim::Completed { .. }
     ));
 }
+
+#[tokio::test]
+async fn expired_records_are_never_replayed_and_make_room_without_counting_as_evictions() {
+    let record = record_of(1_000);
+    // Room for 100 records.
+    let store = MemoryStore::new(record.weight() as u64 * 100);
+    let mut expiring = Vec::new();
+    for _ in 0..100 {
+        let key = fresh_key();
+        let Claim::Acquired(token) = store.claim(&key, &fingerprint("a"), LEASE).await.unwrap()
+        else {
+            panic!("a fresh key is free");
+        };
+        let ttl = Duration::from_millis(50);
+        store
+            .complete(&key, token, record.clone(), ttl)
+            .await
+            .unwrap();
+        expiring.push(key);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        store.record_count(),
+        100,
+        "expired records wait to be read or pushed out"
+    );
+
+    // Read, an expired record is not replayed: its key is free, and the record is dropped.
+    assert!(matches!(
+        store
+            .claim(&expiring[0], &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+        Claim::Acquired(_)
+    ));
+    assert_eq!(store.record_count(), 99);
+
+    // Newer records push the rest out; that is not an eviction of anything still useful.
+    let fresh: Vec<StorageKey> = {
+        let mut keys = Vec::new();
+        for _ in 0..99 {
+            keys.push(complete_new_key(&store, record.clone()).await);
+        }
+        keys
+    };
+    assert_eq!(store.evictions(), 0, "only expired records made room");
+    for key in &fresh {
+        assert!(matches!(
+            store.claim(key, &fingerprint("a"), LEASE).await.unwrap(),
+            Claim::Completed { .. }
+        ));
+    }
+    // One more live record than there is room for: now a live record is evicted.
+    complete_new_key(&store, record.clone()).await;
+    complete_new_key(&store, record).await;
+    assert!(store.evictions() >= 1);
+}

@@ -48,12 +48,13 @@ impl<St> CachedStore<St> {
         &self.inner
     }
 
-    /// How many records were evicted to stay within capacity.
+    /// How many records were evicted to stay within capacity (expired ones are not counted).
     pub fn evictions(&self) -> u64 {
         self.records.evictions()
     }
 
-    /// How many records the cache holds.
+    /// How many records the cache holds (expired ones included until they are read or
+    /// pushed out).
     pub fn record_count(&self) -> u64 {
         self.records.len()
     }

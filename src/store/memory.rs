@@ -31,6 +31,9 @@ const SHARDS: usize = 64;
 /// - **A new record is always admitted.** The cache evicts the least recently used records,
 ///   never the newcomer (moka's default TinyLFU admission would refuse new keys once full,
 ///   and their retries would execute again). Evictions are counted: [`evictions`](Self::evictions).
+/// - **Expiry costs nothing up front.** A record's TTL is checked when it is read; an expired
+///   record is never replayed, and is dropped when read or pushed out by newer records. So
+///   many records expiring at once never stall a request that happens to clean them up.
 /// - **Waiters are notified**, not polled: a duplicate waiting on a claim wakes the moment it
 ///   is completed or released, or when its lease runs out.
 ///
@@ -97,7 +100,8 @@ impl MemoryStore {
         self.inner.records.evictions()
     }
 
-    /// How many completed records the store holds.
+    /// How many completed records the store holds (expired ones included until they are
+    /// read or pushed out).
     pub fn record_count(&self) -> u64 {
         self.inner.records.len()
     }
