@@ -221,15 +221,13 @@ mod counted {
     pub(crate) fn with_store(
         runtime: &tokio::runtime::Runtime,
     ) -> Option<(Server, RedisStore<Counted>)> {
-        let connected = RedisServer::start().and_then(|redis| {
-            let client = redis::Client::open(redis.url()).map_err(|e| e.to_string())?;
-            let inner = runtime
-                .block_on(client.get_connection_manager())
-                .map_err(|e| e.to_string())?;
-            Ok((redis, client, inner))
+        let redis = crate::common::redis_server()?;
+        let connected = redis::Client::open(redis.url()).and_then(|client| {
+            let inner = runtime.block_on(client.get_connection_manager())?;
+            Ok((client, inner))
         });
         match connected {
-            Ok((redis, client, inner)) => {
+            Ok((client, inner)) => {
                 let sent = Arc::new(AtomicU64::new(0));
                 let connection = Counted {
                     inner,
@@ -313,7 +311,10 @@ fn commands(server: Option<&Server>) -> (u64, BTreeMap<String, u64>) {
     #[cfg(feature = "redis")]
     if let Some(server) = server {
         let sent = server.sent.load(Ordering::Relaxed);
-        return (sent, server.redis.command_counts());
+        return (
+            sent,
+            common::redis_server::command_counts(server.redis.port()),
+        );
     }
     let _ = server;
     (0, BTreeMap::new())

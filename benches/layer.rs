@@ -56,7 +56,7 @@ fn main() {
     let started = SystemTime::now();
 
     #[cfg(feature = "redis")]
-    let redis = common::redis_server::with_store(&runtime);
+    let redis = common::redis_store(&runtime);
 
     for case in Case::ALL {
         let mut group = criterion.benchmark_group(case.name());

@@ -235,8 +235,8 @@ measure() {
         -v redis="$(is_redis "$mode" && echo 1 || echo 0)" \
         'BEGIN { printf "%s\t%s\t%s\t%d\t%.1f\t%d\t%d\t%.2f\t%s\n", r, m, s, n, rps, p50, p99,
                  t / 1e3 / n, redis ? sprintf("%.2f", rt / 1e3 / n) : "-" }' >>"$results"
-    printf '  %-11s %-8s %8d req %9.0f req/s  CPU %6s µs/req\n' "$mode" "$scenario" "$requests" \
-        "$rps" "$(cut -f8 <<<"$(tail -n1 "$results")")"
+    printf '  %-11s %-8s %8d req %9.0f req/s  p99 %8d µs  CPU %6s µs/req\n' "$mode" "$scenario" \
+        "$requests" "$rps" "$p99" "$(cut -f8 <<<"$(tail -n1 "$results")")"
 }
 
 echo "machine: $cpus CPUs; $pinning; load before: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -10,7 +10,8 @@ use tower_idempotency::{Claim, IdempotencyStore, RedisStore};
 
 use common::{
     conformance::{fingerprint, fresh_key, sample_record},
-    redis_server::{RedisCluster, scenarios},
+    redis_server::RedisCluster,
+    scenarios,
 };
 
 /// One cluster for the whole test binary; it stops with it.

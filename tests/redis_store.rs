@@ -20,7 +20,8 @@ use tower_idempotency::{
 
 use common::{
     conformance::{fingerprint, fresh_key, sample_record},
-    redis_server::{RedisServer, command_counts, scenarios},
+    redis_server::{RedisServer, command_counts},
+    scenarios,
     service::{Gate, Handler, created, eventually, keyed_post, send, serve, within},
 };
 

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod handler;
+// The tests' helper: a `redis-server` of our own on a free loopback port, stopped on drop.
 #[cfg(feature = "redis")]
+#[path = "../../tests/common/redis_server.rs"]
 pub mod redis_server;
 
 use std::{convert::Infallible, fmt};
@@ -293,4 +295,32 @@ pub fn check(case: Case, layered: bool, answers: &[Answer]) {
         replays, expected_replays,
         "{case}: replays in one iteration"
     );
+}
+
+/// A `redis-server` of the benchmark's own, or `None` (with a note on standard error) when
+/// `redis-server` is not installed: the Redis rows are then left out, not failed.
+#[cfg(feature = "redis")]
+pub fn redis_server() -> Option<redis_server::RedisServer> {
+    match redis_server::installed() {
+        Ok(()) => Some(redis_server::RedisServer::start()),
+        Err(tool) => {
+            eprintln!("skipping the Redis measurements: `{tool}` is not installed");
+            None
+        }
+    }
+}
+
+/// [`redis_server`] and a `RedisStore` connected to it.
+#[cfg(feature = "redis")]
+pub fn redis_store(
+    runtime: &tokio::runtime::Runtime,
+) -> Option<(redis_server::RedisServer, tower_idempotency::RedisStore)> {
+    let server = redis_server()?;
+    match runtime.block_on(tower_idempotency::RedisStore::connect(&server.url())) {
+        Ok(store) => Some((server, store)),
+        Err(error) => {
+            eprintln!("skipping the Redis measurements: {error}");
+            None
+        }
+    }
 }

@@ -4,4 +4,5 @@
 pub mod conformance;
 pub mod flaky_store;
 pub mod redis_server;
+pub mod scenarios;
 pub mod service;

@@ -4,6 +4,8 @@
 //! Each server runs under a small `sh` watchdog that reads its standard input: when the test
 //! process ends in any way (even killed, or a server kept in a `static` that is never
 //! dropped), the pipe closes and the watchdog stops the server. No server outlives its tests.
+//!
+//! The benchmarks include this file too (`#[path]`), so it depends on nothing else.
 
 use std::{
     io::{Read, Write},
@@ -22,6 +24,13 @@ const STARTUP: Duration = Duration::from_secs(10);
 
 /// Fails the test, with how to fix it, unless `redis-server` and `redis-cli` are installed.
 pub fn require_redis() {
+    if let Err(tool) = installed() {
+        panic!("`{tool}` was not found: {INSTALL}");
+    }
+}
+
+/// `Ok` if `redis-server` and `redis-cli` run, else the name of the one that does not.
+pub fn installed() -> Result<(), &'static str> {
     for tool in ["redis-server", "redis-cli"] {
         let found = Command::new(tool)
             .arg("--version")
@@ -29,8 +38,11 @@ pub fn require_redis() {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|status| status.success());
-        assert!(found, "`{tool}` was not found: {INSTALL}");
+        if !found {
+            return Err(tool);
+        }
     }
+    Ok(())
 }
 
 /// A free TCP port on the loopback interface (free when asked; taken by the server soon after).
@@ -354,58 +366,5 @@ impl RedisCluster {
     /// Its nodes.
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
-    }
-}
-
-/// Scenarios run against both a single server and a cluster.
-pub mod scenarios {
-    use std::time::Duration;
-
-    use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
-
-    use crate::common::service::{Handler, keyed_post, send, serve, within};
-
-    /// Two layer instances, each over its own store (its own connections), share one Redis:
-    /// 200 concurrent requests with one key, split across both, run the handler once and all
-    /// get the same response.
-    pub async fn concurrent_duplicates_across_two_instances_run_the_handler_once<
-        St: IdempotencyStore,
-    >(
-        first: St,
-        second: St,
-    ) {
-        let handler = Handler::sleeping(Duration::from_millis(300));
-        let instances = [
-            serve(&IdempotencyLayer::new(first), &handler),
-            serve(&IdempotencyLayer::new(second), &handler),
-        ];
-        let key = format!("two-instances-{}", std::process::id());
-        let requests: Vec<_> = (0..200)
-            .map(|i| {
-                let request = keyed_post("/charges", &key, r#"{"amount":1000}"#);
-                tokio::spawn(send(&instances[i % 2], request))
-            })
-            .collect();
-        let mut replies = Vec::new();
-        for request in requests {
-            replies.push(within(request).await.expect("the request task completed"));
-        }
-        assert_eq!(
-            handler.calls(),
-            1,
-            "the handler ran once across both instances"
-        );
-        let first = &replies[0];
-        for reply in &replies {
-            assert_eq!(reply.status, http::StatusCode::CREATED, "{reply:?}");
-            assert_eq!(
-                reply.body, first.body,
-                "every body is the first execution's"
-            );
-            assert_eq!(reply.header_list(), first.header_list());
-        }
-        assert_eq!(first.text(), "execution #1");
-        let replays = replies.iter().filter(|reply| reply.replayed()).count();
-        assert_eq!(replays, 199, "all but the first are replays");
     }
 }
