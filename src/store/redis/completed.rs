@@ -51,14 +51,7 @@ pub(super) struct Completed {
 impl Completed {
     /// Decodes an envelope; `bytes` must start with [`MAGIC`]. The record is not copied.
     pub(super) fn decode(mut bytes: Bytes) -> Result<Self, RecordError> {
-        if bytes.get(..3) != Some(&MAGIC[..]) {
-            return Err(RecordError::BadMagic);
-        }
-        match bytes.get(3) {
-            None => return Err(RecordError::Truncated),
-            Some(&VERSION) => {}
-            Some(&other) => return Err(RecordError::UnsupportedVersion(other)),
-        }
+        super::check_head(&bytes, MAGIC, VERSION)?;
         let header = bytes.split_to(HEADER.min(bytes.len()));
         let (Some(expires_at), Some(ttl)) = (be_u64(&header, 4), be_u64(&header, 12)) else {
             return Err(RecordError::Truncated);
@@ -82,6 +75,17 @@ impl Completed {
     }
 }
 
+/// What the complete script stores for `record`, expiring at `expires_at` (Unix ms).
+#[cfg(test)]
+pub(super) fn envelope(expires_at: u64, ttl: u64, record: &Record) -> Vec<u8> {
+    // Spelled out, not taken from the constants: the script writes these bytes.
+    let mut out = b"TIC\x01".to_vec();
+    out.extend_from_slice(&expires_at.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    out.extend_from_slice(&record.encode());
+    out
+}
+
 fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
     let field = bytes.get(at..at + 8)?;
     let mut out = [0; 8];
@@ -93,15 +97,6 @@ fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::fingerprint::Fingerprint;
-
-    /// What the complete script writes.
-    fn envelope(expires_at: u64, ttl: u64, record: &Record) -> Vec<u8> {
-        let mut out = b"TIC\x01".to_vec();
-        out.extend_from_slice(&expires_at.to_be_bytes());
-        out.extend_from_slice(&ttl.to_be_bytes());
-        out.extend_from_slice(&record.encode());
-        out
-    }
 
     fn record() -> Record {
         Record::not_replayable(Fingerprint::from_bytes([3; 32]), http::StatusCode::OK)

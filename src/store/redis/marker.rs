@@ -36,14 +36,7 @@ impl Marker {
 
     /// Decodes a marker; `bytes` must start with [`MAGIC`]. Any flags are accepted.
     pub(super) fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        if bytes.get(..3) != Some(&MAGIC[..]) {
-            return Err(RecordError::BadMagic);
-        }
-        match bytes.get(3) {
-            None => return Err(RecordError::Truncated),
-            Some(&VERSION) => {}
-            Some(&other) => return Err(RecordError::UnsupportedVersion(other)),
-        }
+        super::check_head(bytes, MAGIC, VERSION)?;
         if bytes.len() < LEN {
             return Err(RecordError::Truncated);
         }

@@ -68,8 +68,20 @@ use crate::{
     error::{StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
     key::{StorageKey, hex},
-    record::Record,
+    record::{Record, RecordError},
 };
+
+/// Checks the 4-byte head every value this store writes starts with: `magic`, then `version`.
+fn check_head(bytes: &[u8], magic: &[u8; 3], version: u8) -> Result<(), RecordError> {
+    if bytes.get(..3) != Some(&magic[..]) {
+        return Err(RecordError::BadMagic);
+    }
+    match bytes.get(3) {
+        None => Err(RecordError::Truncated),
+        Some(&found) if found == version => Ok(()),
+        Some(&other) => Err(RecordError::UnsupportedVersion(other)),
+    }
+}
 
 /// The default key prefix: `idempotency:`.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
@@ -698,7 +710,7 @@ impl<C> fmt::Debug for RedisStore<C> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{completed::envelope, *};
 
     #[test]
     fn durations_become_at_least_one_millisecond() {
@@ -717,15 +729,6 @@ mod tests {
             assert!(seen.insert(tokens.next()));
             assert!(seen.insert(other.next()));
         }
-    }
-
-    /// What the complete script stores for `record`, expiring at `expires_at` (Unix ms).
-    fn envelope(expires_at: u64, ttl: u64, record: &Record) -> Vec<u8> {
-        let mut out = b"TIC\x01".to_vec();
-        out.extend_from_slice(&expires_at.to_be_bytes());
-        out.extend_from_slice(&ttl.to_be_bytes());
-        out.extend_from_slice(&record.encode());
-        out
     }
 
     #[test]
