@@ -11,9 +11,10 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::mpsc;
-
-use crate::error::BoxError;
+use crate::{
+    error::BoxError,
+    stream::{Chunk, Receiver},
+};
 
 pin_project! {
     /// The request body the inner service receives: the original body, untouched, for
@@ -120,6 +121,10 @@ impl Chunks {
         usize::from(self.first.is_some()) + self.rest.len()
     }
 
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.first.iter().chain(&self.rest)
+    }
+
     pub(crate) fn into_vec(self) -> Vec<Bytes> {
         let mut all = Vec::with_capacity(self.count());
         all.extend(self.first);
@@ -144,16 +149,6 @@ impl Chunks {
     }
 }
 
-/// What the task that drives a handler sends to the client's body.
-#[derive(Debug)]
-pub(crate) enum Chunk {
-    Frame(Frame<Bytes>),
-    Error(BoxError),
-    /// The body ended normally. A channel that closes without it means the producing task
-    /// died (a panic in the handler's body): the client must see an error, not a short body.
-    End,
-}
-
 pin_project! {
     /// The response body the client receives: the inner body untouched (pass-through), a
     /// replayed or problem body from memory, or the first response streamed from the task
@@ -169,7 +164,7 @@ pin_project! {
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
-        Channel { rx: mpsc::Receiver<Chunk>, done: bool },
+        Channel { rx: Receiver, done: bool },
     }
 }
 
@@ -187,7 +182,7 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn channel(rx: mpsc::Receiver<Chunk>) -> Self {
+    pub(crate) fn channel(rx: Receiver) -> Self {
         Self {
             kind: ResponseKind::Channel { rx, done: false },
         }
@@ -232,7 +227,7 @@ where
                 }
                 let chunk = ready!(rx.poll_recv(cx));
                 let (next, finished) = match chunk {
-                    Some(Chunk::Frame(frame)) => (Some(Ok(frame)), false),
+                    Some(Chunk::Frame(frame, _)) => (Some(Ok(frame)), false),
                     Some(Chunk::Error(error)) => (Some(Err(error)), true),
                     Some(Chunk::End) => (None, true),
                     None => (Some(Err(ProducerStopped.into())), true),
@@ -321,10 +316,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_that_closes_without_end_is_an_error() {
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(Chunk::Frame(Frame::data(Bytes::from_static(b"part"))))
-            .await
-            .unwrap();
+        let (tx, rx) = crate::stream::channel();
+        tx.push(Chunk::Frame(Frame::data(Bytes::from_static(b"part")), 0));
         drop(tx);
         let mut body = ResponseBody::<Plain>::channel(rx);
         let first = body.frame().await.unwrap().unwrap();
@@ -336,15 +329,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_that_ends_is_a_complete_body() {
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(Chunk::Frame(Frame::data(Bytes::from_static(b"a"))))
-            .await
-            .unwrap();
-        tx.send(Chunk::Frame(Frame::data(Bytes::from_static(b"b"))))
-            .await
-            .unwrap();
-        tx.send(Chunk::End).await.unwrap();
-        drop(tx);
+        let rx = crate::stream::ready([
+            Chunk::Frame(Frame::data(Bytes::from_static(b"a")), 0),
+            Chunk::Frame(Frame::data(Bytes::from_static(b"b")), 0),
+            Chunk::End,
+        ]);
         let body = ResponseBody::<Plain>::channel(rx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ab");
     }

@@ -9,9 +9,11 @@
 //!   nothing: the handler finishes and its record is stored.
 //! - **Panics** in the handler are caught here: the claim is released and the client gets a
 //!   500 problem.
-//! - **Streaming**: a body that is not ready whole is pumped by a task of its own, which
-//!   forwards it to the client while capturing it; a client that goes away stops only the
-//!   forwarding.
+//! - **Streaming**: a body that is not ready whole is read by a task of its own at the pace
+//!   the handler produces it, captured, and queued for the client without waiting for it
+//!   ([`stream`](crate::stream)): a slow or silent client never holds the key in flight. Past
+//!   the capture limit the key is spent (completed, not replayable) and the rest of the body
+//!   follows at the client's pace.
 //!
 //! A response ends only once its record is stored, so a client that has the whole response
 //! and retries at once is replayed, never told the key is still in flight.
@@ -29,12 +31,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, response};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
-use tokio::sync::mpsc;
 use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    body::{Chunk, Chunks, RequestBody, ResponseBody},
+    body::{Chunks, RequestBody, ResponseBody},
     config::Config,
     error::BoxError,
     fingerprint::Fingerprint,
@@ -42,10 +43,9 @@ use crate::{
     problem::Problem,
     record::Record,
     store::IdempotencyStore,
+    stream::{self, Chunk, Sender},
 };
 
-/// Frames buffered between the task pumping a streamed body and a slow client.
-const FRAMES_IN_FLIGHT: usize = 8;
 /// At most this many frames are taken at once before the response is streamed.
 const READY_FRAMES: usize = 64;
 
@@ -53,7 +53,7 @@ const READY_FRAMES: usize = 64;
 pub(crate) async fn execute<S, St, ReqB, ResB>(
     inner: S,
     request: Request<RequestBody<ReqB>>,
-    lease: Lease<St>,
+    mut lease: Lease<St>,
     fingerprint: Fingerprint,
     ttl: Duration,
     config: &Config,
@@ -105,22 +105,14 @@ where
             ))
         }
         Ok(Ran::Streaming { head, pump }) => {
-            let (tx, rx) = mpsc::channel(FRAMES_IN_FLIGHT);
-            let status = head.status;
-            let headers = head.headers.clone();
-            let pump = async move {
-                let capture = lease.keep_alive(pump.run(tx, limit)).await;
-                match capture {
-                    Some((capture, trailers, client)) => {
-                        let record =
-                            capture.into_record(fingerprint, status, &headers, trailers.as_ref());
-                        lease.complete(record, ttl).await;
-                        Deliver(client).end().await;
-                    }
-                    None => lease.release().await,
-                }
+            let (tx, rx) = stream::channel();
+            let record = RecordOf {
+                fingerprint,
+                status: head.status,
+                headers: head.headers.clone(),
+                ttl,
             };
-            tokio::spawn(pump.in_current_span());
+            tokio::spawn(pump.finish(lease, tx, limit, record).in_current_span());
             Ok(Response::from_parts(head, ResponseBody::channel(rx)))
         }
         Err(_panic) => {
@@ -199,12 +191,11 @@ where
                 Err(frame) => trailers = frame.into_trailers().ok(),
             },
             Poll::Ready(Some(Err(error))) => {
-                let chunks = ready.into_vec();
-                let (tx, rx) = mpsc::channel(chunks.len() + 1);
-                for data in chunks {
-                    let _ = tx.try_send(Chunk::Frame(Frame::data(data)));
-                }
-                let _ = tx.try_send(Chunk::Error(error.into()));
+                let frames = ready
+                    .into_vec()
+                    .into_iter()
+                    .map(|data| Chunk::Frame(Frame::data(data), 0));
+                let rx = stream::ready(frames.chain([Chunk::Error(error.into())]));
                 return Ran::Broken(Response::from_parts(head, ResponseBody::channel(rx)));
             }
         }
@@ -219,6 +210,14 @@ where
     }
 }
 
+/// What a streamed response's record is made of, besides its body.
+struct RecordOf {
+    fingerprint: Fingerprint,
+    status: StatusCode,
+    headers: HeaderMap,
+    ttl: Duration,
+}
+
 /// The rest of a body still being produced, and what was taken of it so far.
 struct Pump<B> {
     body: Pin<Box<B>>,
@@ -226,24 +225,68 @@ struct Pump<B> {
     trailers: Option<HeaderMap>,
 }
 
+/// How capturing a streamed body ended.
+enum Captured<B> {
+    /// The whole body, within the limit.
+    Whole {
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// The body went past the limit; here is the rest of it, still to be forwarded.
+    OverLimit(Pin<Box<B>>),
+    /// The body failed.
+    Failed(BoxError),
+}
+
 impl<B> Pump<B>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    /// Forwards the body to the client while capturing it. Returns the capture, the trailers
-    /// and the client's end of the channel (to be ended once the record is stored), or `None`
-    /// if the body failed (the key is then released).
-    async fn run(
-        mut self,
-        tx: mpsc::Sender<Chunk>,
+    /// The task behind a streamed response: captures the body while the lease is kept alive,
+    /// then stores the record (or releases the key) and ends the client's body.
+    async fn finish<St: IdempotencyStore>(
+        self,
+        mut lease: Lease<St>,
+        tx: Sender,
         limit: usize,
-    ) -> Option<(Capture, Option<HeaderMap>, Option<mpsc::Sender<Chunk>>)> {
-        let mut client = Some(tx);
-        let mut capture = Capture::new(limit);
-        for data in self.ready.into_vec() {
-            capture.push(&data);
-            forward(&mut client, Chunk::Frame(Frame::data(data))).await;
+        of: RecordOf,
+    ) {
+        match lease.keep_alive(self.capture(&tx, limit)).await {
+            Captured::Whole { body, trailers } => {
+                let record = Record::response(
+                    of.fingerprint,
+                    of.status,
+                    &of.headers,
+                    body,
+                    trailers.as_ref(),
+                );
+                lease.complete(record, of.ttl).await;
+                tx.push(Chunk::End);
+            }
+            Captured::OverLimit(rest) => {
+                // The key is spent whatever the rest of the body does: the handler ran.
+                let record = Record::not_replayable(of.fingerprint, of.status);
+                lease.complete(record, of.ttl).await;
+                forward_rest(rest, &tx).await;
+            }
+            Captured::Failed(error) => {
+                // Released before the client sees the error, so its retry at once executes.
+                lease.release().await;
+                tx.push(Chunk::Error(error));
+            }
+        }
+    }
+
+    /// Reads the body at the handler's pace, capturing it and queueing every frame for the
+    /// client without waiting for it, until it ends, fails or goes past `limit`.
+    async fn capture(mut self, tx: &Sender, limit: usize) -> Captured<B> {
+        let over = self.ready.len > limit;
+        for data in self.ready.iter() {
+            tx.push(Chunk::Frame(Frame::data(data.clone()), 0));
+        }
+        if over {
+            return Captured::OverLimit(self.body);
         }
         loop {
             let next = std::future::poll_fn(|cx| {
@@ -251,87 +294,51 @@ where
                     .as_mut()
                     .poll_frame(cx)
                     .map_err(Into::<BoxError>::into)
-            })
-            .await;
-            let frame = match next {
-                None => break,
-                Some(Ok(frame)) => frame,
-                Some(Err(error)) => {
-                    // The response is broken: release the key so that a retry executes again.
-                    forward(&mut client, Chunk::Error(error)).await;
-                    return None;
+            });
+            let frame = match next.await {
+                None => {
+                    return Captured::Whole {
+                        body: self.ready.concat(),
+                        trailers: self.trailers,
+                    };
                 }
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => return Captured::Failed(error),
             };
             if let Some(data) = frame.data_ref() {
-                capture.push(data);
+                if self.ready.len + data.len() > limit {
+                    tx.push(Chunk::Frame(frame, 0));
+                    return Captured::OverLimit(self.body);
+                }
+                self.ready.push(data.clone());
             } else if let Some(trailers) = frame.trailers_ref() {
                 self.trailers = Some(trailers.clone());
             }
-            forward(&mut client, Chunk::Frame(frame)).await;
+            tx.push(Chunk::Frame(frame, 0));
         }
-        Some((capture, self.trailers, client))
     }
 }
 
-/// The end of a streamed response, held back until its record is stored.
-struct Deliver(Option<mpsc::Sender<Chunk>>);
-
-impl Deliver {
-    async fn end(mut self) {
-        forward(&mut self.0, Chunk::End).await;
-    }
-}
-
-/// Sends a chunk to the client while it is there; once it is gone, chunks are dropped and the
-/// handler's body is still read to the end (and captured).
-async fn forward(client: &mut Option<mpsc::Sender<Chunk>>, chunk: Chunk) {
-    if let Some(tx) = client
-        && tx.send(chunk).await.is_err()
-    {
-        tracing::debug!("client went away; the handler runs on and its response is stored");
-        *client = None;
-    }
-}
-
-/// The copy of a streamed body, kept while it stays within the limit.
-struct Capture {
-    chunks: Chunks,
-    limit: usize,
-    over: bool,
-}
-
-impl Capture {
-    fn new(limit: usize) -> Self {
-        Self {
-            chunks: Chunks::default(),
-            limit,
-            over: false,
+/// Forwards the rest of a body past the capture limit at the client's pace; stops reading it
+/// once the client is gone (nothing else needs it: its key is spent already).
+async fn forward_rest<B>(mut body: Pin<Box<B>>, tx: &Sender)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let next =
+            std::future::poll_fn(|cx| body.as_mut().poll_frame(cx).map_err(Into::<BoxError>::into));
+        match next.await {
+            None => return tx.push(Chunk::End),
+            Some(Err(error)) => return tx.push(Chunk::Error(error)),
+            Some(Ok(frame)) => {
+                if !tx.send(frame).await {
+                    tracing::debug!("client went away from a response too large to keep");
+                    return;
+                }
+            }
         }
-    }
-
-    fn push(&mut self, data: &Bytes) {
-        if self.over {
-            return;
-        }
-        if self.chunks.len + data.len() > self.limit {
-            self.over = true;
-            self.chunks = Chunks::default();
-        } else {
-            self.chunks.push(data.clone());
-        }
-    }
-
-    fn into_record(
-        self,
-        fingerprint: Fingerprint,
-        status: StatusCode,
-        headers: &HeaderMap,
-        trailers: Option<&HeaderMap>,
-    ) -> Record {
-        if self.over {
-            return Record::not_replayable(fingerprint, status);
-        }
-        Record::response(fingerprint, status, headers, self.chunks.concat(), trailers)
     }
 }
 
@@ -367,27 +374,6 @@ impl<F: Future> Future for CatchUnwind<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_capture_over_the_limit_keeps_nothing_and_records_not_replayable() {
-        let fingerprint = Fingerprint::from_bytes([7; 32]);
-        let mut capture = Capture::new(4);
-        capture.push(&Bytes::from_static(b"abc"));
-        capture.push(&Bytes::from_static(b"de"));
-        assert_eq!(capture.chunks.count(), 0);
-        let record = capture.into_record(fingerprint, StatusCode::OK, &HeaderMap::new(), None);
-        assert!(!record.is_replayable());
-    }
-
-    #[test]
-    fn a_capture_at_the_limit_is_kept_whole() {
-        let fingerprint = Fingerprint::from_bytes([7; 32]);
-        let mut capture = Capture::new(5);
-        capture.push(&Bytes::from_static(b"abc"));
-        capture.push(&Bytes::from_static(b"de"));
-        let record = capture.into_record(fingerprint, StatusCode::OK, &HeaderMap::new(), None);
-        assert_eq!(record.body().map(|b| &b[..]), Some(&b"abcde"[..]));
-    }
 
     #[test]
     fn a_panic_while_polling_is_caught() {

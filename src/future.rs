@@ -4,6 +4,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -21,10 +25,12 @@ pin_project! {
     /// response the layer knows at once is ready in place; a protected request runs as one
     /// boxed future.
     ///
-    /// Dropping this future (the client went away) does not cancel a protected request: its
-    /// unfinished work moves to a task of its own and runs to the end, so a handler that
-    /// started finishes and its response is stored for the retry, and a claim on its way to
-    /// the store is never left behind.
+    /// Dropping this future (the client went away) does not cancel a protected request once
+    /// it has sent its claim: its unfinished work moves to a task of its own, so a handler
+    /// that started finishes and its response is stored for the retry, and a claim on its way
+    /// to the store is never left behind (the handler of a claim that comes back after the
+    /// client left is not started: the key is released). Before that, and while it waits for
+    /// another request with its key, a dropped request simply ends.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -55,7 +61,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn protected(future: Protected<B, E>) -> Self
+    pub(crate) fn protected(future: Protected<B, E>, detach: Arc<Detach>) -> Self
     where
         B: 'static,
         E: 'static,
@@ -64,6 +70,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Protected {
                 future: FinishOnDrop {
                     future: Some(future),
+                    detach,
                     finish: finish_in_task::<B, E>,
                 },
             },
@@ -91,9 +98,42 @@ where
     }
 }
 
-/// A protected request's future, finished in a task of its own if dropped before the end.
+/// Whether a protected request's work must outlive its client: set by the work while it has
+/// a claim on its way or a handler running, read when the client goes away.
+#[derive(Debug, Default)]
+pub(crate) struct Detach(AtomicU8);
+
+/// The work must finish if the client goes away.
+const FINISH: u8 = 1;
+/// The client went away.
+const GONE: u8 = 2;
+
+impl Detach {
+    /// From now on, a client that goes away leaves the work to finish (`true`) or ends it.
+    pub(crate) fn finish_on_drop(&self, finish: bool) {
+        if finish {
+            self.0.fetch_or(FINISH, Ordering::AcqRel);
+        } else {
+            self.0.fetch_and(!FINISH, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether the client went away: work finishing on its own starts nothing new for it.
+    pub(crate) fn client_gone(&self) -> bool {
+        self.0.load(Ordering::Acquire) & GONE != 0
+    }
+
+    /// Marks the client gone; returns whether the work must finish.
+    fn leave(&self) -> bool {
+        self.0.fetch_or(GONE, Ordering::AcqRel) & FINISH != 0
+    }
+}
+
+/// A protected request's future, finished in a task of its own if dropped before the end
+/// while its [`Detach`] says so.
 struct FinishOnDrop<B, E> {
     future: Option<Protected<B, E>>,
+    detach: Arc<Detach>,
     // Made where `B` and `E` are known to be `'static`, which a `Drop` impl cannot require.
     finish: fn(Protected<B, E>),
 }
@@ -112,7 +152,9 @@ impl<B, E> FinishOnDrop<B, E> {
 
 impl<B, E> Drop for FinishOnDrop<B, E> {
     fn drop(&mut self) {
-        if let Some(future) = self.future.take() {
+        if let Some(future) = self.future.take()
+            && self.detach.leave()
+        {
             (self.finish)(future);
         }
     }

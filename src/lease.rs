@@ -4,18 +4,30 @@
 //! This is the shape of tower's concurrency permit: every path that does not complete the
 //! claim gives it back, so a key is never left blocked for a lease after an error, a panic
 //! or a dropped connection.
+//!
+//! A completion that fails because the store is unreachable is not given up at once: the
+//! handler has run, and releasing the key would let a retry run it again. It is retried in
+//! the background for as long as the claim may still be live (the store keeps it for the
+//! lease from its last renewal), so a store that comes back within the lease gets the record
+//! and the retry its replay. Only then, or on any other failure, is the key released.
 
 use std::{future::Future, pin::Pin, task::Poll, time::Duration};
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::{
-    error::StoreErrorKind,
+    error::{StoreError, StoreErrorKind},
     key::StorageKey,
     observe,
     record::Record,
     store::{FenceToken, IdempotencyStore},
 };
+
+/// The first pause before a failed completion or release is tried again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(25);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// A claim held by this process.
 pub(crate) struct Lease<St: IdempotencyStore> {
@@ -23,16 +35,27 @@ pub(crate) struct Lease<St: IdempotencyStore> {
     key: StorageKey,
     token: FenceToken,
     duration: Duration,
+    /// Until when the store keeps the claim, as far as this process knows: the lease counted
+    /// from when the claim, or its last successful renewal, was sent.
+    live_until: Instant,
     held: bool,
 }
 
 impl<St: IdempotencyStore> Lease<St> {
-    pub(crate) fn new(store: St, key: StorageKey, token: FenceToken, duration: Duration) -> Self {
+    /// The claim `token` on `key`, for `duration` from `claimed_at` (when the claim was sent).
+    pub(crate) fn new(
+        store: St,
+        key: StorageKey,
+        token: FenceToken,
+        duration: Duration,
+        claimed_at: Instant,
+    ) -> Self {
         Self {
             store,
             key,
             token,
             duration,
+            live_until: claimed_at + duration,
             held: true,
         }
     }
@@ -41,7 +64,7 @@ impl<St: IdempotencyStore> Lease<St> {
     ///
     /// Renewal runs beside the work, never in front of it: the work is polled while a renewal
     /// is on its way to the store.
-    pub(crate) async fn keep_alive<F: Future>(&self, work: F) -> F::Output {
+    pub(crate) async fn keep_alive<F: Future>(&mut self, work: F) -> F::Output {
         tokio::pin!(work);
         // Most handlers are done on their first poll: they need no timer at all.
         if let Some(output) = poll_once(work.as_mut()).await {
@@ -58,13 +81,14 @@ impl<St: IdempotencyStore> Lease<St> {
                 output = &mut work => return output,
                 () = tokio::time::sleep_until(Instant::now() + period) => {}
             }
+            let sent = Instant::now();
             let renewal = self.store.renew(&self.key, self.token, self.duration);
             let renewal = observe::store_op("renew", renewal);
             tokio::select! {
                 biased;
                 output = &mut work => return output,
                 result = renewal => match result {
-                    Ok(()) => {}
+                    Ok(()) => self.live_until = sent + self.duration,
                     Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
                         tracing::warn!(key = ?self.key, "idempotency lease lost while the handler ran; its response will not be stored");
                         renewing = false;
@@ -77,31 +101,107 @@ impl<St: IdempotencyStore> Lease<St> {
         }
     }
 
-    /// Stores `record` in place of the claim. A failed write releases the claim instead, so
-    /// a retry executes again rather than waiting out the lease.
+    /// Stores `record` in place of the claim.
+    ///
+    /// Returns once the record is stored, or once a first attempt failed: a store that could
+    /// not be reached is tried again in the background while the claim may still be live; any
+    /// other failure releases the claim, so a retry executes again rather than waiting out
+    /// the lease.
     pub(crate) async fn complete(mut self, record: Record, ttl: Duration) {
         self.held = false;
-        let completion = self.store.complete(&self.key, self.token, record, ttl);
+        let completion = self.store.complete(&self.key, self.token, record.clone(), ttl);
         match observe::store_op("complete", completion).await {
             Ok(()) => {}
-            Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
+            Err(error) => self.completion_failed(error, record, ttl),
+        }
+    }
+
+    fn completion_failed(self, error: StoreError, record: Record, ttl: Duration) {
+        match error.kind() {
+            StoreErrorKind::LeaseLost => {
                 tracing::warn!(key = ?self.key, "idempotency lease lost before completion; the response was not stored");
             }
-            Err(error) => {
+            StoreErrorKind::Unavailable => {
+                tracing::warn!(key = ?self.key, %error, "storing an idempotency record failed; trying again while the claim lasts");
+                spawn(async move {
+                    let key = self.key;
+                    let (store, token) = (self.store.clone(), self.token);
+                    let stored = self
+                        .retry(error, || {
+                            let (store, record) = (store.clone(), record.clone());
+                            async move { store.complete(&key, token, record, ttl).await }
+                        })
+                        .await;
+                    match stored.map_err(|error| error.kind()) {
+                        Ok(()) => tracing::info!(?key, "idempotency record stored after a retry"),
+                        Err(StoreErrorKind::LeaseLost) => {
+                            tracing::warn!(?key, "idempotency lease lost before completion; the response was not stored");
+                        }
+                        Err(StoreErrorKind::Unavailable) => {
+                            // Releasing needs the store too; the claim frees itself instead.
+                            tracing::error!(?key, "storing an idempotency record failed until its claim ran out; a retry of this key will execute again");
+                        }
+                        Err(_) => self.release().await,
+                    }
+                });
+            }
+            _ => {
                 tracing::warn!(key = ?self.key, %error, "storing an idempotency record failed; releasing the key");
-                let _ = self.store.release(&self.key, self.token).await;
+                spawn(self.release());
             }
         }
     }
 
-    /// Gives the key back: the next request with it executes.
+    /// Gives the key back: the next request with it executes. A store that could not be
+    /// reached is tried again while the claim lasts.
     pub(crate) async fn release(mut self) {
         self.held = false;
         let release = self.store.release(&self.key, self.token);
-        if let Err(error) = observe::store_op("release", release).await
-            && error.kind() != StoreErrorKind::LeaseLost
-        {
-            tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
+        match observe::store_op("release", release).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == StoreErrorKind::LeaseLost => {}
+            Err(error) if error.kind() == StoreErrorKind::Unavailable => {
+                spawn(async move {
+                    let (store, key, token) = (self.store.clone(), self.key, self.token);
+                    let released = self
+                        .retry(error, || {
+                            let store = store.clone();
+                            async move { store.release(&key, token).await }
+                        })
+                        .await;
+                    if let Err(error) = released
+                        && error.kind() != StoreErrorKind::LeaseLost
+                    {
+                        tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
+            }
+        }
+    }
+
+    /// Tries `operation` again, with growing pauses, while the store may still hold the
+    /// claim and the store stays unreachable (`failed` is the first attempt's error). The last
+    /// error is returned if it never lands.
+    async fn retry<F, Fut>(&self, failed: StoreError, operation: F) -> Result<(), StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), StoreError>>,
+    {
+        let mut last = failed;
+        let mut pause = RETRY_FIRST;
+        loop {
+            if Instant::now() + pause >= self.live_until {
+                return Err(last);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_MAX);
+            match operation().await {
+                Err(error) if error.kind() == StoreErrorKind::Unavailable => last = error,
+                done => return done,
+            }
         }
     }
 }
@@ -112,14 +212,19 @@ impl<St: IdempotencyStore> Drop for Lease<St> {
         if !self.held {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let store = self.store.clone();
         let (key, token) = (self.key, self.token);
-        runtime.spawn(async move {
+        spawn(async move {
             let _ = store.release(&key, token).await;
         });
+    }
+}
+
+/// Runs `work` on the current runtime, in the current span. Without a runtime (it is shutting
+/// down) the work is dropped: a claim it would have ended frees itself when its lease ends.
+fn spawn(work: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(work.in_current_span());
     }
 }
 

@@ -18,6 +18,7 @@ mod problem;
 mod record;
 mod service;
 pub mod store;
+mod stream;
 
 pub use crate::{
     body::{RequestBody, ResponseBody},

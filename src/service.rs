@@ -27,7 +27,7 @@ use crate::{
     error::{BoxError, StoreError},
     execute::execute,
     fingerprint::Fingerprint,
-    future::ResponseFuture,
+    future::{Detach, ResponseFuture},
     key::{IdempotencyKey, KeyRef, StorageKey},
     lease::Lease,
     observe::{self, Outcome},
@@ -134,20 +134,27 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, config) = (self.store.clone(), Arc::clone(config));
-        ResponseFuture::protected(Box::pin(protect(inner, store, config, request, plan)))
+        let detach = Arc::new(Detach::default());
+        let work = protect(inner, store, config, request, plan, Arc::clone(&detach));
+        ResponseFuture::protected(Box::pin(work), detach)
     }
 }
 
 /// Steps 3 and 4 of the flow: read, fingerprint, claim, then replay, wait, refuse or execute.
+///
+/// `detach` says when the work must outlive a client that went away: from the moment a claim
+/// is sent until the answer is known, and while a handler runs. Reading the body and waiting
+/// for another request simply end with the client.
 async fn protect<S, St, ReqB, ResB>(
     inner: S,
     store: St,
     config: Arc<Config>,
     request: Request<ReqB>,
     plan: KeyPlan,
+    detach: Arc<Detach>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     St: IdempotencyStore,
@@ -156,6 +163,7 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let mut inner = Inner::new(inner);
     let (parts, body) = request.into_parts();
     let body = match read_body(&parts, body, config.request_body_limit).await {
         Ok(body) => body,
@@ -194,12 +202,43 @@ where
     };
     let mut waited = false;
     loop {
+        // A claim on its way may land: from here, a client that leaves does not stop the
+        // work, or the claim would be left behind for its whole lease.
+        detach.finish_on_drop(true);
+        let claimed_at = Instant::now();
         let claim = store.claim(&storage_key, &fingerprint, config.lease);
         let claim = observe::store_op("claim", claim).await;
+        if !matches!(claim, Ok(Claim::Acquired(_))) {
+            detach.finish_on_drop(false);
+            if detach.client_gone() {
+                return Ok(nobody_listens());
+            }
+        }
         match claim {
             Ok(Claim::Acquired(token)) => {
+                let lease = Lease::new(store, storage_key, token, config.lease, claimed_at);
+                if detach.client_gone() {
+                    // Nobody is left to answer: the handler is not started for nobody.
+                    lease.release().await;
+                    return Ok(nobody_listens());
+                }
+                let inner = if inner.is_ready() {
+                    inner.into_service()
+                } else {
+                    // Waiting for the inner service ends with the client; the lease's drop
+                    // guard then gives the key back.
+                    detach.finish_on_drop(false);
+                    let ready = inner.ready().await;
+                    detach.finish_on_drop(true);
+                    match ready {
+                        Ok(inner) => inner,
+                        Err(error) => {
+                            lease.release().await;
+                            return Err(error);
+                        }
+                    }
+                };
                 observe::outcome(Outcome::Executed);
-                let lease = Lease::new(store, storage_key, token, config.lease);
                 let mut request = Request::from_parts(parts, RequestBody::full(body));
                 if let Some(key) = key {
                     request.extensions_mut().insert(key);
@@ -223,15 +262,69 @@ where
                 let Some(remaining) = remaining.filter(|r| !r.is_zero()) else {
                     return Ok(reject(&config, &Problem::in_flight()));
                 };
+                // Whatever readiness the inner service holds (a concurrency permit, a buffer
+                // slot) is not held through the wait.
+                inner.give_back_readiness();
                 waited = true;
                 let wait = store.wait(&storage_key, remaining);
                 if let Err(error) = observe::store_op("wait", wait).await {
-                    return store_failed(&config, error, inner, parts, body).await;
+                    return store_failed(&config, error, inner, parts, body, &detach).await;
                 }
             }
-            Err(error) => return store_failed(&config, error, inner, parts, body).await,
+            Err(error) => {
+                return store_failed(&config, error, inner, parts, body, &detach).await;
+            }
         }
     }
+}
+
+/// The inner service of a protected request, and whether it still holds the readiness that
+/// `poll_ready` gave it.
+struct Inner<S> {
+    service: S,
+    ready: bool,
+}
+
+impl<S: Clone> Inner<S> {
+    fn new(service: S) -> Self {
+        Self {
+            service,
+            ready: true,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    fn into_service(self) -> S {
+        self.service
+    }
+
+    /// Drops the ready service for a clone without its readiness: what a ready service holds
+    /// (a `ConcurrencyLimit` permit, a `Buffer` slot) goes back for others to use.
+    fn give_back_readiness(&mut self) {
+        if self.ready {
+            self.service = self.service.clone();
+            self.ready = false;
+        }
+    }
+
+    /// The service, made ready again if it gave its readiness back.
+    async fn ready<R>(mut self) -> Result<S, S::Error>
+    where
+        S: Service<R>,
+    {
+        if !self.ready {
+            std::future::poll_fn(|cx| self.service.poll_ready(cx)).await?;
+        }
+        Ok(self.service)
+    }
+}
+
+/// The response of work that finished after its client went away: nobody reads it.
+fn nobody_listens<B>() -> Response<ResponseBody<B>> {
+    Response::new(ResponseBody::full(Bytes::new(), None))
 }
 
 /// Reads the body whole, refusing it past `limit` (by its declared length first, so an
@@ -307,12 +400,13 @@ fn replay<B>(
 async fn store_failed<S, ReqB, ResB>(
     config: &Config,
     error: StoreError,
-    inner: S,
+    inner: Inner<S>,
     parts: Parts,
     body: Bytes,
+    detach: &Detach,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone,
 {
     match config.fail_mode {
         FailMode::Closed => {
@@ -320,6 +414,9 @@ where
             Ok(reject(config, &Problem::store_unavailable()))
         }
         FailMode::Open => {
+            if detach.client_gone() {
+                return Ok(nobody_listens());
+            }
             tracing::warn!(%error, "executing unprotected (fail-open)");
             observe::outcome(Outcome::FailOpen);
             call_unprotected(inner, parts, body).await
@@ -328,13 +425,14 @@ where
 }
 
 async fn call_unprotected<S, ReqB, ResB>(
-    mut inner: S,
+    inner: Inner<S>,
     parts: Parts,
     body: Bytes,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone,
 {
+    let mut inner = inner.ready().await?;
     let response = inner
         .call(Request::from_parts(parts, RequestBody::full(body)))
         .await?;
@@ -359,7 +457,7 @@ where
         return ResponseFuture::ready(reject(config, &problem));
     }
     let config = Arc::clone(config);
-    ResponseFuture::protected(Box::pin(async move {
+    let drain = async move {
         let limit = config.request_body_limit;
         let drained = read_limited(request.into_body(), limit).await.is_ok();
         let response = reject(&config, &problem);
@@ -368,7 +466,9 @@ where
         } else {
             close_connection(response)
         })
-    }))
+    };
+    // Nothing to finish if the client leaves: the default `Detach` ends the work with it.
+    ResponseFuture::protected(Box::pin(drain), Arc::default())
 }
 
 /// Tells the client (and hyper) that this connection ends with this response.

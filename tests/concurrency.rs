@@ -272,3 +272,122 @@ async fn a_client_that_has_the_whole_response_and_retries_at_once_is_replayed_ev
         assert_eq!(handler.calls(), 1);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_duplicate_whose_client_leaves_stops_waiting_and_never_runs_the_handler() {
+    // The first execution fails transiently (503: not stored, key released); any later one
+    // would succeed.
+    let gate = Gate::new();
+    let handler = Handler::with_counter({
+        let gate = gate.clone();
+        move |n, _request| {
+            let gate = gate.clone();
+            async move {
+                gate.pass().await;
+                if n == 1 {
+                    common::service::respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        common::service::full("try again"),
+                    )
+                } else {
+                    created(format!("execution #{n}"))
+                }
+            }
+        }
+    });
+    let store = MemoryStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    let first = tokio::spawn(send(&svc, keyed_post("/charges", "k", "{}")));
+    eventually("the first request runs", || handler.calls() == 1).await;
+
+    // The duplicate waits for the first, and its client gives up while it waits.
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(&svc, keyed_post("/charges", "k", "{}")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the duplicate was still waiting");
+
+    // The first request releases the key: nobody is left to run the handler for.
+    gate.open();
+    let first = within(first).await.unwrap();
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(handler.calls(), 1, "the handler ran for nobody");
+    assert_eq!(store.in_flight_count(), 0);
+    assert_eq!(store.record_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_client_leaves_while_its_claim_is_on_its_way_runs_nothing_and_frees_the_key()
+ {
+    let handler = Handler::counting();
+    let store = FlakyStore::default();
+    store.slow_claims.store(true, Ordering::SeqCst);
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    let gave_up = tokio::time::timeout(
+        common::flaky_store::SLOW / 2,
+        send(&svc, keyed_post("/charges", "k", "{}")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the client left before its claim came back");
+    // The claim lands after the client left: it is given back, not used and not left held.
+    tokio::time::sleep(common::flaky_store::SLOW * 2).await;
+    assert_eq!(handler.calls(), 0);
+    assert_eq!(store.inner.in_flight_count(), 0);
+
+    store.slow_claims.store(false, Ordering::SeqCst);
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(retry.text(), "execution #1");
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_duplicate_does_not_hold_the_inner_services_concurrency_permit() {
+    let gate = Gate::new();
+    let handler = Handler::with_counter({
+        let gate = gate.clone();
+        move |_n, request: http::Request<bytes::Bytes>| {
+            let gate = gate.clone();
+            async move {
+                if request.uri().path() == "/slow" {
+                    gate.pass().await;
+                }
+                created(request.uri().path().to_owned())
+            }
+        }
+    });
+    // Two permits: one for the slow request, one for anybody else.
+    let svc = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()))
+        .concurrency_limit(2)
+        .service(handler.clone());
+    let send = |request| {
+        let svc = svc.clone();
+        async move {
+            let response = tower::ServiceExt::oneshot(svc, request).await.unwrap();
+            Reply::read(response).await
+        }
+    };
+    let slow = tokio::spawn(send(keyed_post("/slow", "k", "{}")));
+    eventually("the slow request runs", || handler.calls() == 1).await;
+    let duplicate = tokio::spawn(send(keyed_post("/slow", "k", "{}")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!duplicate.is_finished(), "the duplicate waits");
+
+    // With the duplicate holding the second permit, this would wait for the gate.
+    let other = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(keyed_post("/fast", "other", "{}")),
+    )
+    .await
+    .expect("another request runs while the duplicate waits");
+    assert_eq!(other.text(), "/fast");
+
+    gate.open();
+    let slow = within(slow).await.unwrap();
+    let duplicate = within(duplicate).await.unwrap();
+    assert!(!slow.replayed());
+    assert!(duplicate.replayed());
+    assert_eq!(handler.calls(), 2);
+}

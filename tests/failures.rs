@@ -71,11 +71,15 @@ async fn a_store_outage_fails_open_by_executing_unprotected_and_recovers_by_itse
     assert_eq!(handler.calls(), 3);
 }
 
-#[tokio::test]
-async fn a_failed_store_write_releases_the_key_so_a_retry_executes_again() {
+#[tokio::test(start_paused = true)]
+async fn a_completion_that_fails_while_the_store_is_unreachable_lands_once_it_is_back() {
     let handler = Handler::counting();
     let store = FlakyStore::default();
-    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    let lease = Duration::from_secs(30);
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_lease(lease)
+        .with_wait_mode(WaitMode::Reject);
+    let svc = serve(&layer, &handler);
     store.completions_down.store(true, Ordering::SeqCst);
     let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(
@@ -83,8 +87,54 @@ async fn a_failed_store_write_releases_the_key_so_a_retry_executes_again() {
         StatusCode::CREATED,
         "the client still gets its response"
     );
-    eventually("the key is released", || store.inner.in_flight_count() == 0).await;
+    // The handler ran: the key stays claimed rather than letting a retry run it again.
+    tokio::time::sleep(lease / 2).await;
+    let meanwhile = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    meanwhile.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
+    assert_eq!(store.inner.in_flight_count(), 1);
+
     store.completions_down.store(false, Ordering::SeqCst);
+    eventually("the record lands", || store.inner.record_count() == 1).await;
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "execution #1");
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_completion_that_cannot_land_within_the_lease_frees_the_key_when_the_lease_ends() {
+    let handler = Handler::counting();
+    let store = FlakyStore::default();
+    let lease = Duration::from_secs(30);
+    let svc = serve(
+        &IdempotencyLayer::new(store.clone()).with_lease(lease),
+        &handler,
+    );
+    store.completions_down.store(true, Ordering::SeqCst);
+    let sent = tokio::time::Instant::now();
+    let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    tokio::time::sleep(lease).await;
+    assert_eq!(store.inner.in_flight_count(), 0, "the claim ran out");
+    assert_eq!(store.inner.record_count(), 0);
+
+    let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert!(!retry.replayed());
+    assert_eq!(retry.text(), "execution #2");
+    assert!(sent.elapsed() >= lease, "never before the lease ran out");
+    assert_eq!(handler.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_completion_refused_for_another_reason_releases_the_key_at_once() {
+    let handler = Handler::counting();
+    let store = FlakyStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    store.completions_refused.store(true, Ordering::SeqCst);
+    let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    eventually("the key is released", || store.inner.in_flight_count() == 0).await;
+    store.completions_refused.store(false, Ordering::SeqCst);
     let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert!(!retry.replayed());
     assert_eq!(retry.text(), "execution #2");

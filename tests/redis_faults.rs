@@ -260,3 +260,38 @@ async fn failing_open_runs_the_handler_while_redis_is_down_and_counts_it() {
     }
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_cut_off_by_a_redis_restart_lands_when_redis_is_back_within_the_lease() {
+    // Acknowledged writes survive the restart, as they must for a store of idempotency keys.
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let layer = IdempotencyLayer::new(connect(&server).await).with_lease(Duration::from_secs(30));
+    let instance = serve(&layer, &handler);
+
+    let first = tokio::spawn(send(&instance, keyed_post("/charges", "k", "{}")));
+    eventually("the handler runs", || handler.calls() == 1).await;
+    server = blocking(move || {
+        server.stop();
+        server
+    })
+    .await;
+    // The handler finishes while Redis is down: the record cannot be stored yet.
+    gate.open();
+    let first = within(first).await.expect("the first request");
+    assert_eq!(first.status, StatusCode::CREATED, "the client gets its response");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    server = blocking(move || {
+        server.restart();
+        server
+    })
+    .await;
+    // A retry waits for the claim, which the background completion now ends with the record.
+    let retry = send(&instance, keyed_post("/charges", "k", "{}")).await;
+    assert!(retry.replayed(), "got {} {:?}", retry.status, retry.problem);
+    assert_eq!(retry.body, first.body);
+    assert_eq!(handler.calls(), 1, "the handler ran once");
+    drop(server);
+}

@@ -339,3 +339,64 @@ async fn a_slow_client_still_receives_every_chunk_of_a_long_stream() {
     let replay = send(&svc, keyed_post("/export", "k", "{}")).await;
     assert_eq!(replay.body, expected.as_bytes());
 }
+
+/// A handler streaming `total` bytes in 64-byte chunks, yielding between them (so the body is
+/// never ready whole).
+fn streaming_handler(total: usize) -> Handler {
+    Handler::new(move |_request| async move {
+        let steps: Vec<Step> = (0..total / 64)
+            .flat_map(|n| [data(vec![b'a' + (n % 26) as u8; 64]), Step::Yield])
+            .collect();
+        respond(StatusCode::OK, scripted(steps))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_the_body_does_not_hold_the_key_in_flight() {
+    let total = 64 * 200;
+    let handler = streaming_handler(total);
+    let store = MemoryStore::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_response_body_limit(64 * 1024);
+    let svc = serve(&layer, &handler);
+
+    // The client has the head and reads nothing more (but keeps the connection).
+    let silent = send_raw(&svc, keyed_post("/export", "k", "{}")).await;
+    assert_eq!(silent.status(), StatusCode::OK);
+    common::service::eventually("the record is stored while the body is unread", || {
+        store.record_count() == 1
+    })
+    .await;
+    assert_eq!(store.in_flight_count(), 0);
+
+    // A retry from another connection is replayed at once, whole.
+    let retry = send(&svc, keyed_post("/export", "k", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body.len(), total);
+
+    // The silent client, reading at last, gets the same body.
+    let late = within(silent.into_body().collect()).await.unwrap().to_bytes();
+    assert_eq!(late, retry.body);
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_an_over_cap_body_does_not_hold_the_key_either() {
+    let total = 64 * 200;
+    let handler = streaming_handler(total);
+    let store = MemoryStore::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_response_body_limit(LIMIT);
+    let svc = serve(&layer, &handler);
+
+    let silent = send_raw(&svc, keyed_post("/export", "k", "{}")).await;
+    common::service::eventually("the key is spent while the body is unread", || {
+        store.record_count() == 1 && store.in_flight_count() == 0
+    })
+    .await;
+    let retry = send(&svc, keyed_post("/export", "k", "{}")).await;
+    retry.assert_problem(ProblemKind::NotReplayable, StatusCode::CONFLICT);
+
+    // Past the limit, the rest follows at the client's pace, and reaches it whole.
+    let late = within(silent.into_body().collect()).await.unwrap().to_bytes();
+    assert_eq!(late.len(), total);
+    assert_eq!(handler.calls(), 1);
+}

@@ -10,6 +10,7 @@ use std::{
 
 use tower_idempotency::{
     Claim, FenceToken, Fingerprint, IdempotencyStore, MemoryStore, Record, StorageKey, StoreError,
+    StoreErrorKind,
 };
 
 /// A `MemoryStore` whose operations can be made to fail as if the backend were unreachable.
@@ -24,7 +25,14 @@ pub struct FlakyStore {
     pub writes_down: Arc<AtomicBool>,
     /// Completions land only after a while, as a remote store's do.
     pub slow_completions: Arc<AtomicBool>,
+    /// Claims land only after a while, as a remote store's do.
+    pub slow_claims: Arc<AtomicBool>,
+    /// `complete` is refused with an error that retrying cannot fix (not an outage).
+    pub completions_refused: Arc<AtomicBool>,
 }
+
+/// How long a slow operation takes.
+pub const SLOW: Duration = Duration::from_millis(300);
 
 impl FlakyStore {
     pub fn over(inner: MemoryStore) -> Self {
@@ -52,6 +60,9 @@ impl IdempotencyStore for FlakyStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.check(&[])?;
+        if self.slow_claims.load(Ordering::SeqCst) {
+            tokio::time::sleep(SLOW).await;
+        }
         self.inner.claim(key, fingerprint, lease).await
     }
 
@@ -63,8 +74,14 @@ impl IdempotencyStore for FlakyStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.check(&[&self.completions_down, &self.writes_down])?;
+        if self.completions_refused.load(Ordering::SeqCst) {
+            return Err(StoreError::new(
+                StoreErrorKind::Other,
+                "simulated refusal: the record is too large for the backend",
+            ));
+        }
         if self.slow_completions.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(SLOW).await;
         }
         self.inner.complete(key, token, record, ttl).await
     }
