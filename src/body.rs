@@ -7,14 +7,14 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Bytes, BytesMut};
-use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
 use crate::{
     error::BoxError,
     stream::{Chunk, Receiver},
 };
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
 pin_project! {
     /// The request body the inner service receives: the original body, untouched, for

@@ -109,7 +109,9 @@ impl<St: IdempotencyStore> Lease<St> {
     /// the lease.
     pub(crate) async fn complete(mut self, record: Record, ttl: Duration) {
         self.held = false;
-        let completion = self.store.complete(&self.key, self.token, record.clone(), ttl);
+        let completion = self
+            .store
+            .complete(&self.key, self.token, record.clone(), ttl);
         match observe::store_op("complete", completion).await {
             Ok(()) => {}
             Err(error) => self.completion_failed(error, record, ttl),
@@ -135,11 +137,17 @@ impl<St: IdempotencyStore> Lease<St> {
                     match stored.map_err(|error| error.kind()) {
                         Ok(()) => tracing::info!(?key, "idempotency record stored after a retry"),
                         Err(StoreErrorKind::LeaseLost) => {
-                            tracing::warn!(?key, "idempotency lease lost before completion; the response was not stored");
+                            tracing::warn!(
+                                ?key,
+                                "idempotency lease lost before completion; the response was not stored"
+                            );
                         }
                         Err(StoreErrorKind::Unavailable) => {
                             // Releasing needs the store too; the claim frees itself instead.
-                            tracing::error!(?key, "storing an idempotency record failed until its claim ran out; a retry of this key will execute again");
+                            tracing::error!(
+                                ?key,
+                                "storing an idempotency record failed until its claim ran out; a retry of this key will execute again"
+                            );
                         }
                         Err(_) => self.release().await,
                     }

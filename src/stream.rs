@@ -148,7 +148,10 @@ mod tests {
         let third = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(data(10)));
         assert!(third.await.is_err(), "a third send went past a full window");
         assert!(matches!(recv(&mut rx).await, Some(Chunk::Frame(..))));
-        assert!(tx.send(data(10)).await, "taking a frame gives its credit back");
+        assert!(
+            tx.send(data(10)).await,
+            "taking a frame gives its credit back"
+        );
     }
 
     #[tokio::test]

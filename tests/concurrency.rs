@@ -76,22 +76,27 @@ async fn reject_mode_answers_concurrent_duplicates_409_with_retry_after() {
     assert_eq!(handler.calls(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_duplicate_that_waits_too_long_gets_409_in_flight_with_retry_after() {
     let gate = Gate::new();
     let handler = Handler::gated(&gate);
-    let layer = IdempotencyLayer::new(MemoryStore::default())
-        .with_wait_mode(WaitMode::Wait(Duration::from_millis(100)));
-    let svc = serve(&layer, &handler);
+    // The default wait: 10 s.
+    let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
     let first = tokio::spawn({
         let svc = svc.clone();
         async move { send(&svc, keyed_post("/charges", "k", "{}")).await }
     });
     eventually("the first request runs", || handler.calls() == 1).await;
 
+    let sent = tokio::time::Instant::now();
     let duplicate = send(&svc, keyed_post("/charges", "k", "{}")).await;
     duplicate.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
     duplicate.assert_retry_after();
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "waited {waited:?}"
+    );
 
     gate.open();
     let first = within(first).await.unwrap();
@@ -104,7 +109,7 @@ async fn a_duplicate_that_waits_too_long_gets_409_in_flight_with_retry_after() {
     assert_eq!(handler.calls(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_waiting_duplicate_gets_the_replay_as_soon_as_the_first_finishes() {
     let gate = Gate::new();
     let handler = Handler::gated(&gate);
@@ -156,19 +161,20 @@ async fn a_key_reused_with_another_body_while_in_flight_is_refused_at_once() {
     assert_eq!(handler.calls(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_long_handler_keeps_its_claim_by_renewing_its_lease() {
-    let handler = Handler::sleeping(Duration::from_millis(1_500));
+    // Twelve leases long (a paused clock: no real time passes).
+    let handler = Handler::sleeping(Duration::from_secs(12));
     let layer = IdempotencyLayer::new(MemoryStore::default())
-        .with_lease(Duration::from_millis(300))
-        .with_wait_mode(WaitMode::Wait(Duration::from_secs(5)));
+        .with_lease(Duration::from_secs(1))
+        .with_wait_mode(WaitMode::Wait(Duration::from_secs(15)));
     let svc = serve(&layer, &handler);
     let first = tokio::spawn({
         let svc = svc.clone();
         async move { send(&svc, keyed_post("/charges", "k", "{}")).await }
     });
     eventually("the first request runs", || handler.calls() == 1).await;
-    // Without renewal the claim would expire after 300 ms and this duplicate would execute.
+    // Without renewal the claim would expire after 1 s and this duplicate would execute.
     let duplicate = send(&svc, keyed_post("/charges", "k", "{}")).await;
     let first = within(first).await.unwrap();
     assert_eq!(handler.calls(), 1);
@@ -213,7 +219,7 @@ async fn a_client_that_disconnects_does_not_cancel_the_handler_and_its_retry_is_
     assert_eq!(handler.calls(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_client_dropped_by_a_timeout_mid_request_still_gets_a_replay_on_retry() {
     let handler = Handler::sleeping(Duration::from_millis(1_000));
     let svc = serve(&IdempotencyLayer::new(MemoryStore::default()), &handler);
@@ -330,7 +336,10 @@ async fn a_request_whose_client_leaves_while_its_claim_is_on_its_way_runs_nothin
         send(&svc, keyed_post("/charges", "k", "{}")),
     )
     .await;
-    assert!(gave_up.is_err(), "the client left before its claim came back");
+    assert!(
+        gave_up.is_err(),
+        "the client left before its claim came back"
+    );
     // The claim lands after the client left: it is given back, not used and not left held.
     tokio::time::sleep(common::flaky_store::SLOW * 2).await;
     assert_eq!(handler.calls(), 0);

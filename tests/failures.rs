@@ -5,8 +5,10 @@ mod common;
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -168,10 +170,10 @@ async fn duplicates_of_a_key_in_flight_fail_closed_when_the_store_goes_down() {
 // test claim the key on the store directly, as the storage key is a digest computed inside
 // the layer. So instance A claims through a store handle that then loses the store (its
 // completion, release and renewals fail), while instance B shares the same `MemoryStore`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_abandoned_claim_expires_after_its_lease_and_the_key_executes_again() {
     let shared = MemoryStore::default();
-    let lease = Duration::from_millis(1_000);
+    let lease = Duration::from_secs(5);
     let started = Arc::new(Mutex::new(Vec::new()));
     let handler = Handler::with_counter({
         let started = Arc::clone(&started);

@@ -280,7 +280,11 @@ async fn a_completion_cut_off_by_a_redis_restart_lands_when_redis_is_back_within
     // The handler finishes while Redis is down: the record cannot be stored yet.
     gate.open();
     let first = within(first).await.expect("the first request");
-    assert_eq!(first.status, StatusCode::CREATED, "the client gets its response");
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the client gets its response"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     server = blocking(move || {

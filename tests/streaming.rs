@@ -374,7 +374,10 @@ async fn a_client_that_never_reads_the_body_does_not_hold_the_key_in_flight() {
     assert_eq!(retry.body.len(), total);
 
     // The silent client, reading at last, gets the same body.
-    let late = within(silent.into_body().collect()).await.unwrap().to_bytes();
+    let late = within(silent.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
     assert_eq!(late, retry.body);
     assert_eq!(handler.calls(), 1);
 }
@@ -396,7 +399,10 @@ async fn a_client_that_never_reads_an_over_cap_body_does_not_hold_the_key_either
     retry.assert_problem(ProblemKind::NotReplayable, StatusCode::CONFLICT);
 
     // Past the limit, the rest follows at the client's pace, and reaches it whole.
-    let late = within(silent.into_body().collect()).await.unwrap().to_bytes();
+    let late = within(silent.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
     assert_eq!(late.len(), total);
     assert_eq!(handler.calls(), 1);
 }
