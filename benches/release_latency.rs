@@ -20,6 +20,7 @@
 
 #[cfg(feature = "redis")]
 #[path = "../tests/common/redis_server.rs"]
+#[allow(dead_code)]
 mod redis_server;
 
 use std::{
