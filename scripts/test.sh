@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole check: formatting, lints, every test (Redis ones start their own redis-server),
-# docs with warnings denied, benches compile, the load script runs, and the declared minimum
-# Rust version builds.
+# docs with warnings denied, benches compile, the load script runs, the memory flood (in
+# release), and the declared minimum Rust version builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +38,11 @@ cargo bench --all-features --no-run
 
 step "the load script runs (a few seconds of each scenario; its numbers are not checked)"
 DURATION=1s ROUNDS=1 scripts/loadtest.sh
+
+# A million requests take ~15 s in release and ~2.5 min in a debug build (where the test is
+# ignored). `--features redis` shares the release build of the load and soak programs.
+step "memory flood: 1 000 000 keys through the layer into MemoryStore::new(64 MiB) (release)"
+cargo test --release --features redis --test memory_flood
 
 msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
 step "minimum supported Rust version $msrv builds the library"
