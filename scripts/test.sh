@@ -43,7 +43,7 @@ DURATION=1s ROUNDS=1 scripts/loadtest.sh
 # A million requests take ~15 s in release and ~2.5 min in a debug build (where the test is
 # ignored). `--features redis` shares the release build of the load and soak programs.
 step "memory flood: 1 000 000 keys through the layer into MemoryStore::new(64 MiB) (release)"
-cargo test --release --features redis --test memory_flood
+cargo test --release --features redis --test memory_flood -- --nocapture
 
 step "soak: two instances on one redis-server, killed and restarted twice (20 s)"
 # TEMPORARY: SOAK_TOLERATE_COMPLETION_LOST_IN_OUTAGE=1 lets keys executed twice or lost pass
