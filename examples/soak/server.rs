@@ -1,0 +1,147 @@
+//! One instance: a payments API behind the layer on a `RedisStore` of its own.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use bytes::Bytes;
+use serde::Deserialize;
+use tower_idempotency::{IdempotencyLayer, MissingKey, RedisStore};
+
+use crate::{BoxError, env, env_or};
+
+/// The header naming the client's attempt, so that an execution can be traced to the
+/// request that caused it. Headers are not part of the fingerprint.
+pub const X_ATTEMPT: HeaderName = HeaderName::from_static("x-attempt");
+const X_INSTANCE: HeaderName = HeaderName::from_static("x-instance");
+
+/// Derived keys must outlive the run, or the final check would find them expired.
+const DERIVED_WINDOW: Duration = Duration::from_secs(60 * 60);
+
+#[derive(Deserialize)]
+struct NewCharge {
+    order: String,
+    amount: u64,
+}
+
+/// What this instance executed: (order, attempt) per execution, and how many run now.
+#[derive(Default)]
+struct Ledger {
+    executions: Mutex<Vec<(String, String)>>,
+    running: AtomicUsize,
+    serial: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Instance {
+    name: HeaderValue,
+    ledger: Arc<Ledger>,
+}
+
+/// Counts a running execution until dropped.
+struct Running(Arc<Ledger>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn charge(State(instance): State<Instance>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(new) = serde_json::from_slice::<NewCharge>(&body) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let attempt = headers
+        .get(X_ATTEMPT)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let ledger = &instance.ledger;
+    ledger.running.fetch_add(1, Ordering::SeqCst);
+    let _running = Running(Arc::clone(ledger));
+    ledger
+        .executions
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push((new.order.clone(), attempt));
+    // The card network.
+    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=100))).await;
+    let serial = ledger.serial.fetch_add(1, Ordering::SeqCst);
+    let name = instance.name.to_str().unwrap_or("?");
+    let charge = serde_json::json!({
+        "id": format!("ch_{name}_{serial:08}"),
+        "order": new.order,
+        "amount": new.amount,
+        "instance": name,
+    });
+    (
+        StatusCode::CREATED,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (X_INSTANCE, instance.name.clone()),
+        ],
+        charge.to_string(),
+    )
+        .into_response()
+}
+
+/// `running N`, then one `order attempt` line per execution.
+async fn executions(State(instance): State<Instance>) -> String {
+    let ledger = &instance.ledger;
+    let executions = ledger
+        .executions
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut text = format!("running {}\n", ledger.running.load(Ordering::SeqCst));
+    for (order, attempt) in executions.iter() {
+        text.push_str(order);
+        text.push(' ');
+        text.push_str(attempt);
+        text.push('\n');
+    }
+    text
+}
+
+pub async fn run() -> Result<ExitCode, BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tower_idempotency=warn".into()),
+        )
+        .with_ansi(false)
+        .init();
+    let name = env("NAME")?;
+    let port: u16 = env_or("PORT", 3001)?;
+    let store = RedisStore::connect(&env("REDIS_URL")?).await?;
+    let instance = Instance {
+        name: HeaderValue::from_str(&name)?,
+        ledger: Arc::default(),
+    };
+    let protected = Router::new().route("/charges", post(charge)).layer(
+        IdempotencyLayer::new(store).with_missing_key(MissingKey::Fingerprint(DERIVED_WINDOW)),
+    );
+    let app = protected
+        .merge(Router::new().route("/executions", get(executions)))
+        .with_state(instance);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("soak server {name} listening on http://{addr}");
+    axum::serve(listener, app).await?;
+    Ok(ExitCode::SUCCESS)
+}

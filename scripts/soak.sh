@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Soak test: two instances of a payments API (two processes, each with its own RedisStore) on
+# one redis-server, under a client load, while redis-server is killed (SIGKILL) and restarted
+# twice. Prints a table and exits non-zero if an invariant fails.
+#
+# The programs are examples/soak/ (release build): `soak server` is one instance, whose
+# handler simulates a payment (0–100 ms), counts its executions per order and lists them on
+# an unprotected `GET /executions`; `soak client` drives the load, checks every key and
+# prints the report. This script starts everything on loopback ports, kills redis-server at
+# about 1/3 and 2/3 of the run, keeps it down for DOWN seconds, restarts it on the same port
+# and data directory, and stops every process it started when it ends, however it ends.
+#
+# redis-server runs with `--appendonly yes --appendfsync always`: an acknowledged write
+# (a claim, a stored record) survives the SIGKILL. Without it, a restart loses every record,
+# and each retry after it legitimately executes again (see the README, "Choosing a store").
+#
+# The load (WORKERS concurrent clients, each driving one key after another):
+# - keys: 85 % `Idempotency-Key` (a quarter of requests in the quoted form), 15 % derived
+#   from the request (the instances use a 1 h window, longer than the run);
+# - 20 % of keys are first sent to both instances at the same moment;
+# - 15 % of first requests (10 % of retries) are cut: the request is written whole, then the
+#   connection is dropped at once, up to 150 ms later, or when the response starts arriving;
+# - a key is retried (to either instance, backoff 100 ms doubling to 1 s, ±50 % jitter) after
+#   a cut, a connection error, a 503 or a 409 in flight, until it gets a 2xx, for up to 30
+#   requests and 5 s past the end of the load; after a 2xx, 20 % of keys are sent again
+#   (must be replayed) and 5 % of keyed ones reused with another payload (must get 409).
+#
+# The check, once the load is over and Redis stable (no execution running, no in-flight
+# claim left in Redis, waiting up to the 30 s lease for claims left behind to expire): each
+# key's request is sent once more. A 2xx with `Idempotent-Replayed: true` means the key's
+# response is stored. Executions are the two instances' counts taken before this check.
+# Invariants, each must be 0:
+# - stored keys executed more than once: the key was replayed by the check, and the handler
+#   ran for it more than once (either instance).
+# - responses lost: the handler ran for the key, the check was not replayed (no record is
+#   stored), and at least one of those executions was caused by a request that was not
+#   answered with a problem (the layer's `application/problem+json`: 503, 409, 500, …), i.e.
+#   its client got the handler's response, or nothing because the connection was cut, and
+#   was never told that the request failed. Its response exists nowhere: the next retry
+#   runs the payment again.
+# - keys answered two different 2xx bodies: over all its requests (the check's only if it
+#   was a replay), a key's client got two different successful bodies (replays are byte for
+#   byte the first response).
+# - keys the final check got no 2xx for (Redis is up again: every key must answer).
+# Also fails if a claim is still held in Redis 40 s after the load, or an instance never
+# answers anything but 503 after a restart. Reported: requests by outcome, executions per
+# key, and per outage and instance the 503s during the outage (answers received from the
+# kill until the instance recovered) and the recovery time: from redis-server answering
+# PING again to the first answer other than 503 to a protected request sent after the kill.
+#
+# Usage: scripts/soak.sh
+# Environment:
+#   DURATION=300   the load, in seconds (`20s` and `5m` work too)
+#   DOWN=2         seconds redis-server stays down at each kill
+#   WORKERS=16     concurrent clients            SEED=<time>  the client's random seed
+#   CARGO_TARGET_DIR  where the programs are built (default target/)
+#   SOAK_TOLERATE_COMPLETION_LOST_IN_OUTAGE=1  TEMPORARY: known defect (a completion that
+#                  fails while Redis is down releases the key, and the release fails too):
+#                  keys executed twice or lost whose first execution began within 1 s of an
+#                  outage are reported as TOLERATED instead of failing the run. To be removed
+#                  once completions are retried while the lease lasts.
+#
+# Exit status: 0 every invariant holds; 1 an invariant failed; 2 the run itself failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-300}
+DOWN=${DOWN:-2}
+WORKERS=${WORKERS:-16}
+for arg in "$@"; do
+    case "$arg" in
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+die() { echo "error: $*" >&2; exit 2; }
+case "$DURATION" in
+    *m) seconds=$((${DURATION%m} * 60)) ;;
+    *s) seconds=${DURATION%s} ;;
+    *) seconds=$DURATION ;;
+esac
+[[ "$seconds" =~ ^[0-9]+$ ]] && [ "$seconds" -ge 9 ] || die "DURATION=$DURATION: a whole number of seconds, at least 9"
+[[ "$DOWN" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "DOWN=$DOWN: seconds"
+for tool in redis-server redis-cli; do
+    command -v "$tool" >/dev/null ||
+        die "$tool is not on PATH (Debian: apt-get install redis-server)"
+done
+
+work=$(mktemp -d)
+pids=()
+redis_pid=
+keep_logs=false
+cleanup() {
+    local pid
+    for pid in "${pids[@]}" $redis_pid; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}" $redis_pid; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if $keep_logs; then
+        echo "logs kept in $work" >&2
+    else
+        rm -rf "$work"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "building the soak programs (release)…"
+cargo build --quiet --release --example soak --features redis
+bin=${CARGO_TARGET_DIR:-target}/release/examples/soak
+[ -x "$bin" ] || die "no $bin after the build"
+
+free_port() {
+    local port
+    for _ in $(seq 50); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+    die "no free loopback port found"
+}
+
+now_ms() { date +%s%3N; }
+
+redis_port=$(free_port)
+mkdir "$work/redis"
+start_redis() {
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
+        --appendonly yes --appendfsync always --daemonize no \
+        --dir "$work/redis" --logfile "$work/redis/log" &
+    redis_pid=$!
+}
+# Waits (bounded) until redis-server answers PING; prints when, in Unix ms.
+wait_for_redis() {
+    local deadline=$((SECONDS + 30))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if [ "$(redis-cli -h 127.0.0.1 -p "$redis_port" ping 2>/dev/null)" = PONG ]; then
+            now_ms
+            return
+        fi
+        kill -0 "$redis_pid" 2>/dev/null || die "redis-server exited: $(tail -n 5 "$work/redis/log")"
+        sleep 0.02
+    done
+    die "redis-server did not answer PING within 30 s"
+}
+start_redis
+wait_for_redis >/dev/null
+redis_url="redis://127.0.0.1:$redis_port"
+
+declare -A port
+for name in a b; do
+    port[$name]=$(free_port)
+    NAME=$name PORT=${port[$name]} REDIS_URL=$redis_url "$bin" server >"$work/server-$name.log" 2>&1 &
+    pids+=("$!")
+    for _ in $(seq 100); do
+        grep -q listening "$work/server-$name.log" && break
+        kill -0 "${pids[-1]}" 2>/dev/null || die "instance $name exited: $(cat "$work/server-$name.log")"
+        sleep 0.05
+    done
+    grep -q listening "$work/server-$name.log" || die "instance $name did not start"
+done
+
+events=$work/events
+: >"$events"
+echo "soak: ${seconds} s of load, redis-server SIGKILLed at ~1/3 and ~2/3 for ${DOWN} s;" \
+    "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+TARGETS="a=127.0.0.1:${port[a]},b=127.0.0.1:${port[b]}" REDIS_URL=$redis_url EVENTS=$events \
+    DURATION_MS=$((seconds * 1000)) WORKERS=$WORKERS OUTAGES=2 "$bin" client &
+client_pid=$!
+pids+=("$client_pid")
+start=$(now_ms)
+
+for i in 1 2; do
+    at=$((start + seconds * 1000 * i / 3))
+    while [ "$(now_ms)" -lt "$at" ]; do
+        kill -0 "$client_pid" 2>/dev/null || break 2
+        sleep 0.05
+    done
+    echo "kill $(now_ms)" >>"$events"
+    kill -KILL "$redis_pid"
+    wait "$redis_pid" 2>/dev/null || true
+    sleep "$DOWN"
+    start_redis
+    echo "up $(wait_for_redis)" >>"$events"
+done
+
+status=0
+wait "$client_pid" || status=$?
+for name in a b; do
+    log=$work/server-$name.log
+    # What the instances logged, one line per distinct message (keys and errors left out).
+    warnings=$(grep -E ' (WARN|ERROR) ' "$log" | sed -E 's/^.*(WARN|ERROR) [^ ]+: //; s/ (key|error)=.*$//' |
+        sort | uniq -c | sort -rn || true)
+    echo "instance $name logged:"
+    if [ -n "$warnings" ]; then echo "$warnings"; else echo "      nothing above INFO"; fi
+done
+for pid in "${pids[@]:0:2}"; do
+    kill -0 "$pid" 2>/dev/null || { echo "error: an instance died (pid $pid)" >&2; status=2; }
+done
+if [ "$status" -ne 0 ]; then keep_logs=true; fi
+exit "$status"
