@@ -54,11 +54,6 @@
 #   DOWN=2         seconds redis-server stays down at each kill
 #   WORKERS=16     concurrent clients            SEED=<time>  the client's random seed
 #   CARGO_TARGET_DIR  where the programs are built (default target/)
-#   SOAK_TOLERATE_COMPLETION_LOST_IN_OUTAGE=1  TEMPORARY: known defect (a completion that
-#                  fails while Redis is down releases the key, and the release fails too):
-#                  keys executed twice or lost whose first execution began within 1 s of an
-#                  outage are reported as TOLERATED instead of failing the run. To be removed
-#                  once completions are retried while the lease lasts.
 #
 # Exit status: 0 every invariant holds; 1 an invariant failed; 2 the run itself failed.
 set -euo pipefail

@@ -46,11 +46,7 @@ step "memory flood: 1 000 000 keys through the layer into MemoryStore::new(64 Mi
 cargo test --release --features redis --test memory_flood -- --nocapture
 
 step "soak: two instances on one redis-server, killed and restarted twice (20 s)"
-# TEMPORARY: SOAK_TOLERATE_COMPLETION_LOST_IN_OUTAGE=1 lets keys executed twice or lost pass
-# when their first execution began within 1 s of an outage (a completion that fails while
-# Redis is down releases the key, and that release fails too). Remove it with the fix that
-# retries such completions while the lease lasts: the soak must then pass as it is.
-SOAK_TOLERATE_COMPLETION_LOST_IN_OUTAGE=1 DURATION=20s scripts/soak.sh
+DURATION=20s scripts/soak.sh
 
 msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
 step "minimum supported Rust version $msrv builds the library"

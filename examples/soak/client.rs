@@ -35,8 +35,6 @@ pub struct Settings {
     pub outages: usize,
     /// The lease the instances use: claims left behind by a failure expire within it.
     pub lease: Duration,
-    /// The escape hatch for the known defect: see `report::Verdict`.
-    pub tolerate_outage_loss: bool,
 }
 
 impl Settings {
@@ -62,8 +60,6 @@ impl Settings {
             events: env("EVENTS")?,
             outages: env_or("OUTAGES", 2)?,
             lease: Duration::from_secs(30),
-            tolerate_outage_loss: std::env::var("SOAK_TOLERATE_COMPLETION_LOST_IN_OUTAGE")
-                .is_ok_and(|value| value == "1"),
         })
     }
 }

@@ -311,8 +311,6 @@ fn invariants(run: &Run<'_>) -> Vec<String> {
             .count();
         let verdict = if violating.is_empty() {
             "ok".to_owned()
-        } else if settings.tolerate_outage_loss && in_outage == violating.len() {
-            "TOLERATED (SOAK_TOLERATE_COMPLETION_LOST_IN_OUTAGE=1)".to_owned()
         } else {
             failures.push(format!("{name}: {}", violating.len()));
             "FAIL".to_owned()
