@@ -115,7 +115,9 @@ impl BodyFingerprint {
     ///
     /// A body that is not JSON (or nests deeper than 128 levels, or repeats a member name in
     /// one object) is fingerprinted byte for byte. Parsing costs time and memory in
-    /// proportion to the body, which the request body limit bounds.
+    /// proportion to the body, which the request body limit bounds. A non-integer written
+    /// with more than 15 significant digits may read one unit in the last place off (the JSON
+    /// parser's fast path), so a retry that spells it differently is a mismatch (409).
     pub fn canonical_json() -> Self {
         Self::canonical_json_excluding(std::iter::empty::<&str>())
     }
