@@ -180,6 +180,10 @@ impl std::error::Error for KeyError {}
 /// `Idempotency-Key`, such as webhook deliveries.
 ///
 /// Values from these sources are taken as they are and validated like a bare header key.
+/// Ready ones name the field each webhook provider keeps across re-deliveries:
+/// [`stripe_event`](Self::stripe_event), [`github_delivery`](Self::github_delivery),
+/// [`shopify_event`](Self::shopify_event), [`standard_webhooks`](Self::standard_webhooks);
+/// [`first_of`](Self::first_of) asks several in order.
 #[derive(Clone)]
 pub struct KeySource(SourceRepr);
 

@@ -298,7 +298,8 @@ fn replay<B>(
         return reject(config, &Problem::key_reused(config.mismatch_status));
     }
     let status = record.status();
-    let Some(mut parts) = record.into_replay_parts(2) else {
+    let extra_headers = 1 + usize::from(config.expiry_header.is_some());
+    let Some(mut parts) = record.into_replay_parts(extra_headers) else {
         return reject(
             config,
             &Problem::not_replayable(status, config.response_body_limit),
