@@ -81,7 +81,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    body::{Body, Bytes},
+    body::Body,
     extract::{Request, State},
     http::{HeaderMap, StatusCode},
     middleware::{self, Next},
@@ -206,8 +206,7 @@ async fn verify(check: fn(&HeaderMap, &[u8]) -> bool, request: Request, next: Ne
     if !check(&parts.headers, &body) {
         return (StatusCode::BAD_REQUEST, "invalid signature\n").into_response();
     }
-    next.run(Request::from_parts(parts, Body::from(Bytes::from(body))))
-        .await
+    next.run(Request::from_parts(parts, Body::from(body))).await
 }
 
 fn app() -> Router {
