@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{HeaderName, Method, Response, StatusCode, response};
 
 use crate::{
+    fingerprint::FingerprintRule,
     key::{KeySource, Scope},
     problem::Problem,
 };
@@ -62,6 +63,10 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) missing_key: MissingKey,
     pub(crate) key_source: Option<KeySource>,
+    /// Body and header modes, JSON-RPC ids and the server secret.
+    pub(crate) fingerprint: FingerprintRule,
+    /// The header that states how long a key is honoured; none by default.
+    pub(crate) expiry_header: Option<HeaderName>,
     pub(crate) scope: Scope,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
@@ -99,6 +104,8 @@ impl Default for Config {
             methods: vec![Method::POST, Method::PATCH],
             missing_key: MissingKey::Fingerprint(defaults::FINGERPRINT_WINDOW),
             key_source: None,
+            fingerprint: FingerprintRule::default(),
+            expiry_header: None,
             scope: Scope::Credentials,
             ttl: defaults::TTL,
             lease: defaults::LEASE,
@@ -137,6 +144,8 @@ impl fmt::Debug for Config {
             .field("methods", &self.methods)
             .field("missing_key", &self.missing_key)
             .field("key_source", &self.key_source)
+            .field("fingerprint", &self.fingerprint)
+            .field("expiry_header", &self.expiry_header)
             .field("scope", &self.scope)
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)

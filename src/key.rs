@@ -8,7 +8,7 @@ use std::{fmt, sync::Arc};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header, request::Parts};
 
-use crate::fingerprint::{FieldHasher, Fingerprint};
+use crate::{digest::FieldHasher, fingerprint::Fingerprint};
 
 /// The longest key accepted, in bytes (the IETF draft and Stripe both cap keys at 255).
 pub const MAX_KEY_LEN: usize = 255;
@@ -180,6 +180,10 @@ impl std::error::Error for KeyError {}
 /// `Idempotency-Key`, such as webhook deliveries.
 ///
 /// Values from these sources are taken as they are and validated like a bare header key.
+/// Ready ones name the field each webhook provider keeps across re-deliveries:
+/// [`stripe_event`](Self::stripe_event), [`github_delivery`](Self::github_delivery),
+/// [`shopify_event`](Self::shopify_event), [`standard_webhooks`](Self::standard_webhooks);
+/// [`first_of`](Self::first_of) asks several in order.
 #[derive(Clone)]
 pub struct KeySource(SourceRepr);
 
@@ -188,6 +192,7 @@ enum SourceRepr {
     Header(HeaderName),
     JsonPointer(Box<str>),
     Fn(KeyFn),
+    First(Arc<[KeySource]>),
 }
 
 type KeyFn = Arc<dyn Fn(&Parts, &Bytes) -> Option<String> + Send + Sync>;
@@ -236,6 +241,26 @@ impl KeySource {
         Self(SourceRepr::Fn(Arc::new(f)))
     }
 
+    /// Several sources, asked in order: the first that finds a key (or an invalid one, which
+    /// is refused with 400 rather than skipped) decides.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency::KeySource;
+    ///
+    /// // The sender's own request id when it sets one, else the event's id.
+    /// let source = KeySource::first_of([
+    ///     KeySource::header(HeaderName::from_static("x-request-id")),
+    ///     KeySource::stripe_event(),
+    /// ]);
+    /// ```
+    ///
+    /// The layer's key header (`Idempotency-Key`) is always looked at before any source, so a
+    /// client that sends one overrides them all.
+    pub fn first_of(sources: impl IntoIterator<Item = KeySource>) -> Self {
+        Self(SourceRepr::First(sources.into_iter().collect()))
+    }
+
     /// Looks the key up from the headers only; `None` when the body is needed.
     pub(crate) fn extract_from_headers(
         &self,
@@ -243,6 +268,15 @@ impl KeySource {
     ) -> Option<Result<Option<IdempotencyKey>, KeyError>> {
         match &self.0 {
             SourceRepr::Header(name) => Some(header_value_as_key(headers, name)),
+            SourceRepr::First(sources) => {
+                for source in sources.iter() {
+                    match source.extract_from_headers(headers)? {
+                        Ok(None) => {}
+                        decided => return Some(decided),
+                    }
+                }
+                Some(Ok(None))
+            }
             _ => None,
         }
     }
@@ -259,6 +293,14 @@ impl KeySource {
             SourceRepr::Fn(f) => f(parts, body)
                 .map(|value| IdempotencyKey::parse_bare(value.as_bytes()))
                 .transpose(),
+            SourceRepr::First(sources) => {
+                for source in sources.iter() {
+                    if let Some(key) = source.extract(parts, body)? {
+                        return Ok(Some(key));
+                    }
+                }
+                Ok(None)
+            }
         }
     }
 }
@@ -301,6 +343,7 @@ impl fmt::Debug for KeySource {
                 f.debug_tuple("JsonPointer").field(pointer).finish()
             }
             SourceRepr::Fn(_) => f.write_str("Fn(..)"),
+            SourceRepr::First(sources) => f.debug_tuple("First").field(sources).finish(),
         }
     }
 }
@@ -384,8 +427,19 @@ impl std::hash::Hash for StorageKey {
 }
 
 impl StorageKey {
+    #[cfg(test)]
     pub(crate) fn derive(scope: &Scope, method: &Method, parts: &Parts, key: KeyRef<'_>) -> Self {
-        let mut hasher = KeyHasher::new();
+        Self::derive_with(KeyHasher::new(), scope, method, parts, key)
+    }
+
+    /// Derives the address with `hasher`: plain SHA-256, or HMAC-SHA-256 under a secret.
+    pub(crate) fn derive_with(
+        mut hasher: KeyHasher,
+        scope: &Scope,
+        method: &Method,
+        parts: &Parts,
+        key: KeyRef<'_>,
+    ) -> Self {
         hasher.field(b'd', b"tower-idempotency storage key v1");
         let derived = matches!(key, KeyRef::Derived(_));
         scope.hash(parts, derived, &mut hasher);

@@ -8,6 +8,8 @@ use tower_layer::Layer;
 
 use crate::{
     config::{Config, FailMode, MissingKey, WaitMode},
+    digest::Secret,
+    fingerprint::{BodyFingerprint, FingerprintHeaders},
     key::{KeySource, Scope},
     problem::Problem,
     service::Idempotency,
@@ -263,6 +265,90 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         F: Fn(&Problem) -> Response<Bytes> + Send + Sync + 'static,
     {
         self.config().render_problem = Some(Arc::new(render));
+        self
+    }
+
+    /// How the request body counts in the fingerprint a retry is checked against.
+    /// Default: [`BodyFingerprint::raw`], byte for byte.
+    ///
+    /// ```
+    /// # use tower_idempotency::{BodyFingerprint, IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_body_fingerprint(BodyFingerprint::canonical_json_excluding(["/pending_webhooks"]));
+    /// ```
+    ///
+    /// # Warning
+    ///
+    /// Every difference a mode ignores is one a retry may carry and still be replayed: exclude
+    /// only fields the sender changes on re-delivery, never ones the handler acts on.
+    /// Changing the mode on a running service turns retries of earlier requests into
+    /// mismatches (409) until their records expire: their fingerprints were computed the old
+    /// way.
+    pub fn with_body_fingerprint(mut self, body: BodyFingerprint) -> Self {
+        self.config().fingerprint.body = body;
+        self
+    }
+
+    /// Which request headers count in the fingerprint. Default: [`FingerprintHeaders::none`].
+    ///
+    /// ```
+    /// # use tower_idempotency::{FingerprintHeaders, IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_fingerprint_headers(FingerprintHeaders::only([http::header::CONTENT_TYPE]));
+    /// ```
+    pub fn with_fingerprint_headers(mut self, headers: FingerprintHeaders) -> Self {
+        self.config().fingerprint.headers = headers;
+        self
+    }
+
+    /// Treats request bodies as JSON-RPC 2.0 (the transport of MCP tool calls), whose retries
+    /// carry a new `id`: a single request's top-level `id` does not count in its fingerprint
+    /// (the body is compared as canonical JSON), and a replay answers with the retry's `id` in
+    /// place of the stored response's (everything else byte for byte, `Content-Length`
+    /// adjusted). Batches, notifications and responses that are not one JSON object with an
+    /// `id` are replayed as they are. Default: off.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_key_source(KeySource::json_pointer("/params/arguments/idempotency_key"))
+    ///     .with_json_rpc(true);
+    /// ```
+    pub fn with_json_rpc(mut self, enabled: bool) -> Self {
+        self.config().fingerprint.json_rpc = enabled;
+        self
+    }
+
+    /// A server secret that keys storage keys and fingerprints (HMAC-SHA-256 instead of
+    /// SHA-256), so that a dump of the store cannot be used to confirm a guessed key, or a
+    /// guessed body of a request. Use 32 random bytes or more, kept like any other secret.
+    /// Default: none (SHA-256).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # let secret_from_your_vault = [7u8; 32];
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_secret(secret_from_your_vault);
+    /// ```
+    ///
+    /// Changing the secret (or setting one on a running service) breaks nothing, but records
+    /// stored under the old one are no longer found: a retry of a request made before the
+    /// change executes again. Change it when retries are unlikely, or wait out the TTL with
+    /// the old secret on instances still serving retries.
+    pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.config().fingerprint.secret = Some(Secret::new(secret.as_ref()));
+        self
+    }
+
+    /// Adds a header to protected responses that states how many whole seconds the key will
+    /// be honoured: the TTL on the first execution, what is left of it on a replay (when the
+    /// store can tell). Default: no header.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IDEMPOTENCY_KEY_EXPIRES_IN, IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_expiry_header(IDEMPOTENCY_KEY_EXPIRES_IN);
+    /// ```
+    pub fn with_expiry_header(mut self, name: HeaderName) -> Self {
+        self.config().expiry_header = Some(name);
         self
     }
 }

@@ -5,11 +5,15 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod canonical;
 mod config;
+mod digest;
 mod error;
 mod execute;
+mod expiry;
 mod fingerprint;
 mod future;
+mod jsonrpc;
 mod key;
 mod layer;
 mod lease;
@@ -17,6 +21,7 @@ mod observe;
 mod problem;
 mod record;
 mod service;
+mod source;
 pub mod store;
 mod stream;
 
@@ -24,7 +29,8 @@ pub use crate::{
     body::{RequestBody, ResponseBody},
     config::{FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MissingKey, WaitMode},
     error::{BoxError, StoreError, StoreErrorKind},
-    fingerprint::Fingerprint,
+    expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
+    fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
     future::ResponseFuture,
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
     layer::IdempotencyLayer,

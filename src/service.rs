@@ -26,9 +26,11 @@ use crate::{
     config::{Config, FailMode, IDEMPOTENT_REPLAYED, MissingKey, WaitMode},
     error::{BoxError, StoreError},
     execute::execute,
+    expiry,
     fingerprint::Fingerprint,
     future::{Detach, ResponseFuture},
-    key::{IdempotencyKey, KeyRef, StorageKey},
+    jsonrpc,
+    key::{IdempotencyKey, KeyRef},
     lease::Lease,
     observe::{self, Outcome},
     problem::Problem,
@@ -170,7 +172,7 @@ where
         // The rest of the body was not read: the connection cannot carry another request.
         Err(problem) => return Ok(close_connection(reject(&config, &problem))),
     };
-    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
+    let fingerprint = config.fingerprint_of(&parts, &body);
 
     let key = match plan {
         KeyPlan::Client(key) => Some(key),
@@ -194,7 +196,7 @@ where
         }
         (None, MissingKey::PassThrough) => return call_unprotected(inner, parts, body).await,
     };
-    let storage_key = StorageKey::derive(&config.scope, &parts.method, &parts, key_ref);
+    let storage_key = config.storage_key(&parts, key_ref);
 
     let wait_until = match config.wait_mode {
         WaitMode::Wait(timeout) => Some(Instant::now() + timeout),
@@ -245,10 +247,15 @@ where
                 }
                 // Boxed: the handler's state is large, and replays need not carry it.
                 let execution = execute(inner, request, lease, fingerprint, ttl, &config);
-                return Box::pin(execution).await;
+                let response = Box::pin(execution).await;
+                return response.map(|response| expiry::on_first_execution(&config, ttl, response));
             }
-            Ok(Claim::Completed { record, .. }) => {
-                return Ok(replay(&config, record, &fingerprint, waited));
+            Ok(Claim::Completed { record, expires_in }) => {
+                let retry = Retry {
+                    body: &body,
+                    expires_in,
+                };
+                return Ok(replay(&config, record, &fingerprint, waited, retry));
             }
             Ok(Claim::InFlight { fingerprint: held }) => {
                 if held != fingerprint {
@@ -365,18 +372,27 @@ where
     Ok(read.concat())
 }
 
+/// What a replay answers besides the record: the retry's body (a JSON-RPC retry gets its own
+/// `id` back) and how long the record has left.
+struct Retry<'a> {
+    body: &'a Bytes,
+    expires_in: Option<std::time::Duration>,
+}
+
 /// A completed key: the replay, or a problem if the payload differs or nothing was kept.
 fn replay<B>(
     config: &Config,
     record: Record,
     fingerprint: &Fingerprint,
     waited: bool,
+    retry: Retry<'_>,
 ) -> Response<ResponseBody<B>> {
     if record.fingerprint() != fingerprint {
         return reject(config, &Problem::key_reused(config.mismatch_status));
     }
     let status = record.status();
-    let Some(parts) = record.into_replay_parts(1) else {
+    let extra_headers = 1 + usize::from(config.expiry_header.is_some());
+    let Some(mut parts) = record.into_replay_parts(extra_headers) else {
         return reject(
             config,
             &Problem::not_replayable(status, config.response_body_limit),
@@ -387,6 +403,10 @@ fn replay<B>(
     } else {
         Outcome::Replayed
     });
+    if config.fingerprint.json_rpc {
+        parts.body = jsonrpc::with_retry_id(parts.body, retry.body, &mut parts.headers);
+    }
+    expiry::on_replay(config, &mut parts.headers, retry.expires_in);
     let mut response = Response::new(ResponseBody::full(parts.body, parts.trailers));
     *response.status_mut() = parts.status;
     *response.headers_mut() = parts.headers;

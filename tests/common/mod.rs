@@ -2,7 +2,9 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod conformance;
+pub mod deliveries;
 pub mod flaky_store;
+pub mod recording_store;
 pub mod redis_server;
 pub mod scenarios;
 pub mod service;

@@ -1,0 +1,257 @@
+//! The digests requests are known by (fingerprints and storage keys): SHA-256 over tagged
+//! fields, or HMAC-SHA-256 under a server secret.
+//!
+//! Pure logic: no tower or tokio in here.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use http::request::Parts;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    config::Config,
+    fingerprint::Fingerprint,
+    key::{KeyRef, StorageKey},
+};
+
+impl Config {
+    /// The fingerprint of a request under the layer's settings.
+    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
+        Fingerprint::compute(
+            &self.fingerprint,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            body,
+        )
+    }
+
+    /// The address of a request's record under the layer's settings.
+    pub(crate) fn storage_key(&self, parts: &Parts, key: KeyRef<'_>) -> StorageKey {
+        let hasher = FieldHasher::for_secret(self.fingerprint.secret.as_ref());
+        StorageKey::derive_with(hasher, &self.scope, &parts.method, parts, key)
+    }
+}
+
+/// A server secret that keys every digest: HMAC-SHA-256 instead of SHA-256, so that a dump
+/// of the store cannot be used to confirm a guessed key or body.
+///
+/// The HMAC's inner and outer pads are hashed once, here; each request clones the keyed state
+/// (a copy, no allocation).
+#[derive(Clone)]
+pub(crate) struct Secret(Hmac<Sha256>);
+
+impl Secret {
+    pub(crate) fn new(secret: &[u8]) -> Self {
+        // HMAC takes keys of any length (longer ones are hashed first): this cannot fail.
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        Self(mac)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// SHA-256 (or HMAC-SHA-256) over tagged, length-prefixed fields, so that no two inputs share
+/// a byte stream (`/a` + `b=1` must not collide with `/a?b` + `=1`). Short fields are gathered
+/// in a stack buffer and hashed together: one hash update for many fields instead of three
+/// per field.
+pub(crate) struct FieldHasher {
+    state: State,
+    buffer: [u8; 256],
+    len: usize,
+}
+
+enum State {
+    Plain(Sha256),
+    Keyed(Hmac<Sha256>),
+}
+
+impl FieldHasher {
+    /// Plain SHA-256.
+    pub(crate) fn new() -> Self {
+        Self::with_state(State::Plain(Sha256::new()))
+    }
+
+    /// HMAC-SHA-256 keyed by `secret`.
+    pub(crate) fn keyed(secret: &Secret) -> Self {
+        Self::with_state(State::Keyed(secret.0.clone()))
+    }
+
+    /// Keyed by `secret` if there is one, plain otherwise.
+    pub(crate) fn for_secret(secret: Option<&Secret>) -> Self {
+        secret.map_or_else(Self::new, Self::keyed)
+    }
+
+    fn with_state(state: State) -> Self {
+        Self {
+            state,
+            buffer: [0; 256],
+            len: 0,
+        }
+    }
+
+    /// Adds a field: its tag, its length, its bytes.
+    pub(crate) fn field(&mut self, tag: u8, bytes: &[u8]) {
+        let mut prefix = [tag; 9];
+        prefix[1..].copy_from_slice(&(bytes.len() as u64).to_be_bytes());
+        self.put(&prefix);
+        self.put(bytes);
+    }
+
+    /// Adds bytes as they are, without a tag or length: only for fixed-size values.
+    pub(crate) fn put(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > self.buffer.len() {
+            self.flush();
+            if bytes.len() > self.buffer.len() {
+                self.update(bytes);
+                return;
+            }
+        }
+        self.buffer[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match &mut self.state {
+            State::Plain(sha) => sha.update(bytes),
+            State::Keyed(mac) => mac.update(bytes),
+        }
+    }
+
+    fn flush(&mut self) {
+        let len = std::mem::take(&mut self.len);
+        let buffer = self.buffer;
+        self.update(&buffer[..len]);
+    }
+
+    pub(crate) fn finish(mut self) -> [u8; 32] {
+        self.flush();
+        match self.state {
+            State::Plain(sha) => sha.finalize().into(),
+            State::Keyed(mac) => mac.finalize().into_bytes().into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(long: &[u8]) -> [(u8, &[u8]); 5] {
+        [
+            (b'a', b"x"),
+            (b'b', long),
+            (b'c', b""),
+            (b'd', &long[..250]),
+            (b'e', b"yz"),
+        ]
+    }
+
+    #[test]
+    fn gathering_fields_in_a_buffer_hashes_the_same_bytes_as_feeding_them_one_by_one() {
+        let long = vec![7u8; 1000];
+        let mut gathered = FieldHasher::new();
+        let mut plain = Sha256::new();
+        for (tag, bytes) in fields(&long) {
+            gathered.field(tag, bytes);
+            plain.update([tag]);
+            plain.update((bytes.len() as u64).to_be_bytes());
+            plain.update(bytes);
+        }
+        let plain: [u8; 32] = plain.finalize().into();
+        assert_eq!(gathered.finish(), plain);
+    }
+
+    #[test]
+    fn a_keyed_hasher_is_hmac_sha256_over_the_same_fields() {
+        let long = vec![9u8; 700];
+        let secret = b"server secret, 32 bytes or more..";
+        let mut keyed = FieldHasher::keyed(&Secret::new(secret));
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap();
+        for (tag, bytes) in fields(&long) {
+            keyed.field(tag, bytes);
+            mac.update(&[tag]);
+            mac.update(&(bytes.len() as u64).to_be_bytes());
+            mac.update(bytes);
+        }
+        let expected: [u8; 32] = mac.finalize().into_bytes().into();
+        assert_eq!(keyed.finish(), expected);
+    }
+
+    #[test]
+    fn the_keyed_state_matches_rfc_4231() {
+        // RFC 4231, test case 2: key "Jefe", data "what do ya want for nothing?".
+        let mut keyed = FieldHasher::keyed(&Secret::new(b"Jefe"));
+        keyed.put(b"what do ya want for nothing?");
+        assert_eq!(
+            crate::key::hex(&keyed.finish()),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn different_secrets_and_no_secret_give_different_digests() {
+        let digest = |secret: Option<&[u8]>| {
+            let secret = secret.map(Secret::new);
+            let mut hasher = FieldHasher::for_secret(secret.as_ref());
+            hasher.field(b'k', b"key-1");
+            hasher.finish()
+        };
+        let plain = digest(None);
+        let a = digest(Some(b"secret a"));
+        let b = digest(Some(b"secret b"));
+        assert_ne!(plain, a);
+        assert_ne!(a, b);
+        assert_eq!(a, digest(Some(b"secret a")));
+    }
+
+    #[test]
+    fn a_secret_keys_storage_keys_and_none_leaves_them_as_they_were() {
+        use http::{Method, Request};
+
+        use crate::key::{IdempotencyKey, Scope};
+
+        let parts = Request::post("/charges")
+            .header("authorization", "Bearer alice")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let key = IdempotencyKey::parse(b"k1").unwrap();
+        let address = |config: &Config| config.storage_key(&parts, KeyRef::Client(&key));
+        let plain = Config::default();
+        assert_eq!(
+            address(&plain),
+            StorageKey::derive(
+                &Scope::Credentials,
+                &Method::POST,
+                &parts,
+                KeyRef::Client(&key)
+            ),
+            "no secret: the address every earlier version used"
+        );
+        let mut keyed = Config::default();
+        keyed.fingerprint.secret = Some(Secret::new(b"server secret"));
+        let mut other = Config::default();
+        other.fingerprint.secret = Some(Secret::new(b"another secret"));
+        assert_ne!(address(&plain), address(&keyed));
+        assert_ne!(address(&keyed), address(&other));
+        assert_eq!(address(&keyed), address(&keyed.clone()));
+        // The fingerprint is keyed by the same secret.
+        assert_ne!(
+            plain.fingerprint_of(&parts, b"{}"),
+            keyed.fingerprint_of(&parts, b"{}")
+        );
+    }
+
+    #[test]
+    fn a_secret_is_never_printed() {
+        assert_eq!(format!("{:?}", Secret::new(b"hunter2")), "Secret(..)");
+    }
+}
