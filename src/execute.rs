@@ -39,6 +39,7 @@ use crate::{
     error::BoxError,
     fingerprint::Fingerprint,
     lease::Lease,
+    observe::RecordResult,
     problem::Problem,
     record::Record,
     store::IdempotencyStore,
@@ -70,16 +71,16 @@ where
         .await;
     match ran {
         Ok(Ran::Failed(error)) => {
-            lease.release().await;
+            lease.release(RecordResult::HandlerError).await;
             Err(error)
         }
         Ok(Ran::NotStored(response)) => {
             tracing::debug!(status = %response.status(), "response not stored; key released");
-            lease.release().await;
+            lease.release(RecordResult::Predicate).await;
             Ok(response)
         }
         Ok(Ran::Broken(response)) => {
-            lease.release().await;
+            lease.release(RecordResult::BodyError).await;
             Ok(response)
         }
         Ok(Ran::Whole {
@@ -117,7 +118,7 @@ where
                         lease.complete(record, ttl).await;
                         Deliver(client).end().await;
                     }
-                    None => lease.release().await,
+                    None => lease.release(RecordResult::BodyError).await,
                 }
             };
             tokio::spawn(pump.in_current_span());
@@ -126,7 +127,7 @@ where
         Err(_panic) => {
             // The panic message went to the panic hook already.
             tracing::error!("the handler of an idempotent request panicked; key released");
-            lease.release().await;
+            lease.release(RecordResult::Panic).await;
             Ok(config
                 .render(&Problem::handler_failed())
                 .map(|body| ResponseBody::full(body, None)))

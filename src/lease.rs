@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::{
     error::StoreErrorKind,
     key::StorageKey,
-    observe,
+    observe::{Describe, Observer, Op, RecordResult, Renewal},
     record::Record,
     store::{FenceToken, IdempotencyStore},
 };
@@ -24,6 +24,7 @@ pub(crate) struct Lease<St: IdempotencyStore> {
     token: FenceToken,
     duration: Duration,
     held: bool,
+    observer: Option<Observer>,
 }
 
 impl<St: IdempotencyStore> Lease<St> {
@@ -34,6 +35,30 @@ impl<St: IdempotencyStore> Lease<St> {
             token,
             duration,
             held: true,
+            observer: None,
+        }
+    }
+
+    /// Reports renewals, lost leases and what became of the response to `observer`.
+    pub(crate) fn observed(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    async fn store_op<F>(&self, op: Op, operation: F) -> F::Output
+    where
+        F: Future,
+        F::Output: Describe,
+    {
+        match &self.observer {
+            Some(observer) => observer.store_op(St::NAME, op, operation).await,
+            None => operation.await,
+        }
+    }
+
+    fn report(&self, report: impl FnOnce(&Observer)) {
+        if let Some(observer) = &self.observer {
+            report(observer);
         }
     }
 
@@ -59,19 +84,25 @@ impl<St: IdempotencyStore> Lease<St> {
                 () = tokio::time::sleep_until(Instant::now() + period) => {}
             }
             let renewal = self.store.renew(&self.key, self.token, self.duration);
-            let renewal = observe::store_op("renew", renewal);
+            let renewal = self.store_op(Op::Renew, renewal);
             tokio::select! {
                 biased;
                 output = &mut work => return output,
                 result = renewal => match result {
-                    Ok(()) => {}
+                    Ok(()) => self.report(|o| o.renewal(Renewal::Renewed)),
                     Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
-                        tracing::warn!(key = ?self.key, "idempotency lease lost while the handler ran; its response will not be stored");
+                        self.report(|o| {
+                            o.renewal(Renewal::Lost);
+                            o.lease_lost(false);
+                        });
                         renewing = false;
                     }
                     // A failed renewal is retried at the next period; the lease has two
                     // more periods to go.
-                    Err(error) => tracing::warn!(key = ?self.key, %error, "renewing an idempotency lease failed"),
+                    Err(error) => {
+                        self.report(|o| o.renewal(Renewal::Failed));
+                        tracing::warn!(key = ?self.key, %error, "renewing an idempotency lease failed");
+                    }
                 },
             }
         }
@@ -81,24 +112,33 @@ impl<St: IdempotencyStore> Lease<St> {
     /// a retry executes again rather than waiting out the lease.
     pub(crate) async fn complete(mut self, record: Record, ttl: Duration) {
         self.held = false;
+        let stored = if record.is_replayable() {
+            RecordResult::Stored
+        } else {
+            RecordResult::TooLarge
+        };
         let completion = self.store.complete(&self.key, self.token, record, ttl);
-        match observe::store_op("complete", completion).await {
-            Ok(()) => {}
-            Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
-                tracing::warn!(key = ?self.key, "idempotency lease lost before completion; the response was not stored");
-            }
+        match self.store_op(Op::Complete, completion).await {
+            Ok(()) => self.report(|o| o.record(stored)),
+            Err(error) if error.kind() == StoreErrorKind::LeaseLost => self.report(|o| {
+                o.record(RecordResult::LeaseLost);
+                o.lease_lost(true);
+            }),
             Err(error) => {
+                self.report(|o| o.record(RecordResult::StoreError));
                 tracing::warn!(key = ?self.key, %error, "storing an idempotency record failed; releasing the key");
                 let _ = self.store.release(&self.key, self.token).await;
             }
         }
     }
 
-    /// Gives the key back: the next request with it executes.
-    pub(crate) async fn release(mut self) {
+    /// Gives the key back, the response not stored for this reason: the next request with
+    /// the key executes.
+    pub(crate) async fn release(mut self, why: RecordResult) {
         self.held = false;
+        self.report(|o| o.record(why));
         let release = self.store.release(&self.key, self.token);
-        if let Err(error) = observe::store_op("release", release).await
+        if let Err(error) = self.store_op(Op::Release, release).await
             && error.kind() != StoreErrorKind::LeaseLost
         {
             tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");

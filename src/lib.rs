@@ -10,12 +10,14 @@ mod error;
 mod execute;
 mod fingerprint;
 mod future;
+mod inspect;
 mod key;
 mod layer;
 mod lease;
 mod observe;
 mod problem;
 mod record;
+mod recovery;
 mod service;
 pub mod store;
 
@@ -25,10 +27,12 @@ pub use crate::{
     error::{BoxError, StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
     future::ResponseFuture,
+    inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
     layer::IdempotencyLayer,
     problem::{Problem, ProblemKind},
     record::{Record, RecordError},
+    recovery::Recovery,
     service::Idempotency,
     store::{Claim, FenceToken, IdempotencyStore},
 };

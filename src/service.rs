@@ -20,6 +20,7 @@ use http::{HeaderValue, Request, Response, header, request::Parts};
 use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::{
     body::{Chunks, RequestBody, ResponseBody},
@@ -30,9 +31,10 @@ use crate::{
     future::ResponseFuture,
     key::{IdempotencyKey, KeyRef, StorageKey},
     lease::Lease,
-    observe::{self, Outcome},
+    observe::{AbandonedAction, Op, Outcome},
     problem::Problem,
     record::Record,
+    recovery::Recovery,
     store::{Claim, IdempotencyStore},
 };
 
@@ -100,6 +102,9 @@ where
         if !config.protects(request.method()) {
             return ResponseFuture::pass_through(self.inner.call(request.map(RequestBody::new)));
         }
+        // One span per protected request; refusals below are reported inside it.
+        let span = config.observer.request_span(request.method());
+        let _entered = span.enter();
         let plan = match IdempotencyKey::from_headers(request.headers(), &config.header_name) {
             Ok(Some(key)) => KeyPlan::Client(key),
             Err(error) => return refuse(config, request, Problem::invalid_key(&error)),
@@ -134,7 +139,8 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, config) = (self.store.clone(), Arc::clone(config));
-        ResponseFuture::protected(Box::pin(protect(inner, store, config, request, plan)))
+        let protect = protect(inner, store, config, request, plan);
+        ResponseFuture::protected(Box::pin(protect.instrument(span.clone())))
     }
 }
 
@@ -187,19 +193,31 @@ where
         (None, MissingKey::PassThrough) => return call_unprotected(inner, parts, body).await,
     };
     let storage_key = StorageKey::derive(&config.scope, &parts.method, &parts, key_ref);
+    let observer = &config.observer;
+    observer.key(&storage_key);
 
     let wait_until = match config.wait_mode {
         WaitMode::Wait(timeout) => Some(Instant::now() + timeout),
         WaitMode::Reject => None,
     };
     let mut waited = false;
+    let mut wait_clock = observer.wait_clock();
+    // A take-over's answer, to be handled as a claim's.
+    let mut taken_over = None;
     loop {
-        let claim = store.claim(&storage_key, &fingerprint, config.lease);
-        let claim = observe::store_op("claim", claim).await;
+        let claim = match taken_over.take() {
+            Some(claim) => claim,
+            None => {
+                let claim = store.claim(&storage_key, &fingerprint, config.lease);
+                observer.store_op(St::NAME, Op::Claim, claim).await
+            }
+        };
         match claim {
             Ok(Claim::Acquired(token)) => {
-                observe::outcome(Outcome::Executed);
-                let lease = Lease::new(store, storage_key, token, config.lease);
+                observer.outcome(Outcome::Executed);
+                drop(wait_clock);
+                let lease =
+                    Lease::new(store, storage_key, token, config.lease).observed(observer.clone());
                 let mut request = Request::from_parts(parts, RequestBody::full(body));
                 if let Some(key) = key {
                     request.extensions_mut().insert(key);
@@ -210,6 +228,22 @@ where
             }
             Ok(Claim::Completed { record, .. }) => {
                 return Ok(replay(&config, record, &fingerprint, waited));
+            }
+            Ok(Claim::Abandoned {
+                token,
+                fingerprint: held,
+            }) => {
+                if held != fingerprint {
+                    let problem = Problem::key_reused(config.mismatch_status);
+                    return Ok(reject(&config, &problem));
+                }
+                if config.on_abandoned.decide(&parts) == Recovery::OutcomeUnknown {
+                    observer.abandoned(AbandonedAction::OutcomeUnknown);
+                    return Ok(reject(&config, &Problem::outcome_unknown()));
+                }
+                observer.abandoned(AbandonedAction::RunAgain);
+                let take_over = store.take_over(&storage_key, token, &fingerprint, config.lease);
+                taken_over = Some(observer.store_op(St::NAME, Op::TakeOver, take_over).await);
             }
             Ok(Claim::InFlight { fingerprint: held }) => {
                 if held != fingerprint {
@@ -224,8 +258,9 @@ where
                     return Ok(reject(&config, &Problem::in_flight()));
                 };
                 waited = true;
+                wait_clock.start();
                 let wait = store.wait(&storage_key, remaining);
-                if let Err(error) = observe::store_op("wait", wait).await {
+                if let Err(error) = observer.store_op(St::NAME, Op::Wait, wait).await {
                     return store_failed(&config, error, inner, parts, body).await;
                 }
             }
@@ -289,7 +324,7 @@ fn replay<B>(
             &Problem::not_replayable(status, config.response_body_limit),
         );
     };
-    observe::outcome(if waited {
+    config.observer.outcome(if waited {
         Outcome::Waited
     } else {
         Outcome::Replayed
@@ -321,7 +356,7 @@ where
         }
         FailMode::Open => {
             tracing::warn!(%error, "executing unprotected (fail-open)");
-            observe::outcome(Outcome::FailOpen);
+            config.observer.outcome(Outcome::FailOpen);
             call_unprotected(inner, parts, body).await
         }
     }
@@ -359,7 +394,7 @@ where
         return ResponseFuture::ready(reject(config, &problem));
     }
     let config = Arc::clone(config);
-    ResponseFuture::protected(Box::pin(async move {
+    let drain = async move {
         let limit = config.request_body_limit;
         let drained = read_limited(request.into_body(), limit).await.is_ok();
         let response = reject(&config, &problem);
@@ -368,7 +403,8 @@ where
         } else {
             close_connection(response)
         })
-    }))
+    };
+    ResponseFuture::protected(Box::pin(drain.in_current_span()))
 }
 
 /// Tells the client (and hyper) that this connection ends with this response.
@@ -381,7 +417,7 @@ fn close_connection<B>(mut response: Response<B>) -> Response<B> {
 
 /// A response the layer produces itself.
 fn reject<B>(config: &Config, problem: &Problem) -> Response<ResponseBody<B>> {
-    observe::outcome(Outcome::of_problem(problem.kind()));
+    config.observer.outcome(Outcome::of_problem(problem.kind()));
     config
         .render(problem)
         .map(|body| ResponseBody::full(body, None))

@@ -119,12 +119,31 @@ async fn keys_hold_a_small_marker_while_in_flight_then_the_record_with_its_expir
             .unwrap(),
     );
     let marker: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
-    assert_eq!(marker.len(), 45, "token and fingerprint, nothing more");
-    assert_eq!(&marker[..5], b"TIF\x01\x00");
+    assert_eq!(
+        marker.len(),
+        61,
+        "token, fingerprint, claim time and retention, nothing more"
+    );
+    assert_eq!(&marker[..5], b"TIF\x02\x00", "a marker, format version 2");
     assert_eq!(&marker[5..13], &token.get().to_be_bytes());
-    assert_eq!(&marker[13..], fingerprint("a").as_bytes());
-    let lease_left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
-    assert!((1..=5_000).contains(&lease_left), "lease PTTL {lease_left}");
+    assert_eq!(&marker[13..45], fingerprint("a").as_bytes());
+    let claimed_at = be_u64(&marker[45..53]);
+    let local_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        claimed_at <= local_now && claimed_at + 5_000 > local_now,
+        "claimed at {claimed_at} by the local clock ({local_now})"
+    );
+    let retention = tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as u64;
+    assert_eq!(be_u64(&marker[53..61]), retention);
+    let key_left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
+    let lease_left = key_left - retention as i64;
+    assert!(
+        (1..=5_000).contains(&lease_left),
+        "the key lives for the lease ({lease_left} ms left), then the retention"
+    );
 
     let record = sample_record(fingerprint("a"));
     let before = redis_time_ms(&mut admin).await;
@@ -206,7 +225,16 @@ async fn a_claim_whose_owner_is_gone_ends_a_wait_and_frees_the_key_after_its_lea
         waited < Duration::from_secs(2),
         "the wait ended with the lease, after {waited:?}"
     );
-    acquired(other.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let Claim::Abandoned { token, .. } = other.claim(&key, &fingerprint("a"), LEASE).await.unwrap()
+    else {
+        panic!("the claim is reported abandoned, not free");
+    };
+    acquired(
+        other
+            .take_over(&key, token, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,9 +329,10 @@ async fn a_long_handler_keeps_its_claim_through_renewal() {
         "still in flight after five leases"
     );
     let left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
+    let retention = tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as i64;
     assert!(
-        (1..=300).contains(&left),
-        "the claim lives by renewal of a short lease (PTTL {left})"
+        (1..=300).contains(&(left - retention)),
+        "the claim lives by renewal of a short lease (PTTL {left}: the lease, then the retention)"
     );
     gate.open();
     let reply = within(running).await.expect("the first request");
@@ -380,7 +409,12 @@ async fn a_stale_token_from_another_instance_is_refused_as_lease_lost() {
     let lease = Duration::from_millis(200);
     let stale = acquired(first.claim(&key, &fingerprint("a"), lease).await.unwrap());
     tokio::time::sleep(lease + Duration::from_millis(100)).await;
-    let current = acquired(second.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let current = acquired(
+        second
+            .take_over(&key, stale, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
     for refused in [
         first
             .complete(&key, stale, sample_record(fingerprint("stale")), TTL)
@@ -558,9 +592,18 @@ async fn settled_counts(
 // a second `set` beside a `time` (the complete script's write).
 
 /// What a first execution runs: the claim (`SET … NX GET`, sent) and the complete script
-/// (`EVALSHA`, sent; `GETRANGE`, `TIME` and `SET` inside it).
+/// (`EVALSHA`, sent; `GETRANGE`, `PTTL`, `TIME` and `SET` inside it). The `PTTL` is the
+/// fence's lease check: markers outlive their lease (to report abandoned claims), so the
+/// lease has ended when the key's time left is down to the retention, not when the key is
+/// gone.
 fn first_execution() -> BTreeMap<String, u64> {
-    counts(&[("set", 2), ("evalsha", 1), ("getrange", 1), ("time", 1)])
+    counts(&[
+        ("set", 2),
+        ("evalsha", 1),
+        ("getrange", 1),
+        ("pttl", 1),
+        ("time", 1),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,6 +622,7 @@ async fn a_replay_is_one_command_and_a_first_execution_two() {
         ("evalsha", 1),
         ("eval", 1),
         ("getrange", 1),
+        ("pttl", 1),
         ("time", 1),
     ]);
     assert_eq!(
@@ -592,7 +636,7 @@ async fn a_replay_is_one_command_and_a_first_execution_two() {
     assert_eq!(
         settled_counts(&server, |counts| *counts == first_execution()).await,
         first_execution(),
-        "two commands sent: claim (SET NX GET) + complete (EVALSHA: GETRANGE, TIME, SET)"
+        "two commands sent: claim (SET NX GET) + complete (EVALSHA: GETRANGE, PTTL, TIME, SET)"
     );
 
     server.cli(&["CONFIG", "RESETSTAT"]);
