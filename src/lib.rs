@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "axum")]
+pub mod admin;
 mod body;
 mod config;
 mod error;

@@ -20,6 +20,9 @@ use common::conformance::{completed_record, fingerprint, fresh_key, sample_recor
 
 conformance_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
 
+#[cfg(feature = "axum")]
+operations_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
+
 const LEASE: Duration = Duration::from_secs(30);
 
 /// Counts the claims that reach the inner store; can hide the expiry it reports.

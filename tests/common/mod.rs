@@ -3,6 +3,8 @@
 
 pub mod conformance;
 pub mod flaky_store;
+#[cfg(feature = "axum")]
+pub mod operations;
 pub mod redis_server;
 pub mod scenarios;
 pub mod service;
