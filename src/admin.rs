@@ -383,7 +383,8 @@ mod tests {
     #[test]
     fn a_look_up_needs_a_method_a_path_a_key_and_at_most_one_scope() {
         let base = [("method", "POST"), ("path", "/charges"), ("key", "k-1")];
-        let cases: [(&[(&str, &str)], Result<(), &str>); 7] = [
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<(), &'a str>);
+        let cases: [Case<'_>; 7] = [
             (&base, Ok(())),
             (
                 &[("method", "POST"), ("path", "/charges")],

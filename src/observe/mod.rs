@@ -45,8 +45,9 @@ pub(crate) enum Outcome {
     StoreError,
     /// The store failed and the handler ran unprotected.
     FailOpen,
-    /// Refused: an abandoned claim's outcome is unknown until an operator resolves it.
-    OutcomeUnknown,
+    /// Refused: an abandoned claim's outcome is unknown until an operator resolves it
+    /// (label `outcome_unknown`).
+    Abandoned,
 }
 
 impl Outcome {
@@ -62,7 +63,7 @@ impl Outcome {
         Self::Rejected,
         Self::StoreError,
         Self::FailOpen,
-        Self::OutcomeUnknown,
+        Self::Abandoned,
     ];
 
     /// The outcome of a request the layer answered with this problem.
@@ -72,7 +73,7 @@ impl Outcome {
             ProblemKind::KeyReused => Self::Mismatch,
             ProblemKind::NotReplayable => Self::NotReplayable,
             ProblemKind::StoreUnavailable => Self::StoreError,
-            ProblemKind::OutcomeUnknown => Self::OutcomeUnknown,
+            ProblemKind::OutcomeUnknown => Self::Abandoned,
             // The request was counted as executed when its handler started.
             ProblemKind::HandlerFailed => Self::Executed,
             _ => Self::Rejected,
@@ -90,7 +91,7 @@ impl Outcome {
             Self::Rejected => "rejected",
             Self::StoreError => "store_error",
             Self::FailOpen => "fail_open",
-            Self::OutcomeUnknown => "outcome_unknown",
+            Self::Abandoned => "outcome_unknown",
         }
     }
 }
@@ -415,7 +416,8 @@ impl Drop for WaitClock {
 }
 
 /// Counts a byte-bounded cache's evictions with the `metrics` feature
-/// (`idempotency_store_evictions_total{store}`).
+/// (`idempotency_store_evictions_total{store}`). Only the moka-backed stores evict.
+#[cfg_attr(not(feature = "moka"), allow(dead_code))]
 pub(crate) struct EvictionCounter {
     #[cfg(feature = "metrics")]
     counter: std::sync::OnceLock<::metrics::Counter>,
@@ -423,6 +425,7 @@ pub(crate) struct EvictionCounter {
     store: &'static str,
 }
 
+#[cfg_attr(not(feature = "moka"), allow(dead_code))]
 impl EvictionCounter {
     pub(crate) fn new(store: &'static str) -> Self {
         #[cfg(not(feature = "metrics"))]
