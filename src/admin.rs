@@ -15,7 +15,7 @@
 //! happened, never the key, the scope or credentials given to find it.
 //!
 //! ```
-//! use axum::{Router, middleware};
+//! use axum::{Router, routing::post};
 //! use tower_idempotency::{IdempotencyLayer, MemoryStore, admin::AdminRouter};
 //!
 //! #[derive(Clone)]
@@ -23,12 +23,14 @@
 //!
 //! let store = MemoryStore::default();
 //! let admin = AdminRouter::new(store.clone()).with_principal(|parts: &http::request::Parts| {
+//!     // Put there by your operators' authentication layer.
 //!     parts.extensions.get::<Operator>().map(|o| o.0.clone()).unwrap_or_default()
 //! });
 //! let app: Router = Router::new()
-//!     // .route("/charges", post(create_charge)).layer(IdempotencyLayer::new(store.clone()))
+//!     .route("/charges", post(|| async { "charged" }))
+//!     .layer(IdempotencyLayer::new(store))
+//!     // Add your authentication layer to the admin router before nesting it.
 //!     .nest("/admin/idempotency", admin.into_router());
-//!     // .layer(your_operator_auth_layer)
 //! ```
 
 use std::{

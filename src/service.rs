@@ -102,9 +102,6 @@ where
         if !config.protects(request.method()) {
             return ResponseFuture::pass_through(self.inner.call(request.map(RequestBody::new)));
         }
-        // One span per protected request; refusals below are reported inside it.
-        let span = config.observer.request_span(request.method());
-        let _entered = span.enter();
         let plan = match IdempotencyKey::from_headers(request.headers(), &config.header_name) {
             Ok(Some(key)) => KeyPlan::Client(key),
             Err(error) => return refuse(config, request, Problem::invalid_key(&error)),
@@ -139,8 +136,10 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, config) = (self.store.clone(), Arc::clone(config));
+        // One span per protected request (none for those passed through).
+        let span = config.observer.request_span(request.method());
         let protect = protect(inner, store, config, request, plan);
-        ResponseFuture::protected(Box::pin(protect.instrument(span.clone())))
+        ResponseFuture::protected(Box::pin(protect.instrument(span)))
     }
 }
 
@@ -390,6 +389,8 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Send + 'static,
 {
+    let span = config.observer.request_span(request.method());
+    let _entered = span.enter();
     if request.body().is_end_stream() {
         return ResponseFuture::ready(reject(config, &problem));
     }

@@ -1049,3 +1049,47 @@ async fn connecting_to_nothing_fails_quickly_as_unavailable() {
     let invalid = RedisStore::connect("not a url").await.expect_err("invalid");
     assert_ne!(invalid.kind(), StoreErrorKind::Unavailable);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_marker_of_an_older_instance_is_honoured_until_its_lease_ends() {
+    let server = shared_server();
+    let store = connect(server).await;
+    let key = fresh_key();
+    // What an instance of the previous version wrote: 45 bytes, expiring with its lease.
+    let mut marker = b"TIF\x01\x00".to_vec();
+    marker.extend_from_slice(&77u64.to_be_bytes());
+    marker.extend_from_slice(fingerprint("a").as_bytes());
+    let mut admin = admin(server).await;
+    let _: () = query(
+        &mut admin,
+        redis::cmd("SET")
+            .arg(store.redis_key(&key))
+            .arg(&marker)
+            .arg("PX")
+            .arg(400),
+    )
+    .await;
+    assert_eq!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight {
+            fingerprint: fingerprint("a")
+        }
+    );
+    let Some(tower_idempotency::Inspection::InFlight(claim)) = store.inspect(&key).await.unwrap()
+    else {
+        panic!("a format 1 marker is a claim in flight");
+    };
+    assert_eq!(
+        (claim.token(), claim.claimed_at()),
+        (FenceToken::new(77), None)
+    );
+    // Its owner's fenced scripts still recognise it.
+    store
+        .renew(&key, FenceToken::new(77), Duration::from_millis(400))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // It expired with its lease, as format 1 markers do: the key is free, not abandoned.
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    store.release(&key, token).await.unwrap();
+}
