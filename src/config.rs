@@ -8,7 +8,9 @@ use http::{HeaderName, Method, Response, StatusCode, response};
 use crate::{
     fingerprint::FingerprintRule,
     key::{KeySource, Scope},
+    observe::{self, Observer},
     problem::Problem,
+    recovery::OnAbandoned,
 };
 
 /// The request header that carries the key: `Idempotency-Key`.
@@ -77,6 +79,9 @@ pub(crate) struct Config {
     pub(crate) store_when: StoreWhen,
     pub(crate) fail_mode: FailMode,
     pub(crate) render_problem: Option<RenderProblem>,
+    // Operations (issue 10): the route label's reporting, and the abandoned-claim hook.
+    pub(crate) observer: Observer,
+    pub(crate) on_abandoned: OnAbandoned,
 }
 
 /// Defaults, in one place; the setters' docs repeat them.
@@ -116,6 +121,8 @@ impl Default for Config {
             store_when: Arc::new(is_not_transient),
             fail_mode: FailMode::Closed,
             render_problem: None,
+            observer: Observer::new(observe::DEFAULT_ROUTE),
+            on_abandoned: OnAbandoned::default(),
         }
     }
 }
@@ -158,6 +165,8 @@ impl fmt::Debug for Config {
                 "render_problem",
                 &self.render_problem.as_ref().map(|_| ".."),
             )
+            .field("route_label", &self.observer.route())
+            .field("on_abandoned", &self.on_abandoned)
             .finish_non_exhaustive()
     }
 }

@@ -40,6 +40,7 @@ use crate::{
     error::BoxError,
     fingerprint::Fingerprint,
     lease::Lease,
+    observe::RecordResult,
     problem::Problem,
     record::Record,
     store::IdempotencyStore,
@@ -70,16 +71,16 @@ where
         .await;
     match ran {
         Ok(Ran::Failed(error)) => {
-            lease.release().await;
+            lease.release(RecordResult::HandlerError).await;
             Err(error)
         }
         Ok(Ran::NotStored(response)) => {
             tracing::debug!(status = %response.status(), "response not stored; key released");
-            lease.release().await;
+            lease.release(RecordResult::Predicate).await;
             Ok(response)
         }
         Ok(Ran::Broken(response)) => {
-            lease.release().await;
+            lease.release(RecordResult::BodyError).await;
             Ok(response)
         }
         Ok(Ran::Whole {
@@ -118,7 +119,7 @@ where
         Err(_panic) => {
             // The panic message went to the panic hook already.
             tracing::error!("the handler of an idempotent request panicked; key released");
-            lease.release().await;
+            lease.release(RecordResult::Panic).await;
             Ok(config
                 .render(&Problem::handler_failed())
                 .map(|body| ResponseBody::full(body, None)))
@@ -272,7 +273,7 @@ where
             }
             Captured::Failed(error) => {
                 // Released before the client sees the error, so its retry at once executes.
-                lease.release().await;
+                lease.release(RecordResult::BodyError).await;
                 tx.push(Chunk::Error(error));
             }
         }

@@ -12,6 +12,7 @@ use crate::{
     fingerprint::{BodyFingerprint, FingerprintHeaders},
     key::{KeySource, Scope},
     problem::Problem,
+    recovery::Recovery,
     service::Idempotency,
     store::IdempotencyStore,
 };
@@ -349,6 +350,48 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// ```
     pub fn with_expiry_header(mut self, name: HeaderName) -> Self {
         self.config().expiry_header = Some(name);
+        self
+    }
+
+    /// The `route` label of this layer's metrics and the `route` field of its tracing spans,
+    /// to tell apart layers over different routes. Default: `default`.
+    ///
+    /// A `&'static str`, so that recording costs no allocation, and so that labels stay few:
+    /// name a route or a group of routes, never anything per request (a key, a user, a path
+    /// with ids in it).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_route_label("payments");
+    /// ```
+    pub fn with_route_label(mut self, label: &'static str) -> Self {
+        self.config().observer = crate::observe::Observer::new(label);
+        self
+    }
+
+    /// What to do when a request finds its key claimed by an earlier request whose owner's
+    /// lease ended without completion: the owner crashed mid-request, and whether its work
+    /// happened is unknown. Default: [`Recovery::RunAgain`], take the claim over and run the
+    /// handler again.
+    ///
+    /// [`Recovery::OutcomeUnknown`] answers `409`
+    /// [`ProblemKind::OutcomeUnknown`](crate::ProblemKind::OutcomeUnknown) instead, until an
+    /// operator breaks the claim ([`IdempotencyStore::break_claim`], or the admin router) or
+    /// the store forgets it. Stores that cannot tell an abandoned claim from a free key
+    /// never call the hook.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, Recovery};
+    /// // Money moves on /charges: ask the provider before charging again.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_outcome_unknown(|parts: &http::request::Parts| {
+    ///     if parts.uri.path().starts_with("/charges") { Recovery::OutcomeUnknown } else { Recovery::RunAgain }
+    /// });
+    /// ```
+    pub fn with_outcome_unknown<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&request::Parts) -> Recovery + Send + Sync + 'static,
+    {
+        self.config().on_abandoned = crate::recovery::OnAbandoned::new(Arc::new(hook));
         self
     }
 }

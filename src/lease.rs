@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::{
     error::{StoreError, StoreErrorKind},
     key::StorageKey,
-    observe,
+    observe::{Describe, Observer, Op, RecordResult, Renewal},
     record::Record,
     store::{FenceToken, IdempotencyStore},
 };
@@ -39,6 +39,7 @@ pub(crate) struct Lease<St: IdempotencyStore> {
     /// from when the claim, or its last successful renewal, was sent.
     live_until: Instant,
     held: bool,
+    observer: Option<Observer>,
 }
 
 impl<St: IdempotencyStore> Lease<St> {
@@ -57,6 +58,30 @@ impl<St: IdempotencyStore> Lease<St> {
             duration,
             live_until: claimed_at + duration,
             held: true,
+            observer: None,
+        }
+    }
+
+    /// Reports renewals, lost leases and what became of the response to `observer`.
+    pub(crate) fn observed(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    async fn store_op<F>(&self, op: Op, operation: F) -> F::Output
+    where
+        F: Future,
+        F::Output: Describe,
+    {
+        match &self.observer {
+            Some(observer) => observer.store_op(St::NAME, op, operation).await,
+            None => operation.await,
+        }
+    }
+
+    fn report(&self, report: impl FnOnce(&Observer)) {
+        if let Some(observer) = &self.observer {
+            report(observer);
         }
     }
 
@@ -83,19 +108,28 @@ impl<St: IdempotencyStore> Lease<St> {
             }
             let sent = Instant::now();
             let renewal = self.store.renew(&self.key, self.token, self.duration);
-            let renewal = observe::store_op("renew", renewal);
+            let renewal = self.store_op(Op::Renew, renewal);
             tokio::select! {
                 biased;
                 output = &mut work => return output,
                 result = renewal => match result {
-                    Ok(()) => self.live_until = sent + self.duration,
+                    Ok(()) => {
+                        self.live_until = sent + self.duration;
+                        self.report(|o| o.renewal(Renewal::Renewed));
+                    }
                     Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
-                        tracing::warn!(key = ?self.key, "idempotency lease lost while the handler ran; its response will not be stored");
+                        self.report(|o| {
+                            o.renewal(Renewal::Lost);
+                            o.lease_lost(false);
+                        });
                         renewing = false;
                     }
                     // A failed renewal is retried at the next period; the lease has two
                     // more periods to go.
-                    Err(error) => tracing::warn!(key = ?self.key, %error, "renewing an idempotency lease failed"),
+                    Err(error) => {
+                        self.report(|o| o.renewal(Renewal::Failed));
+                        tracing::warn!(key = ?self.key, %error, "renewing an idempotency lease failed");
+                    }
                 },
             }
         }
@@ -109,70 +143,88 @@ impl<St: IdempotencyStore> Lease<St> {
     /// the lease.
     pub(crate) async fn complete(mut self, record: Record, ttl: Duration) {
         self.held = false;
+        let stored = if record.is_replayable() {
+            RecordResult::Stored
+        } else {
+            RecordResult::TooLarge
+        };
         let completion = self
             .store
             .complete(&self.key, self.token, record.clone(), ttl);
-        match observe::store_op("complete", completion).await {
-            Ok(()) => {}
-            Err(error) => self.completion_failed(error, record, ttl),
+        match self.store_op(Op::Complete, completion).await {
+            Ok(()) => self.report(|o| o.record(stored)),
+            Err(error) => self.completion_failed(error, record, ttl, stored),
         }
     }
 
-    fn completion_failed(self, error: StoreError, record: Record, ttl: Duration) {
+    fn completion_failed(
+        self,
+        error: StoreError,
+        record: Record,
+        ttl: Duration,
+        stored: RecordResult,
+    ) {
         match error.kind() {
-            StoreErrorKind::LeaseLost => {
-                tracing::warn!(key = ?self.key, "idempotency lease lost before completion; the response was not stored");
-            }
+            StoreErrorKind::LeaseLost => self.completion_lease_lost(),
             StoreErrorKind::Unavailable => {
                 tracing::warn!(key = ?self.key, %error, "storing an idempotency record failed; trying again while the claim lasts");
                 spawn(async move {
                     let key = self.key;
                     let (store, token) = (self.store.clone(), self.token);
-                    let stored = self
-                        .retry(error, || {
+                    let completed = self
+                        .retry(Op::Complete, error, || {
                             let (store, record) = (store.clone(), record.clone());
                             async move { store.complete(&key, token, record, ttl).await }
                         })
                         .await;
-                    match stored.map_err(|error| error.kind()) {
-                        Ok(()) => tracing::info!(?key, "idempotency record stored after a retry"),
-                        Err(StoreErrorKind::LeaseLost) => {
-                            tracing::warn!(
-                                ?key,
-                                "idempotency lease lost before completion; the response was not stored"
-                            );
+                    match completed.map_err(|error| error.kind()) {
+                        Ok(()) => {
+                            tracing::info!(?key, "idempotency record stored after a retry");
+                            self.report(|o| o.record(stored));
                         }
+                        Err(StoreErrorKind::LeaseLost) => self.completion_lease_lost(),
                         Err(StoreErrorKind::Unavailable) => {
                             // Releasing needs the store too; the claim frees itself instead.
                             tracing::error!(
                                 ?key,
                                 "storing an idempotency record failed until its claim ran out; a retry of this key will execute again"
                             );
+                            self.report(|o| o.record(RecordResult::StoreError));
                         }
-                        Err(_) => self.release().await,
+                        Err(_) => self.release(RecordResult::StoreError).await,
                     }
                 });
             }
             _ => {
                 tracing::warn!(key = ?self.key, %error, "storing an idempotency record failed; releasing the key");
-                spawn(self.release());
+                spawn(self.release(RecordResult::StoreError));
             }
         }
     }
 
-    /// Gives the key back: the next request with it executes. A store that could not be
-    /// reached is tried again while the claim lasts.
-    pub(crate) async fn release(mut self) {
+    fn completion_lease_lost(&self) {
+        tracing::warn!(key = ?self.key, "idempotency lease lost before completion; the response was not stored");
+        self.report(|o| {
+            o.record(RecordResult::LeaseLost);
+            o.lease_lost(true);
+        });
+    }
+
+    /// Gives the key back, the response not stored for this reason (`why`): the next request
+    /// with the key executes. A store that could not be reached is tried again while the
+    /// claim lasts.
+    pub(crate) async fn release(mut self, why: RecordResult) {
         self.held = false;
+        self.report(|o| o.record(why));
         let release = self.store.release(&self.key, self.token);
-        match observe::store_op("release", release).await {
+        match self.store_op(Op::Release, release).await {
             Ok(()) => {}
             Err(error) if error.kind() == StoreErrorKind::LeaseLost => {}
             Err(error) if error.kind() == StoreErrorKind::Unavailable => {
                 spawn(async move {
                     let (store, key, token) = (self.store.clone(), self.key, self.token);
                     let released = self
-                        .retry(error, || {
+                        .retry(Op::Release, error, || {
                             let store = store.clone();
                             async move { store.release(&key, token).await }
                         })
@@ -193,7 +245,12 @@ impl<St: IdempotencyStore> Lease<St> {
     /// Tries `operation` again, with growing pauses, while the store may still hold the
     /// claim and the store stays unreachable (`failed` is the first attempt's error). The last
     /// error is returned if it never lands.
-    async fn retry<F, Fut>(&self, failed: StoreError, operation: F) -> Result<(), StoreError>
+    async fn retry<F, Fut>(
+        &self,
+        op: Op,
+        failed: StoreError,
+        operation: F,
+    ) -> Result<(), StoreError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<(), StoreError>>,
@@ -206,7 +263,7 @@ impl<St: IdempotencyStore> Lease<St> {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(RETRY_MAX);
-            match operation().await {
+            match self.store_op(op, operation()).await {
                 Err(error) if error.kind() == StoreErrorKind::Unavailable => last = error,
                 done => return done,
             }

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "axum")]
+pub mod admin;
 mod body;
 mod canonical;
 mod config;
@@ -13,6 +15,7 @@ mod execute;
 mod expiry;
 mod fingerprint;
 mod future;
+mod inspect;
 mod jsonrpc;
 mod key;
 mod layer;
@@ -20,6 +23,7 @@ mod lease;
 mod observe;
 mod problem;
 mod record;
+mod recovery;
 mod service;
 mod source;
 pub mod store;
@@ -32,10 +36,12 @@ pub use crate::{
     expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
     fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
     future::ResponseFuture,
+    inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
     layer::IdempotencyLayer,
     problem::{Problem, ProblemKind},
     record::{Record, RecordError},
+    recovery::Recovery,
     service::Idempotency,
     store::{Claim, FenceToken, IdempotencyStore},
 };

@@ -35,6 +35,11 @@ pub enum ProblemKind {
     StoreUnavailable,
     /// The handler panicked (500). The key is released: a retry executes again.
     HandlerFailed,
+    /// An earlier request with this key was claimed and its owner's lease ended without
+    /// completion (it crashed mid-request): whether its work happened is unknown, and the
+    /// application chose not to run it again until an operator resolves it (409). Only with
+    /// [`Recovery::OutcomeUnknown`](crate::Recovery::OutcomeUnknown).
+    OutcomeUnknown,
 }
 
 impl ProblemKind {
@@ -58,6 +63,7 @@ impl ProblemKind {
             Self::NotReplayable => uri!("NotReplayable"),
             Self::StoreUnavailable => uri!("StoreUnavailable"),
             Self::HandlerFailed => uri!("HandlerFailed"),
+            Self::OutcomeUnknown => uri!("OutcomeUnknown"),
         }
     }
 
@@ -73,6 +79,7 @@ impl ProblemKind {
             Self::NotReplayable => "Original response cannot be replayed",
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::HandlerFailed => "Request handler failed",
+            Self::OutcomeUnknown => "Outcome of an earlier request with this key unknown",
         }
     }
 }
@@ -193,6 +200,16 @@ impl Problem {
             StatusCode::INTERNAL_SERVER_ERROR,
             "the request handler failed; the idempotency key was released and a retry will \
              execute again",
+        )
+    }
+
+    pub(crate) fn outcome_unknown() -> Self {
+        Self::new(
+            ProblemKind::OutcomeUnknown,
+            StatusCode::CONFLICT,
+            "an earlier request with this idempotency key stopped before it completed, and \
+             whether it took effect is unknown; it will not be executed again until the \
+             operator resolves it",
         )
     }
 
@@ -332,6 +349,7 @@ mod tests {
             ProblemKind::NotReplayable,
             ProblemKind::StoreUnavailable,
             ProblemKind::HandlerFailed,
+            ProblemKind::OutcomeUnknown,
         ];
         let types: std::collections::HashSet<_> = kinds.iter().map(|k| k.type_uri()).collect();
         let titles: std::collections::HashSet<_> = kinds.iter().map(|k| k.title()).collect();

@@ -20,6 +20,7 @@ use http::{HeaderValue, Request, Response, header, request::Parts};
 use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::{
     body::{Chunks, RequestBody, ResponseBody},
@@ -32,9 +33,10 @@ use crate::{
     jsonrpc,
     key::{IdempotencyKey, KeyRef},
     lease::Lease,
-    observe::{self, Outcome},
+    observe::{AbandonedAction, Op, Outcome, RecordResult},
     problem::Problem,
     record::Record,
+    recovery::Recovery,
     store::{Claim, IdempotencyStore},
 };
 
@@ -137,8 +139,10 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, config) = (self.store.clone(), Arc::clone(config));
         let detach = Arc::new(Detach::default());
+        // One span per protected request (none for those passed through).
+        let span = config.observer.request_span(request.method());
         let work = protect(inner, store, config, request, plan, Arc::clone(&detach));
-        ResponseFuture::protected(Box::pin(work), detach)
+        ResponseFuture::protected(Box::pin(work.instrument(span)), detach)
     }
 }
 
@@ -197,19 +201,31 @@ where
         (None, MissingKey::PassThrough) => return call_unprotected(inner, parts, body).await,
     };
     let storage_key = config.storage_key(&parts, key_ref);
+    let observer = &config.observer;
+    observer.key(&storage_key);
 
     let wait_until = match config.wait_mode {
         WaitMode::Wait(timeout) => Some(Instant::now() + timeout),
         WaitMode::Reject => None,
     };
     let mut waited = false;
+    let mut wait_clock = observer.wait_clock();
+    // A take-over's answer, to be handled as a claim's.
+    let mut taken_over = None;
+    // When the claim (or take-over) that may be ours was sent: its lease counts from then.
+    let mut claimed_at = Instant::now();
     loop {
         // A claim on its way may land: from here, a client that leaves does not stop the
         // work, or the claim would be left behind for its whole lease.
         detach.finish_on_drop(true);
-        let claimed_at = Instant::now();
-        let claim = store.claim(&storage_key, &fingerprint, config.lease);
-        let claim = observe::store_op("claim", claim).await;
+        let claim = match taken_over.take() {
+            Some(claim) => claim,
+            None => {
+                claimed_at = Instant::now();
+                let claim = store.claim(&storage_key, &fingerprint, config.lease);
+                observer.store_op(St::NAME, Op::Claim, claim).await
+            }
+        };
         if !matches!(claim, Ok(Claim::Acquired(_))) {
             detach.finish_on_drop(false);
             if detach.client_gone() {
@@ -218,10 +234,11 @@ where
         }
         match claim {
             Ok(Claim::Acquired(token)) => {
-                let lease = Lease::new(store, storage_key, token, config.lease, claimed_at);
+                let lease = Lease::new(store, storage_key, token, config.lease, claimed_at)
+                    .observed(observer.clone());
                 if detach.client_gone() {
                     // Nobody is left to answer: the handler is not started for nobody.
-                    lease.release().await;
+                    lease.release(RecordResult::ClientGone).await;
                     return Ok(nobody_listens());
                 }
                 let inner = if inner.is_ready() {
@@ -235,12 +252,13 @@ where
                     match ready {
                         Ok(inner) => inner,
                         Err(error) => {
-                            lease.release().await;
+                            lease.release(RecordResult::HandlerError).await;
                             return Err(error);
                         }
                     }
                 };
-                observe::outcome(Outcome::Executed);
+                observer.outcome(Outcome::Executed);
+                drop(wait_clock);
                 let mut request = Request::from_parts(parts, RequestBody::full(body));
                 if let Some(key) = key {
                     request.extensions_mut().insert(key);
@@ -256,6 +274,24 @@ where
                     expires_in,
                 };
                 return Ok(replay(&config, record, &fingerprint, waited, retry));
+            }
+            Ok(Claim::Abandoned {
+                token,
+                fingerprint: held,
+            }) => {
+                if held != fingerprint {
+                    let problem = Problem::key_reused(config.mismatch_status);
+                    return Ok(reject(&config, &problem));
+                }
+                if config.on_abandoned.decide(&parts) == Recovery::OutcomeUnknown {
+                    observer.abandoned(AbandonedAction::OutcomeUnknown);
+                    return Ok(reject(&config, &Problem::outcome_unknown()));
+                }
+                observer.abandoned(AbandonedAction::RunAgain);
+                detach.finish_on_drop(true);
+                claimed_at = Instant::now();
+                let take_over = store.take_over(&storage_key, token, &fingerprint, config.lease);
+                taken_over = Some(observer.store_op(St::NAME, Op::TakeOver, take_over).await);
             }
             Ok(Claim::InFlight { fingerprint: held }) => {
                 if held != fingerprint {
@@ -273,8 +309,9 @@ where
                 // slot) is not held through the wait.
                 inner.give_back_readiness();
                 waited = true;
+                wait_clock.start();
                 let wait = store.wait(&storage_key, remaining);
-                if let Err(error) = observe::store_op("wait", wait).await {
+                if let Err(error) = observer.store_op(St::NAME, Op::Wait, wait).await {
                     return store_failed(&config, error, inner, parts, body, &detach).await;
                 }
             }
@@ -398,7 +435,7 @@ fn replay<B>(
             &Problem::not_replayable(status, config.response_body_limit),
         );
     };
-    observe::outcome(if waited {
+    config.observer.outcome(if waited {
         Outcome::Waited
     } else {
         Outcome::Replayed
@@ -438,7 +475,7 @@ where
                 return Ok(nobody_listens());
             }
             tracing::warn!(%error, "executing unprotected (fail-open)");
-            observe::outcome(Outcome::FailOpen);
+            config.observer.outcome(Outcome::FailOpen);
             call_unprotected(inner, parts, body).await
         }
     }
@@ -473,6 +510,8 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Send + 'static,
 {
+    let span = config.observer.request_span(request.method());
+    let _entered = span.enter();
     if request.body().is_end_stream() {
         return ResponseFuture::ready(reject(config, &problem));
     }
@@ -488,7 +527,7 @@ where
         })
     };
     // Nothing to finish if the client leaves: the default `Detach` ends the work with it.
-    ResponseFuture::protected(Box::pin(drain), Arc::default())
+    ResponseFuture::protected(Box::pin(drain.in_current_span()), Arc::default())
 }
 
 /// Tells the client (and hyper) that this connection ends with this response.
@@ -501,7 +540,7 @@ fn close_connection<B>(mut response: Response<B>) -> Response<B> {
 
 /// A response the layer produces itself.
 fn reject<B>(config: &Config, problem: &Problem) -> Response<ResponseBody<B>> {
-    observe::outcome(Outcome::of_problem(problem.kind()));
+    config.observer.outcome(Outcome::of_problem(problem.kind()));
     config
         .render(problem)
         .map(|body| ResponseBody::full(body, None))

@@ -12,13 +12,16 @@ use std::{
 };
 
 use tower_idempotency::{
-    CachedStore, Claim, FenceToken, Fingerprint, IdempotencyStore, MemoryStore, Record, StorageKey,
-    StoreError,
+    CachedStore, Claim, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection,
+    ListCursor, MemoryStore, Record, StorageKey, StoreError,
 };
 
 use common::conformance::{completed_record, fingerprint, fresh_key, sample_record};
 
 conformance_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
+
+#[cfg(feature = "axum")]
+operations_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -86,6 +89,32 @@ impl IdempotencyStore for Inner {
     }
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         self.store.wait(key, timeout).await
+    }
+    async fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fp: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.store.take_over(key, abandoned, fp, lease).await
+    }
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        self.store.inspect(key).await
+    }
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        self.store.forget(key).await
+    }
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        self.store.break_claim(key).await
+    }
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        self.store.list_claims(older_than, cursor, limit).await
     }
 }
 

@@ -12,6 +12,9 @@ use common::conformance::{fingerprint, fresh_key};
 
 conformance_suite!(async { MemoryStore::default() });
 
+#[cfg(feature = "axum")]
+operations_suite!(async { MemoryStore::default() });
+
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 

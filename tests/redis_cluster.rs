@@ -28,6 +28,9 @@ async fn connect() -> RedisStore<redis::cluster_async::ClusterConnection> {
 
 conformance_suite!(async { connect().await });
 
+#[cfg(feature = "axum")]
+operations_suite!(async { connect().await });
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_across_two_instances_run_the_handler_once_on_a_cluster() {
     scenarios::concurrent_duplicates_across_two_instances_run_the_handler_once(

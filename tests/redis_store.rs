@@ -91,6 +91,9 @@ fn unique_prefix(what: &str) -> String {
 
 conformance_suite!(async { connect(shared_server()).await });
 
+#[cfg(feature = "axum")]
+operations_suite!(async { connect(shared_server()).await });
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_across_two_instances_run_the_handler_once() {
     let server = shared_server();
@@ -119,12 +122,31 @@ async fn keys_hold_a_small_marker_while_in_flight_then_the_record_with_its_expir
             .unwrap(),
     );
     let marker: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
-    assert_eq!(marker.len(), 45, "token and fingerprint, nothing more");
-    assert_eq!(&marker[..5], b"TIF\x01\x00");
+    assert_eq!(
+        marker.len(),
+        61,
+        "token, fingerprint, claim time and retention, nothing more"
+    );
+    assert_eq!(&marker[..5], b"TIF\x02\x00", "a marker, format version 2");
     assert_eq!(&marker[5..13], &token.get().to_be_bytes());
-    assert_eq!(&marker[13..], fingerprint("a").as_bytes());
-    let lease_left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
-    assert!((1..=5_000).contains(&lease_left), "lease PTTL {lease_left}");
+    assert_eq!(&marker[13..45], fingerprint("a").as_bytes());
+    let claimed_at = be_u64(&marker[45..53]);
+    let local_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        claimed_at <= local_now && claimed_at + 5_000 > local_now,
+        "claimed at {claimed_at} by the local clock ({local_now})"
+    );
+    let retention = tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as u64;
+    assert_eq!(be_u64(&marker[53..61]), retention);
+    let key_left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
+    let lease_left = key_left - retention as i64;
+    assert!(
+        (1..=5_000).contains(&lease_left),
+        "the key lives for the lease ({lease_left} ms left), then the retention"
+    );
 
     let record = sample_record(fingerprint("a"));
     let before = redis_time_ms(&mut admin).await;
@@ -206,7 +228,16 @@ async fn a_claim_whose_owner_is_gone_ends_a_wait_and_frees_the_key_after_its_lea
         waited < Duration::from_secs(2),
         "the wait ended with the lease, after {waited:?}"
     );
-    acquired(other.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let Claim::Abandoned { token, .. } = other.claim(&key, &fingerprint("a"), LEASE).await.unwrap()
+    else {
+        panic!("the claim is reported abandoned, not free");
+    };
+    acquired(
+        other
+            .take_over(&key, token, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,9 +332,10 @@ async fn a_long_handler_keeps_its_claim_through_renewal() {
         "still in flight after five leases"
     );
     let left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
+    let retention = tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as i64;
     assert!(
-        (1..=300).contains(&left),
-        "the claim lives by renewal of a short lease (PTTL {left})"
+        (1..=300).contains(&(left - retention)),
+        "the claim lives by renewal of a short lease (PTTL {left}: the lease, then the retention)"
     );
     gate.open();
     let reply = within(running).await.expect("the first request");
@@ -380,7 +412,12 @@ async fn a_stale_token_from_another_instance_is_refused_as_lease_lost() {
     let lease = Duration::from_millis(200);
     let stale = acquired(first.claim(&key, &fingerprint("a"), lease).await.unwrap());
     tokio::time::sleep(lease + Duration::from_millis(100)).await;
-    let current = acquired(second.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let current = acquired(
+        second
+            .take_over(&key, stale, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
     for refused in [
         first
             .complete(&key, stale, sample_record(fingerprint("stale")), TTL)
@@ -558,9 +595,18 @@ async fn settled_counts(
 // a second `set` beside a `time` (the complete script's write).
 
 /// What a first execution runs: the claim (`SET … NX GET`, sent) and the complete script
-/// (`EVALSHA`, sent; `GETRANGE`, `TIME` and `SET` inside it).
+/// (`EVALSHA`, sent; `GETRANGE`, `PTTL`, `TIME` and `SET` inside it). The `PTTL` is the
+/// fence's lease check: markers outlive their lease (to report abandoned claims), so the
+/// lease has ended when the key's time left is down to the retention, not when the key is
+/// gone.
 fn first_execution() -> BTreeMap<String, u64> {
-    counts(&[("set", 2), ("evalsha", 1), ("getrange", 1), ("time", 1)])
+    counts(&[
+        ("set", 2),
+        ("evalsha", 1),
+        ("getrange", 1),
+        ("pttl", 1),
+        ("time", 1),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,6 +625,7 @@ async fn a_replay_is_one_command_and_a_first_execution_two() {
         ("evalsha", 1),
         ("eval", 1),
         ("getrange", 1),
+        ("pttl", 1),
         ("time", 1),
     ]);
     assert_eq!(
@@ -592,7 +639,7 @@ async fn a_replay_is_one_command_and_a_first_execution_two() {
     assert_eq!(
         settled_counts(&server, |counts| *counts == first_execution()).await,
         first_execution(),
-        "two commands sent: claim (SET NX GET) + complete (EVALSHA: GETRANGE, TIME, SET)"
+        "two commands sent: claim (SET NX GET) + complete (EVALSHA: GETRANGE, PTTL, TIME, SET)"
     );
 
     server.cli(&["CONFIG", "RESETSTAT"]);
@@ -1001,4 +1048,48 @@ async fn connecting_to_nothing_fails_quickly_as_unavailable() {
     assert!(started.elapsed() < Duration::from_secs(3));
     let invalid = RedisStore::connect("not a url").await.expect_err("invalid");
     assert_ne!(invalid.kind(), StoreErrorKind::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_marker_of_an_older_instance_is_honoured_until_its_lease_ends() {
+    let server = shared_server();
+    let store = connect(server).await;
+    let key = fresh_key();
+    // What an instance of the previous version wrote: 45 bytes, expiring with its lease.
+    let mut marker = b"TIF\x01\x00".to_vec();
+    marker.extend_from_slice(&77u64.to_be_bytes());
+    marker.extend_from_slice(fingerprint("a").as_bytes());
+    let mut admin = admin(server).await;
+    let _: () = query(
+        &mut admin,
+        redis::cmd("SET")
+            .arg(store.redis_key(&key))
+            .arg(&marker)
+            .arg("PX")
+            .arg(400),
+    )
+    .await;
+    assert_eq!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight {
+            fingerprint: fingerprint("a")
+        }
+    );
+    let Some(tower_idempotency::Inspection::InFlight(claim)) = store.inspect(&key).await.unwrap()
+    else {
+        panic!("a format 1 marker is a claim in flight");
+    };
+    assert_eq!(
+        (claim.token(), claim.claimed_at()),
+        (FenceToken::new(77), None)
+    );
+    // Its owner's fenced scripts still recognise it.
+    store
+        .renew(&key, FenceToken::new(77), Duration::from_millis(400))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // It expired with its lease, as format 1 markers do: the key is free, not abandoned.
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    store.release(&key, token).await.unwrap();
 }

@@ -3,7 +3,13 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use super::{Claim, FenceToken, IdempotencyStore, record_cache::RecordCache};
-use crate::{error::StoreError, fingerprint::Fingerprint, key::StorageKey, record::Record};
+use crate::{
+    error::StoreError,
+    fingerprint::Fingerprint,
+    inspect::{ClaimPage, Inspection, ListCursor},
+    key::StorageKey,
+    record::Record,
+};
 
 /// A cache of completed records in front of another store, usually a remote one.
 ///
@@ -39,7 +45,7 @@ impl<St> CachedStore<St> {
     pub fn new(inner: St, capacity_bytes: u64) -> Self {
         Self {
             inner,
-            records: Arc::new(RecordCache::new(capacity_bytes)),
+            records: Arc::new(RecordCache::new(capacity_bytes, "cached")),
         }
     }
 
@@ -57,6 +63,19 @@ impl<St> CachedStore<St> {
     /// pushed out).
     pub fn record_count(&self) -> u64 {
         self.records.len()
+    }
+}
+
+impl<St> CachedStore<St> {
+    /// Caches a completed record the inner store returned, for no longer than it keeps it.
+    fn learn(&self, key: &StorageKey, claim: &Claim) {
+        if let Claim::Completed {
+            record,
+            expires_in: Some(left),
+        } = claim
+        {
+            self.records.insert(*key, record.clone(), *left);
+        }
     }
 }
 
@@ -84,13 +103,7 @@ impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
             });
         }
         let claim = self.inner.claim(key, fingerprint, lease).await?;
-        if let Claim::Completed {
-            record,
-            expires_in: Some(left),
-        } = &claim
-        {
-            self.records.insert(*key, record.clone(), *left);
-        }
+        self.learn(key, &claim);
         Ok(claim)
     }
 
@@ -123,4 +136,48 @@ impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         self.inner.wait(key, timeout).await
     }
+
+    // Take-over and the operator's tools go to the inner store, the one that is shared.
+
+    async fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let claim = self
+            .inner
+            .take_over(key, abandoned, fingerprint, lease)
+            .await?;
+        self.learn(key, &claim);
+        Ok(claim)
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    /// Forgets the record in the inner store and in this cache. Other instances' caches
+    /// keep replaying their copy until its TTL ends.
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        let forgotten = self.inner.forget(key).await?;
+        self.records.remove(key);
+        Ok(forgotten)
+    }
+
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        self.inner.break_claim(key).await
+    }
+
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        self.inner.list_claims(older_than, cursor, limit).await
+    }
+
+    const NAME: &'static str = "cached";
 }

@@ -7,13 +7,23 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::{sync::Notify, time::Instant};
 
 use super::{Claim, FenceToken, IdempotencyStore, record_cache::RecordCache};
-use crate::{error::StoreError, fingerprint::Fingerprint, key::StorageKey, record::Record};
+use crate::{
+    error::StoreError,
+    fingerprint::Fingerprint,
+    inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, RecordInfo},
+    key::StorageKey,
+    record::Record,
+};
+
+/// How long a claim whose lease ended without completion is remembered (to be reported as
+/// [`Claim::Abandoned`]) before the maps may drop it.
+const ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The capacity of [`MemoryStore::default`]: 64 MiB of records.
 pub const DEFAULT_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
@@ -59,6 +69,7 @@ struct InFlight {
     token: FenceToken,
     fingerprint: Fingerprint,
     expires_at: Instant,
+    claimed_at: SystemTime,
     // Created by the first waiter: most claims never have one.
     waiters: Option<Arc<Notify>>,
 }
@@ -88,7 +99,7 @@ impl MemoryStore {
         let claims = (0..SHARDS).map(|_| Mutex::default()).collect();
         Self {
             inner: Arc::new(Inner {
-                records: RecordCache::new(capacity_bytes),
+                records: RecordCache::new(capacity_bytes, "memory"),
                 claims,
                 next_token: AtomicU64::new(1),
             }),
@@ -131,6 +142,39 @@ impl MemoryStore {
             })
     }
 
+    /// Claims `key`, free or abandoned, in the shard `claims` holds locked.
+    fn claim_free(
+        &self,
+        mut claims: MutexGuard<'_, Claims>,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        now: Instant,
+    ) -> Claim {
+        let token = FenceToken::new(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
+        let expired = claims.insert(
+            *key,
+            InFlight {
+                token,
+                fingerprint: *fingerprint,
+                expires_at: now + lease,
+                claimed_at: SystemTime::now(),
+                waiters: None,
+            },
+        );
+        // Claims whose owner vanished without releasing (only when no runtime was left to
+        // release them) are dropped once in a while, after being remembered as abandoned for
+        // a day, so the maps stay bounded by requests in flight.
+        if claims.len() >= 64 && claims.len().is_power_of_two() {
+            claims.retain(|_, claim| claim.expires_at + ABANDONED_RETENTION > now);
+        }
+        drop(claims);
+        if let Some(expired) = expired {
+            expired.wake_waiters();
+        }
+        Claim::Acquired(token)
+    }
+
     /// Runs `f` on the live claim `token` of `key`, or reports the lease lost.
     fn fenced<T>(
         &self,
@@ -152,6 +196,35 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // No code panics while holding these locks; should one ever, the maps stay consistent
     // (every update is a single insert or remove), so the poison flag carries no meaning.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a claim on a key means to a new request: in flight, or abandoned once its lease ended.
+fn held(claim: &InFlight, now: Instant) -> Claim {
+    if claim.is_live(now) {
+        Claim::InFlight {
+            fingerprint: claim.fingerprint,
+        }
+    } else {
+        Claim::Abandoned {
+            token: claim.token,
+            fingerprint: claim.fingerprint,
+        }
+    }
+}
+
+fn claim_info(key: &StorageKey, claim: &InFlight, now: Instant) -> ClaimInfo {
+    let wall = SystemTime::now();
+    let lease_expires_at = match claim.expires_at.checked_duration_since(now) {
+        Some(left) => wall + left,
+        None => wall - now.duration_since(claim.expires_at),
+    };
+    ClaimInfo::new(
+        *key,
+        claim.token,
+        claim.fingerprint,
+        Some(claim.claimed_at),
+        lease_expires_at,
+    )
 }
 
 impl Default for MemoryStore {
@@ -182,36 +255,14 @@ impl IdempotencyStore for MemoryStore {
         // so a concurrent claim sees the claim or the record, never neither. (A lock-free look
         // first would save replays an uncontended lock, but cost every first execution a
         // second miss in a large table: a cache miss or more each.)
-        let mut claims = self.shard(key);
-        if let Some(claim) = claims.get(key).filter(|claim| claim.is_live(now)) {
-            return Ok(Claim::InFlight {
-                fingerprint: claim.fingerprint,
-            });
+        let claims = self.shard(key);
+        if let Some(claim) = claims.get(key) {
+            return Ok(held(claim, now));
         }
         if let Some(completed) = self.completed(key) {
             return Ok(completed);
         }
-        let token = FenceToken::new(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
-        let expired = claims.insert(
-            *key,
-            InFlight {
-                token,
-                fingerprint: *fingerprint,
-                expires_at: now + lease,
-                waiters: None,
-            },
-        );
-        // Claims whose owner vanished without releasing (only when no runtime was left to
-        // release them) are dropped once in a while, so the maps stay bounded by requests
-        // in flight.
-        if claims.len() >= 64 && claims.len().is_power_of_two() {
-            claims.retain(|_, claim| claim.is_live(now));
-        }
-        drop(claims);
-        if let Some(expired) = expired {
-            expired.wake_waiters();
-        }
-        Ok(Claim::Acquired(token))
+        Ok(self.claim_free(claims, key, fingerprint, lease, now))
     }
 
     async fn complete(
@@ -285,4 +336,102 @@ impl IdempotencyStore for MemoryStore {
         }
         Ok(())
     }
+
+    // Take-over and the operator's tools: each runs under the key's shard lock, as one step.
+
+    async fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let now = Instant::now();
+        let claims = self.shard(key);
+        match claims.get(key) {
+            Some(claim) if claim.token == abandoned && !claim.is_live(now) => {}
+            Some(claim) => return Ok(held(claim, now)),
+            None => {
+                if let Some(completed) = self.completed(key) {
+                    return Ok(completed);
+                }
+            }
+        }
+        Ok(self.claim_free(claims, key, fingerprint, lease, now))
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        let claims = self.shard(key);
+        if let Some(claim) = claims.get(key) {
+            return Ok(Some(Inspection::InFlight(claim_info(
+                key,
+                claim,
+                Instant::now(),
+            ))));
+        }
+        Ok(self
+            .inner
+            .records
+            .inspect(key)
+            .map(|(record, stored_at, expires_at)| {
+                Inspection::Completed(RecordInfo::of(&record, Some(stored_at), Some(expires_at)))
+            }))
+    }
+
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        let claims = self.shard(key);
+        // Completions insert under this lock: nothing lands between the check and the removal.
+        if claims.contains_key(key) {
+            return Ok(false);
+        }
+        Ok(self.inner.records.remove(key))
+    }
+
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        let claim = self.shard(key).remove(key);
+        Ok(claim.map(|claim| {
+            let token = claim.token;
+            claim.wake_waiters();
+            token
+        }))
+    }
+
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        // The cursor is the last key listed: claims are listed in key order.
+        let after = match &cursor {
+            Some(cursor) => Some(StorageKey::from_hex(cursor.as_str()).ok_or_else(|| {
+                StoreError::new(crate::StoreErrorKind::Other, "not a MemoryStore cursor")
+            })?),
+            None => None,
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut found = Vec::new();
+        for shard in &self.inner.claims {
+            let shard = lock(shard);
+            found.extend(
+                shard
+                    .iter()
+                    .filter(|(key, _)| after.is_none_or(|after| **key > after))
+                    .filter(|(_, claim)| {
+                        wall.duration_since(claim.claimed_at).unwrap_or_default() >= older_than
+                    })
+                    .map(|(key, claim)| claim_info(key, claim, now)),
+            );
+        }
+        found.sort_by_key(|claim| *claim.key());
+        let limit = limit.max(1);
+        let next = (found.len() > limit).then(|| ListCursor::new(found[limit - 1].key().to_hex()));
+        found.truncate(limit);
+        Ok(ClaimPage {
+            claims: found,
+            next,
+        })
+    }
+
+    const NAME: &'static str = "memory";
 }

@@ -1,8 +1,10 @@
 //! Where records and in-flight claims live.
 //!
 //! [`IdempotencyStore`] holds atomic primitives only: claim-or-get, complete, release, renew
-//! and wait. There is no `get` followed by a `set`: that pair is the race that lets two
-//! concurrent duplicates both execute.
+//! and wait for the request flow; take-over of an abandoned claim; and, for operators, a
+//! read-only look-up, forgetting a record, breaking a claim, and listing claims. There is no
+//! `get` followed by a `set`: that pair is the race that lets two concurrent duplicates both
+//! execute. Every method that changes a key changes it in one atomic step, and says so.
 //!
 //! # A custom store
 //!
@@ -11,13 +13,14 @@
 //! [`MemoryStore`](crate::MemoryStore) for a real one.
 //!
 //! ```
-//! use std::{collections::HashMap, sync::{Arc, Mutex}, time::Duration};
+//! use std::{collections::HashMap, sync::{Arc, Mutex}, time::{Duration, SystemTime}};
 //! use tower_idempotency::{
-//!     Claim, FenceToken, Fingerprint, IdempotencyStore, Record, StorageKey, StoreError,
+//!     Claim, ClaimInfo, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection,
+//!     ListCursor, Record, RecordInfo, StorageKey, StoreError,
 //! };
 //!
 //! enum Entry {
-//!     InFlight { token: FenceToken, fingerprint: Fingerprint },
+//!     InFlight { token: FenceToken, fingerprint: Fingerprint, claimed_at: SystemTime },
 //!     Done(Record),
 //! }
 //!
@@ -35,6 +38,16 @@
 //!             _ => Err(StoreError::lease_lost()),
 //!         }
 //!     }
+//!
+//!     fn claim_info(key: &StorageKey, entry: &Entry) -> Option<ClaimInfo> {
+//!         match entry {
+//!             // Leases never end in this store: it has no clock.
+//!             Entry::InFlight { token, fingerprint, claimed_at } => Some(ClaimInfo::new(
+//!                 *key, *token, *fingerprint, Some(*claimed_at), SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX.into()),
+//!             )),
+//!             Entry::Done(_) => None,
+//!         }
+//!     }
 //! }
 //!
 //! impl IdempotencyStore for MapStore {
@@ -47,7 +60,8 @@
 //!                 let mut next = self.next_token.lock().unwrap();
 //!                 *next += 1;
 //!                 let token = FenceToken::new(*next);
-//!                 entries.insert(*key, Entry::InFlight { token, fingerprint: *fingerprint });
+//!                 let claimed_at = SystemTime::now();
+//!                 entries.insert(*key, Entry::InFlight { token, fingerprint: *fingerprint, claimed_at });
 //!                 Claim::Acquired(token)
 //!             }
 //!         })
@@ -70,6 +84,48 @@
 //!         tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
 //!         Ok(())
 //!     }
+//!
+//!     async fn take_over(&self, key: &StorageKey, _abandoned: FenceToken, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+//!         // Claims never expire here, so none is ever abandoned: this is a plain claim.
+//!         self.claim(key, fingerprint, lease).await
+//!     }
+//!
+//!     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+//!         let entries = self.entries.lock().unwrap();
+//!         Ok(entries.get(key).map(|entry| match entry {
+//!             Entry::Done(record) => Inspection::Completed(RecordInfo::of(record, None, None)),
+//!             other => Inspection::InFlight(Self::claim_info(key, other).unwrap()),
+//!         }))
+//!     }
+//!
+//!     async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+//!         let mut entries = self.entries.lock().unwrap();
+//!         let done = matches!(entries.get(key), Some(Entry::Done(_)));
+//!         if done {
+//!             entries.remove(key);
+//!         }
+//!         Ok(done)
+//!     }
+//!
+//!     async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+//!         let mut entries = self.entries.lock().unwrap();
+//!         let Some(Entry::InFlight { token, .. }) = entries.get(key) else { return Ok(None) };
+//!         let token = *token;
+//!         entries.remove(key);
+//!         Ok(Some(token))
+//!     }
+//!
+//!     async fn list_claims(&self, older_than: Duration, _cursor: Option<ListCursor>, _limit: usize) -> Result<ClaimPage, StoreError> {
+//!         // Small enough to list in one page.
+//!         let now = SystemTime::now();
+//!         let entries = self.entries.lock().unwrap();
+//!         let claims = entries
+//!             .iter()
+//!             .filter_map(|(key, entry)| Self::claim_info(key, entry))
+//!             .filter(|claim| claim.age(now).is_none_or(|age| age >= older_than))
+//!             .collect();
+//!         Ok(ClaimPage { claims, next: None })
+//!     }
 //! }
 //!
 //! let layer = tower_idempotency::IdempotencyLayer::new(MapStore::default());
@@ -77,7 +133,13 @@
 
 use std::{fmt, future::Future, time::Duration};
 
-use crate::{error::StoreError, fingerprint::Fingerprint, key::StorageKey, record::Record};
+use crate::{
+    error::StoreError,
+    fingerprint::Fingerprint,
+    inspect::{ClaimPage, Inspection, ListCursor},
+    key::StorageKey,
+    record::Record,
+};
 
 #[cfg(feature = "moka")]
 pub mod cached;
@@ -138,6 +200,57 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         key: &StorageKey,
         timeout: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Atomically: if `key` still holds the claim `abandoned` and that claim's lease has
+    /// ended, replaces it with a new claim for `lease` and returns [`Claim::Acquired`];
+    /// otherwise changes nothing and returns what holds the key, as
+    /// [`claim`](IdempotencyStore::claim) would (a free key is claimed).
+    ///
+    /// The layer calls it after [`claim`](IdempotencyStore::claim) reported
+    /// [`Claim::Abandoned`] and the application chose to run the request again.
+    fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Read-only: what `key` holds, `None` when it is free. An expired record is free.
+    fn inspect(
+        &self,
+        key: &StorageKey,
+    ) -> impl Future<Output = Result<Option<Inspection>, StoreError>> + Send;
+
+    /// Atomically: removes the completed record under `key`, so the next request with the
+    /// key executes again; returns whether there was one. A claim in flight is left alone
+    /// (see [`break_claim`](IdempotencyStore::break_claim)).
+    fn forget(&self, key: &StorageKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Atomically: removes the claim on `key`, live or abandoned, whoever holds it, wakes
+    /// its waiters, and returns its token (`None` when the key held no claim). A completed
+    /// record is left alone. The owner, should it still run, is fenced out: its completion
+    /// is refused.
+    fn break_claim(
+        &self,
+        key: &StorageKey,
+    ) -> impl Future<Output = Result<Option<FenceToken>, StoreError>> + Send;
+
+    /// Read-only: claims (live or abandoned) made at least `older_than` ago, one page of at
+    /// most about `limit` from `cursor` (`None`: the start). The work per page is bounded;
+    /// a page may hold fewer claims than `limit`, even none, while `next` is `Some`.
+    ///
+    /// A listing is not a snapshot: claims made or ended while it runs may or may not
+    /// appear. A claim whose age the store does not know is listed whatever `older_than`.
+    fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> impl Future<Output = Result<ClaimPage, StoreError>> + Send;
+
+    /// The store's name in metrics (`store` label) and logs. Default: `custom`.
+    const NAME: &'static str = "custom";
 }
 
 /// What [`IdempotencyStore::claim`] found.
@@ -151,6 +264,18 @@ pub enum Claim {
     /// Another request holds the key.
     InFlight {
         /// The fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+    },
+    /// Another request claimed the key and its lease ended without completion or release:
+    /// its owner crashed or lost the store, and whether its work happened is unknown.
+    /// Nothing was changed; [`take_over`](IdempotencyStore::take_over) claims the key.
+    ///
+    /// A store that cannot tell an abandoned claim from a free key reports
+    /// [`Claim::Acquired`] instead.
+    Abandoned {
+        /// The abandoned claim's token.
+        token: FenceToken,
+        /// The fingerprint of the request that held it.
         fingerprint: Fingerprint,
     },
     /// The key's request completed; here is its record.

@@ -19,7 +19,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
@@ -40,6 +40,7 @@ pub(crate) struct RecordCache {
 struct Entry {
     record: Record,
     expires_at: Instant,
+    stored_at: SystemTime,
 }
 
 impl Entry {
@@ -52,9 +53,12 @@ impl Entry {
 }
 
 impl RecordCache {
-    pub(crate) fn new(capacity_bytes: u64) -> Self {
+    /// A cache of `capacity_bytes`, its evictions counted (and, with the `metrics`
+    /// feature, reported with the label `store = name`).
+    pub(crate) fn new(capacity_bytes: u64, name: &'static str) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&evictions);
+        let reported = crate::observe::EvictionCounter::new(name);
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
             // Sized for records of a few KiB, so that a filling store does not rehash its
@@ -74,6 +78,7 @@ impl RecordCache {
             .eviction_listener(move |_, entry: Entry, cause| {
                 if cause == RemovalCause::Size && entry.left(Instant::now()).is_some() {
                     counter.fetch_add(1, Ordering::Relaxed);
+                    reported.increment();
                 }
             })
             // Keys are digests: a fast seeded hasher is enough, SipHash is not needed.
@@ -100,7 +105,30 @@ impl RecordCache {
     pub(crate) fn insert(&self, key: StorageKey, record: Record, ttl: Duration) {
         // Capped so that no TTL, however large, overflows the clock.
         let expires_at = Instant::now() + ttl.min(MAX_TTL);
-        self.cache.insert(key, Entry { record, expires_at });
+        let stored_at = SystemTime::now();
+        self.cache.insert(
+            key,
+            Entry {
+                record,
+                expires_at,
+                stored_at,
+            },
+        );
+    }
+
+    /// The unexpired record under `key`, when it was stored and when it expires (by the
+    /// system clock), for inspection.
+    pub(crate) fn inspect(&self, key: &StorageKey) -> Option<(Record, SystemTime, SystemTime)> {
+        let entry = self.cache.get(key)?;
+        let left = entry.left(Instant::now())?;
+        Some((entry.record, entry.stored_at, SystemTime::now() + left))
+    }
+
+    /// Removes the unexpired record under `key`; whether there was one.
+    pub(crate) fn remove(&self, key: &StorageKey) -> bool {
+        self.cache
+            .remove(key)
+            .is_some_and(|entry| entry.left(Instant::now()).is_some())
     }
 
     pub(crate) fn evictions(&self) -> u64 {

@@ -4,12 +4,14 @@
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use tower_idempotency::{Claim, Fingerprint, IdempotencyStore, Record, StorageKey, StoreErrorKind};
+use tower_idempotency::{
+    Claim, ClaimInfo, Fingerprint, IdempotencyStore, Inspection, Record, StorageKey, StoreErrorKind,
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -248,7 +250,46 @@ pub async fn an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_
         Claim::InFlight { .. }
     ));
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
-    let fresh = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    // The store reports the abandoned claim rather than a free key, and changes nothing.
+    for _ in 0..2 {
+        assert_eq!(
+            store.claim(&key, &fingerprint("b"), LEASE).await.unwrap(),
+            Claim::Abandoned {
+                token: stale,
+                fingerprint: fingerprint("a")
+            }
+        );
+    }
+    // Only the abandoned claim's own token takes it over.
+    let wrong = tower_idempotency::FenceToken::new(stale.get().wrapping_add(1));
+    assert!(matches!(
+        store
+            .take_over(&key, wrong, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+        Claim::Abandoned { token, .. } if token == stale
+    ));
+    let fresh = acquired(
+        store
+            .take_over(&key, stale, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    assert_ne!(fresh, stale);
+    assert!(
+        matches!(
+            store
+                .take_over(&key, stale, &fingerprint("a"), LEASE)
+                .await
+                .unwrap(),
+            Claim::InFlight { .. }
+        ),
+        "a claim taken over is live: it cannot be taken over again"
+    );
+    assert_eq!(
+        store.release(&key, stale).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
     let refused = store
         .complete(&key, stale, sample_record(fingerprint("stale")), TTL)
         .await;
@@ -332,7 +373,7 @@ pub async fn concurrent_claims_acquire_exactly_once<S: IdempotencyStore>(store: 
         match task.await.unwrap().unwrap() {
             Claim::Acquired(_) => acquired_count += 1,
             Claim::InFlight { .. } => in_flight += 1,
-            Claim::Completed { .. } => panic!("nothing was completed"),
+            other => panic!("nothing was completed or abandoned: {other:?}"),
         }
     }
     assert_eq!((acquired_count, in_flight), (1, 63));
@@ -441,7 +482,10 @@ pub async fn a_wait_ends_when_an_abandoned_lease_expires<S: IdempotencyStore>(st
         waited < Duration::from_secs(3),
         "a waiter on an abandoned claim waited {waited:?}"
     );
-    acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Abandoned { .. }
+    ));
 }
 
 pub async fn waiting_on_a_free_or_completed_key_returns_at_once<S: IdempotencyStore>(store: &S) {
@@ -464,6 +508,255 @@ pub async fn waiting_on_a_free_or_completed_key_returns_at_once<S: IdempotencySt
         .await
         .unwrap();
     assert!(started.elapsed() < PROMPT, "waited {:?}", started.elapsed());
+}
+
+pub async fn an_owner_may_release_its_own_expired_claim<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(200);
+    let token = acquired(store.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    store.release(&key, token).await.unwrap();
+    let again = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    store.release(&key, again).await.unwrap();
+}
+
+pub async fn inspect_tells_free_in_flight_abandoned_and_completed_keys_apart<
+    S: IdempotencyStore,
+>(
+    store: &S,
+) {
+    let key = fresh_key();
+    assert_eq!(store.inspect(&key).await.unwrap(), None, "a free key");
+
+    let before = SystemTime::now() - Duration::from_secs(1);
+    let lease = Duration::from_millis(400);
+    let token = acquired(store.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    let Some(Inspection::InFlight(claim)) = store.inspect(&key).await.unwrap() else {
+        panic!("a claimed key is in flight");
+    };
+    let after = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!((*claim.key(), claim.token()), (key, token));
+    assert_eq!(*claim.fingerprint(), fingerprint("a"));
+    if let Some(at) = claim.claimed_at() {
+        assert!(at >= before && at <= after, "claimed at {at:?}");
+    }
+    assert!(!claim.is_abandoned(SystemTime::now()));
+    assert!(claim.lease_expires_at() <= after + lease);
+
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    let Some(Inspection::InFlight(claim)) = store.inspect(&key).await.unwrap() else {
+        panic!("an abandoned claim is still reported");
+    };
+    assert!(claim.is_abandoned(SystemTime::now()), "{claim:?}");
+    let token = acquired(
+        store
+            .take_over(&key, claim.token(), &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    let record = sample_record(fingerprint("a"));
+    store
+        .complete(&key, token, record.clone(), TTL)
+        .await
+        .unwrap();
+    let Some(Inspection::Completed(info)) = store.inspect(&key).await.unwrap() else {
+        panic!("a completed key is completed");
+    };
+    assert_eq!(*info.fingerprint(), fingerprint("a"));
+    assert_eq!(info.status(), StatusCode::CREATED);
+    assert!(info.is_replayable());
+    assert_eq!(info.header_count(), 4);
+    assert_eq!(info.body_len(), record.body().map_or(0, Bytes::len));
+    if let Some(created) = info.created_at() {
+        assert!(created >= before && created <= SystemTime::now() + Duration::from_secs(1));
+    }
+    if let Some(expires) = info.expires_at() {
+        let ttl_end = SystemTime::now() + TTL;
+        assert!(
+            expires <= ttl_end + Duration::from_secs(1)
+                && expires >= ttl_end - Duration::from_secs(60),
+            "expires {expires:?}"
+        );
+    }
+    // Inspecting changed nothing.
+    assert_eq!(
+        completed_record(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap()),
+        record
+    );
+}
+
+pub async fn forget_removes_a_completed_record_and_nothing_else<S: IdempotencyStore>(store: &S) {
+    let free = fresh_key();
+    assert!(!store.forget(&free).await.unwrap(), "nothing to forget");
+
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    assert!(
+        !store.forget(&key).await.unwrap(),
+        "a claim in flight is left alone"
+    );
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    store
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    assert!(store.forget(&key).await.unwrap());
+    assert_eq!(store.inspect(&key).await.unwrap(), None);
+    // Forgotten, the key executes again.
+    let again = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    assert!(!store.forget(&key).await.unwrap());
+    store.release(&key, again).await.unwrap();
+}
+
+pub async fn break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner<
+    S: IdempotencyStore,
+>(
+    store: &S,
+) {
+    assert_eq!(store.break_claim(&fresh_key()).await.unwrap(), None);
+
+    let key = fresh_key();
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            store.wait(&key, Duration::from_secs(20)).await.unwrap();
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.break_claim(&key).await.unwrap(), Some(token));
+    let waited = waiter.await.unwrap();
+    assert!(
+        waited < PROMPT + Duration::from_millis(100),
+        "a waiter woke after {waited:?}, not when the claim was broken"
+    );
+    let refused = store
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await;
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    let next = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    assert_ne!(next, token);
+    store
+        .complete(&key, next, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.break_claim(&key).await.unwrap(),
+        None,
+        "a record is left alone"
+    );
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed { .. }
+    ));
+
+    let abandoned = fresh_key();
+    let lease = Duration::from_millis(200);
+    let token = acquired(
+        store
+            .claim(&abandoned, &fingerprint("a"), lease)
+            .await
+            .unwrap(),
+    );
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert_eq!(store.break_claim(&abandoned).await.unwrap(), Some(token));
+    let free = acquired(
+        store
+            .claim(&abandoned, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    store.release(&abandoned, free).await.unwrap();
+}
+
+/// Every claim the store lists from the start, page by page (bounded).
+pub async fn list_all<S: IdempotencyStore>(
+    store: &S,
+    older_than: Duration,
+    limit: usize,
+) -> Vec<ClaimInfo> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    for _ in 0..100_000 {
+        let page = store.list_claims(older_than, cursor, limit).await.unwrap();
+        assert!(
+            page.claims.len() <= limit.max(1) * 2,
+            "a page of {} for a limit of {limit}",
+            page.claims.len()
+        );
+        all.extend(page.claims);
+        cursor = page.next;
+        if cursor.is_none() {
+            return all;
+        }
+    }
+    panic!("the listing never ended");
+}
+
+pub async fn claims_older_than_a_threshold_are_listed_page_by_page<S: IdempotencyStore>(store: &S) {
+    let mut old = Vec::new();
+    for _ in 0..5 {
+        let key = fresh_key();
+        let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+        old.push((key, token));
+    }
+    let abandoned = fresh_key();
+    let abandoned_token = acquired(
+        store
+            .claim(&abandoned, &fingerprint("a"), Duration::from_millis(100))
+            .await
+            .unwrap(),
+    );
+    let completed = fresh_key();
+    let token = acquired(
+        store
+            .claim(&completed, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    store
+        .complete(&completed, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let young = fresh_key();
+    let young_token = acquired(store.claim(&young, &fingerprint("a"), LEASE).await.unwrap());
+
+    let listed = list_all(store, Duration::from_millis(400), 2).await;
+    let keys: std::collections::HashSet<StorageKey> = listed.iter().map(|c| *c.key()).collect();
+    for (key, token) in &old {
+        let claim = listed.iter().find(|c| c.key() == key);
+        assert_eq!(
+            claim.map(|c| c.token()),
+            Some(*token),
+            "an old claim is listed with its owner's token"
+        );
+    }
+    let found = listed.iter().find(|c| *c.key() == abandoned);
+    assert!(
+        found.is_some_and(|c| c.is_abandoned(SystemTime::now()) && c.token() == abandoned_token),
+        "an abandoned claim is listed as such: {found:?}"
+    );
+    assert!(
+        !keys.contains(&young),
+        "a claim younger than the threshold is not listed"
+    );
+    assert!(!keys.contains(&completed), "records are not claims");
+    let everything = list_all(store, Duration::ZERO, 1000).await;
+    assert!(everything.iter().any(|c| *c.key() == young));
+
+    for (key, token) in old.into_iter().chain([(young, young_token)]) {
+        store.release(&key, token).await.unwrap();
+    }
+    store.break_claim(&abandoned).await.unwrap();
 }
 
 /// Defines one `#[tokio::test]` per conformance check, each on the store that `$make` (an
@@ -489,6 +782,11 @@ macro_rules! conformance_suite {
             a_wait_ends_at_its_timeout,
             a_wait_ends_when_an_abandoned_lease_expires,
             waiting_on_a_free_or_completed_key_returns_at_once,
+            an_owner_may_release_its_own_expired_claim,
+            inspect_tells_free_in_flight_abandoned_and_completed_keys_apart,
+            forget_removes_a_completed_record_and_nothing_else,
+            break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner,
+            claims_older_than_a_threshold_are_listed_page_by_page,
         );
     };
     ($make:expr; $($check:ident),* $(,)?) => {
@@ -521,4 +819,9 @@ pub async fn run_all<S: IdempotencyStore>(store: &S) {
     a_wait_ends_at_its_timeout(store).await;
     a_wait_ends_when_an_abandoned_lease_expires(store).await;
     waiting_on_a_free_or_completed_key_returns_at_once(store).await;
+    an_owner_may_release_its_own_expired_claim(store).await;
+    inspect_tells_free_in_flight_abandoned_and_completed_keys_apart(store).await;
+    forget_removes_a_completed_record_and_nothing_else(store).await;
+    break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner(store).await;
+    claims_older_than_a_threshold_are_listed_page_by_page(store).await;
 }

@@ -9,8 +9,8 @@ use std::{
 };
 
 use tower_idempotency::{
-    Claim, FenceToken, Fingerprint, IdempotencyStore, MemoryStore, Record, StorageKey, StoreError,
-    StoreErrorKind,
+    Claim, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection, ListCursor,
+    MemoryStore, Record, StorageKey, StoreError, StoreErrorKind,
 };
 
 /// A `MemoryStore` whose operations can be made to fail as if the backend were unreachable.
@@ -105,4 +105,44 @@ impl IdempotencyStore for FlakyStore {
         self.check(&[])?;
         self.inner.wait(key, timeout).await
     }
+
+    async fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.check(&[])?;
+        self.inner
+            .take_over(key, abandoned, fingerprint, lease)
+            .await
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        self.check(&[])?;
+        self.inner.inspect(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        self.check(&[&self.writes_down])?;
+        self.inner.forget(key).await
+    }
+
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        self.check(&[&self.writes_down])?;
+        self.inner.break_claim(key).await
+    }
+
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        self.check(&[])?;
+        self.inner.list_claims(older_than, cursor, limit).await
+    }
+
+    const NAME: &'static str = "flaky";
 }

@@ -4,6 +4,8 @@
 pub mod conformance;
 pub mod deliveries;
 pub mod flaky_store;
+#[cfg(feature = "axum")]
+pub mod operations;
 pub mod recording_store;
 pub mod redis_server;
 pub mod scenarios;

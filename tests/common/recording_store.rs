@@ -6,7 +6,8 @@ use std::{
 };
 
 use tower_idempotency::{
-    Claim, FenceToken, Fingerprint, IdempotencyStore, Record, StorageKey, StoreError,
+    Claim, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection, ListCursor, Record,
+    StorageKey, StoreError,
 };
 
 /// Passes every operation to `inner`, and records each claim's key and fingerprint.
@@ -72,5 +73,38 @@ impl<St: IdempotencyStore> IdempotencyStore for Recording<St> {
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         self.inner.wait(key, timeout).await
+    }
+
+    async fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner
+            .take_over(key, abandoned, fingerprint, lease)
+            .await
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        self.inner.forget(key).await
+    }
+
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        self.inner.break_claim(key).await
+    }
+
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        self.inner.list_claims(older_than, cursor, limit).await
     }
 }

@@ -2,7 +2,7 @@
 -- notification channel, the message that names the key.
 -- Stores the completed envelope: "TIC", version 1, the expiry (Unix ms by this server's
 -- clock: the clock the key expires by), the TTL, then the record.
-local head, status = fence(KEYS[1], ARGV[1])
+local head, status = fence(KEYS[1], ARGV[1], true)
 if not head then
   return status
 end

@@ -6,22 +6,49 @@
 //! over the slots of a Redis Cluster and every operation touches exactly one key. The key
 //! holds either
 //!
-//! - an **in-flight marker** (45 bytes: magic `TIF`, version, flags, the owner's fence token,
-//!   the request fingerprint) with the lease as its expiry (`PX`), or
+//! - an **in-flight marker** (61 bytes, format version 2: magic `TIF`, version, flags, the
+//!   owner's fence token, the request fingerprint, when it was claimed, and the retention of
+//!   an abandoned claim) expiring `lease + retention` after its claim or last renewal, or
 //! - a **completed envelope** (magic `TIC`, version, the key's expiry as Unix milliseconds
 //!   by Redis's clock, the TTL, then the record in [`Record::encode`]'s versioned binary
 //!   form), with the record TTL as its expiry.
 //!
+//! A claim's lease has ended once the key's remaining time (`PTTL`, Redis's clock) is down to
+//! the retention ([`RedisStore::with_abandoned_retention`], 24 h by default). The marker
+//! stays that long after its lease, so that a request finding it learns that the owner
+//! stopped without completing ([`Claim::Abandoned`]) rather than finding the key free.
+//!
+//! **Changed in this version** (marker format 1 → 2): format 1 markers expired with their
+//! lease (`PX lease`), so nothing was left of an abandoned claim. This version still reads
+//! format 1 markers (claims made by an older instance during a rolling deploy keep their
+//! meaning); an older instance reading a format 2 marker reports it corrupt (503 for that
+//! key until the claim ends), so deploy while traffic on in-flight keys is low, or all at
+//! once.
+//!
 //! # Round trips
 //!
-//! Claim-or-replay is one native command, `SET key marker NX PX lease GET`: a nil reply
+//! Claim-or-replay is one native command, `SET key marker NX PX expiry GET`: a nil reply
 //! means the claim is ours, a value is what holds the key. It is as cheap for Redis as a
-//! plain `GET`, which a replay amounts to. Complete, release and renew are one Lua script
-//! each (`EVALSHA`), fenced by the claim's token. The first call of a script on a server
-//! that does not know it costs one more command (`EVAL`, which also caches it there).
+//! plain `GET`, which a replay amounts to. Only when the value is a marker does the claim
+//! take a second round trip: a script (`held.lua`) that judges by Redis's clock whether that
+//! claim's lease has ended (it may have, since the marker outlives it) and claims the key if
+//! it is free by then. Complete, release and renew are one Lua script each (`EVALSHA`),
+//! fenced by the claim's token. Taking over an abandoned claim is the same script as the
+//! claim's second step, fenced by the abandoned claim's token. The first call of a script on
+//! a server that does not know it costs one more command (`EVAL`, which also caches it
+//! there).
 //!
 //! A claim does not learn the key's remaining lifetime from Redis: it reads it from the
 //! envelope, against the local clock (see [`RedisStore`] on clocks).
+//!
+//! # Inspection
+//!
+//! Looking a key up is one read-only script (its value, `PTTL` and `TIME`); forgetting a
+//! record and breaking a claim are one script each, which change the key only if it holds
+//! what they remove. Listing claims scans the prefix with `SCAN … MATCH {prefix}* COUNT n`
+//! (cursor-based, a bounded number of keys per page) on the server, or on each primary of a
+//! Redis Cluster in turn (found with `CLUSTER NODES`, reached with the store's connection
+//! settings); the cursor names the primary and its `SCAN` cursor.
 //!
 //! # Waiting
 //!
@@ -35,6 +62,7 @@
 //! interval.
 
 mod completed;
+mod inspect;
 mod marker;
 mod notify;
 
@@ -67,6 +95,7 @@ use super::{Claim, FenceToken, IdempotencyStore};
 use crate::{
     error::{StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
+    inspect::{ClaimPage, Inspection, ListCursor},
     key::{StorageKey, hex},
     record::{Record, RecordError},
 };
@@ -89,6 +118,9 @@ pub const DEFAULT_PREFIX: &str = "idempotency:";
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default bound on waiting for a notification before looking again: 1 s.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a claim whose lease ended without completion is kept, by default, to be reported
+/// as abandoned: 24 h.
+pub const DEFAULT_ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Redis expires keys to the millisecond; a waiter looks again this long after a lease's end.
 const EXPIRY_SLACK: Duration = Duration::from_millis(2);
@@ -156,6 +188,7 @@ struct Settings {
     prefix: String,
     response_timeout: Duration,
     poll_interval: Duration,
+    abandoned_retention: Duration,
 }
 
 impl Shared {
@@ -281,6 +314,7 @@ where
             prefix: DEFAULT_PREFIX.to_owned(),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            abandoned_retention: DEFAULT_ABANDONED_RETENTION,
         };
         Self {
             connection,
@@ -336,6 +370,21 @@ where
     /// ```
     pub fn with_poll_interval(self, interval: Duration) -> Self {
         self.reconfigured(|settings| settings.poll_interval = interval)
+    }
+
+    /// How long a claim whose lease ended without completion or release (its owner crashed)
+    /// is kept after its lease, to be reported as [`Claim::Abandoned`] and inspected; the key
+    /// is free after that. Default: 24 h ([`DEFAULT_ABANDONED_RETENTION`]).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1").await?
+    ///     .with_abandoned_retention(Duration::from_secs(7 * 24 * 60 * 60));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_abandoned_retention(self, retention: Duration) -> Self {
+        self.reconfigured(|settings| settings.abandoned_retention = retention)
     }
 
     /// The key prefix.
@@ -411,6 +460,72 @@ where
             .map_err(error)
     }
 
+    /// A new claim's token, its marker, and the key's expiry in ms (the lease, then the
+    /// retention of an abandoned claim).
+    fn new_claim(
+        &self,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> (FenceToken, [u8; 61], String) {
+        let token = self.shared.tokens.next();
+        let retention = self.shared.settings.abandoned_retention;
+        let claimed_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
+        let marker = Marker {
+            token,
+            fingerprint: *fingerprint,
+            claimed_at,
+            retention: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
+        }
+        .encode();
+        (token, marker, millis(lease.saturating_add(retention)))
+    }
+
+    /// Claims a key that a claim held a moment ago, taking over the abandoned claim
+    /// `abandoned` if it still holds it: one script, judged by Redis's clock.
+    async fn claim_held(
+        &self,
+        key: &StorageKey,
+        abandoned: Option<FenceToken>,
+        token: FenceToken,
+        marker: &[u8],
+        expiry: &str,
+    ) -> Result<Claim, StoreError> {
+        let abandoned = abandoned.map(|token| token.get().to_be_bytes());
+        let args: [&[u8]; 3] = [
+            abandoned.as_ref().map_or(&[][..], |token| &token[..]),
+            marker,
+            expiry.as_bytes(),
+        ];
+        let reply = self.run(&HELD, key, &args).await?;
+        let Value::Array(mut reply) = reply else {
+            return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply));
+        };
+        let value = match reply.pop() {
+            Some(Value::BulkString(value)) => Some(value),
+            Some(other) => {
+                reply.push(other);
+                None
+            }
+            None => None,
+        };
+        match (reply.first(), value) {
+            (Some(Value::Int(1)), None) => Ok(Claim::Acquired(token)),
+            (Some(Value::Int(2)), Some(value)) => held_by(value, SystemTime::now()),
+            (Some(Value::Int(3)), Some(value)) => {
+                let marker = Marker::decode(&value)?;
+                Ok(Claim::Abandoned {
+                    token: marker.token,
+                    fingerprint: marker.fingerprint,
+                })
+            }
+            _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+        }
+    }
+
     async fn fenced(
         &self,
         script: &Script,
@@ -436,12 +551,7 @@ where
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let token = self.shared.tokens.next();
-        let marker = Marker {
-            token,
-            fingerprint: *fingerprint,
-        }
-        .encode();
+        let (token, marker, expiry) = self.new_claim(fingerprint, lease);
         let mut claim = Cmd::new();
         claim
             .arg("SET")
@@ -449,16 +559,23 @@ where
             .arg(&marker[..])
             .arg("NX")
             .arg("PX")
-            .arg(millis(lease).as_bytes())
+            .arg(expiry.as_bytes())
             .arg("GET");
         let mut connection = self.connection.clone();
         let reply = self
             .bounded(claim.query_async::<Value>(&mut connection), claim_error)
             .await;
-        match reply {
+        let reply = match reply {
             Ok(Value::Nil) => Ok(Claim::Acquired(token)),
+            // A claim holds the key: whether its lease has ended is for Redis's clock to say.
+            Ok(Value::BulkString(held)) if held.starts_with(marker::MAGIC) => {
+                self.claim_held(key, None, token, &marker, &expiry).await
+            }
             Ok(Value::BulkString(held)) => held_by(held, SystemTime::now()),
             Ok(_) => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+            Err(error) => Err(error),
+        };
+        match reply {
             Err(error) => {
                 if error.kind() == StoreErrorKind::Unavailable {
                     // The claim may have landed without its reply reaching us. Its token is
@@ -470,6 +587,7 @@ where
                 }
                 Err(error)
             }
+            claim => claim,
         }
     }
 
@@ -514,6 +632,57 @@ where
         let args: [&[u8]; 2] = [&token.get().to_be_bytes(), lease.as_bytes()];
         self.fenced(&RENEW, key, &args).await
     }
+
+    async fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let (token, marker, expiry) = self.new_claim(fingerprint, lease);
+        self.claim_held(key, Some(abandoned), token, &marker, &expiry)
+            .await
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        self.inspect_key(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        match self.run(&FORGET, key, &[]).await? {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+        }
+    }
+
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        let args: [&[u8]; 2] = [self.shared.notifier.channel(), key.as_bytes()];
+        let token = match self.run(&BREAK, key, &args).await? {
+            Value::Int(0) => None,
+            Value::BulkString(token) => match <[u8; 8]>::try_from(token.as_slice()) {
+                Ok(token) => Some(FenceToken::new(u64::from_be_bytes(token))),
+                Err(_) => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+            },
+            _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+        };
+        if token.is_some() {
+            self.shared.notifier.wake(key);
+        }
+        Ok(token)
+    }
+
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        self.list(older_than, cursor, limit).await
+    }
+
+    const NAME: &'static str = "redis";
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         let deadline = Instant::now() + timeout;
@@ -677,7 +846,22 @@ impl Script {
     }
 }
 
-static WATCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("watch.lua")));
+static WATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("fence.lua"),
+        include_str!("watch.lua")
+    ))
+});
+static HELD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(concat!(include_str!("fence.lua"), include_str!("held.lua"))));
+static BREAK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("fence.lua"),
+        include_str!("break.lua")
+    ))
+});
+static INSPECT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("inspect.lua")));
+static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("forget.lua")));
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("fence.lua"),
@@ -704,6 +888,7 @@ impl<C> fmt::Debug for RedisStore<C> {
             .field("prefix", &settings.prefix)
             .field("response_timeout", &settings.response_timeout)
             .field("poll_interval", &settings.poll_interval)
+            .field("abandoned_retention", &settings.abandoned_retention)
             .finish_non_exhaustive()
     }
 }
@@ -739,6 +924,8 @@ mod tests {
         let marker = Marker {
             token: FenceToken::new(9),
             fingerprint,
+            claimed_at: 1,
+            retention: 2,
         };
         let in_flight = held_by(marker.encode().to_vec(), now);
         assert_eq!(in_flight.ok(), Some(Claim::InFlight { fingerprint }));
@@ -764,7 +951,7 @@ mod tests {
         let corrupt: [&[u8]; 7] = [
             b"{\"status\":200}",
             b"",
-            b"TIF\x02",
+            b"TIF\x03",
             b"TIC\x01\x00",
             b"TIC\x09",
             &record.encode(),
@@ -815,7 +1002,7 @@ mod tests {
 
     #[test]
     fn the_fenced_scripts_share_the_fence() {
-        for script in [&*COMPLETE, &*RELEASE, &*RENEW] {
+        for script in [&*COMPLETE, &*RELEASE, &*RENEW, &*WATCH, &*HELD, &*BREAK] {
             assert!(script.code.starts_with(include_str!("fence.lua")));
             assert_eq!(script.sha.len(), 40);
         }
