@@ -28,7 +28,7 @@ pub use crate::{
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
     layer::IdempotencyLayer,
     problem::{Problem, ProblemKind},
-    record::{Record, RecordError},
+    record::{MAX_RECORD_HEADERS, Record, RecordError},
     service::Idempotency,
     store::{Claim, FenceToken, IdempotencyStore},
 };
