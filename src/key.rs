@@ -33,7 +33,8 @@ impl IdempotencyKey {
     /// A value that starts with `"` is an RFC 8941 Structured Field string (the IETF draft's
     /// form, parameters ignored); any other value is taken as it is (Stripe's form: a UUID that
     /// starts with a digit is not an sf-token). Either way the key must be 1 to
-    /// [`MAX_KEY_LEN`] bytes of visible ASCII (a quoted key may also hold spaces).
+    /// [`MAX_KEY_LEN`] bytes of visible ASCII: a quoted key follows the bare key's rule
+    /// once unquoted, so `" "` or `"a b"` are refused like `a b`.
     ///
     /// ```
     /// use tower_idempotency::IdempotencyKey;
@@ -62,8 +63,10 @@ impl IdempotencyKey {
         let sfv::BareItem::String(text) = item.bare_item else {
             return Err(KeyError::MalformedQuoted);
         };
-        check_len(text.as_str().len())?;
-        Ok(Self(KeyRepr::Owned(text.as_str().into())))
+        // An sf-string may hold spaces; a key may not, whichever form it came in.
+        Ok(Self(KeyRepr::Owned(
+            check_bare(text.as_str().as_bytes())?.into(),
+        )))
     }
 
     /// Reads the key from `headers[name]`: `Ok(None)` when absent, an error when invalid or
@@ -448,7 +451,11 @@ mod tests {
                 Ok("8e03978e-40d5-43e8-bc93-6894a57f9324"),
             ),
             (b"\"8e03978e-40d5\"", Ok("8e03978e-40d5")),
-            (b"\"with space\"", Ok("with space")),
+            (b"\"with space\"", Err(KeyError::InvalidCharacter)),
+            (b"\" \"", Err(KeyError::InvalidCharacter)),
+            (b"\"trailing \"", Err(KeyError::InvalidCharacter)),
+            (b"\"  \"", Err(KeyError::InvalidCharacter)),
+            (b"\"esc\\\\aped\"", Ok("esc\\aped")),
             (b"\"esc\\\"aped\"", Ok("esc\"aped")),
             (b"\"k\";param=1", Ok("k")),
             (b"0123", Ok("0123")),
@@ -725,5 +732,68 @@ mod tests {
     #[test]
     fn hex_is_lowercase_and_two_digits_a_byte() {
         assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+    }
+
+    /// The key as an RFC 8941 sf-string: quoted, `"` and `\\` escaped.
+    fn quoted(key: &str) -> Vec<u8> {
+        let mut out = vec![b'"'];
+        for byte in key.bytes() {
+            if byte == b'"' || byte == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(byte);
+        }
+        out.push(b'"');
+        out
+    }
+
+    /// What the `key` fuzz target checks: parsing never panics; a parsed key is 1 to 255
+    /// bytes of visible ASCII, the same in bare and quoted form and from a header.
+    fn check_key(input: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::prop_assert_eq;
+        let parsed = IdempotencyKey::parse(input);
+        if let Ok(value) = HeaderValue::from_bytes(input) {
+            let mut headers = HeaderMap::new();
+            headers.insert(&IDEMPOTENCY_KEY, value);
+            let from_headers = IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY);
+            prop_assert_eq!(from_headers, parsed.clone().map(Some));
+        }
+        if let Ok(key) = parsed {
+            let text = key.as_str();
+            proptest::prop_assert!((1..=MAX_KEY_LEN).contains(&text.len()));
+            proptest::prop_assert!(text.bytes().all(|b| b.is_ascii_graphic()), "{text:?}");
+            prop_assert_eq!(IdempotencyKey::parse(&quoted(text)), Ok(key.clone()));
+            if !text.starts_with('"') {
+                prop_assert_eq!(IdempotencyKey::parse(text.as_bytes()), Ok(key));
+            }
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_key_bytes_never_panic(input in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..300)) {
+            check_key(&input)?;
+        }
+
+        #[test]
+        fn near_valid_keys_parse_by_the_same_rule_in_either_form(
+            key in "[ -~]{0,260}",
+            quote in proptest::bool::ANY,
+            params in "(;[a-z]{1,3}=[0-9]{1,2}){0,2}",
+        ) {
+            let input = if quote {
+                [quoted(&key), params.into_bytes()].concat()
+            } else {
+                key.clone().into_bytes()
+            };
+            check_key(&input)?;
+            // Quoted or not, a key is accepted exactly when it is 1 to 255 visible ASCII bytes.
+            let valid = (1..=MAX_KEY_LEN).contains(&key.len())
+                && key.bytes().all(|b| b.is_ascii_graphic());
+            if quote || !key.starts_with('"') {
+                proptest::prop_assert_eq!(IdempotencyKey::parse(&input).is_ok(), valid, "{:?}", input);
+            }
+        }
     }
 }
