@@ -4,6 +4,11 @@
 
 mod wire;
 
+#[cfg(fuzzing)]
+pub(crate) use wire::check_decode;
+#[cfg(all(test, feature = "redis"))]
+pub(crate) use wire::properties;
+
 use std::{fmt, sync::Arc};
 
 use bytes::Bytes;
