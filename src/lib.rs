@@ -21,7 +21,10 @@ pub mod store;
 
 pub use crate::{
     body::{RequestBody, ResponseBody},
-    config::{FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MissingKey, WaitMode},
+    config::{
+        FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE,
+        MissingKey, WaitMode,
+    },
     error::{BoxError, StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
     future::ResponseFuture,

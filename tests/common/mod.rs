@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod flaky_store;
+pub mod panics;
 pub mod redis_server;
 pub mod scenarios;
 pub mod service;

@@ -65,6 +65,7 @@ use self::{
 };
 use super::{Claim, FenceToken, IdempotencyStore};
 use crate::{
+    config::{MAX_LEASE, MAX_TTL},
     error::{StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
     key::{StorageKey, hex},
@@ -319,7 +320,15 @@ where
     ///     .with_response_timeout(Duration::from_millis(250));
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero: every command would fail.
     pub fn with_response_timeout(self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "RedisStore::with_response_timeout: the timeout must be more than zero"
+        );
         self.reconfigured(|settings| settings.response_timeout = timeout)
     }
 
@@ -334,7 +343,15 @@ where
     ///     .with_poll_interval(Duration::from_secs(2));
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero: waiters would ask Redis again and again without pause.
     pub fn with_poll_interval(self, interval: Duration) -> Self {
+        assert!(
+            !interval.is_zero(),
+            "RedisStore::with_poll_interval: the interval must be more than zero"
+        );
         self.reconfigured(|settings| settings.poll_interval = interval)
     }
 
@@ -449,7 +466,7 @@ where
             .arg(&marker[..])
             .arg("NX")
             .arg("PX")
-            .arg(millis(lease).as_bytes())
+            .arg(millis(lease, MAX_LEASE).as_bytes())
             .arg("GET");
         let mut connection = self.connection.clone();
         let reply = self
@@ -480,7 +497,7 @@ where
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let (encoded, ttl) = (record.encode(), millis(ttl));
+        let (encoded, ttl) = (record.encode(), millis(ttl, MAX_TTL));
         let args: [&[u8]; 5] = [
             &token.get().to_be_bytes(),
             &encoded,
@@ -510,13 +527,13 @@ where
         token: FenceToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let lease = millis(lease);
+        let lease = millis(lease, MAX_LEASE);
         let args: [&[u8]; 2] = [&token.get().to_be_bytes(), lease.as_bytes()];
         self.fenced(&RENEW, key, &args).await
     }
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(MAX_TTL);
         let watch: Watch = self.shared.notifier.watch(*key);
         loop {
             // Armed before looking, so an end published after the look is not missed.
@@ -531,11 +548,16 @@ where
                 Value::Int(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
                 _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
             };
+            // Checked: neither the poll interval nor what the key says is left of its lease (a
+            // value anyone with access could have written) is bounded.
             let now = Instant::now();
-            let mut wake_at = deadline.min(now + self.shared.settings.poll_interval);
-            if let Some(left) = lease_left {
-                wake_at = wake_at.min(now + left + EXPIRY_SLACK);
-            }
+            let poll = now.checked_add(self.shared.settings.poll_interval);
+            let lease_end =
+                lease_left.and_then(|left| now.checked_add(left.saturating_add(EXPIRY_SLACK)));
+            let wake_at = [poll, lease_end]
+                .into_iter()
+                .flatten()
+                .fold(deadline, Instant::min);
             tokio::select! {
                 () = &mut ended => return Ok(()),
                 () = &mut resubscribed => {}
@@ -568,9 +590,11 @@ fn held_by(value: Vec<u8>, now: SystemTime) -> Result<Claim, StoreError> {
     Err(StoreError::corrupt(Unexpected::Foreign))
 }
 
-/// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires.
-fn millis(duration: Duration) -> String {
-    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
+/// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires, and
+/// at most `max` ([`MAX_TTL`] or [`MAX_LEASE`]). Redis refuses an expiry whose milliseconds,
+/// added to its clock, overflow; a refused completion would let every retry execute again.
+fn millis(duration: Duration, max: Duration) -> String {
+    duration.min(max).as_millis().max(1).to_string()
 }
 
 fn timed_out(after: Duration) -> StoreError {
@@ -713,11 +737,23 @@ mod tests {
     use super::{completed::envelope, *};
 
     #[test]
-    fn durations_become_at_least_one_millisecond() {
-        assert_eq!(millis(Duration::ZERO), "1");
-        assert_eq!(millis(Duration::from_micros(1_500)), "1");
-        assert_eq!(millis(Duration::from_secs(86_400)), "86400000");
-        assert_eq!(millis(Duration::MAX), i64::MAX.to_string());
+    fn durations_become_at_least_one_millisecond_and_at_most_the_bound() {
+        let cases = [
+            (Duration::ZERO, MAX_TTL, "1"),
+            (Duration::from_micros(1_500), MAX_TTL, "1"),
+            (Duration::from_secs(86_400), MAX_TTL, "86400000"),
+            (MAX_TTL, MAX_TTL, "31536000000"),
+            (Duration::MAX, MAX_TTL, "31536000000"),
+            (Duration::MAX, MAX_LEASE, "3600000"),
+            (Duration::from_secs(30), MAX_LEASE, "30000"),
+        ];
+        for (duration, max, expected) in cases {
+            assert_eq!(
+                millis(duration, max),
+                expected,
+                "{duration:?} up to {max:?}"
+            );
+        }
     }
 
     #[test]
