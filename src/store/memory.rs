@@ -427,9 +427,10 @@ impl IdempotencyStore for MemoryStore {
         notified.as_mut().enable();
         // The claim may have ended between the lock above and `enable`: `notify_waiters`
         // only wakes futures enabled before it, so look once more now that this one is.
-        if !lock(&shard.claims)
+        if lock(&shard.claims)
             .get(key)
-            .is_some_and(|slot| slot.in_flight(token).is_some())
+            .and_then(|slot| slot.in_flight(token))
+            .is_none()
         {
             return Ok(());
         }
