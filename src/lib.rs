@@ -10,6 +10,11 @@ mod error;
 mod execute;
 mod fingerprint;
 mod future;
+// The fuzz targets' entry points; compiled for tests too, so that CI (stable, no cargo-fuzz)
+// builds and runs them.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod key;
 mod layer;
 mod lease;

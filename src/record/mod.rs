@@ -4,7 +4,7 @@
 
 mod wire;
 
-#[cfg(fuzzing)]
+#[cfg(any(test, fuzzing))]
 pub(crate) use wire::check_decode;
 #[cfg(all(test, feature = "redis"))]
 pub(crate) use wire::properties;

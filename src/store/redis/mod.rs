@@ -590,6 +590,25 @@ fn held_by(value: Vec<u8>, now: SystemTime) -> Result<Claim, StoreError> {
     Err(StoreError::corrupt(Unexpected::Foreign))
 }
 
+/// What the `marker` fuzz target checks (see `marker::check_decode`), and that a held value
+/// starting like a marker is read without panicking.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_marker(bytes: &[u8]) {
+    marker::check_decode(bytes);
+    let _ = held_by(
+        [marker::MAGIC.as_slice(), bytes].concat(),
+        SystemTime::now(),
+    );
+}
+
+/// What the `envelope` fuzz target checks (see `completed::check_decode`), and that a held
+/// value is read without panicking whatever it holds.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_envelope(bytes: &[u8]) {
+    completed::check_decode(bytes);
+    let _ = held_by(bytes.to_vec(), SystemTime::now());
+}
+
 /// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires, and
 /// at most `max` ([`MAX_TTL`] or [`MAX_LEASE`]). Redis refuses an expiry whose milliseconds,
 /// added to its clock, overflow; a refused completion would let every retry execute again.
