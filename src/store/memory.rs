@@ -54,8 +54,8 @@ const SHARDS: usize = 64;
 /// - **Waiters are notified**, not polled: a duplicate waiting on a claim wakes the moment it
 ///   is completed or released, or when its lease runs out.
 ///
-/// TTLs longer than [`MAX_TTL`](crate::MAX_TTL) and leases longer than
-/// [`MAX_LEASE`](crate::MAX_LEASE) are clamped to them.
+/// TTLs longer than [`MAX_TTL`] and leases longer than
+/// [`MAX_LEASE`] are clamped to them.
 ///
 /// `MemoryStore` is a cheap `Clone` handle: clones share the same records. It serves one
 /// process; instances behind a load balancer need a shared store.
