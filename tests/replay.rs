@@ -251,8 +251,9 @@ async fn store_when_always_stores_and_replays_a_500() {
 
 #[tokio::test]
 async fn a_store_filled_past_its_capacity_still_replays_its_most_recent_keys() {
-    const BODY: usize = 1_000;
-    // Each record weighs about its body plus a little: room for about 50 of them.
+    const BODY: usize = 2_000;
+    // Each record weighs about its body plus a little: room for about 50 of them (and more
+    // than `MemoryStore`'s smallest capacity).
     let store = MemoryStore::new(50 * (BODY as u64 + 200));
     let handler = Handler::new(|_request| async { created(vec![b'r'; BODY]) });
     let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
