@@ -19,11 +19,44 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The response header that marks a replay: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// The longest a record may be kept: 365 days. The bound of
+/// [`with_ttl`](crate::IdempotencyLayer::with_ttl) and of the [`MissingKey::Fingerprint`]
+/// window, and what every store of this crate clamps a longer TTL to.
+///
+/// A year is far beyond any retry schedule (Stripe keeps keys for 24 hours), and keeps every
+/// deadline far from overflowing: Redis refuses an expiry whose milliseconds, added to its
+/// clock, overflow, and a store that refused every completion would let every retry execute
+/// again. Check a TTL read from configuration against it before calling the setter.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The shortest lease [`with_lease`](crate::IdempotencyLayer::with_lease) accepts: 100 ms.
+///
+/// The owner renews its lease every third of it, so a 100 ms lease is renewed every 33 ms and
+/// lost after about 66 ms without an answer from the store; any shorter and a busy runtime's
+/// scheduling delays, or one slow round trip, would let a duplicate take the claim over while
+/// the handler still runs (and both execute). Leases are kept to the millisecond (Redis's
+/// resolution). Prefer seconds in production: the default is 30 s.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
+/// The longest lease [`with_lease`](crate::IdempotencyLayer::with_lease) accepts: one hour,
+/// and what the stores of this crate clamp a longer lease to.
+///
+/// A lease is renewed while its handler runs, so it does not bound how long a handler may
+/// take; it bounds how long the key of a crashed instance stays blocked.
+pub const MAX_LEASE: Duration = Duration::from_secs(60 * 60);
+
+/// The longest [`WaitMode::Wait`] accepted: one hour, far longer than any HTTP client waits
+/// for a response.
+pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
+
 /// What to do with a protected request that carries no key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MissingKey {
     /// Derive the key from the request itself (SHA-256 of method, path, query and body) and
     /// remember it for this window only: what stops a double-clicked form from charging twice.
+    ///
+    /// The window must be more than zero and at most [`MAX_TTL`]
+    /// ([`with_missing_key`](crate::IdempotencyLayer::with_missing_key) panics otherwise).
     Fingerprint(Duration),
     /// Refuse the request with a 400 problem.
     Required,
@@ -35,7 +68,9 @@ pub enum MissingKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitMode {
     /// Wait up to this long for the first request to finish, then replay its response; past
-    /// it, 409 with `Retry-After`. Waiting is woken by notification, not polling.
+    /// it, 409 with `Retry-After`. Waiting is woken by notification, not polling. At most
+    /// [`MAX_WAIT`] ([`with_wait_mode`](crate::IdempotencyLayer::with_wait_mode) panics
+    /// otherwise); zero answers 409 at once, like [`WaitMode::Reject`].
     Wait(Duration),
     /// Answer 409 with `Retry-After` at once (Stripe's and the IETF draft's behaviour).
     Reject,
@@ -236,5 +271,17 @@ mod tests {
             response.extensions().get::<crate::ProblemKind>(),
             Some(&crate::ProblemKind::MissingKey)
         );
+    }
+
+    #[test]
+    fn the_defaults_are_within_the_bounds_the_setters_check() {
+        let config = Config::default();
+        assert!(!config.ttl.is_zero() && config.ttl <= MAX_TTL);
+        assert!((MIN_LEASE..=MAX_LEASE).contains(&config.lease));
+        assert!(
+            matches!(config.missing_key, MissingKey::Fingerprint(window) if !window.is_zero() && window <= MAX_TTL)
+        );
+        assert!(matches!(config.wait_mode, WaitMode::Wait(wait) if wait <= MAX_WAIT));
+        assert_eq!(config.mismatch_status, StatusCode::CONFLICT);
     }
 }

@@ -33,7 +33,8 @@ impl IdempotencyKey {
     /// A value that starts with `"` is an RFC 8941 Structured Field string (the IETF draft's
     /// form, parameters ignored); any other value is taken as it is (Stripe's form: a UUID that
     /// starts with a digit is not an sf-token). Either way the key must be 1 to
-    /// [`MAX_KEY_LEN`] bytes of visible ASCII (a quoted key may also hold spaces).
+    /// [`MAX_KEY_LEN`] bytes of visible ASCII: a quoted key follows the bare key's rule
+    /// once unquoted, so `" "` or `"a b"` are refused like `a b`.
     ///
     /// ```
     /// use tower_idempotency::IdempotencyKey;
@@ -62,8 +63,10 @@ impl IdempotencyKey {
         let sfv::BareItem::String(text) = item.bare_item else {
             return Err(KeyError::MalformedQuoted);
         };
-        check_len(text.as_str().len())?;
-        Ok(Self(KeyRepr::Owned(text.as_str().into())))
+        // An sf-string may hold spaces; a key may not, whichever form it came in.
+        Ok(Self(KeyRepr::Owned(
+            check_bare(text.as_str().as_bytes())?.into(),
+        )))
     }
 
     /// Reads the key from `headers[name]`: `Ok(None)` when absent, an error when invalid or
@@ -484,6 +487,45 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The key as an RFC 8941 sf-string: quoted, `"` and `\\` escaped.
+#[cfg(any(test, fuzzing))]
+fn quoted(key: &str) -> Vec<u8> {
+    let mut out = vec![b'"'];
+    for byte in key.bytes() {
+        if byte == b'"' || byte == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(byte);
+    }
+    out.push(b'"');
+    out
+}
+
+/// What the `key` fuzz target and its proptest twins check: parsing never panics; a parsed
+/// key is 1 to [`MAX_KEY_LEN`] bytes of visible ASCII, the same key in quoted form (and in
+/// bare form, unless it starts with `"`), and the same read from a header. Panics when that
+/// is broken.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_parse(input: &[u8]) {
+    const NAME: HeaderName = HeaderName::from_static("idempotency-key");
+    let parsed = IdempotencyKey::parse(input);
+    if let Ok(value) = HeaderValue::from_bytes(input) {
+        let mut headers = HeaderMap::new();
+        headers.insert(NAME, value);
+        let from_headers = IdempotencyKey::from_headers(&headers, &NAME);
+        assert_eq!(from_headers, parsed.clone().map(Some));
+    }
+    if let Ok(key) = parsed {
+        let text = key.as_str();
+        assert!((1..=MAX_KEY_LEN).contains(&text.len()));
+        assert!(text.bytes().all(|b| b.is_ascii_graphic()), "{text:?}");
+        assert_eq!(IdempotencyKey::parse(&quoted(text)), Ok(key.clone()));
+        if !text.starts_with('"') {
+            assert_eq!(IdempotencyKey::parse(text.as_bytes()), Ok(key));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,7 +544,11 @@ mod tests {
                 Ok("8e03978e-40d5-43e8-bc93-6894a57f9324"),
             ),
             (b"\"8e03978e-40d5\"", Ok("8e03978e-40d5")),
-            (b"\"with space\"", Ok("with space")),
+            (b"\"with space\"", Err(KeyError::InvalidCharacter)),
+            (b"\" \"", Err(KeyError::InvalidCharacter)),
+            (b"\"trailing \"", Err(KeyError::InvalidCharacter)),
+            (b"\"  \"", Err(KeyError::InvalidCharacter)),
+            (b"\"esc\\\\aped\"", Ok("esc\\aped")),
             (b"\"esc\\\"aped\"", Ok("esc\"aped")),
             (b"\"k\";param=1", Ok("k")),
             (b"0123", Ok("0123")),
@@ -779,5 +825,32 @@ mod tests {
     #[test]
     fn hex_is_lowercase_and_two_digits_a_byte() {
         assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_key_bytes_never_panic(input in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..300)) {
+            check_parse(&input);
+        }
+
+        #[test]
+        fn near_valid_keys_parse_by_the_same_rule_in_either_form(
+            key in "[ -~]{0,260}",
+            quote in proptest::bool::ANY,
+            params in "(;[a-z]{1,3}=[0-9]{1,2}){0,2}",
+        ) {
+            let input = if quote {
+                [quoted(&key), params.into_bytes()].concat()
+            } else {
+                key.clone().into_bytes()
+            };
+            check_parse(&input);
+            // Quoted or not, a key is accepted exactly when it is 1 to 255 visible ASCII bytes.
+            let valid = (1..=MAX_KEY_LEN).contains(&key.len())
+                && key.bytes().all(|b| b.is_ascii_graphic());
+            if quote || !key.starts_with('"') {
+                proptest::prop_assert_eq!(IdempotencyKey::parse(&input).is_ok(), valid, "{:?}", input);
+            }
+        }
     }
 }

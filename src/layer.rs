@@ -7,7 +7,7 @@ use http::{HeaderName, Method, Response, StatusCode, request, response};
 use tower_layer::Layer;
 
 use crate::{
-    config::{Config, FailMode, MissingKey, WaitMode},
+    config::{Config, FailMode, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE, MissingKey, WaitMode},
     digest::Secret,
     fingerprint::{BodyFingerprint, FingerprintHeaders},
     key::{KeySource, Scope},
@@ -99,7 +99,19 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, MissingKey};
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_missing_key(MissingKey::Required);
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the window of [`MissingKey::Fingerprint`] is zero or longer than
+    /// [`MAX_TTL`](crate::MAX_TTL).
     pub fn with_missing_key(mut self, policy: MissingKey) -> Self {
+        if let MissingKey::Fingerprint(window) = policy {
+            assert!(
+                !window.is_zero() && window <= MAX_TTL,
+                "IdempotencyLayer::with_missing_key: the MissingKey::Fingerprint window must be \
+                 more than zero and at most MAX_TTL ({MAX_TTL:?}), got {window:?}"
+            );
+        }
         self.config().missing_key = policy;
         self
     }
@@ -151,7 +163,17 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_ttl(Duration::from_secs(7 * 24 * 3600));
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `ttl` is zero (nothing would ever be replayed) or longer than
+    /// [`MAX_TTL`](crate::MAX_TTL) (365 days).
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        assert!(
+            !ttl.is_zero() && ttl <= MAX_TTL,
+            "IdempotencyLayer::with_ttl: the TTL must be more than zero and at most MAX_TTL \
+             ({MAX_TTL:?}), got {ttl:?}"
+        );
         self.config().ttl = ttl;
         self
     }
@@ -165,7 +187,19 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_lease(Duration::from_secs(10));
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `lease` is shorter than [`MIN_LEASE`](crate::MIN_LEASE) (100 ms) or longer than
+    /// [`MAX_LEASE`](crate::MAX_LEASE) (1 hour). A lease that ends before its owner can renew
+    /// it lets a duplicate take the claim over while the handler runs, and both execute; a
+    /// zero lease would end at once.
     pub fn with_lease(mut self, lease: Duration) -> Self {
+        assert!(
+            (MIN_LEASE..=MAX_LEASE).contains(&lease),
+            "IdempotencyLayer::with_lease: the lease must be at least MIN_LEASE ({MIN_LEASE:?}) \
+             and at most MAX_LEASE ({MAX_LEASE:?}), got {lease:?}"
+        );
         self.config().lease = lease;
         self
     }
@@ -176,7 +210,18 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, WaitMode};
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_wait_mode(WaitMode::Reject);
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If [`WaitMode::Wait`] is given more than [`MAX_WAIT`](crate::MAX_WAIT) (1 hour).
     pub fn with_wait_mode(mut self, mode: WaitMode) -> Self {
+        if let WaitMode::Wait(wait) = mode {
+            assert!(
+                wait <= MAX_WAIT,
+                "IdempotencyLayer::with_wait_mode: WaitMode::Wait must be at most MAX_WAIT \
+                 ({MAX_WAIT:?}), got {wait:?}"
+            );
+        }
         self.config().wait_mode = mode;
         self
     }
@@ -189,7 +234,17 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// let layer = IdempotencyLayer::new(MemoryStore::default())
     ///     .with_mismatch_status(http::StatusCode::UNPROCESSABLE_ENTITY);
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `status` is neither 409 nor 422: clients tell a reused key apart by these (a 2xx
+    /// would look like success, a 5xx like a failure worth retrying with the same key).
     pub fn with_mismatch_status(mut self, status: StatusCode) -> Self {
+        assert!(
+            status == StatusCode::CONFLICT || status == StatusCode::UNPROCESSABLE_ENTITY,
+            "IdempotencyLayer::with_mismatch_status: the status must be 409 Conflict or \
+             422 Unprocessable Content, got {status}"
+        );
         self.config().mismatch_status = status;
         self
     }

@@ -15,6 +15,11 @@ mod execute;
 mod expiry;
 mod fingerprint;
 mod future;
+// The fuzz targets' entry points; compiled for tests too, so that CI (stable, no cargo-fuzz)
+// builds and runs them.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod inspect;
 mod jsonrpc;
 mod key;
@@ -31,7 +36,10 @@ mod stream;
 
 pub use crate::{
     body::{RequestBody, ResponseBody},
-    config::{FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MissingKey, WaitMode},
+    config::{
+        FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE,
+        MissingKey, WaitMode,
+    },
     error::{BoxError, StoreError, StoreErrorKind},
     expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
     fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
@@ -40,7 +48,7 @@ pub use crate::{
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
     layer::IdempotencyLayer,
     problem::{Problem, ProblemKind},
-    record::{Record, RecordError},
+    record::{MAX_RECORD_HEADERS, Record, RecordError},
     recovery::Recovery,
     service::Idempotency,
     store::{Claim, FenceToken, IdempotencyStore},

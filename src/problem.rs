@@ -178,8 +178,10 @@ impl Problem {
             StatusCode::CONFLICT,
             format!(
                 "the request with this idempotency key completed with status {}, but its response \
-                 was larger than {limit} bytes and was not kept; it will not be executed again",
-                original.as_u16()
+                 was larger than {limit} bytes (or had more than {} header fields) and was not \
+                 kept; it will not be executed again",
+                original.as_u16(),
+                crate::record::MAX_RECORD_HEADERS,
             ),
         )
     }

@@ -18,7 +18,7 @@ use tower_idempotency::{
 
 use common::conformance::{completed_record, fingerprint, fresh_key, sample_record};
 
-conformance_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
+conformance_suite!(paused; async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
 
 #[cfg(feature = "axum")]
 operations_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });

@@ -34,6 +34,8 @@ async fn invalid_keys_are_refused_with_400_and_nothing_runs() {
         ("256 bytes", vec![&too_long]),
         ("a tab (control character)", vec![b"key\twith-tab"]),
         ("a space", vec![b"key with space"]),
+        ("a quoted space", vec![b"\" \""]),
+        ("a quoted key with spaces", vec![b"\"quoted with spaces\""]),
         ("non-ASCII (obs-text)", vec![b"caf\xe9"]),
         ("non-ASCII UTF-8", vec!["cl\u{e9}".as_bytes()]),
         ("an unterminated quoted string", vec![b"\"unterminated"]),
@@ -63,7 +65,7 @@ async fn valid_keys_execute_once_and_replay() {
     let cases = [
         "8e03978e-40d5-43e8-bc93-6894a57f9324",
         "\"a-structured-field-string\"",
-        "\"quoted with spaces\"",
+        "\"quoted-\\\"escapes\\\\\"",
         longest.as_str(),
         quoted_longest.as_str(),
         "0123",

@@ -10,7 +10,7 @@ use tower_idempotency::{Claim, IdempotencyStore, MemoryStore, Record, StorageKey
 
 use common::conformance::{fingerprint, fresh_key};
 
-conformance_suite!(async { MemoryStore::default() });
+conformance_suite!(paused; async { MemoryStore::default() });
 
 #[cfg(feature = "axum")]
 operations_suite!(async { MemoryStore::default() });
@@ -99,8 +99,8 @@ async fn a_claim_in_flight_is_never_evicted() {
 
 #[tokio::test]
 async fn a_record_larger_than_the_whole_store_is_not_kept_and_nothing_breaks() {
-    let store = MemoryStore::new(10_000);
-    let key = complete_new_key(&store, record_of(100_000)).await;
+    let store = MemoryStore::new(tower_idempotency::store::memory::MIN_CAPACITY_BYTES);
+    let key = complete_new_key(&store, record_of(1_000_000)).await;
     store.evictions();
     // moka refuses an entry heavier than the cache; the key is then simply free again.
     let claim = store.claim(&key, &fingerprint("a"), LEASE).await.unwrap();
@@ -110,7 +110,7 @@ async fn a_record_larger_than_the_whole_store_is_not_kept_and_nothing_breaks() {
     ));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn expired_records_are_never_replayed_and_make_room_without_counting_as_evictions() {
     let record = record_of(1_000);
     // Room for 100 records.
@@ -165,4 +165,131 @@ async fn expired_records_are_never_replayed_and_make_room_without_counting_as_ev
     complete_new_key(&store, record.clone()).await;
     complete_new_key(&store, record).await;
     assert!(store.evictions() >= 1);
+}
+
+/// What the racing tasks saw of one key.
+#[derive(Default)]
+struct KeyLog {
+    /// Set while a task holds the key (between its `Acquired` and its release or completion).
+    held: std::sync::atomic::AtomicBool,
+    acquired: std::sync::atomic::AtomicUsize,
+    released: std::sync::atomic::AtomicUsize,
+    completed: std::sync::atomic::AtomicUsize,
+    /// Set once a completion returned: every claim that starts later must find the record.
+    done: std::sync::atomic::AtomicBool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_claims_and_completions_acquire_each_key_generation_exactly_once() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    };
+    const TASKS: usize = 64;
+    const KEYS: usize = 256;
+    // Each key is released this many times before it is completed: that many generations.
+    const RELEASES: usize = 2;
+    let store = MemoryStore::default();
+    // All in four shards, so that completions in a shard race with claims in it.
+    let keys: Arc<Vec<StorageKey>> = Arc::new(
+        (0..KEYS)
+            .map(|n| {
+                let mut bytes = *fresh_key().as_bytes();
+                bytes[0] = (n % 4) as u8;
+                bytes[1..9].copy_from_slice(&(n as u64).to_be_bytes());
+                StorageKey::from_bytes(bytes)
+            })
+            .collect(),
+    );
+    let logs: Arc<Vec<KeyLog>> = Arc::new((0..KEYS).map(|_| KeyLog::default()).collect());
+    let replays = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (store, keys, logs, replays) = (
+                store.clone(),
+                Arc::clone(&keys),
+                Arc::clone(&logs),
+                Arc::clone(&replays),
+            );
+            tokio::spawn(async move {
+                for i in 0..KEYS {
+                    // Each task walks the keys from its own starting point.
+                    let n = (i + task * 7) % KEYS;
+                    let (key, log) = (&keys[n], &logs[n]);
+                    loop {
+                        let done_before = log.done.load(SeqCst);
+                        match store.claim(key, &fingerprint("a"), LEASE).await.unwrap() {
+                            Claim::Acquired(token) => {
+                                assert!(!done_before, "key {n} acquired after its completion");
+                                assert!(!log.held.swap(true, SeqCst), "key {n} held twice");
+                                let generation = log.acquired.fetch_add(1, SeqCst);
+                                tokio::task::yield_now().await;
+                                log.held.store(false, SeqCst);
+                                if generation < RELEASES {
+                                    log.released.fetch_add(1, SeqCst);
+                                    store.release(key, token).await.unwrap();
+                                } else {
+                                    let record =
+                                        Record::not_replayable(fingerprint("a"), StatusCode::OK);
+                                    store.complete(key, token, record, TTL).await.unwrap();
+                                    log.completed.fetch_add(1, SeqCst);
+                                    log.done.store(true, SeqCst);
+                                    break;
+                                }
+                            }
+                            Claim::InFlight { .. } => tokio::task::yield_now().await,
+                            Claim::Abandoned { .. } => panic!("key {n}: no lease runs out here"),
+                            Claim::Completed { record, .. } => {
+                                assert_eq!(record.fingerprint(), &fingerprint("a"));
+                                replays.fetch_add(1, SeqCst);
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for (n, log) in logs.iter().enumerate() {
+        assert_eq!(log.completed.load(SeqCst), 1, "key {n} completed once");
+        assert_eq!(log.released.load(SeqCst), RELEASES, "key {n}");
+        assert_eq!(
+            log.acquired.load(SeqCst),
+            RELEASES + 1,
+            "key {n}: one acquisition per generation"
+        );
+    }
+    assert_eq!(
+        replays.load(SeqCst),
+        TASKS * KEYS - KEYS,
+        "every other visit replayed"
+    );
+    assert_eq!(store.in_flight_count(), 0);
+}
+
+#[test]
+fn a_memory_store_too_small_to_keep_a_record_panics() {
+    let cases: [(u64, bool); 5] = [
+        (0, false),
+        (1, false),
+        (
+            tower_idempotency::store::memory::MIN_CAPACITY_BYTES - 1,
+            false,
+        ),
+        (tower_idempotency::store::memory::MIN_CAPACITY_BYTES, true),
+        (64 * 1024 * 1024, true),
+    ];
+    for (capacity, accepted) in cases {
+        let message = common::panics::panic_message(|| drop(MemoryStore::new(capacity)));
+        match message {
+            None => assert!(accepted, "{capacity} bytes were accepted"),
+            Some(message) => {
+                assert!(!accepted, "{capacity} bytes: {message}");
+                assert!(message.starts_with("MemoryStore::new"), "{message}");
+            }
+        }
+    }
 }

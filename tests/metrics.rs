@@ -101,7 +101,7 @@ async fn every_metric_is_recorded_with_its_labels_and_never_a_key() {
     let reject = routes().layer(layer("reject").with_wait_mode(WaitMode::Reject));
     let unknown =
         routes().layer(layer("unknown").with_outcome_unknown(|_: &Parts| Recovery::OutcomeUnknown));
-    let short_lease = routes().layer(layer("lease").with_lease(Duration::from_millis(90)));
+    let short_lease = routes().layer(layer("lease").with_lease(tower_idempotency::MIN_LEASE));
 
     // (app, path, key, body, store down, status)
     let steps = [
@@ -220,9 +220,10 @@ async fn every_metric_is_recorded_with_its_labels_and_never_a_key() {
 
     // Evictions, by store.
     let record = sample_record(fingerprint("a"));
-    let memory = MemoryStore::new(record.weight() as u64 * 5);
+    let memory = MemoryStore::new(tower_idempotency::store::memory::MIN_CAPACITY_BYTES);
     let cached = CachedStore::new(MemoryStore::default(), record.weight() as u64 * 5);
-    for _ in 0..30 {
+    let to_fill = tower_idempotency::store::memory::MIN_CAPACITY_BYTES / record.weight() as u64;
+    for _ in 0..to_fill * 2 {
         for store in [&memory as &dyn Completes, &cached] {
             store.complete_fresh(&record).await;
         }

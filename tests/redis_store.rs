@@ -1093,3 +1093,134 @@ async fn a_format_1_marker_of_an_older_instance_is_honoured_until_its_lease_ends
     let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
     store.release(&key, token).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_or_lease_longer_than_redis_accepts_is_clamped_not_refused() {
+    use tower_idempotency::{MAX_LEASE, MAX_TTL};
+    let server = shared_server();
+    let store = connect(server).await;
+    let mut admin = admin(server).await;
+    let key = fresh_key();
+    let redis_key = store.redis_key(&key);
+    let pttl = |admin: &mut redis::aio::MultiplexedConnection| {
+        let redis_key = redis_key.clone();
+        let mut admin = admin.clone();
+        async move { query::<i64>(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await }
+    };
+    let near = |left: i64, bound: Duration| {
+        let bound = bound.as_millis() as i64;
+        left <= bound && left > bound - 60_000
+    };
+
+    // `PX i64::MAX` overflows Redis's clock: it refuses the command. Clamped, it is a lease of
+    // `MAX_LEASE`, and a TTL of `MAX_TTL`.
+    let token = acquired(
+        store
+            .claim(&key, &fingerprint("a"), Duration::MAX)
+            .await
+            .unwrap(),
+    );
+    // A marker outlives its lease by the abandoned-claim retention.
+    let marker_life = MAX_LEASE + tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION;
+    assert!(near(pttl(&mut admin).await, marker_life), "lease clamped");
+    store.renew(&key, token, Duration::MAX).await.unwrap();
+    assert!(near(pttl(&mut admin).await, marker_life), "renewal clamped");
+    let record = sample_record(fingerprint("a"));
+    store
+        .complete(&key, token, record.clone(), Duration::MAX)
+        .await
+        .unwrap();
+    assert!(near(pttl(&mut admin).await, MAX_TTL), "TTL clamped");
+    match store.claim(&key, &fingerprint("a"), LEASE).await.unwrap() {
+        Claim::Completed {
+            record: found,
+            expires_in: Some(left),
+        } => {
+            assert_eq!(found, record);
+            assert!(left <= MAX_TTL && left > MAX_TTL - Duration::from_secs(60));
+        }
+        other => panic!("expected the record and its expiry, got {other:?}"),
+    }
+
+    // The longest settings the layer takes work end to end.
+    let handler = Handler::counting();
+    let layer = IdempotencyLayer::new(store)
+        .with_ttl(MAX_TTL)
+        .with_lease(MAX_LEASE);
+    let svc = serve(&layer, &handler);
+    let first = send(&svc, keyed_post("/charges", &fresh_key().to_hex(), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let key = fresh_key().to_hex();
+    send(&svc, keyed_post("/charges", &key, "{}")).await;
+    assert!(
+        send(&svc, keyed_post("/charges", &key, "{}"))
+            .await
+            .replayed()
+    );
+    assert_eq!(handler.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_settings_that_would_stop_it_working_panic_naming_the_setter() {
+    let store = connect(shared_server()).await;
+    type Set = fn(RedisStore) -> RedisStore;
+    let cases: [(&str, Set, Option<&str>); 6] = [
+        (
+            "zero timeout",
+            |s| s.with_response_timeout(Duration::ZERO),
+            Some("RedisStore::with_response_timeout"),
+        ),
+        (
+            "1 ms timeout",
+            |s| s.with_response_timeout(Duration::from_millis(1)),
+            None,
+        ),
+        (
+            "endless timeout",
+            |s| s.with_response_timeout(Duration::MAX),
+            None,
+        ),
+        (
+            "zero poll interval",
+            |s| s.with_poll_interval(Duration::ZERO),
+            Some("RedisStore::with_poll_interval"),
+        ),
+        (
+            "1 ms poll interval",
+            |s| s.with_poll_interval(Duration::from_millis(1)),
+            None,
+        ),
+        (
+            "endless poll interval",
+            |s| s.with_poll_interval(Duration::MAX),
+            None,
+        ),
+    ];
+    for (what, set, refused_by) in cases {
+        let store = store.clone();
+        common::panics::assert_refused_by(what, refused_by, move || drop(set(store)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_with_an_endless_poll_interval_ends_at_its_timeout() {
+    let server = shared_server();
+    let owner = connect(server).await;
+    let waiter = connect(server).await.with_poll_interval(Duration::MAX);
+    let key = fresh_key();
+    let token = acquired(owner.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let started = Instant::now();
+    within(waiter.wait(&key, Duration::from_millis(300)))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "returned early: {waited:?}"
+    );
+    // And a wait with no bound at all on a claim that ends.
+    let waiting = tokio::spawn(async move { waiter.wait(&key, Duration::MAX).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    owner.release(&key, token).await.unwrap();
+    within(waiting).await.unwrap().unwrap();
+}

@@ -251,8 +251,9 @@ async fn store_when_always_stores_and_replays_a_500() {
 
 #[tokio::test]
 async fn a_store_filled_past_its_capacity_still_replays_its_most_recent_keys() {
-    const BODY: usize = 1_000;
-    // Each record weighs about its body plus a little: room for about 50 of them.
+    const BODY: usize = 2_000;
+    // Each record weighs about its body plus a little: room for about 50 of them (and more
+    // than `MemoryStore`'s smallest capacity).
     let store = MemoryStore::new(50 * (BODY as u64 + 200));
     let handler = Handler::new(|_request| async { created(vec![b'r'; BODY]) });
     let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
@@ -268,4 +269,30 @@ async fn a_store_filled_past_its_capacity_still_replays_its_most_recent_keys() {
         assert_eq!(reply.body.len(), BODY);
     }
     assert_eq!(handler.calls(), 300);
+}
+
+#[tokio::test]
+async fn a_response_with_more_headers_than_a_record_keeps_is_delivered_and_not_replayable() {
+    use tower_idempotency::{MAX_RECORD_HEADERS, ProblemKind};
+    // Just over the cap, and past what `HeaderMap::with_capacity` takes (which panicked).
+    for count in [MAX_RECORD_HEADERS + 1, 40_000] {
+        let handler = Handler::with_counter(move |_, _request| async move {
+            let mut response = created("{}");
+            for _ in 0..count {
+                response
+                    .headers_mut()
+                    .append(header::SET_COOKIE, value(b"a=1"));
+            }
+            response
+        });
+        let store = MemoryStore::default();
+        let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+        let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{count}");
+        assert_eq!(first.header_list().len(), count, "delivered whole");
+        let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
+        retry.assert_problem(ProblemKind::NotReplayable, StatusCode::CONFLICT);
+        assert_eq!(handler.calls(), 1, "{count}: never executed a second time");
+        assert_eq!(store.record_count(), 1, "{count}: the key is spent");
+    }
 }

@@ -158,6 +158,10 @@ pub mod redis;
 /// still the live one, so an owner whose lease expired cannot overwrite a newer owner's work.
 ///
 /// Stores are cheap `Clone` handles over shared state: the layer clones one per request.
+///
+/// The layer passes TTLs of at most [`MAX_TTL`](crate::MAX_TTL) and leases of at most
+/// [`MAX_LEASE`](crate::MAX_LEASE); the stores of this crate clamp longer ones to those
+/// bounds, so that no deadline overflows (and Redis never refuses an expiry).
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Atomically: if `key` is free (absent, or its claim's lease has expired), claims it for
     /// `lease` and returns [`Claim::Acquired`]; otherwise returns what holds it.

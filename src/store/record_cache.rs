@@ -19,15 +19,19 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
+// Tokio's clock is the system's, but tests can pause and advance it.
+use tokio::time::Instant;
 
-use crate::{key::StorageKey, record::Record};
+use crate::{config::MAX_TTL, key::StorageKey, record::Record};
 
-/// The longest a record is kept: 100 years stand for "forever".
-const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+/// Called whenever moka calls back into the cache (weighing a record, evicting one): tests
+/// use it to check that no lock of the store is held while moka runs.
+#[cfg(test)]
+pub(crate) type Probe = Arc<dyn Fn() + Send + Sync>;
 
 pub(crate) struct RecordCache {
     cache: Cache<StorageKey, Entry, foldhash::fast::RandomState>,
@@ -56,9 +60,23 @@ impl RecordCache {
     /// A cache of `capacity_bytes`, its evictions counted (and, with the `metrics`
     /// feature, reported with the label `store = name`).
     pub(crate) fn new(capacity_bytes: u64, name: &'static str) -> Self {
+        Self::build(capacity_bytes, name, || {})
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_probe(capacity_bytes: u64, name: &'static str, probe: Probe) -> Self {
+        Self::build(capacity_bytes, name, move || probe())
+    }
+
+    fn build(
+        capacity_bytes: u64,
+        name: &'static str,
+        probe: impl Fn() + Clone + Send + Sync + 'static,
+    ) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&evictions);
         let reported = crate::observe::EvictionCounter::new(name);
+        let weighed = probe.clone();
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
             // Sized for records of a few KiB, so that a filling store does not rehash its
@@ -68,7 +86,8 @@ impl RecordCache {
                     .unwrap_or(0)
                     .min(16_384),
             )
-            .weigher(|_: &StorageKey, entry: &Entry| {
+            .weigher(move |_: &StorageKey, entry: &Entry| {
+                weighed();
                 u32::try_from(entry.record.weight()).unwrap_or(u32::MAX)
             })
             // moka's default TinyLFU admission refuses new keys once the cache is full, and
@@ -76,6 +95,7 @@ impl RecordCache {
             .eviction_policy(EvictionPolicy::lru())
             // An expired record pushed out is not an eviction: it was of no use any more.
             .eviction_listener(move |_, entry: Entry, cause| {
+                probe();
                 if cause == RemovalCause::Size && entry.left(Instant::now()).is_some() {
                     counter.fetch_add(1, Ordering::Relaxed);
                     reported.increment();
@@ -103,8 +123,10 @@ impl RecordCache {
     }
 
     pub(crate) fn insert(&self, key: StorageKey, record: Record, ttl: Duration) {
-        // Capped so that no TTL, however large, overflows the clock.
-        let expires_at = Instant::now() + ttl.min(MAX_TTL);
+        self.insert_until(key, record, expires_at(ttl));
+    }
+
+    pub(crate) fn insert_until(&self, key: StorageKey, record: Record, expires_at: Instant) {
         let stored_at = SystemTime::now();
         self.cache.insert(
             key,
@@ -149,4 +171,10 @@ impl RecordCache {
     pub(crate) fn capacity(&self) -> u64 {
         self.capacity
     }
+}
+
+/// When a record stored now for `ttl` expires. Capped at [`MAX_TTL`], so that no TTL, however
+/// large, overflows the clock.
+pub(crate) fn expires_at(ttl: Duration) -> Instant {
+    Instant::now() + ttl.min(MAX_TTL)
 }

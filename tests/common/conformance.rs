@@ -1,11 +1,19 @@
 //! The store conformance suite: the contract of `IdempotencyStore`, checked against a real
 //! store. Every store runs all of it (`run_all`); each check uses keys of its own, so checks
 //! may share one store.
+//!
+//! Time is tokio's: checks sleep with `tokio::time::sleep` and measure with
+//! `tokio::time::Instant`. Stores that keep time by tokio's clock (`MemoryStore`,
+//! `CachedStore`) run the suite on a paused clock (`conformance_suite!(paused; …)`), where a
+//! sleep advances the clock at once and waits are measured exactly; Redis keeps its own time,
+//! so its runs sleep for real.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
@@ -760,11 +768,45 @@ pub async fn claims_older_than_a_threshold_are_listed_page_by_page<S: Idempotenc
 }
 
 /// Defines one `#[tokio::test]` per conformance check, each on the store that `$make` (an
-/// async block) builds.
+/// async block) builds: on a multi-threaded runtime with the real clock, or, with `paused;`
+/// first, on a paused clock (all but the check of concurrent claims, which needs threads and
+/// no clock).
 #[macro_export]
 macro_rules! conformance_suite {
+    (paused; $make:expr) => {
+        $crate::conformance_suite!(@checks [tokio::test(start_paused = true)] $make;
+            a_free_key_is_claimed_once_and_then_reported_in_flight,
+            a_completed_key_returns_its_record_unchanged,
+            not_replayable_records_are_kept_as_such,
+            large_records_round_trip,
+            completion_is_fenced_by_the_token,
+            a_released_key_can_be_claimed_again_with_a_new_token,
+            an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out,
+            renewal_keeps_a_claim_past_its_first_lease,
+            an_expired_lease_cannot_be_renewed,
+            records_expire_after_their_ttl,
+            a_waiter_wakes_when_the_claim_completes,
+            a_waiter_wakes_when_the_claim_is_released,
+            many_waiters_all_wake,
+            a_wait_ends_at_its_timeout,
+            a_wait_ends_when_an_abandoned_lease_expires,
+            waiting_on_a_free_or_completed_key_returns_at_once,
+        );
+        $crate::conformance_suite!(@checks [tokio::test(flavor = "multi_thread", worker_threads = 2)] $make;
+            concurrent_claims_acquire_exactly_once,
+        );
+    };
+    (@checks [$test:meta] $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[$test]
+            async fn $check() {
+                let store = ($make).await;
+                $crate::common::conformance::$check(&store).await;
+            }
+        )*
+    };
     ($make:expr) => {
-        $crate::conformance_suite!($make;
+        $crate::conformance_suite!(@checks [tokio::test(flavor = "multi_thread", worker_threads = 2)] $make;
             a_free_key_is_claimed_once_and_then_reported_in_flight,
             a_completed_key_returns_its_record_unchanged,
             not_replayable_records_are_kept_as_such,
@@ -788,15 +830,6 @@ macro_rules! conformance_suite {
             break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner,
             claims_older_than_a_threshold_are_listed_page_by_page,
         );
-    };
-    ($make:expr; $($check:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() {
-                let store = ($make).await;
-                $crate::common::conformance::$check(&store).await;
-            }
-        )*
     };
 }
 

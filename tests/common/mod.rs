@@ -6,6 +6,7 @@ pub mod deliveries;
 pub mod flaky_store;
 #[cfg(feature = "axum")]
 pub mod operations;
+pub mod panics;
 pub mod recording_store;
 pub mod redis_server;
 pub mod scenarios;

@@ -76,7 +76,7 @@ impl Completed {
 }
 
 /// What the complete script stores for `record`, expiring at `expires_at` (Unix ms).
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(super) fn envelope(expires_at: u64, ttl: u64, record: &Record) -> Vec<u8> {
     // Spelled out, not taken from the constants: the script writes these bytes.
     let mut out = b"TIC\x01".to_vec();
@@ -91,6 +91,35 @@ fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
     let mut out = [0; 8];
     out.copy_from_slice(field);
     Some(u64::from_be_bytes(out))
+}
+
+/// What the `envelope` fuzz target and its proptest twins check: decoding never panics; an
+/// envelope that decodes is rebuilt, as the script writes it, into one that decodes the same;
+/// and the lifetime it reports is never zero nor more than its TTL, whatever the clock says.
+/// Panics when that is broken.
+#[cfg(any(test, fuzzing))]
+pub(super) fn check_decode(bytes: &[u8]) {
+    let Ok(completed) = Completed::decode(Bytes::copy_from_slice(bytes)) else {
+        return;
+    };
+    let rebuilt = envelope(completed.expires_at, completed.ttl, &completed.record);
+    assert_eq!(
+        Completed::decode(Bytes::from(rebuilt)),
+        Ok(completed.clone())
+    );
+    let expiry = Duration::from_millis(completed.expires_at);
+    let nows = [
+        Some(SystemTime::UNIX_EPOCH),
+        Some(SystemTime::now()),
+        SystemTime::UNIX_EPOCH.checked_add(expiry),
+        SystemTime::UNIX_EPOCH.checked_add(expiry.saturating_sub(SKEW_MARGIN)),
+        SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs(1)),
+    ];
+    for now in nows.into_iter().flatten() {
+        if let Some(left) = completed.expires_in(now) {
+            assert!(!left.is_zero() && left <= Duration::from_millis(completed.ttl));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -210,6 +239,50 @@ mod tests {
         ];
         for (what, completed, now, expected) in cases {
             assert_eq!(completed.expires_in(now), expected, "{what}");
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::record::properties::{near_valid, record};
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..128)) {
+                check_decode(&bytes);
+                check_decode(&[&b"TIC\x01"[..], &bytes].concat());
+            }
+
+            #[test]
+            fn near_valid_envelopes_never_panic_and_round_trip(
+                head in prop_oneof![8 => Just(b"TIC\x01".to_vec()), 1 => prop::collection::vec(any::<u8>(), 0..5)],
+                expires_at in any::<u64>(),
+                ttl in any::<u64>(),
+                cut in prop_oneof![8 => Just(None), 1 => (0..HEADER).prop_map(Some)],
+                inner in near_valid(),
+            ) {
+                let mut bytes = head;
+                bytes.extend_from_slice(&expires_at.to_be_bytes());
+                bytes.extend_from_slice(&ttl.to_be_bytes());
+                // Now and then the header is cut short, so the record starts early.
+                if let Some(cut) = cut {
+                    bytes.truncate(cut.min(bytes.len()));
+                }
+                bytes.extend(inner);
+                check_decode(&bytes);
+            }
+
+            #[test]
+            fn valid_envelopes_round_trip(expires_at in any::<u64>(), ttl in any::<u64>(), record in record()) {
+                let bytes = envelope(expires_at, ttl, &record);
+                prop_assert_eq!(
+                    Completed::decode(Bytes::from(bytes.clone())),
+                    Ok(Completed { expires_at, ttl, record })
+                );
+                check_decode(&bytes);
+            }
         }
     }
 }

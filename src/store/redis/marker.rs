@@ -85,6 +85,20 @@ impl Marker {
     }
 }
 
+/// What the `marker` fuzz target and its proptest twins check: decoding never panics, and a
+/// marker that decodes encodes to the same bytes but its flags (any flags decode). Panics
+/// when that is broken.
+#[cfg(any(test, fuzzing))]
+pub(super) fn check_decode(bytes: &[u8]) {
+    if let Ok(marker) = Marker::decode(bytes) {
+        let encoded = marker.encode();
+        assert_eq!(Marker::decode(&encoded), Ok(marker));
+        assert_eq!(bytes.len(), LEN);
+        assert_eq!(encoded[..4], bytes[..4]);
+        assert_eq!(encoded[5..], bytes[5..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +173,28 @@ mod tests {
                 Marker::decode(&good[..len]).is_err(),
                 "prefix of {len} bytes"
             );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..64)) {
+            check_decode(&bytes);
+        }
+
+        #[test]
+        fn near_valid_markers_never_panic_and_round_trip(
+            version in proptest::prop_oneof![4 => proptest::strategy::Just(VERSION), 1 => proptest::arbitrary::any::<u8>()],
+            flags in proptest::arbitrary::any::<u8>(),
+            rest in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 36..44),
+        ) {
+            let mut bytes = MAGIC.to_vec();
+            bytes.push(version);
+            bytes.push(flags);
+            bytes.extend(rest);
+            check_decode(&bytes);
+            let decoded = Marker::decode(&bytes);
+            proptest::prop_assert_eq!(decoded.is_ok(), version == VERSION && bytes.len() == LEN);
         }
     }
 }

@@ -93,6 +93,7 @@ use self::{
 };
 use super::{Claim, FenceToken, IdempotencyStore};
 use crate::{
+    config::{MAX_LEASE, MAX_TTL},
     error::{StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
     inspect::{ClaimPage, Inspection, ListCursor},
@@ -353,7 +354,15 @@ where
     ///     .with_response_timeout(Duration::from_millis(250));
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero: every command would fail.
     pub fn with_response_timeout(self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "RedisStore::with_response_timeout: the timeout must be more than zero"
+        );
         self.reconfigured(|settings| settings.response_timeout = timeout)
     }
 
@@ -368,7 +377,15 @@ where
     ///     .with_poll_interval(Duration::from_secs(2));
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero: waiters would ask Redis again and again without pause.
     pub fn with_poll_interval(self, interval: Duration) -> Self {
+        assert!(
+            !interval.is_zero(),
+            "RedisStore::with_poll_interval: the interval must be more than zero"
+        );
         self.reconfigured(|settings| settings.poll_interval = interval)
     }
 
@@ -383,7 +400,16 @@ where
     ///     .with_abandoned_retention(Duration::from_secs(7 * 24 * 60 * 60));
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `retention` is longer than [`MAX_TTL`]. Zero keeps no abandoned claim: the key is
+    /// free as soon as the lease ends, and the outcome-unknown hook is never asked.
     pub fn with_abandoned_retention(self, retention: Duration) -> Self {
+        assert!(
+            retention <= MAX_TTL,
+            "RedisStore::with_abandoned_retention: the retention must be at most MAX_TTL ({MAX_TTL:?})"
+        );
         self.reconfigured(|settings| settings.abandoned_retention = retention)
     }
 
@@ -481,7 +507,12 @@ where
             retention: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
         }
         .encode();
-        (token, marker, millis(lease.saturating_add(retention)))
+        let expiry = lease.min(MAX_LEASE).saturating_add(retention);
+        (
+            token,
+            marker,
+            millis(expiry, MAX_LEASE.saturating_add(MAX_TTL)),
+        )
     }
 
     /// Claims a key that a claim held a moment ago, taking over the abandoned claim
@@ -598,7 +629,7 @@ where
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let (encoded, ttl) = (record.encode(), millis(ttl));
+        let (encoded, ttl) = (record.encode(), millis(ttl, MAX_TTL));
         let args: [&[u8]; 5] = [
             &token.get().to_be_bytes(),
             &encoded,
@@ -628,7 +659,7 @@ where
         token: FenceToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let lease = millis(lease);
+        let lease = millis(lease, MAX_LEASE);
         let args: [&[u8]; 2] = [&token.get().to_be_bytes(), lease.as_bytes()];
         self.fenced(&RENEW, key, &args).await
     }
@@ -685,7 +716,7 @@ where
     const NAME: &'static str = "redis";
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(MAX_TTL);
         let watch: Watch = self.shared.notifier.watch(*key);
         loop {
             // Armed before looking, so an end published after the look is not missed.
@@ -700,11 +731,16 @@ where
                 Value::Int(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
                 _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
             };
+            // Checked: neither the poll interval nor what the key says is left of its lease (a
+            // value anyone with access could have written) is bounded.
             let now = Instant::now();
-            let mut wake_at = deadline.min(now + self.shared.settings.poll_interval);
-            if let Some(left) = lease_left {
-                wake_at = wake_at.min(now + left + EXPIRY_SLACK);
-            }
+            let poll = now.checked_add(self.shared.settings.poll_interval);
+            let lease_end =
+                lease_left.and_then(|left| now.checked_add(left.saturating_add(EXPIRY_SLACK)));
+            let wake_at = [poll, lease_end]
+                .into_iter()
+                .flatten()
+                .fold(deadline, Instant::min);
             tokio::select! {
                 () = &mut ended => return Ok(()),
                 () = &mut resubscribed => {}
@@ -737,9 +773,30 @@ fn held_by(value: Vec<u8>, now: SystemTime) -> Result<Claim, StoreError> {
     Err(StoreError::corrupt(Unexpected::Foreign))
 }
 
-/// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires.
-fn millis(duration: Duration) -> String {
-    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
+/// What the `marker` fuzz target checks (see `marker::check_decode`), and that a held value
+/// starting like a marker is read without panicking.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_marker(bytes: &[u8]) {
+    marker::check_decode(bytes);
+    let _ = held_by(
+        [marker::MAGIC.as_slice(), bytes].concat(),
+        SystemTime::now(),
+    );
+}
+
+/// What the `envelope` fuzz target checks (see `completed::check_decode`), and that a held
+/// value is read without panicking whatever it holds.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_envelope(bytes: &[u8]) {
+    completed::check_decode(bytes);
+    let _ = held_by(bytes.to_vec(), SystemTime::now());
+}
+
+/// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires, and
+/// at most `max` ([`MAX_TTL`] or [`MAX_LEASE`]). Redis refuses an expiry whose milliseconds,
+/// added to its clock, overflow; a refused completion would let every retry execute again.
+fn millis(duration: Duration, max: Duration) -> String {
+    duration.min(max).as_millis().max(1).to_string()
 }
 
 fn timed_out(after: Duration) -> StoreError {
@@ -898,11 +955,23 @@ mod tests {
     use super::{completed::envelope, *};
 
     #[test]
-    fn durations_become_at_least_one_millisecond() {
-        assert_eq!(millis(Duration::ZERO), "1");
-        assert_eq!(millis(Duration::from_micros(1_500)), "1");
-        assert_eq!(millis(Duration::from_secs(86_400)), "86400000");
-        assert_eq!(millis(Duration::MAX), i64::MAX.to_string());
+    fn durations_become_at_least_one_millisecond_and_at_most_the_bound() {
+        let cases = [
+            (Duration::ZERO, MAX_TTL, "1"),
+            (Duration::from_micros(1_500), MAX_TTL, "1"),
+            (Duration::from_secs(86_400), MAX_TTL, "86400000"),
+            (MAX_TTL, MAX_TTL, "31536000000"),
+            (Duration::MAX, MAX_TTL, "31536000000"),
+            (Duration::MAX, MAX_LEASE, "3600000"),
+            (Duration::from_secs(30), MAX_LEASE, "30000"),
+        ];
+        for (duration, max, expected) in cases {
+            assert_eq!(
+                millis(duration, max),
+                expected,
+                "{duration:?} up to {max:?}"
+            );
+        }
     }
 
     #[test]
