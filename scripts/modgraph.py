@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""The crate's module graph, and its cycles.
+
+An edge A -> B means code in module A names an item of module B: a `use crate::…`,
+`use super::…` or `use self::…` path, or an inline `crate::…` / `super::…` path. Comments
+(doc comments included: their intra-doc links are not dependencies) and everything from a
+file's first top-level `#[cfg(test)]` on are left out, unless `--tests` is given. A `mod`
+declaration is not an edge: a parent that only declares (and re-exports) its children does not
+depend on them in the sense that matters here.
+
+    scripts/modgraph.py                # cycles between top-level modules (store::memory -> store)
+    scripts/modgraph.py --files        # cycles between modules as files (store::memory apart)
+    scripts/modgraph.py --edges        # print every edge too
+    scripts/modgraph.py --check        # exit 1 if there is a cycle, or a pure module imports
+                                       # service, store, observe or config
+
+Exits 0 when there is nothing to report.
+"""
+
+import argparse
+import pathlib
+import re
+import sys
+
+SRC = pathlib.Path(__file__).resolve().parent.parent / "src"
+
+# Modules that hold pure logic: they may not depend on the request flow, the stores, the
+# observation or the layer's settings.
+PURE = {"key", "fingerprint", "digest", "record", "canonical", "source", "jsonrpc", "problem"}
+IMPURE = {"service", "store", "observe", "config"}
+
+
+def module_of(path: pathlib.Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = list(rel.parts)
+    if parts == ["lib"]:
+        return "crate"
+    if parts[-1] == "mod":
+        parts.pop()
+    return "::".join(parts)
+
+
+def strip(text: str, tests: bool) -> str:
+    if not tests:
+        m = re.search(r"^#\[cfg\(test\)\]", text, re.M)
+        if m:
+            text = text[: m.start()]
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    # Line comments, doc comments included; string literals holding `//` are rare enough in
+    # this crate's non-test code not to matter for a dependency graph.
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def expand(tree: str) -> list[str]:
+    """`a::{b, c::{d, e}}` -> [`a::b`, `a::c::d`, `a::c::e`]."""
+    tree = re.sub(r"\s+", "", tree)
+    out = []
+
+    def walk(prefix: str, s: str) -> None:
+        i = s.find("{")
+        if i < 0:
+            out.append(prefix + s)
+            return
+        head, body = s[:i], s[i + 1 : s.rfind("}")]
+        depth, start = 0, 0
+        for j, ch in enumerate(body + ","):
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+            elif ch == "," and depth == 0:
+                item = body[start:j]
+                if item:
+                    walk(prefix + head, item)
+                start = j + 1
+
+    walk("", tree)
+    return out
+
+
+def resolve(current: str, path: str, modules: set[str]) -> str | None:
+    segs = [s for s in path.split("::") if s]
+    if not segs:
+        return None
+    here = [] if current == "crate" else current.split("::")
+    if segs[0] == "crate":
+        base, segs = [], segs[1:]
+    elif segs[0] == "super":
+        base = here
+        while segs and segs[0] == "super":
+            base = base[:-1]
+            segs = segs[1:]
+    elif segs[0] == "self":
+        base, segs = here, segs[1:]
+    else:
+        return None
+    found = "::".join(base) or "crate"
+    for seg in segs:
+        cand = "::".join(base + [seg.split(" as ")[0]])
+        if cand in modules:
+            base = base + [seg]
+            found = cand
+        else:
+            break
+    return found
+
+
+def graph(tests: bool) -> dict[str, set[str]]:
+    files = sorted(SRC.rglob("*.rs"))
+    modules = {module_of(f) for f in files}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for f in files:
+        me = module_of(f)
+        text = strip(f.read_text(), tests)
+        paths = []
+        for m in re.finditer(r"\buse\s+((?:crate|super|self)\b[^;]*);", text):
+            paths += expand(m.group(1))
+        rest = re.sub(r"\buse\s+(?:crate|super|self)\b[^;]*;", "", text)
+        paths += re.findall(r"\b(?:crate|super)(?:::\w+)+", rest)
+        for p in paths:
+            target = resolve(me, p, modules)
+            if target and target != me and target != "crate":
+                edges[me].add(target)
+    return edges
+
+
+def collapse(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    top = lambda m: m.split("::")[0]
+    out: dict[str, set[str]] = {}
+    for a, bs in edges.items():
+        out.setdefault(top(a), set())
+        for b in bs:
+            if top(a) != top(b):
+                out[top(a)].add(top(b))
+    return out
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", action="store_true", help="one node per file, not per top-level module")
+    ap.add_argument("--tests", action="store_true", help="count test code too")
+    ap.add_argument("--edges", action="store_true", help="print every edge")
+    ap.add_argument("--check", action="store_true", help="exit 1 on a cycle or an impure import")
+    args = ap.parse_args()
+
+    fine = graph(args.tests)
+    edges = fine if args.files else collapse(fine)
+    if args.edges:
+        for a in sorted(edges):
+            print(f"{a} -> {', '.join(sorted(edges[a])) or '(nothing)'}")
+    bad = 0
+    for comp in cycles(edges):
+        bad += 1
+        inner = [f"{a} -> {b}" for a in comp for b in sorted(edges[a]) if b in comp]
+        print(f"cycle: {{{', '.join(comp)}}}: {'; '.join(inner)}")
+    top = collapse(fine)
+    for m in sorted(PURE):
+        for b in sorted(top.get(m, ()) & IMPURE):
+            bad += 1
+            print(f"impure: {m} -> {b}")
+    if not bad:
+        print("no cycles; pure modules import no service, store, observe or config")
+    return 1 if bad and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
