@@ -11,6 +11,7 @@ depend on them in the sense that matters here.
     scripts/modgraph.py                # cycles between top-level modules (store::memory -> store)
     scripts/modgraph.py --files        # cycles between modules as files (store::memory apart)
     scripts/modgraph.py --edges        # print every edge too
+    scripts/modgraph.py --all          # list every elementary cycle
     scripts/modgraph.py --check        # exit 1 if there is a cycle, or a pure module imports
                                        # service, store, observe or config
 
@@ -168,11 +169,28 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def elementary(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary cycle, each once (from its smallest module), shortest first."""
+    out: list[list[str]] = []
+
+    def walk(start: str, v: str, path: list[str]) -> None:
+        for w in sorted(edges.get(v, ())):
+            if w == start:
+                out.append(path + [start])
+            elif w > start and w not in path:
+                walk(start, w, path + [w])
+
+    for v in sorted(edges):
+        walk(v, v, [v])
+    return sorted(out, key=len)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", action="store_true", help="one node per file, not per top-level module")
     ap.add_argument("--tests", action="store_true", help="count test code too")
     ap.add_argument("--edges", action="store_true", help="print every edge")
+    ap.add_argument("--all", action="store_true", help="list every elementary cycle")
     ap.add_argument("--check", action="store_true", help="exit 1 on a cycle or an impure import")
     args = ap.parse_args()
 
@@ -186,6 +204,11 @@ def main() -> int:
         bad += 1
         inner = [f"{a} -> {b}" for a in comp for b in sorted(edges[a]) if b in comp]
         print(f"cycle: {{{', '.join(comp)}}}: {'; '.join(inner)}")
+    if args.all:
+        every = elementary(edges)
+        print(f"{len(every)} elementary cycles")
+        for cycle in every:
+            print("  " + " -> ".join(cycle))
     top = collapse(fine)
     for m in sorted(PURE):
         for b in sorted(top.get(m, ()) & IMPURE):
