@@ -3,8 +3,8 @@
 
 An edge A -> B means code in module A names an item of module B: a `use crate::…`,
 `use super::…` or `use self::…` path, or an inline `crate::…` / `super::…` path. Comments
-(doc comments included: their intra-doc links are not dependencies) and everything from a
-file's first top-level `#[cfg(test)]` on are left out, unless `--tests` is given. A `mod`
+(doc comments included: their intra-doc links are not dependencies) and top-level
+`#[cfg(test)] mod … { … }` blocks are left out, unless `--tests` is given. A `mod`
 declaration is not an edge: a parent that only declares (and re-exports) its children does not
 depend on them in the sense that matters here.
 
@@ -43,9 +43,13 @@ def module_of(path: pathlib.Path) -> str:
 
 def strip(text: str, tests: bool) -> str:
     if not tests:
-        m = re.search(r"^#\[cfg\(test\)\]", text, re.M)
-        if m:
-            text = text[: m.start()]
+        # A top-level `#[cfg(test)] mod name { … }`, up to its closing brace in column 0.
+        text = re.sub(
+            r"^#\[cfg\(test\)\]\s*\n(?:#\[[^\n]*\]\s*\n)*mod \w+ \{.*?^\}",
+            "",
+            text,
+            flags=re.S | re.M,
+        )
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     # Line comments, doc comments included; string literals holding `//` are rare enough in
     # this crate's non-test code not to matter for a dependency graph.
