@@ -3,11 +3,12 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderName, Method, Response, StatusCode, response};
+use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 
 use crate::{
-    fingerprint::FingerprintRule,
-    key::{KeySource, Scope},
+    digest::FieldHasher,
+    fingerprint::{Fingerprint, FingerprintRule},
+    key::{KeyRef, KeySource, Scope, StorageKey},
     observe::{self, Observer},
     problem::Problem,
     recovery::OnAbandoned,
@@ -168,6 +169,23 @@ impl Config {
         self.methods.contains(method)
     }
 
+    /// The fingerprint of a request under the layer's settings.
+    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
+        Fingerprint::compute(
+            &self.fingerprint,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            body,
+        )
+    }
+
+    /// The address of a request's record under the layer's settings.
+    pub(crate) fn storage_key(&self, parts: &Parts, key: KeyRef<'_>) -> StorageKey {
+        let hasher = FieldHasher::for_secret(self.fingerprint.secret.as_ref());
+        StorageKey::derive_with(hasher, &self.scope, &parts.method, parts, key)
+    }
+
     /// Renders a problem the layer produces itself.
     pub(crate) fn render(&self, problem: &Problem) -> Response<Bytes> {
         let mut response = match &self.render_problem {
@@ -283,5 +301,47 @@ mod tests {
         );
         assert!(matches!(config.wait_mode, WaitMode::Wait(wait) if wait <= MAX_WAIT));
         assert_eq!(config.mismatch_status, StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn a_secret_keys_storage_keys_and_none_leaves_them_as_they_were() {
+        use http::Request;
+
+        use crate::{
+            digest::Secret,
+            key::{IdempotencyKey, Scope},
+        };
+
+        let parts = Request::post("/charges")
+            .header("authorization", "Bearer alice")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let key = IdempotencyKey::parse(b"k1").unwrap();
+        let address = |config: &Config| config.storage_key(&parts, KeyRef::Client(&key));
+        let plain = Config::default();
+        assert_eq!(
+            address(&plain),
+            StorageKey::derive(
+                &Scope::Credentials,
+                &Method::POST,
+                &parts,
+                KeyRef::Client(&key)
+            ),
+            "no secret: the address every earlier version used"
+        );
+        let mut keyed = Config::default();
+        keyed.fingerprint.secret = Some(Secret::new(b"server secret"));
+        let mut other = Config::default();
+        other.fingerprint.secret = Some(Secret::new(b"another secret"));
+        assert_ne!(address(&plain), address(&keyed));
+        assert_ne!(address(&keyed), address(&other));
+        assert_eq!(address(&keyed), address(&keyed.clone()));
+        // The fingerprint is keyed by the same secret.
+        assert_ne!(
+            plain.fingerprint_of(&parts, b"{}"),
+            keyed.fingerprint_of(&parts, b"{}")
+        );
     }
 }
