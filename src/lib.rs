@@ -8,6 +8,7 @@
 pub mod admin;
 mod body;
 mod canonical;
+mod claim;
 mod config;
 mod digest;
 mod error;
@@ -36,6 +37,7 @@ mod stream;
 
 pub use crate::{
     body::{RequestBody, ResponseBody},
+    claim::{Claim, FenceToken},
     config::{
         FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE,
         MissingKey, WaitMode,
@@ -51,7 +53,7 @@ pub use crate::{
     record::{MAX_RECORD_HEADERS, Record, RecordError},
     recovery::Recovery,
     service::Idempotency,
-    store::{Claim, FenceToken, IdempotencyStore},
+    store::IdempotencyStore,
 };
 
 #[cfg(feature = "redis")]

@@ -15,10 +15,10 @@ use std::{fmt, future::Future, sync::Arc};
 use tracing::{Span, field};
 
 use crate::{
+    claim::Claim,
     error::{StoreError, StoreErrorKind},
     key::StorageKey,
     problem::ProblemKind,
-    store::Claim,
 };
 
 /// The route label of a layer that was not given one.
