@@ -31,7 +31,6 @@ mod problem;
 mod record;
 mod recovery;
 mod service;
-mod source;
 pub mod store;
 mod stream;
 
