@@ -21,4 +21,5 @@ pub use self::{
     storage::StorageKey,
 };
 // The Redis store still takes it from here; everything else from `digest`.
+#[cfg(feature = "redis")]
 pub(crate) use crate::digest::hex;
