@@ -5,8 +5,9 @@ An edge A -> B means code in module A names an item of module B: a `use crate::�
 `use super::…` or `use self::…` path, or an inline `crate::…` / `super::…` path. Comments
 (doc comments included: their intra-doc links are not dependencies) and top-level
 `#[cfg(test)] mod … { … }` blocks are left out, unless `--tests` is given. A `mod`
-declaration is not an edge: a parent that only declares (and re-exports) its children does not
-depend on them in the sense that matters here.
+declaration is not an edge, nor is a module's `pub use self::child::Item`: a parent that
+declares and re-exports its children is their facade, not a user of them. A path through a
+re-export (`super::Item`, `crate::Item`) is an edge to the module that defines the item.
 
     scripts/modgraph.py                # cycles between top-level modules (store::memory -> store)
     scripts/modgraph.py --files        # cycles between modules as files (store::memory apart)
@@ -58,6 +59,8 @@ def strip(text: str, tests: bool) -> str:
 
 def expand(tree: str) -> list[str]:
     """`a::{b, c::{d, e}}` -> [`a::b`, `a::c::d`, `a::c::e`]."""
+    # `a as b` becomes `a@b`: the item, and the name it is known by here.
+    tree = re.sub(r"\s+as\s+", "@", tree)
     tree = re.sub(r"\s+", "", tree)
     out = []
 
@@ -83,8 +86,9 @@ def expand(tree: str) -> list[str]:
     return out
 
 
-def resolve(current: str, path: str, modules: set[str]) -> str | None:
-    segs = [s for s in path.split("::") if s]
+def resolve(current: str, path: str, modules: set[str]) -> tuple[str, list[str]] | None:
+    """The module a path names, and the segments after it (an item, or nothing)."""
+    segs = [s.split("@")[0] for s in path.split("::") if s]
     if not segs:
         return None
     here = [] if current == "crate" else current.split("::")
@@ -99,33 +103,59 @@ def resolve(current: str, path: str, modules: set[str]) -> str | None:
         base, segs = here, segs[1:]
     else:
         return None
-    found = "::".join(base) or "crate"
-    for seg in segs:
-        cand = "::".join(base + [seg.split(" as ")[0]])
-        if cand in modules:
-            base = base + [seg]
-            found = cand
-        else:
-            break
-    return found
+    while segs and "::".join(base + [segs[0]]) in modules:
+        base, segs = base + [segs[0]], segs[1:]
+    return "::".join(base) or "crate", segs
+
+
+USE = re.compile(r"\b(pub(?:\([^)]*\))?\s+)?use\s+((?:crate|super|self)\b[^;]*);")
 
 
 def graph(tests: bool) -> dict[str, set[str]]:
     files = sorted(SRC.rglob("*.rs"))
     modules = {module_of(f) for f in files}
+    texts = {module_of(f): strip(f.read_text(), tests) for f in files}
+
+    # Re-exports: `pub use self::a::X` in module m makes `m::X` a name of `m::a`'s item. A
+    # path through m to X depends on m::a, not on m: m is only its facade.
+    reexports: dict[str, dict[str, str]] = {m: {} for m in modules}
+    for me, text in texts.items():
+        for m in USE.finditer(text):
+            if not m.group(1):
+                continue
+            for p in expand(m.group(2)):
+                found = resolve(me, p, modules)
+                last = p.split("::")[-1]
+                name = last.split("@")[-1]
+                if found and found[1] and name not in ("*", "self"):
+                    reexports[me][name] = found[0]
+
+    def target(me: str, p: str) -> str | None:
+        found = resolve(me, p, modules)
+        if not found:
+            return None
+        module, rest = found
+        seen = set()
+        while rest and rest[0] in reexports.get(module, {}) and module not in seen:
+            seen.add(module)
+            module = reexports[module][rest[0]]
+        return module
+
     edges: dict[str, set[str]] = {m: set() for m in modules}
-    for f in files:
-        me = module_of(f)
-        text = strip(f.read_text(), tests)
+    for me, text in texts.items():
         paths = []
-        for m in re.finditer(r"\buse\s+((?:crate|super|self)\b[^;]*);", text):
-            paths += expand(m.group(1))
-        rest = re.sub(r"\buse\s+(?:crate|super|self)\b[^;]*;", "", text)
+        for m in USE.finditer(text):
+            facade = bool(m.group(2).startswith("self")) and bool(m.group(1))
+            if facade:
+                # Re-exporting one's own children is not depending on them.
+                continue
+            paths += expand(m.group(2))
+        rest = USE.sub("", text)
         paths += re.findall(r"\b(?:crate|super)(?:::\w+)+", rest)
         for p in paths:
-            target = resolve(me, p, modules)
-            if target and target != me and target != "crate":
-                edges[me].add(target)
+            t = target(me, p)
+            if t and t != me and t != "crate":
+                edges[me].add(t)
     return edges
 
 
@@ -215,7 +245,7 @@ def main() -> int:
             print("  " + " -> ".join(cycle))
     top = collapse(fine)
     for m in sorted(PURE):
-        for b in sorted(top.get(m, ()) & IMPURE):
+        for b in sorted(top.get(m, set()) & IMPURE):
             bad += 1
             print(f"impure: {m} -> {b}")
     if not bad:
