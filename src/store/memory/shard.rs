@@ -1,4 +1,4 @@
-//! The claims of a [`MemoryStore`]: keys in flight or completing, spread over independently
+//! The claims of a [`MemoryStore`](super::MemoryStore): keys in flight or completing, spread over independently
 //! locked shards, and what a slot means to a new request.
 
 use std::{
@@ -7,24 +7,18 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use tokio::{sync::Notify, time::Instant};
 
-use super::MemoryStore;
 use crate::{
     claim::{Claim, FenceToken},
-    config::MAX_LEASE,
     fingerprint::Fingerprint,
     inspect::ClaimInfo,
     key::StorageKey,
     record::Record,
 };
-
-/// How long a claim whose lease ended without completion is remembered (to be reported as
-/// [`Claim::Abandoned`]) before the maps may drop it.
-const ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Claims are spread over this many independently locked maps, so requests for different
 /// keys do not contend.
@@ -102,44 +96,6 @@ impl Slot {
 
     pub(super) fn is_live_claim(&self, now: Instant) -> bool {
         matches!(self, Self::InFlight(claim) if claim.is_live(now))
-    }
-}
-
-impl MemoryStore {
-    /// Claims `key` (free, or held by a claim being taken over) in the shard `claims` holds
-    /// locked.
-    pub(super) fn acquire(
-        &self,
-        mut claims: MutexGuard<'_, Claims>,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-        now: Instant,
-    ) -> Claim {
-        let token = FenceToken::new(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
-        let replaced = claims.insert(
-            *key,
-            Slot::InFlight(InFlight {
-                token,
-                fingerprint: *fingerprint,
-                expires_at: now + lease.min(MAX_LEASE),
-                claimed_at: SystemTime::now(),
-                waiters: None,
-            }),
-        );
-        // Claims whose owner vanished without releasing (only when no runtime was left to
-        // release them) are dropped once in a while, after being remembered as abandoned for
-        // a day, so the maps stay bounded by requests in flight.
-        if claims.len() >= 64 && claims.len().is_power_of_two() {
-            claims.retain(|_, slot| {
-                !matches!(slot, Slot::InFlight(claim) if claim.expires_at + ABANDONED_RETENTION <= now)
-            });
-        }
-        drop(claims);
-        if let Some(Slot::InFlight(replaced)) = replaced {
-            replaced.wake_waiters();
-        }
-        Claim::Acquired(token)
     }
 }
 

@@ -1,9 +1,9 @@
-//! [`IdempotencyStore`] for [`MemoryStore`]: each operation under its key's shard lock, the
-//! cache of records asked with no lock held.
+//! [`IdempotencyStore`] for [`MemoryStore`]: claiming a key, and every operation under its
+//! key's shard lock, with the cache of records asked with no lock held.
 
 use std::{
     mem,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, MutexGuard, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{
     MemoryStore,
-    shard::{Settle, Slot, claim_info, held, lock},
+    shard::{Claims, InFlight, Settle, Slot, claim_info, held, lock},
 };
 use crate::{
     claim::{Claim, FenceToken},
@@ -23,6 +23,48 @@ use crate::{
     record::Record,
     store::{IdempotencyStore, record_cache},
 };
+
+/// How long a claim whose lease ended without completion is remembered (to be reported as
+/// [`Claim::Abandoned`]) before the maps may drop it.
+const ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+impl MemoryStore {
+    /// Claims `key` (free, or held by a claim being taken over) in the shard `claims` holds
+    /// locked.
+    fn acquire(
+        &self,
+        mut claims: MutexGuard<'_, Claims>,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        now: Instant,
+    ) -> Claim {
+        let token = FenceToken::new(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
+        let replaced = claims.insert(
+            *key,
+            Slot::InFlight(InFlight {
+                token,
+                fingerprint: *fingerprint,
+                expires_at: now + lease.min(MAX_LEASE),
+                claimed_at: SystemTime::now(),
+                waiters: None,
+            }),
+        );
+        // Claims whose owner vanished without releasing (only when no runtime was left to
+        // release them) are dropped once in a while, after being remembered as abandoned for
+        // a day, so the maps stay bounded by requests in flight.
+        if claims.len() >= 64 && claims.len().is_power_of_two() {
+            claims.retain(|_, slot| {
+                !matches!(slot, Slot::InFlight(claim) if claim.expires_at + ABANDONED_RETENTION <= now)
+            });
+        }
+        drop(claims);
+        if let Some(Slot::InFlight(replaced)) = replaced {
+            replaced.wake_waiters();
+        }
+        Claim::Acquired(token)
+    }
+}
 
 impl IdempotencyStore for MemoryStore {
     async fn claim(
