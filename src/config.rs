@@ -10,7 +10,7 @@ use crate::{
     fingerprint::{Fingerprint, FingerprintRule},
     key::{KeyRef, KeySource, Scope, StorageKey},
     observe::{self, Observer},
-    problem::Problem,
+    problem::{Problem, ProblemResponse},
     recovery::OnAbandoned,
 };
 
@@ -91,7 +91,7 @@ pub enum FailMode {
 }
 
 pub(crate) type StoreWhen = Arc<dyn Fn(&response::Parts) -> bool + Send + Sync>;
-pub(crate) type RenderProblem = Arc<dyn Fn(&Problem) -> Response<Bytes> + Send + Sync>;
+pub(crate) type RenderProblem = Arc<dyn ProblemResponse + Send + Sync>;
 
 /// Every setting of an [`IdempotencyLayer`](crate::IdempotencyLayer), shared by all its
 /// services behind one `Arc`.
@@ -186,13 +186,16 @@ impl Config {
         StorageKey::derive_with(hasher, &self.scope, &parts.method, parts, key)
     }
 
-    /// Renders a problem the layer produces itself.
+    /// Renders a problem the layer produces itself, with the problem and its kind in the
+    /// response's extensions whatever the rendering.
     pub(crate) fn render(&self, problem: &Problem) -> Response<Bytes> {
         let mut response = match &self.render_problem {
-            Some(render) => render(problem),
+            Some(render) => render.problem_response(problem),
             None => problem.to_response(),
         };
-        response.extensions_mut().insert(problem.kind());
+        let extensions = response.extensions_mut();
+        extensions.insert(problem.kind());
+        extensions.insert(problem.clone());
         response
     }
 }
@@ -227,6 +230,7 @@ impl fmt::Debug for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::ProblemKind;
 
     fn parts(status: StatusCode) -> response::Parts {
         let mut response = Response::new(());
@@ -273,22 +277,35 @@ mod tests {
     }
 
     #[test]
-    fn rendered_problems_carry_their_kind_even_when_overridden() {
+    fn rendered_problems_carry_the_problem_and_its_kind_even_when_overridden() {
+        // A rendering that tries to put another problem in its place.
         let config = Config {
             render_problem: Some(Arc::new(|problem: &Problem| {
                 let mut response = Response::new(Bytes::from_static(b"custom"));
                 *response.status_mut() = problem.status();
+                response.extensions_mut().insert(Problem::in_flight());
+                response.extensions_mut().insert(ProblemKind::InFlight);
                 response
             })),
             ..Config::default()
         };
         let problem = Problem::missing_key(&IDEMPOTENCY_KEY);
-        let response = config.render(&problem);
-        assert_eq!(response.body(), "custom");
-        assert_eq!(
-            response.extensions().get::<crate::ProblemKind>(),
-            Some(&crate::ProblemKind::MissingKey)
-        );
+        for (rendering, response) in [
+            ("overridden", config.render(&problem)),
+            ("default", Config::default().render(&problem)),
+        ] {
+            assert_eq!(
+                response.extensions().get::<ProblemKind>(),
+                Some(&ProblemKind::MissingKey),
+                "{rendering}"
+            );
+            assert_eq!(
+                response.extensions().get::<Problem>(),
+                Some(&problem),
+                "{rendering}"
+            );
+        }
+        assert_eq!(config.render(&problem).body(), "custom");
     }
 
     #[test]

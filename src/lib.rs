@@ -48,7 +48,7 @@ pub use crate::{
     inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
     layer::IdempotencyLayer,
-    problem::{Problem, ProblemKind},
+    problem::{Problem, ProblemKind, ProblemResponse},
     record::{MAX_RECORD_HEADERS, Record, RecordError},
     recovery::Recovery,
     service::Idempotency,

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{Response, request};
+use http::request;
 
 use super::IdempotencyLayer;
-use crate::{config::FailMode, problem::Problem, recovery::Recovery, store::IdempotencyStore};
+use crate::{
+    config::FailMode, problem::ProblemResponse, recovery::Recovery, store::IdempotencyStore,
+};
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// What to do when the store is unavailable. Default: [`FailMode::Closed`] (503).
@@ -25,7 +26,9 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self
     }
 
-    /// Renders the layer's own problem responses. Default: [`Problem::to_response`]
+    /// Renders the layer's own problem responses: a closure over the
+    /// [`Problem`](crate::Problem), or a type implementing [`ProblemResponse`] (see its docs for
+    /// one). Default: [`Problem::to_response`](crate::Problem::to_response)
     /// (`application/problem+json`).
     ///
     /// ```
@@ -36,9 +39,14 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     ///     response
     /// });
     /// ```
-    pub fn with_problem_response<F>(mut self, render: F) -> Self
+    ///
+    /// A closure names its argument's type, `|problem: &Problem|`: the setter takes any
+    /// [`ProblemResponse`], so the compiler cannot infer it. Whichever rendering runs, the
+    /// response carries the [`Problem`](crate::Problem) and its
+    /// [`ProblemKind`](crate::ProblemKind) in its extensions.
+    pub fn with_problem_response<P>(mut self, render: P) -> Self
     where
-        F: Fn(&Problem) -> Response<Bytes> + Send + Sync + 'static,
+        P: ProblemResponse + Send + Sync + 'static,
     {
         self.config().render_problem = Some(Arc::new(render));
         self
