@@ -17,6 +17,6 @@ mod outcome;
 #[cfg(feature = "moka")]
 pub(crate) use self::eviction::EvictionCounter;
 pub(crate) use self::{
-    observer::{DEFAULT_ROUTE, Describe, Observer},
+    observer::{DEFAULT_ROUTE, Describe, Observer, WaitClock},
     outcome::{AbandonedAction, Op, Outcome, RecordResult, Renewal},
 };

@@ -47,17 +47,17 @@ impl Outcome {
     ];
 
     /// The outcome of a request the layer answered with this problem.
-    pub(crate) fn of_problem(kind: ProblemKind) -> Self {
-        match kind {
+    pub(crate) fn of_problem(kind: ProblemKind) -> Option<Self> {
+        Some(match kind {
             ProblemKind::InFlight => Self::InFlight,
             ProblemKind::KeyReused => Self::Mismatch,
             ProblemKind::NotReplayable => Self::NotReplayable,
             ProblemKind::StoreUnavailable => Self::StoreError,
             ProblemKind::OutcomeUnknown => Self::Abandoned,
             // The request was counted as executed when its handler started.
-            ProblemKind::HandlerFailed => Self::Executed,
+            ProblemKind::HandlerFailed => return None,
             _ => Self::Rejected,
-        }
+        })
     }
 
     pub(crate) fn as_str(self) -> &'static str {

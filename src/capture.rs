@@ -1,47 +1,29 @@
-//! Running the handler for a claimed key, capturing its response, and completing or releasing
-//! the claim.
+//! Capturing a handler's response for its record: what its body has ready at once, and the
+//! rest of a streamed body, read by a task of its own at the pace the handler produces it.
 //!
-//! The handler runs inline, in the request's own future: no task, no channel for the common
-//! response whose body is ready at once. Three things keep that safe:
-//!
-//! - **Disconnects**: the response future hands its unfinished work to a task when it is
-//!   dropped ([`ResponseFuture`](crate::ResponseFuture)), so a client that goes away stops
-//!   nothing: the handler finishes and its record is stored.
-//! - **Panics** in the handler are caught here: the claim is released and the client gets a
-//!   500 problem.
-//! - **Streaming**: a body that is not ready whole is read by a task of its own at the pace
-//!   the handler produces it, captured, and queued for the client without waiting for it
-//!   ([`stream`](crate::stream)): a slow or silent client never holds the key in flight. Past
-//!   the capture limit the key is spent (completed, not replayable) and the rest of the body
-//!   follows at the client's pace.
-//!
-//! A response ends only once its record is stored, so a client that has the whole response
-//! and retries at once is replayed, never told the key is still in flight.
+//! The captured frames are queued for the client without waiting for it
+//! ([`stream`](crate::stream)): a slow or silent client never holds the key in flight. Past
+//! the capture limit the key is spent (completed, not replayable) and the rest of the body
+//! follows at the client's pace. A streamed response ends only once its record is stored, so
+//! a client that has the whole response and retries at once is replayed.
 
 use std::{
-    any::Any,
-    future::Future,
-    panic::{AssertUnwindSafe, catch_unwind},
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode, response};
+use http::{HeaderMap, Response, StatusCode, response};
 use http_body::{Body, Frame};
-use pin_project_lite::pin_project;
-use tower_service::Service;
-use tracing::Instrument;
 
 use crate::{
-    body::{Chunks, RequestBody, ResponseBody},
+    body::{Chunks, ResponseBody},
     config::Config,
     error::BoxError,
     fingerprint::Fingerprint,
     lease::Lease,
     observe::RecordResult,
-    problem::Problem,
     record::Record,
     store::IdempotencyStore,
     stream::{self, Chunk, Sender},
@@ -50,87 +32,8 @@ use crate::{
 /// At most this many frames are taken at once before the response is streamed.
 const READY_FRAMES: usize = 64;
 
-/// Runs `inner` for a request whose key `lease` holds; stores or releases the key.
-pub(crate) async fn execute<S, St, ReqB, ResB>(
-    inner: S,
-    request: Request<RequestBody<ReqB>>,
-    mut lease: Lease<St>,
-    fingerprint: Fingerprint,
-    ttl: Duration,
-    config: &Config,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
-where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    St: IdempotencyStore,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    let limit = config.response_body_limit;
-    let ran = lease
-        .keep_alive(CatchUnwind::new(run(inner, request, config)))
-        .await;
-    match ran {
-        Ok(Ran::Failed(error)) => {
-            lease.release(RecordResult::HandlerError).await;
-            Err(error)
-        }
-        Ok(Ran::NotStored(response)) => {
-            tracing::debug!(status = %response.status(), "response not stored; key released");
-            lease.release(RecordResult::Predicate).await;
-            Ok(response)
-        }
-        Ok(Ran::Broken(response)) => {
-            lease.release(RecordResult::BodyError).await;
-            Ok(response)
-        }
-        Ok(Ran::Whole {
-            head,
-            body,
-            trailers,
-        }) => {
-            let record = if body.len() <= limit {
-                Record::response(
-                    fingerprint,
-                    head.status,
-                    &head.headers,
-                    body.clone(),
-                    trailers.as_ref(),
-                )
-            } else {
-                Record::not_replayable(fingerprint, head.status)
-            };
-            lease.complete(record, ttl).await;
-            Ok(Response::from_parts(
-                head,
-                ResponseBody::full(body, trailers),
-            ))
-        }
-        Ok(Ran::Streaming { head, pump }) => {
-            let (tx, rx) = stream::channel();
-            let record = RecordOf {
-                fingerprint,
-                status: head.status,
-                headers: head.headers.clone(),
-                ttl,
-            };
-            tokio::spawn(pump.finish(lease, tx, limit, record).in_current_span());
-            Ok(Response::from_parts(head, ResponseBody::channel(rx)))
-        }
-        Err(_panic) => {
-            // The panic message went to the panic hook already.
-            tracing::error!("the handler of an idempotent request panicked; key released");
-            lease.release(RecordResult::Panic).await;
-            Ok(config
-                .render(&Problem::handler_failed())
-                .map(|body| ResponseBody::full(body, None)))
-        }
-    }
-}
-
 /// How the handler's run went, as far as it could be taken without waiting for the body.
-enum Ran<B, E> {
-    /// The inner service returned an error: it passes through, the key is released.
-    Failed(E),
+pub(crate) enum Ran<B> {
     /// A response the store-when predicate refuses: delivered untouched, the key released.
     NotStored(Response<ResponseBody<B>>),
     /// A body that failed at once: the client gets what it produced and the error; the key is
@@ -149,21 +52,13 @@ enum Ran<B, E> {
     },
 }
 
-/// Calls the handler and takes what its body has ready now.
-async fn run<S, ReqB, ResB>(
-    mut inner: S,
-    request: Request<RequestBody<ReqB>>,
-    config: &Config,
-) -> Ran<ResB, S::Error>
+/// Takes what the body of the handler's `response` has ready now, polling it with `cx` until
+/// it would wait (never waiting itself).
+pub(crate) fn take_ready<B>(response: Response<B>, config: &Config, cx: &mut Context<'_>) -> Ran<B>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
-    let response = match inner.call(request).await {
-        Ok(response) => response,
-        Err(error) => return Ran::Failed(error),
-    };
     let (head, body) = response.into_parts();
     if !(config.store_when)(&head) {
         return Ran::NotStored(Response::from_parts(head, ResponseBody::inner(body)));
@@ -173,12 +68,8 @@ where
     let limit = config.response_body_limit;
     let mut ready = Chunks::default();
     let mut trailers = None;
-    loop {
-        if ready.len > limit || ready.count() >= READY_FRAMES {
-            break;
-        }
-        let polled = std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await;
-        match polled {
+    while ready.len <= limit && ready.count() < READY_FRAMES {
+        match body.as_mut().poll_frame(cx) {
             Poll::Pending => break,
             Poll::Ready(None) => {
                 return Ran::Whole {
@@ -212,15 +103,15 @@ where
 }
 
 /// What a streamed response's record is made of, besides its body.
-struct RecordOf {
-    fingerprint: Fingerprint,
-    status: StatusCode,
-    headers: HeaderMap,
-    ttl: Duration,
+pub(crate) struct RecordOf {
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) ttl: Duration,
 }
 
 /// The rest of a body still being produced, and what was taken of it so far.
-struct Pump<B> {
+pub(crate) struct Pump<B> {
     body: Pin<Box<B>>,
     ready: Chunks,
     trailers: Option<HeaderMap>,
@@ -246,7 +137,7 @@ where
 {
     /// The task behind a streamed response: captures the body while the lease is kept alive,
     /// then stores the record (or releases the key) and ends the client's body.
-    async fn finish<St: IdempotencyStore>(
+    pub(crate) async fn finish<St: IdempotencyStore>(
         self,
         mut lease: Lease<St>,
         tx: Sender,
@@ -340,54 +231,5 @@ where
                 }
             }
         }
-    }
-}
-
-pin_project! {
-    /// Catches a panic while polling the handler, so that it costs the request a 500 problem
-    /// and a released key rather than the whole connection.
-    struct CatchUnwind<F> {
-        #[pin]
-        future: F,
-    }
-}
-
-impl<F> CatchUnwind<F> {
-    fn new(future: F) -> Self {
-        Self { future }
-    }
-}
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let future = self.project().future;
-        // After a panic the future is dropped unpolled, which is all unwind safety asks.
-        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Err(panic) => Poll::Ready(Err(panic)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_panic_while_polling_is_caught() {
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        let mut panicking = Box::pin(CatchUnwind::new(async {
-            panic!("expected in this test");
-        }));
-        assert!(matches!(
-            panicking.as_mut().poll(&mut cx),
-            Poll::Ready(Err(_))
-        ));
-        let mut fine = Box::pin(CatchUnwind::new(async { 7 }));
-        assert!(matches!(fine.as_mut().poll(&mut cx), Poll::Ready(Ok(7))));
     }
 }
