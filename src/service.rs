@@ -36,7 +36,7 @@ use crate::{
 ///
 /// The inner service receives [`RequestBody`]: the original body for requests passed
 /// through, the bytes the layer read otherwise. A request that runs under a client-sent key
-/// carries it as an [`IdempotencyKey`] in its extensions (to hand on to a payment provider,
+/// carries it as an [`IdempotencyKey`](crate::IdempotencyKey) in its extensions (to hand on to a payment provider,
 /// say). Its errors pass through unchanged; the layer's own rejections are problem
 /// responses. The layer needs a tokio runtime: the unfinished work of a client that went away,
 /// and streamed response bodies, continue on tokio tasks.
