@@ -8,6 +8,7 @@
 //! a client that has the whole response and retries at once is replayed.
 
 use std::{
+    future::Future,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
@@ -16,24 +17,114 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode, response};
 use http_body::{Body, Frame};
+use tracing::Instrument;
 
 use crate::{
     body::{Chunks, ResponseBody},
+    catch_unwind,
     config::Config,
     error::BoxError,
+    expiry,
     fingerprint::Fingerprint,
     lease::Lease,
     observe::RecordResult,
+    problem::Problem,
     record::Record,
+    reject::reject,
     store::IdempotencyStore,
     stream::{self, Chunk, Sender},
 };
+
+/// A protected handler's response, settled.
+pub(crate) enum Settled<B> {
+    /// Answered once the record is stored or the key released (`lease_op`).
+    AfterStore {
+        lease_op: Pin<Box<dyn Future<Output = ()> + Send>>,
+        response: Response<ResponseBody<B>>,
+    },
+    /// Answered now: a task of its own captures the body still being produced.
+    Now(Response<ResponseBody<B>>),
+}
+
+/// Settles the response of a handler that ran under `lease`: takes what its body has ready
+/// (polling it with `cx`, never waiting), then stores its record (or releases the key) before
+/// it is answered, or hands a body still being produced to a task of its own. A panic of the
+/// body costs a 500 problem and the key.
+pub(crate) fn settle<B, St>(
+    response: Response<B>,
+    lease: Lease<St>,
+    fingerprint: Fingerprint,
+    ttl: Duration,
+    config: &Config,
+    cx: &mut Context<'_>,
+) -> Settled<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    St: IdempotencyStore,
+{
+    let limit = config.response_body_limit;
+    let Ok(taken) = catch_unwind::catching(|| take_ready(response, config, cx)) else {
+        return panicked(lease, config);
+    };
+    let (lease_op, response): (Pin<Box<dyn Future<Output = ()> + Send>>, _) = match taken {
+        Ran::NotStored(response) => {
+            tracing::debug!(status = %response.status(), "response not stored; key released");
+            (Box::pin(lease.release(RecordResult::Predicate)), response)
+        }
+        Ran::Broken(response) => (Box::pin(lease.release(RecordResult::BodyError)), response),
+        Ran::Whole {
+            head,
+            body,
+            trailers,
+        } => {
+            let record = if body.len() <= limit {
+                let stored_trailers = trailers.as_ref();
+                Record::response(
+                    fingerprint,
+                    head.status,
+                    &head.headers,
+                    body.clone(),
+                    stored_trailers,
+                )
+            } else {
+                Record::not_replayable(fingerprint, head.status)
+            };
+            let response = Response::from_parts(head, ResponseBody::full(body, trailers));
+            let response = expiry::on_first_execution(config, ttl, response);
+            (Box::pin(lease.complete(record, ttl)), response)
+        }
+        Ran::Streaming { head, pump } => {
+            let (tx, rx) = stream::channel();
+            let of = RecordOf {
+                fingerprint,
+                status: head.status,
+                headers: head.headers.clone(),
+                ttl,
+            };
+            tokio::spawn(pump.finish(lease, tx, limit, of).in_current_span());
+            let response = Response::from_parts(head, ResponseBody::channel(rx));
+            return Settled::Now(expiry::on_first_execution(config, ttl, response));
+        }
+    };
+    Settled::AfterStore { lease_op, response }
+}
+
+/// The handler (or its body) panicked: the key is released and the client gets a 500.
+pub(crate) fn panicked<B, St: IdempotencyStore>(lease: Lease<St>, config: &Config) -> Settled<B> {
+    // The panic message went to the panic hook already.
+    tracing::error!("the handler of an idempotent request panicked; key released");
+    Settled::AfterStore {
+        lease_op: Box::pin(lease.release(RecordResult::Panic)),
+        response: reject(config, &Problem::handler_failed()),
+    }
+}
 
 /// At most this many frames are taken at once before the response is streamed.
 const READY_FRAMES: usize = 64;
 
 /// How the handler's run went, as far as it could be taken without waiting for the body.
-pub(crate) enum Ran<B> {
+enum Ran<B> {
     /// A response the store-when predicate refuses: delivered untouched, the key released.
     NotStored(Response<ResponseBody<B>>),
     /// A body that failed at once: the client gets what it produced and the error; the key is
@@ -54,7 +145,7 @@ pub(crate) enum Ran<B> {
 
 /// Takes what the body of the handler's `response` has ready now, polling it with `cx` until
 /// it would wait (never waiting itself).
-pub(crate) fn take_ready<B>(response: Response<B>, config: &Config, cx: &mut Context<'_>) -> Ran<B>
+fn take_ready<B>(response: Response<B>, config: &Config, cx: &mut Context<'_>) -> Ran<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -103,15 +194,15 @@ where
 }
 
 /// What a streamed response's record is made of, besides its body.
-pub(crate) struct RecordOf {
-    pub(crate) fingerprint: Fingerprint,
-    pub(crate) status: StatusCode,
-    pub(crate) headers: HeaderMap,
-    pub(crate) ttl: Duration,
+struct RecordOf {
+    fingerprint: Fingerprint,
+    status: StatusCode,
+    headers: HeaderMap,
+    ttl: Duration,
 }
 
 /// The rest of a body still being produced, and what was taken of it so far.
-pub(crate) struct Pump<B> {
+struct Pump<B> {
     body: Pin<Box<B>>,
     ready: Chunks,
     trailers: Option<HeaderMap>,
@@ -137,7 +228,7 @@ where
 {
     /// The task behind a streamed response: captures the body while the lease is kept alive,
     /// then stores the record (or releases the key) and ends the client's body.
-    pub(crate) async fn finish<St: IdempotencyStore>(
+    async fn finish<St: IdempotencyStore>(
         self,
         mut lease: Lease<St>,
         tx: Sender,

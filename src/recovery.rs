@@ -5,6 +5,8 @@ use std::{fmt, sync::Arc};
 
 use http::request::Parts;
 
+use crate::{config::Config, fingerprint::Fingerprint, observe::AbandonedAction, problem::Problem};
+
 /// The application's choice for a request that finds its key's claim abandoned
 /// ([`IdempotencyLayer::with_outcome_unknown`](crate::IdempotencyLayer::with_outcome_unknown)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,26 @@ impl OnAbandoned {
             .as_ref()
             .map_or(Recovery::RunAgain, |hook| hook(parts))
     }
+}
+
+/// A request found its key's claim abandoned, taken with fingerprint `held`: `Ok` to take the
+/// claim over and run again, or the problem to answer (another payload, or the application
+/// asked for an operator to resolve it).
+pub(crate) fn on_abandoned(
+    config: &Config,
+    parts: &Parts,
+    held: &Fingerprint,
+    fingerprint: &Fingerprint,
+) -> Result<(), Problem> {
+    if held != fingerprint {
+        return Err(Problem::key_reused(config.mismatch_status));
+    }
+    if config.on_abandoned.decide(parts) == Recovery::OutcomeUnknown {
+        config.observer.abandoned(AbandonedAction::OutcomeUnknown);
+        return Err(Problem::outcome_unknown());
+    }
+    config.observer.abandoned(AbandonedAction::RunAgain);
+    Ok(())
 }
 
 impl fmt::Debug for OnAbandoned {

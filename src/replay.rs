@@ -11,16 +11,19 @@ use crate::{
     expiry,
     fingerprint::Fingerprint,
     jsonrpc,
+    observe::Outcome,
     problem::Problem,
     record::Record,
 };
 
-/// What a replay answers besides the record: the retry's body (a JSON-RPC retry gets its own
-/// `id` back) and how long the record has left.
+/// What a replay answers besides the record: the retry's fingerprint and body (a JSON-RPC
+/// retry gets its own `id` back), how long the record has left, and whether the retry waited
+/// for the first request.
 pub(crate) struct Retry<'a> {
     pub(crate) fingerprint: &'a Fingerprint,
     pub(crate) body: &'a Bytes,
     pub(crate) expires_in: Option<Duration>,
+    pub(crate) waited: bool,
 }
 
 /// The replay of `record` for `retry`, marked `Idempotent-Replayed: true`; or the problem to
@@ -48,5 +51,10 @@ pub(crate) fn replay<B>(
     response
         .headers_mut()
         .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    config.observer.outcome(if retry.waited {
+        Outcome::Waited
+    } else {
+        Outcome::Replayed
+    });
     Ok(response)
 }

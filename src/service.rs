@@ -21,12 +21,13 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    body::{Chunks, RequestBody, ResponseBody},
-    config::{Config, MissingKey},
+    body::{Chunks, RequestBody, ResponseBody, poll_read_limited},
+    config::Config,
     error::BoxError,
-    future::{Flow, KeyPlan, ResponseFuture, close_connection, poll_read_limited, reject},
-    key::IdempotencyKey,
+    future::{Flow, ResponseFuture},
+    plan::{self, Head},
     problem::Problem,
+    reject::{close_connection, reject},
     store::IdempotencyStore,
 };
 
@@ -35,7 +36,7 @@ use crate::{
 ///
 /// The inner service receives [`RequestBody`]: the original body for requests passed
 /// through, the bytes the layer read otherwise. A request that runs under a client-sent key
-/// carries it as an [`IdempotencyKey`] in its extensions (to hand on to a payment provider,
+/// carries it as an [`IdempotencyKey`](crate::IdempotencyKey) in its extensions (to hand on to a payment provider,
 /// say). Its errors pass through unchanged; the layer's own rejections are problem
 /// responses. The layer needs a tokio runtime: the unfinished work of a client that went away,
 /// and streamed response bodies, continue on tokio tasks.
@@ -95,33 +96,13 @@ where
         if !config.protects(request.method()) {
             return ResponseFuture::pass_through(self.inner.call(request.map(RequestBody::new)));
         }
-        let plan = match IdempotencyKey::from_headers(request.headers(), &config.header_name) {
-            Ok(Some(key)) => KeyPlan::Client(key),
-            Err(error) => return refuse(config, request, Problem::invalid_key(&error)),
-            Ok(None) => {
-                let from_source = config
-                    .key_source
-                    .as_ref()
-                    .map(|source| source.extract_from_headers(request.headers()));
-                match from_source {
-                    Some(Some(Ok(Some(key)))) => KeyPlan::Client(key),
-                    Some(Some(Err(error))) => {
-                        return refuse(config, request, Problem::invalid_key(&error));
-                    }
-                    Some(None) => KeyPlan::FromBody,
-                    Some(Some(Ok(None))) | None => match config.missing_key {
-                        MissingKey::PassThrough => {
-                            return ResponseFuture::pass_through(
-                                self.inner.call(request.map(RequestBody::new)),
-                            );
-                        }
-                        MissingKey::Required => {
-                            let problem = Problem::missing_key(&config.header_name);
-                            return refuse(config, request, problem);
-                        }
-                        MissingKey::Fingerprint(_) => KeyPlan::Derived,
-                    },
-                }
+        let plan = match plan::from_head(config, request.headers()) {
+            Head::Protect(plan) => plan,
+            Head::Refuse(problem) => return refuse(config, request, problem),
+            Head::PassThrough => {
+                return ResponseFuture::pass_through(
+                    self.inner.call(request.map(RequestBody::new)),
+                );
             }
         };
         // The service that `poll_ready` made ready moves into the future; this clone stays
