@@ -11,7 +11,6 @@ use crate::{
     key::{KeyRef, KeySource, Scope, StorageKey},
     observe::{self, Observer},
     problem::{Problem, ProblemResponse},
-    recovery::OnAbandoned,
 };
 
 /// The request header that carries the key: `Idempotency-Key`.
@@ -88,6 +87,38 @@ pub enum FailMode {
     ///
     /// While the store is down, retries and concurrent duplicates execute again.
     Open,
+}
+
+/// The application's choice for a request that finds its key's claim abandoned
+/// ([`IdempotencyLayer::with_outcome_unknown`](crate::IdempotencyLayer::with_outcome_unknown)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Take the claim over and run the handler again (the default): right when running twice
+    /// is harmless, or when the handler itself asks its downstream whether the work happened
+    /// (a payment provider's own idempotency key).
+    RunAgain,
+    /// Answer `409` [`ProblemKind::OutcomeUnknown`](crate::ProblemKind::OutcomeUnknown) and
+    /// leave the claim as it is, until an operator resolves it: breaks the claim so the next
+    /// retry runs (the work did not happen), or lets it expire.
+    OutcomeUnknown,
+}
+
+pub(crate) type RecoveryFn = Arc<dyn Fn(&Parts) -> Recovery + Send + Sync>;
+
+/// The hook, or the default (run again).
+#[derive(Clone, Default)]
+pub(crate) struct OnAbandoned(Option<RecoveryFn>);
+
+impl OnAbandoned {
+    pub(crate) fn new(hook: RecoveryFn) -> Self {
+        Self(Some(hook))
+    }
+
+    pub(crate) fn decide(&self, parts: &Parts) -> Recovery {
+        self.0
+            .as_ref()
+            .map_or(Recovery::RunAgain, |hook| hook(parts))
+    }
 }
 
 pub(crate) type StoreWhen = Arc<dyn Fn(&response::Parts) -> bool + Send + Sync>;
@@ -224,6 +255,16 @@ impl fmt::Debug for Config {
             .field("route_label", &self.observer.route())
             .field("on_abandoned", &self.on_abandoned)
             .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for OnAbandoned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Hook(..)"
+        } else {
+            "RunAgain"
+        })
     }
 }
 

@@ -44,7 +44,7 @@ pub use crate::{
     claim::{Claim, FenceToken},
     config::{
         FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE,
-        MissingKey, WaitMode,
+        MissingKey, Recovery, WaitMode,
     },
     error::{BoxError, StoreError, StoreErrorKind},
     expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
@@ -55,7 +55,6 @@ pub use crate::{
     layer::IdempotencyLayer,
     problem::{Problem, ProblemKind, ProblemResponse},
     record::{MAX_RECORD_HEADERS, Record, RecordError},
-    recovery::Recovery,
     service::Idempotency,
     store::IdempotencyStore,
 };

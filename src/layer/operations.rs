@@ -7,7 +7,9 @@ use http::request;
 
 use super::IdempotencyLayer;
 use crate::{
-    config::FailMode, problem::ProblemResponse, recovery::Recovery, store::IdempotencyStore,
+    config::{FailMode, OnAbandoned, Recovery},
+    problem::ProblemResponse,
+    store::IdempotencyStore,
 };
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
@@ -90,7 +92,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     where
         F: Fn(&request::Parts) -> Recovery + Send + Sync + 'static,
     {
-        self.config().on_abandoned = crate::recovery::OnAbandoned::new(Arc::new(hook));
+        self.config().on_abandoned = OnAbandoned::new(Arc::new(hook));
         self
     }
 }
