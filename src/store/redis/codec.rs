@@ -11,7 +11,7 @@
 //! |--------|-------------------------------------------------------------|
 //! | 0..3   | magic `TIF` (a completed envelope starts with `TIC`)        |
 //! | 3      | version, 2                                                  |
-//! | 4      | flags: 1 once a waiter watches the claim (its end is published) |
+//! | 4      | flags: 1 once another request found the claim in flight (its end is published) |
 //! | 5..13  | the owner's fence token, big-endian                         |
 //! | 13..45 | the fingerprint of the owner's request                      |
 //! | 45..53 | when it was claimed: Unix ms by the claiming instance's clock |

@@ -60,7 +60,12 @@ impl Shared {
         let mut channel = settings.prefix.clone().into_bytes();
         channel.extend_from_slice(b"notifications");
         Self {
-            notifier: Notifier::new(clients, channel, settings.response_timeout),
+            notifier: Notifier::new(
+                clients,
+                channel,
+                settings.response_timeout,
+                settings.poll_interval,
+            ),
             settings,
             tokens: Tokens::default(),
         }
@@ -94,7 +99,8 @@ impl Tokens {
 impl RedisStore<ConnectionManager> {
     /// Connects to the Redis server at `url` (`redis://host:port/db`, `rediss://…` with a TLS
     /// feature of `redis`), with a connection that reconnects by itself and a second one,
-    /// opened on the first wait, for notifications.
+    /// opened when a claim first finds its key in flight (or on the first wait), for
+    /// notifications.
     ///
     /// Fails if the URL is invalid or the server cannot be reached within the default
     /// response timeout. To start while Redis may be down, give [`new`](Self::new) a

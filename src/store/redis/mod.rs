@@ -52,14 +52,22 @@
 //!
 //! # Waiting
 //!
-//! A waiter flags the claim it waits on; when a flagged claim is completed or released, the
-//! script publishes the key on the store's channel (`{prefix}notifications`), so claims that
-//! nobody waits on publish nothing. Each store keeps one subscriber connection, shared by all
-//! its waiters, that wakes the waiters of that key (waiters on the instance that completed
-//! are woken at once, without the message). A waiter also wakes when the claim's lease runs
-//! out (its owner may be gone), looks again whenever the subscription is re-established
-//! (messages may have been lost meanwhile) and, as a last resort, after a bounded poll
-//! interval.
+//! The claim that finds a live claim flags it (the script that judged it does, in the same
+//! round trip); when a flagged claim is completed, released or broken, the script publishes
+//! the key on the store's channel (`{prefix}notifications`), so claims that nobody found in
+//! flight publish nothing. Each store keeps one subscriber connection, opened on the first
+//! claim found in flight or the first wait and shared by all its waiters, that wakes the
+//! waiters of that key (waiters on the instance that completed are woken at once, without the
+//! message).
+//!
+//! A duplicate that waits on another instance's request so takes three round trips in all:
+//! the claim (`SET … NX GET`, which returns the marker), the script judging and flagging it,
+//! then, once woken, the claim again, which returns the record. The wait itself asks nothing
+//! of Redis: the claim registered for the key's end before the script flagged it, so an end
+//! published before the wait begins still ends it at once. The wait looks at the claim (one
+//! more script) only when there may be news it missed: when the claim's lease runs out (its
+//! owner may be gone), whenever the subscription is re-established (messages may have been
+//! lost meanwhile) and, as a last resort, after a bounded poll interval.
 //!
 //! # Files
 //!

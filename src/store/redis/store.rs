@@ -16,7 +16,6 @@ use super::{
     codec::{MARKER_LEN, MARKER_MAGIC, Marker, held_by},
     connect::Shared,
     error::{Unexpected, claim_error},
-    notify::Watch,
     script::{BREAK, COMPLETE, FORGET, HELD, RELEASE, RENEW, Script, WATCH},
 };
 use crate::{
@@ -43,7 +42,9 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 /// - **Redis Cluster**: a record is one key. Use [`connect_cluster`](Self::connect_cluster).
 /// - **Waiting by notification** across instances (pub/sub, one subscriber connection per
 ///   store), bounded by the claim's lease so a crashed owner's claim ends a wait when it
-///   expires.
+///   expires. A duplicate held while another instance runs its request takes three round
+///   trips: its claim, the script that judges and flags the claim it found, and its claim
+///   again once woken, which returns the record.
 /// - **Reconnects by itself**: [`connect`](Self::connect) uses a [`ConnectionManager`]. Every
 ///   command is bounded by a response timeout, so a dead Redis yields errors quickly (the
 ///   layer answers 503, or runs unprotected when failing open), not hung requests.
@@ -118,7 +119,9 @@ where
     }
 
     /// Claims a key that a claim held a moment ago, taking over the abandoned claim
-    /// `abandoned` if it still holds it: one script, judged by Redis's clock.
+    /// `abandoned` if it still holds it: one script, judged by Redis's clock. A claim found
+    /// live is flagged by the script, so that its end is published, and left to the wait
+    /// that follows with what the script said of its lease.
     async fn claim_held(
         &self,
         key: &StorageKey,
@@ -133,22 +136,27 @@ where
             marker,
             expiry.as_bytes(),
         ];
-        let reply = self.run(&HELD, key, &args).await?;
-        let Value::Array(mut reply) = reply else {
+        // Registered before the script flags the claim: its end, published from then on,
+        // reaches the wait that follows however soon it comes.
+        let watch = self.shared.notifier.watch(*key);
+        let Value::Array(reply) = self.run(&HELD, key, &args).await? else {
             return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply));
         };
-        let value = match reply.pop() {
-            Some(Value::BulkString(value)) => Some(value),
-            Some(other) => {
-                reply.push(other);
-                None
+        let mut reply = reply.into_iter();
+        match (reply.next(), reply.next(), reply.next(), reply.next()) {
+            (Some(Value::Int(1)), None, None, None) => Ok(Claim::Acquired(token)),
+            (Some(Value::Int(2)), Some(Value::BulkString(value)), None, None) => {
+                held_by(value, SystemTime::now())
             }
-            None => None,
-        };
-        match (reply.first(), value) {
-            (Some(Value::Int(1)), None) => Ok(Claim::Acquired(token)),
-            (Some(Value::Int(2)), Some(value)) => held_by(value, SystemTime::now()),
-            (Some(Value::Int(3)), Some(value)) => {
+            (Some(Value::Int(2)), Some(Value::BulkString(value)), Some(Value::Int(left)), None) => {
+                let claim = held_by(value, SystemTime::now())?;
+                if let (Claim::InFlight { .. }, Ok(left)) = (&claim, u64::try_from(left)) {
+                    let left = Duration::from_millis(left);
+                    self.shared.notifier.flagged(watch, left);
+                }
+                Ok(claim)
+            }
+            (Some(Value::Int(3)), Some(Value::BulkString(value)), None, None) => {
                 let marker = Marker::decode(&value)?;
                 Ok(Claim::Abandoned {
                     token: marker.token,
@@ -319,38 +327,50 @@ where
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         let deadline = Instant::now() + timeout.min(MAX_TTL);
-        let watch: Watch = self.shared.notifier.watch(*key);
+        let notifier = &self.shared.notifier;
+        // A claim of this store that found the key in flight a moment ago flagged it and
+        // registered for its end: nothing to ask Redis until there is news, the lease runs out
+        // or a poll is due. Otherwise, look first.
+        let (mut watch, mut looked_at, mut lease_left, mut look) = match notifier.take_flagged(key)
+        {
+            Some(flagged) => (
+                flagged.watch,
+                flagged.looked_at,
+                Some(flagged.lease_left),
+                false,
+            ),
+            None => (notifier.watch(*key), Instant::now(), None, true),
+        };
         loop {
-            // Armed before looking, so an end published after the look is not missed.
-            let ended = watch.ended().notified();
-            let resubscribed = watch.resubscribed().notified();
-            tokio::pin!(ended, resubscribed);
-            ended.as_mut().enable();
-            resubscribed.as_mut().enable();
-            let lease_left = match self.run(&WATCH, key, &[]).await? {
-                Value::Int(-2 | -1) => return Ok(()),
-                Value::Int(-3) => None,
-                Value::Int(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
-                _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
-            };
+            if look {
+                watch.looking();
+                lease_left = match self.run(&WATCH, key, &[]).await? {
+                    Value::Int(-2 | -1) => return Ok(()),
+                    Value::Int(-3) => None,
+                    Value::Int(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+                    _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+                };
+                looked_at = Instant::now();
+            }
             // Checked: neither the poll interval nor what the key says is left of its lease (a
             // value anyone with access could have written) is bounded.
-            let now = Instant::now();
-            let poll = now.checked_add(self.shared.settings.poll_interval);
-            let lease_end =
-                lease_left.and_then(|left| now.checked_add(left.saturating_add(EXPIRY_SLACK)));
+            let poll = looked_at.checked_add(self.shared.settings.poll_interval);
+            let lease_end = lease_left
+                .and_then(|left| looked_at.checked_add(left.saturating_add(EXPIRY_SLACK)));
             let wake_at = [poll, lease_end]
                 .into_iter()
                 .flatten()
                 .fold(deadline, Instant::min);
             tokio::select! {
-                () = &mut ended => return Ok(()),
-                () = &mut resubscribed => {}
+                () = watch.news() => {}
                 () = tokio::time::sleep_until(wake_at) => {}
             }
-            if Instant::now() >= deadline {
+            if watch.ended() || Instant::now() >= deadline {
                 return Ok(());
             }
+            // The subscription was re-established (messages may have been lost), or the poll
+            // or the lease's end is due.
+            look = true;
         }
     }
 }
