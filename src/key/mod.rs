@@ -20,6 +20,3 @@ pub use self::{
     source::KeySource,
     storage::StorageKey,
 };
-// The Redis store still takes it from here; everything else from `digest`.
-#[cfg(feature = "redis")]
-pub(crate) use crate::digest::hex;
