@@ -60,6 +60,16 @@ impl<S, St> Idempotency<S, St> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, taking the middleware apart.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, St, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S, St>

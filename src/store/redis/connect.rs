@@ -23,12 +23,7 @@ use super::{
     notify::Notifier,
     store::RedisStore,
 };
-use crate::{
-    config::MAX_TTL,
-    error::StoreError,
-    key::{StorageKey, hex},
-    store::FenceToken,
-};
+use crate::{config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey, store::FenceToken};
 
 /// The default key prefix: `idempotency:`.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
