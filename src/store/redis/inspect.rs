@@ -10,9 +10,9 @@ use bytes::Bytes;
 
 use super::{
     codec::{Completed, ENVELOPE_MAGIC, MARKER_MAGIC, Marker},
+    connect::RedisStore,
     error::{Unexpected, store_error},
     script::INSPECT,
-    store::RedisStore,
 };
 use crate::{
     error::{StoreError, StoreErrorKind},

@@ -87,10 +87,7 @@ mod store;
 
 #[cfg(any(test, fuzzing))]
 pub(crate) use self::codec::{check_envelope, check_marker};
-pub use self::{
-    connect::{
-        DEFAULT_ABANDONED_RETENTION, DEFAULT_POLL_INTERVAL, DEFAULT_PREFIX,
-        DEFAULT_RESPONSE_TIMEOUT,
-    },
-    store::RedisStore,
+pub use self::connect::{
+    DEFAULT_ABANDONED_RETENTION, DEFAULT_POLL_INTERVAL, DEFAULT_PREFIX, DEFAULT_RESPONSE_TIMEOUT,
+    RedisStore,
 };

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use ::redis::{Cmd, ErrorKind, ServerErrorKind, Value, aio::ConnectionLike};
 
-use super::{error::store_error, store::RedisStore};
+use super::{connect::RedisStore, error::store_error};
 use crate::{error::StoreError, key::StorageKey};
 
 /// A Lua script and its SHA-1, the name `EVALSHA` knows it by.

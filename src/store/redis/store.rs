@@ -1,20 +1,14 @@
-//! [`RedisStore`] and its [`IdempotencyStore`] implementation: claim-or-replay, the fenced
-//! scripts, and the operator's tools.
+//! [`RedisStore`]'s [`IdempotencyStore`] implementation: claim-or-replay, the fenced scripts,
+//! and the operator's tools.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
-use ::redis::{
-    Cmd, Value,
-    aio::{ConnectionLike, ConnectionManager},
-};
+use ::redis::{Cmd, Value, aio::ConnectionLike};
 use tokio::time::Instant;
 
 use super::{
     codec::{MARKER_LEN, MARKER_MAGIC, Marker, held_by},
-    connect::Shared,
+    connect::RedisStore,
     error::{Unexpected, claim_error},
     script::{BREAK, COMPLETE, FORGET, HELD, RELEASE, RENEW, Script, WATCH},
 };
@@ -30,60 +24,6 @@ use crate::{
 
 /// Redis expires keys to the millisecond; a waiter looks again this long after a lease's end.
 const EXPIRY_SLACK: Duration = Duration::from_millis(2);
-
-/// A store in Redis, shared by every instance of a service: a request executes once across
-/// all of them, and a retry sent to any instance is replayed.
-///
-/// - **One round trip** to claim-or-replay (a native `SET … NX GET`) and one to complete
-///   (a Lua script).
-/// - **Fenced**: completing, releasing and renewing name the claim's token; an owner whose
-///   lease expired is refused ([`StoreErrorKind::LeaseLost`]) and cannot overwrite the
-///   newer owner's record.
-/// - **Redis Cluster**: a record is one key. Use [`connect_cluster`](Self::connect_cluster).
-/// - **Waiting by notification** across instances (pub/sub, one subscriber connection per
-///   store), bounded by the claim's lease so a crashed owner's claim ends a wait when it
-///   expires. A duplicate held while another instance runs its request takes three round
-///   trips: its claim, the script that judges and flags the claim it found, and its claim
-///   again once woken, which returns the record.
-/// - **Reconnects by itself**: [`connect`](Self::connect) uses a [`ConnectionManager`]. Every
-///   command is bounded by a response timeout, so a dead Redis yields errors quickly (the
-///   layer answers 503, or runs unprotected when failing open), not hung requests.
-/// - **Corrupt or foreign bytes** under a key are [`StoreErrorKind::Corrupt`] errors.
-///
-/// `RedisStore` is a cheap `Clone` handle: clones share the connection and the subscriber.
-///
-/// # Requirements
-///
-/// **Redis 7.0 or newer** (or a server compatible with it): claims use `SET` with both `NX`
-/// and `GET`, which older servers refuse as a syntax error. On those, every claim fails with
-/// a [`StoreErrorKind::Other`] error saying that Redis 7.0 or newer is required.
-///
-/// # Clocks
-///
-/// A replay reports how long the record has left ([`Claim::Completed`]'s `expires_in`), so
-/// that a [`CachedStore`](crate::CachedStore) in front keeps its copy no longer than Redis
-/// does. The record carries its expiry by Redis's clock; the claim subtracts the local time
-/// and a margin of 100 ms, and never reports more than the record's TTL. Skew between the
-/// instance's clock and Redis's affects nothing else (leases and expiry run on Redis's clock
-/// alone): an instance whose clock runs behind Redis's by more than the margin may keep a
-/// cached copy for up to the excess after Redis dropped the record.
-///
-/// ```no_run
-/// use axum::{Router, routing::post};
-/// use tower_idempotency::{IdempotencyLayer, RedisStore};
-///
-/// # async fn run() -> Result<(), tower_idempotency::StoreError> {
-/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
-/// let app: Router = Router::new()
-///     .route("/charges", post(|| async { "charged" }))
-///     .layer(IdempotencyLayer::new(store));
-/// # Ok(()) }
-/// ```
-#[derive(Clone)]
-pub struct RedisStore<C = ConnectionManager> {
-    pub(super) connection: C,
-    pub(super) shared: Arc<Shared>,
-}
 
 impl<C> RedisStore<C>
 where
