@@ -19,8 +19,9 @@ done
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "module graph: no cycle between top-level modules; pure modules import no service, store, observe or config"
+step "module graph: no cycle between modules or files; pure modules import no service, store, observe or config"
 python3 scripts/modgraph.py --check
+python3 scripts/modgraph.py --check --files
 
 step "cargo clippy (all targets, all features)"
 cargo clippy --all-targets --all-features -- -D warnings
