@@ -51,7 +51,7 @@ use super::{Output, Work};
 use crate::{
     body::{self, Chunks, RequestBody},
     catch_unwind::{CatchUnwind, Panic},
-    config::{Config, WaitMode},
+    config::Config,
     error::{BoxError, StoreError},
     fingerprint::Fingerprint,
     lease::{Lease, Renewal},
@@ -135,6 +135,7 @@ struct Ctx<S, St, ReqB, ResB> {
     inner: Inner<S>,
     store: St,
     config: Arc<Config>,
+    /// Until when a duplicate waits: the wait bound, counted from its first wait.
     wait_until: Option<Instant>,
     wait_clock: Option<WaitClock>,
     waited: bool,
@@ -165,16 +166,12 @@ where
     ) -> Self {
         // One span per protected request (none for those passed through).
         let span = config.observer.request_span(request.method());
-        let wait_until = match config.wait_mode {
-            WaitMode::Wait(timeout) => Some(Instant::now() + timeout),
-            WaitMode::Reject => None,
-        };
         let (parts, body) = request.into_parts();
         let read = Chunks::default();
         let ctx = Ctx {
             inner: Inner::new(inner),
             store,
-            wait_until,
+            wait_until: None,
             wait_clock: Some(config.observer.wait_clock()),
             waited: false,
             gone: false,
@@ -283,6 +280,11 @@ where
             }
         };
         if !finish {
+            // Dropped in the request's span, as the work would have ended in it (a lease's
+            // drop guard releases the key in a task of its own, in the current span).
+            let span = self.span.clone();
+            let _entered = span.enter();
+            drop(self);
             return;
         }
         self.as_mut().project().ctx.gone = true;

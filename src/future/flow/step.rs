@@ -13,8 +13,8 @@ use super::{Ctx, Held, Keyed, State, Step, StoreOp};
 use crate::{
     body::{RequestBody, ResponseBody},
     capture::{self, Settled},
-    catch_unwind::{CatchUnwind, Panic},
-    config::FailMode,
+    catch_unwind::{self, CatchUnwind, Panic},
+    config::{FailMode, WaitMode},
     error::{BoxError, StoreError},
     key::StorageKey,
     lease::{Lease, Renewal},
@@ -172,9 +172,12 @@ where
                     return self.reject(&Problem::key_reused(config.mismatch_status));
                 }
                 let now = Instant::now();
-                let remaining = self
-                    .wait_until
-                    .and_then(|until| until.checked_duration_since(now));
+                let until = match (self.wait_until, config.wait_mode) {
+                    (Some(until), _) => Some(until),
+                    (None, WaitMode::Wait(bound)) => Some(*self.wait_until.insert(now + bound)),
+                    (None, WaitMode::Reject) => None,
+                };
+                let remaining = until.and_then(|until| until.checked_duration_since(now));
                 let Some(remaining) = remaining.filter(|left| !left.is_zero()) else {
                     return self.reject(&Problem::in_flight());
                 };
@@ -243,7 +246,12 @@ where
         }
         // The wait, if any, ends here: its duration is reported.
         self.wait_clock = None;
-        let handler = CatchUnwind::new(self.inner.call(request));
+        // `call` itself may panic before it returns a future (a router, a `service_fn`
+        // closure): that costs a 500 and the key too, as a panic while polling does.
+        let handler = match catch_unwind::catching(|| self.inner.call(request)) {
+            Ok(handler) => CatchUnwind::new(handler),
+            Err(panic) => return self.panicked(held, panic),
+        };
         let renewal = Renewal::default();
         Step::Next(State::Run {
             handler,
@@ -259,31 +267,46 @@ where
         ran: Result<Result<Response<ResB>, S::Error>, Panic>,
         cx: &mut Context<'_>,
     ) -> FlowStep<S, St, ReqB, ResB> {
+        let ran = match ran {
+            Ok(ran) => ran,
+            Err(panic) => return self.panicked(held, panic),
+        };
         let Some(Held {
             lease,
             fingerprint,
             ttl,
         }) = held
         else {
-            // Unprotected: the answer passes through as it is, a panic included.
-            return match ran {
-                Ok(output) => Step::Answer(output.map(|r| r.map(ResponseBody::inner))),
-                Err(panic) => std::panic::resume_unwind(panic),
-            };
+            // Unprotected: the answer passes through as it is.
+            return Step::Answer(ran.map(|r| r.map(ResponseBody::inner)));
         };
         let config = &self.config;
         let settled = match ran {
-            Ok(Ok(response)) => capture::settle(response, lease, fingerprint, ttl, config, cx),
-            Ok(Err(error)) => {
+            Ok(response) => capture::settle(response, lease, fingerprint, ttl, config, cx),
+            Err(error) => {
                 let lease_op = Box::pin(lease.release(RecordResult::HandlerError));
                 return Step::Next(State::Finish {
                     lease_op,
                     output: Err(error),
                 });
             }
-            Err(_panic) => capture::panicked(lease, config),
         };
         match settled {
+            Settled::AfterStore { lease_op, response } => Step::Next(State::Finish {
+                lease_op,
+                output: Ok(response),
+            }),
+            Settled::Now(response) => Step::Answer(Ok(response)),
+        }
+    }
+
+    /// The handler panicked (in `call` or while polled): a 500 and the key released when it
+    /// ran protected; resumed when it ran unprotected.
+    fn panicked(&self, held: Option<Held<St>>, panic: Panic) -> FlowStep<S, St, ReqB, ResB> {
+        let Some(held) = held else {
+            std::panic::resume_unwind(panic)
+        };
+        match capture::panicked(held.lease, &self.config) {
             Settled::AfterStore { lease_op, response } => Step::Next(State::Finish {
                 lease_op,
                 output: Ok(response),

@@ -1,0 +1,240 @@
+//! Review of the state-machine flow against the old async flow (91b2c71): behaviours the old
+//! flow had that the rewrite must keep.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+use tower_idempotency::{
+    Claim, ClaimPage, FenceToken, Fingerprint, IDEMPOTENCY_KEY, IdempotencyLayer, IdempotencyStore,
+    Inspection, ListCursor, MemoryStore, ProblemKind, Record, StorageKey, StoreError, WaitMode,
+};
+
+use common::service::{
+    BoxFuture, Gate, Handler, Reply, ResBody, Scripted, Step, created, data, eventually,
+    keyed_post, send, serve, within,
+};
+
+/// A service whose first `call` panics before it returns a future (a synchronous panic, as
+/// a router or a `service_fn` closure can raise); later calls answer `execution #N`.
+#[derive(Clone, Default)]
+struct PanicsInCall {
+    calls: Arc<AtomicUsize>,
+}
+
+impl<B: Send + 'static> Service<Request<B>> for PanicsInCall {
+    type Response = Response<ResBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ResBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: Request<B>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        assert!(
+            n != 1,
+            "the first call panics before returning its future (this panic is expected)"
+        );
+        Box::pin(async move { Ok(created(format!("execution #{n}"))) })
+    }
+}
+
+/// Old flow: `inner.call` ran inside `CatchUnwind` (the `run` async fn), so a synchronous panic
+/// in `call` cost a 500 problem and released the key with `RecordResult::Panic`.
+#[tokio::test]
+async fn a_panic_in_the_inner_services_call_is_a_500_problem_and_releases_the_key() {
+    let store = MemoryStore::default();
+    let svc = IdempotencyLayer::new(store.clone()).layer(PanicsInCall::default());
+    let first = tokio::spawn(svc.clone().oneshot(keyed_post("/charges", "k", "{}"))).await;
+    let Ok(Ok(first)) = first else {
+        panic!("the request's future panicked instead of answering a 500 problem");
+    };
+    let first = Reply::read(first).await;
+    first.assert_problem(
+        ProblemKind::HandlerFailed,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    );
+    eventually("the key is released", || store.in_flight_count() == 0).await;
+    let retry = Reply::read(
+        svc.oneshot(keyed_post("/charges", "k", "{}"))
+            .await
+            .unwrap_or_else(|never| match never {}),
+    )
+    .await;
+    assert_eq!(retry.text(), "execution #2");
+}
+
+/// Old flow: the wait bound started once the body was read and the key known (`wait_until`
+/// computed in `protect` after `read_body`). SPEC §5: a duplicate is held until the first
+/// finishes "if the wait exceeds a bound". A slow upload must not eat the wait.
+#[tokio::test(start_paused = true)]
+async fn the_wait_bound_counts_from_the_claim_not_from_the_start_of_the_upload() {
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_wait_mode(WaitMode::Wait(Duration::from_secs(5)));
+    let svc = serve(&layer, &handler);
+    let first = tokio::spawn(send(&svc, keyed_post("/charges", "k", "{}")));
+    eventually("the first request runs", || handler.calls() == 1).await;
+
+    // The duplicate's body takes 6 s to arrive; then the first is still in flight.
+    let slow = Request::post("/charges")
+        .header(IDEMPOTENCY_KEY, "k")
+        .body(Scripted::new([
+            Step::Sleep(Duration::from_secs(6)),
+            data("{}"),
+        ]))
+        .expect("a valid request");
+    let duplicate = tokio::spawn(send(&svc, slow));
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    gate.open();
+    let first = within(first).await.unwrap();
+    let duplicate = within(duplicate).await.unwrap();
+    assert_eq!(first.text(), "execution #1");
+    assert_eq!(
+        duplicate.problem, None,
+        "the duplicate waited 1 s of its 5 s bound; it must be replayed, not refused"
+    );
+    assert!(duplicate.replayed());
+    assert_eq!(handler.calls(), 1);
+}
+
+/// Over a store, records when each renewal is sent; a renewal takes `latency` to answer.
+#[derive(Clone)]
+struct SlowRenewals {
+    inner: MemoryStore,
+    latency: Duration,
+    sent: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl IdempotencyStore for SlowRenewals {
+    async fn claim(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, record, ttl).await
+    }
+
+    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.sent.lock().unwrap().push(Instant::now());
+        tokio::time::sleep(self.latency).await;
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+        self.inner.wait(key, timeout).await
+    }
+
+    async fn take_over(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner
+            .take_over(key, abandoned, fingerprint, lease)
+            .await
+    }
+
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        self.inner.forget(key).await
+    }
+
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        self.inner.break_claim(key).await
+    }
+
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        self.inner.list_claims(older_than, cursor, limit).await
+    }
+}
+
+/// Old `keep_alive`: the first renewal a third of the lease after the handler's first pending
+/// poll, then a third after each renewal's answer.
+#[tokio::test(start_paused = true)]
+async fn renewals_go_out_a_third_of_the_lease_after_the_start_and_after_each_answer() {
+    let store = SlowRenewals {
+        inner: MemoryStore::default(),
+        latency: Duration::from_millis(500),
+        sent: Arc::default(),
+    };
+    let handler = Handler::sleeping(Duration::from_millis(5_200));
+    let layer = IdempotencyLayer::new(store.clone()).with_lease(Duration::from_secs(3));
+    let svc = serve(&layer, &handler);
+    let start = Instant::now();
+    let reply = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    let sent: Vec<u128> = store
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|at| at.duration_since(start).as_millis())
+        .collect();
+    assert_eq!(sent, [1_000, 2_500, 4_000]);
+}
+
+/// The first renewal's timer, and every later one, is driven by the flow's own waker: a
+/// handler that never wakes the flow itself (it waits on a gate opened much later) still
+/// keeps its claim.
+#[tokio::test(start_paused = true)]
+async fn a_silent_handler_keeps_its_claim_through_many_leases() {
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_lease(Duration::from_secs(1))
+        .with_wait_mode(WaitMode::Reject);
+    let svc = serve(&layer, &handler);
+    let first = tokio::spawn(send(&svc, keyed_post("/charges", "k", "{}")));
+    eventually("the first request runs", || handler.calls() == 1).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let duplicate = send(&svc, keyed_post("/charges", "k", "{}")).await;
+    duplicate.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
+    gate.open();
+    assert_eq!(within(first).await.unwrap().text(), "execution #1");
+    assert_eq!(handler.calls(), 1);
+}
