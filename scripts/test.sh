@@ -19,6 +19,10 @@ done
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "module graph: no cycle between modules or files; pure modules import no service, store, observe or config"
+python3 scripts/modgraph.py --check
+python3 scripts/modgraph.py --check --files
+
 step "cargo clippy (all targets, all features)"
 cargo clippy --all-targets --all-features -- -D warnings
 

@@ -50,9 +50,9 @@ use http::{HeaderValue, Method, StatusCode, header, request::Parts};
 use serde_json::{Value, json};
 
 use crate::{
-    digest::Secret,
+    digest::{Secret, hex},
     inspect::{ClaimInfo, Inspection, ListCursor, LookupScope, RecordInfo},
-    key::{IdempotencyKey, StorageKey, hex},
+    key::{IdempotencyKey, StorageKey},
     store::IdempotencyStore,
 };
 

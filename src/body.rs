@@ -9,10 +9,11 @@ use std::{
 
 use crate::{
     error::BoxError,
+    problem::Problem,
     stream::{Chunk, Receiver},
 };
 use bytes::{Bytes, BytesMut};
-use http::HeaderMap;
+use http::{HeaderMap, header, request};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -147,6 +148,56 @@ impl Chunks {
             }
         }
     }
+}
+
+/// Reads a request body whole into `read`, refusing it past `limit`: by its declared length
+/// before anything is read (an oversized upload is refused without reading it), then as it
+/// arrives.
+pub(crate) fn poll_read<B>(
+    body: Pin<&mut B>,
+    read: &mut Chunks,
+    head: &request::Parts,
+    limit: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Problem>>
+where
+    B: Body<Data = Bytes>,
+{
+    if read.count() == 0 {
+        let declared = head
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        let max = limit as u64;
+        if declared.is_some_and(|len| len > max) || body.size_hint().lower() > max {
+            return Poll::Ready(Err(Problem::body_too_large(limit)));
+        }
+    }
+    poll_read_limited(body, read, limit, cx)
+}
+
+/// Reads a body whole into `read`, refusing it past `limit`.
+pub(crate) fn poll_read_limited<B>(
+    mut body: Pin<&mut B>,
+    read: &mut Chunks,
+    limit: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Problem>>
+where
+    B: Body<Data = Bytes>,
+{
+    while let Some(frame) = ready!(body.as_mut().poll_frame(cx)) {
+        let Ok(frame) = frame else {
+            return Poll::Ready(Err(Problem::unreadable_body()));
+        };
+        if let Ok(data) = frame.into_data() {
+            if read.len + data.len() > limit {
+                return Poll::Ready(Err(Problem::body_too_large(limit)));
+            }
+            read.push(data);
+        }
+    }
+    Poll::Ready(Ok(()))
 }
 
 pin_project! {

@@ -3,14 +3,14 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderName, Method, Response, StatusCode, response};
+use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 
 use crate::{
-    fingerprint::FingerprintRule,
-    key::{KeySource, Scope},
+    digest::FieldHasher,
+    fingerprint::{Fingerprint, FingerprintRule},
+    key::{KeyRef, KeySource, Scope, StorageKey},
     observe::{self, Observer},
-    problem::Problem,
-    recovery::OnAbandoned,
+    problem::{Problem, ProblemResponse},
 };
 
 /// The request header that carries the key: `Idempotency-Key`.
@@ -89,8 +89,40 @@ pub enum FailMode {
     Open,
 }
 
+/// The application's choice for a request that finds its key's claim abandoned
+/// ([`IdempotencyLayer::with_outcome_unknown`](crate::IdempotencyLayer::with_outcome_unknown)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Take the claim over and run the handler again (the default): right when running twice
+    /// is harmless, or when the handler itself asks its downstream whether the work happened
+    /// (a payment provider's own idempotency key).
+    RunAgain,
+    /// Answer `409` [`ProblemKind::OutcomeUnknown`](crate::ProblemKind::OutcomeUnknown) and
+    /// leave the claim as it is, until an operator resolves it: breaks the claim so the next
+    /// retry runs (the work did not happen), or lets it expire.
+    OutcomeUnknown,
+}
+
+pub(crate) type RecoveryFn = Arc<dyn Fn(&Parts) -> Recovery + Send + Sync>;
+
+/// The hook, or the default (run again).
+#[derive(Clone, Default)]
+pub(crate) struct OnAbandoned(Option<RecoveryFn>);
+
+impl OnAbandoned {
+    pub(crate) fn new(hook: RecoveryFn) -> Self {
+        Self(Some(hook))
+    }
+
+    pub(crate) fn decide(&self, parts: &Parts) -> Recovery {
+        self.0
+            .as_ref()
+            .map_or(Recovery::RunAgain, |hook| hook(parts))
+    }
+}
+
 pub(crate) type StoreWhen = Arc<dyn Fn(&response::Parts) -> bool + Send + Sync>;
-pub(crate) type RenderProblem = Arc<dyn Fn(&Problem) -> Response<Bytes> + Send + Sync>;
+pub(crate) type RenderProblem = Arc<dyn ProblemResponse + Send + Sync>;
 
 /// Every setting of an [`IdempotencyLayer`](crate::IdempotencyLayer), shared by all its
 /// services behind one `Arc`.
@@ -168,13 +200,33 @@ impl Config {
         self.methods.contains(method)
     }
 
-    /// Renders a problem the layer produces itself.
+    /// The fingerprint of a request under the layer's settings.
+    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
+        Fingerprint::compute(
+            &self.fingerprint,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            body,
+        )
+    }
+
+    /// The address of a request's record under the layer's settings.
+    pub(crate) fn storage_key(&self, parts: &Parts, key: KeyRef<'_>) -> StorageKey {
+        let hasher = FieldHasher::for_secret(self.fingerprint.secret.as_ref());
+        StorageKey::derive_with(hasher, &self.scope, &parts.method, parts, key)
+    }
+
+    /// Renders a problem the layer produces itself, with the problem and its kind in the
+    /// response's extensions whatever the rendering.
     pub(crate) fn render(&self, problem: &Problem) -> Response<Bytes> {
         let mut response = match &self.render_problem {
-            Some(render) => render(problem),
+            Some(render) => render.problem_response(problem),
             None => problem.to_response(),
         };
-        response.extensions_mut().insert(problem.kind());
+        let extensions = response.extensions_mut();
+        extensions.insert(problem.kind());
+        extensions.insert(problem.clone());
         response
     }
 }
@@ -206,9 +258,20 @@ impl fmt::Debug for Config {
     }
 }
 
+impl fmt::Debug for OnAbandoned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Hook(..)"
+        } else {
+            "RunAgain"
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::ProblemKind;
 
     fn parts(status: StatusCode) -> response::Parts {
         let mut response = Response::new(());
@@ -255,22 +318,35 @@ mod tests {
     }
 
     #[test]
-    fn rendered_problems_carry_their_kind_even_when_overridden() {
+    fn rendered_problems_carry_the_problem_and_its_kind_even_when_overridden() {
+        // A rendering that tries to put another problem in its place.
         let config = Config {
             render_problem: Some(Arc::new(|problem: &Problem| {
                 let mut response = Response::new(Bytes::from_static(b"custom"));
                 *response.status_mut() = problem.status();
+                response.extensions_mut().insert(Problem::in_flight());
+                response.extensions_mut().insert(ProblemKind::InFlight);
                 response
             })),
             ..Config::default()
         };
         let problem = Problem::missing_key(&IDEMPOTENCY_KEY);
-        let response = config.render(&problem);
-        assert_eq!(response.body(), "custom");
-        assert_eq!(
-            response.extensions().get::<crate::ProblemKind>(),
-            Some(&crate::ProblemKind::MissingKey)
-        );
+        for (rendering, response) in [
+            ("overridden", config.render(&problem)),
+            ("default", Config::default().render(&problem)),
+        ] {
+            assert_eq!(
+                response.extensions().get::<ProblemKind>(),
+                Some(&ProblemKind::MissingKey),
+                "{rendering}"
+            );
+            assert_eq!(
+                response.extensions().get::<Problem>(),
+                Some(&problem),
+                "{rendering}"
+            );
+        }
+        assert_eq!(config.render(&problem).body(), "custom");
     }
 
     #[test]
@@ -283,5 +359,47 @@ mod tests {
         );
         assert!(matches!(config.wait_mode, WaitMode::Wait(wait) if wait <= MAX_WAIT));
         assert_eq!(config.mismatch_status, StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn a_secret_keys_storage_keys_and_none_leaves_them_as_they_were() {
+        use http::Request;
+
+        use crate::{
+            digest::Secret,
+            key::{IdempotencyKey, Scope},
+        };
+
+        let parts = Request::post("/charges")
+            .header("authorization", "Bearer alice")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let key = IdempotencyKey::parse(b"k1").unwrap();
+        let address = |config: &Config| config.storage_key(&parts, KeyRef::Client(&key));
+        let plain = Config::default();
+        assert_eq!(
+            address(&plain),
+            StorageKey::derive(
+                &Scope::Credentials,
+                &Method::POST,
+                &parts,
+                KeyRef::Client(&key)
+            ),
+            "no secret: the address every earlier version used"
+        );
+        let mut keyed = Config::default();
+        keyed.fingerprint.secret = Some(Secret::new(b"server secret"));
+        let mut other = Config::default();
+        other.fingerprint.secret = Some(Secret::new(b"another secret"));
+        assert_ne!(address(&plain), address(&keyed));
+        assert_ne!(address(&keyed), address(&other));
+        assert_eq!(address(&keyed), address(&keyed.clone()));
+        // The fingerprint is keyed by the same secret.
+        assert_ne!(
+            plain.fingerprint_of(&parts, b"{}"),
+            keyed.fingerprint_of(&parts, b"{}")
+        );
     }
 }

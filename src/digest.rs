@@ -1,38 +1,13 @@
-//! The digests requests are known by (fingerprints and storage keys): SHA-256 over tagged
-//! fields, or HMAC-SHA-256 under a server secret.
+//! The hashing that fingerprints and storage keys share: SHA-256 over tagged fields, or
+//! HMAC-SHA-256 under a server secret; and the hex digests are written in.
 //!
-//! Pure logic: no tower or tokio in here.
+//! Pure logic: no tower or tokio in here, and no other module of the crate: `key`,
+//! `fingerprint` and `canonical` build on it, never the other way round.
 
 use std::fmt;
 
 use hmac::{Hmac, Mac};
-use http::request::Parts;
 use sha2::{Digest, Sha256};
-
-use crate::{
-    config::Config,
-    fingerprint::Fingerprint,
-    key::{KeyRef, StorageKey},
-};
-
-impl Config {
-    /// The fingerprint of a request under the layer's settings.
-    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
-        Fingerprint::compute(
-            &self.fingerprint,
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            body,
-        )
-    }
-
-    /// The address of a request's record under the layer's settings.
-    pub(crate) fn storage_key(&self, parts: &Parts, key: KeyRef<'_>) -> StorageKey {
-        let hasher = FieldHasher::for_secret(self.fingerprint.secret.as_ref());
-        StorageKey::derive_with(hasher, &self.scope, &parts.method, parts, key)
-    }
-}
 
 /// A server secret that keys every digest: HMAC-SHA-256 instead of SHA-256, so that a dump
 /// of the store cannot be used to confirm a guessed key or body.
@@ -139,6 +114,17 @@ impl FieldHasher {
     }
 }
 
+/// Bytes as lowercase hex digits, two a byte.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)] as char);
+        out.push(DIGITS[usize::from(byte & 0x0f)] as char);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +176,7 @@ mod tests {
         let mut keyed = FieldHasher::keyed(&Secret::new(b"Jefe"));
         keyed.put(b"what do ya want for nothing?");
         assert_eq!(
-            crate::key::hex(&keyed.finish()),
+            hex(&keyed.finish()),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
@@ -212,42 +198,8 @@ mod tests {
     }
 
     #[test]
-    fn a_secret_keys_storage_keys_and_none_leaves_them_as_they_were() {
-        use http::{Method, Request};
-
-        use crate::key::{IdempotencyKey, Scope};
-
-        let parts = Request::post("/charges")
-            .header("authorization", "Bearer alice")
-            .body(())
-            .unwrap()
-            .into_parts()
-            .0;
-        let key = IdempotencyKey::parse(b"k1").unwrap();
-        let address = |config: &Config| config.storage_key(&parts, KeyRef::Client(&key));
-        let plain = Config::default();
-        assert_eq!(
-            address(&plain),
-            StorageKey::derive(
-                &Scope::Credentials,
-                &Method::POST,
-                &parts,
-                KeyRef::Client(&key)
-            ),
-            "no secret: the address every earlier version used"
-        );
-        let mut keyed = Config::default();
-        keyed.fingerprint.secret = Some(Secret::new(b"server secret"));
-        let mut other = Config::default();
-        other.fingerprint.secret = Some(Secret::new(b"another secret"));
-        assert_ne!(address(&plain), address(&keyed));
-        assert_ne!(address(&keyed), address(&other));
-        assert_eq!(address(&keyed), address(&keyed.clone()));
-        // The fingerprint is keyed by the same secret.
-        assert_ne!(
-            plain.fingerprint_of(&parts, b"{}"),
-            keyed.fingerprint_of(&parts, b"{}")
-        );
+    fn hex_is_lowercase_and_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
     }
 
     #[test]

@@ -309,7 +309,7 @@ impl FingerprintRule {
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({}…)", &crate::key::hex(&self.0)[..12])
+        write!(f, "Fingerprint({}…)", &crate::digest::hex(&self.0)[..12])
     }
 }
 
@@ -363,7 +363,7 @@ mod tests {
         // every retry after an upgrade into a 409.
         let fp = Fingerprint::of(&Method::POST, &"/charges?a=1".parse().unwrap(), b"{}");
         assert_eq!(
-            crate::key::hex(fp.as_bytes()),
+            crate::digest::hex(fp.as_bytes()),
             "2007476a50d446cc42cc5d0b124506f84ff0d05b4c1c1ed040bb4d1402c3035c"
         );
     }

@@ -11,15 +11,20 @@
 //! lease from its last renewal), so a store that comes back within the lease gets the record
 //! and the retry its replay. Only then, or on any other failure, is the key released.
 
-use std::{future::Future, pin::Pin, task::Poll, time::Duration};
+use std::{
+    future::Future,
+    pin::{Pin, pin},
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use crate::{
     error::{StoreError, StoreErrorKind},
     key::StorageKey,
-    observe::{Describe, Observer, Op, RecordResult, Renewal},
+    observe::{Describe, Observer, Op, RecordResult, Renewal as Renewed},
     record::Record,
     store::{FenceToken, IdempotencyStore},
 };
@@ -41,6 +46,20 @@ pub(crate) struct Lease<St: IdempotencyStore> {
     held: bool,
     observer: Option<Observer>,
 }
+
+/// Renewing a [`Lease`] beside the work it guards: a field of the state that runs the work.
+/// Kept apart from the lease so the lease stays `Sync` (a renewal on its way is not).
+#[derive(Default)]
+pub(crate) struct Renewal {
+    /// Set once the lease was lost: renewing it again is pointless.
+    stopped: bool,
+    /// Started at the work's first pending poll: work done at once needs no timer at all.
+    timer: Option<Pin<Box<Sleep>>>,
+    pending: Option<(Renewing, Instant)>,
+}
+
+/// A renewal on its way to the store.
+type Renewing = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 impl<St: IdempotencyStore> Lease<St> {
     /// The claim `token` on `key`, for `duration` from `claimed_at` (when the claim was sent).
@@ -85,54 +104,56 @@ impl<St: IdempotencyStore> Lease<St> {
         }
     }
 
-    /// Runs `work`, renewing the lease every third of its duration until `work` is done.
-    ///
-    /// Renewal runs beside the work, never in front of it: the work is polled while a renewal
-    /// is on its way to the store.
+    /// Runs `work`, renewing the lease beside it until it is done.
     pub(crate) async fn keep_alive<F: Future>(&mut self, work: F) -> F::Output {
-        tokio::pin!(work);
-        // Most handlers are done on their first poll: they need no timer at all.
-        if let Some(output) = poll_once(work.as_mut()).await {
-            return output;
+        let mut work = pin!(work);
+        let mut renewal = Renewal::default();
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(output);
+            }
+            renewal.poll(self, cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Sends a renewal of the lease.
+    fn renew(&self) -> Renewing {
+        let (store, key, token, duration) =
+            (self.store.clone(), self.key, self.token, self.duration);
+        let observer = self.observer.clone();
+        Box::pin(async move {
+            let renewal = store.renew(&key, token, duration);
+            match observer {
+                Some(observer) => observer.store_op(St::NAME, Op::Renew, renewal).await,
+                None => renewal.await,
+            }
+        })
+    }
+
+    /// Notes the answer to a renewal sent at `sent`; returns whether renewing goes on.
+    fn renewed(&mut self, result: Result<(), StoreError>, sent: Instant) -> bool {
+        match result {
+            Ok(()) => {
+                self.live_until = sent + self.duration;
+                self.report(|o| o.renewal(Renewed::Renewed));
+            }
+            Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
+                self.report(|o| {
+                    o.renewal(Renewed::Lost);
+                    o.lease_lost(false);
+                });
+                return false;
+            }
+            // A failed renewal is retried at the next period; the lease has two more
+            // periods to go.
+            Err(error) => {
+                self.report(|o| o.renewal(Renewed::Failed));
+                tracing::warn!(key = ?self.key, %error, "renewing an idempotency lease failed");
+            }
         }
-        let period = self.duration / 3;
-        let mut renewing = true;
-        loop {
-            if !renewing {
-                return work.await;
-            }
-            tokio::select! {
-                biased;
-                output = &mut work => return output,
-                () = tokio::time::sleep_until(Instant::now() + period) => {}
-            }
-            let sent = Instant::now();
-            let renewal = self.store.renew(&self.key, self.token, self.duration);
-            let renewal = self.store_op(Op::Renew, renewal);
-            tokio::select! {
-                biased;
-                output = &mut work => return output,
-                result = renewal => match result {
-                    Ok(()) => {
-                        self.live_until = sent + self.duration;
-                        self.report(|o| o.renewal(Renewal::Renewed));
-                    }
-                    Err(error) if error.kind() == StoreErrorKind::LeaseLost => {
-                        self.report(|o| {
-                            o.renewal(Renewal::Lost);
-                            o.lease_lost(false);
-                        });
-                        renewing = false;
-                    }
-                    // A failed renewal is retried at the next period; the lease has two
-                    // more periods to go.
-                    Err(error) => {
-                        self.report(|o| o.renewal(Renewal::Failed));
-                        tracing::warn!(key = ?self.key, %error, "renewing an idempotency lease failed");
-                    }
-                },
-            }
-        }
+        true
     }
 
     /// Stores `record` in place of the claim.
@@ -271,6 +292,39 @@ impl<St: IdempotencyStore> Lease<St> {
     }
 }
 
+impl Renewal {
+    /// Keeps `lease` alive beside work that is still pending: a renewal goes out every third
+    /// of the lease and its answer is noted. Call it whenever the work returns `Pending`:
+    /// renewal runs beside the work, never in front of it.
+    pub(crate) fn poll<St: IdempotencyStore>(
+        &mut self,
+        lease: &mut Lease<St>,
+        cx: &mut Context<'_>,
+    ) {
+        let period = lease.duration / 3;
+        while !self.stopped {
+            if let Some((renewal, sent)) = self.pending.as_mut() {
+                let Poll::Ready(result) = renewal.as_mut().poll(cx) else {
+                    return;
+                };
+                self.stopped = !lease.renewed(result, *sent);
+                self.pending = None;
+                if let Some(timer) = self.timer.as_mut() {
+                    timer.as_mut().reset(Instant::now() + period);
+                }
+                continue;
+            }
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            self.pending = Some((lease.renew(), Instant::now()));
+        }
+    }
+}
+
 impl<St: IdempotencyStore> Drop for Lease<St> {
     fn drop(&mut self) {
         // Reached when the task running the handler unwinds from a panic, or is cancelled.
@@ -291,15 +345,4 @@ fn spawn(work: impl Future<Output = ()> + Send + 'static) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(work.in_current_span());
     }
-}
-
-/// Polls `future` once: `Some(output)` if it was ready.
-async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Option<F::Output> {
-    std::future::poll_fn(|cx| {
-        Poll::Ready(match future.as_mut().poll(cx) {
-            Poll::Ready(output) => Some(output),
-            Poll::Pending => None,
-        })
-    })
-    .await
 }

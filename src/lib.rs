@@ -8,10 +8,12 @@
 pub mod admin;
 mod body;
 mod canonical;
+mod capture;
+mod catch_unwind;
+mod claim;
 mod config;
 mod digest;
 mod error;
-mod execute;
 mod expiry;
 mod fingerprint;
 mod future;
@@ -26,19 +28,23 @@ mod key;
 mod layer;
 mod lease;
 mod observe;
+mod plan;
 mod problem;
+mod ready;
 mod record;
 mod recovery;
+mod reject;
+mod replay;
 mod service;
-mod source;
 pub mod store;
 mod stream;
 
 pub use crate::{
     body::{RequestBody, ResponseBody},
+    claim::{Claim, FenceToken},
     config::{
         FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE,
-        MissingKey, WaitMode,
+        MissingKey, Recovery, WaitMode,
     },
     error::{BoxError, StoreError, StoreErrorKind},
     expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
@@ -47,11 +53,10 @@ pub use crate::{
     inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
     layer::IdempotencyLayer,
-    problem::{Problem, ProblemKind},
+    problem::{Problem, ProblemKind, ProblemResponse},
     record::{MAX_RECORD_HEADERS, Record, RecordError},
-    recovery::Recovery,
     service::Idempotency,
-    store::{Claim, FenceToken, IdempotencyStore},
+    store::IdempotencyStore,
 };
 
 #[cfg(feature = "redis")]

@@ -1,4 +1,5 @@
-//! RFC 9457 problem details: every response the layer itself produces.
+//! RFC 9457 problem details: every response the layer itself produces, and
+//! [`ProblemResponse`], the strategy that renders them.
 //!
 //! Pure logic: no tower or tokio in here. The body is four fields, written by hand (with
 //! `serde_json` escaping the one free-text field) rather than through a serde derive.
@@ -10,8 +11,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 /// Which rule a request broke; the `type` of its problem.
 ///
-/// The layer puts the kind into the extensions of every response it produces itself, so
-/// outer layers and tests can tell them apart without parsing the body.
+/// The layer puts the kind into the extensions of every response it produces itself, beside
+/// the whole [`Problem`], so outer layers and tests can tell them apart without parsing the
+/// body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ProblemKind {
@@ -87,9 +89,38 @@ impl ProblemKind {
 /// A problem response the layer is about to send: kind, status, detail and, for transient
 /// problems, when to retry.
 ///
-/// Render it yourself with
+/// Render it yourself with a [`ProblemResponse`] given to
 /// [`IdempotencyLayer::with_problem_response`](crate::IdempotencyLayer::with_problem_response),
-/// or let [`Problem::to_response`] write `application/problem+json`.
+/// or let [`Problem::to_response`] write `application/problem+json` (the default).
+///
+/// However it is rendered, the layer puts the whole problem (and its [`ProblemKind`]) into the
+/// extensions of every response it produces itself, so a handler's caller or an outer layer
+/// can read it without parsing the body:
+///
+/// ```
+/// use http::{Request, Response, StatusCode};
+/// use tower::{Layer, ServiceExt, service_fn};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Problem, ProblemKind};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let handler = service_fn(|_request: Request<_>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(String::from("charged")))
+/// });
+/// let service = IdempotencyLayer::new(MemoryStore::default()).layer(handler);
+///
+/// let request = Request::post("/charges")
+///     .header("idempotency-key", "not a valid key")
+///     .body(String::from("{}"))
+///     .unwrap();
+/// let response = service.oneshot(request).await.unwrap();
+///
+/// let problem = response.extensions().get::<Problem>().expect("the layer's own response");
+/// assert_eq!(problem.kind(), ProblemKind::InvalidKey);
+/// assert_eq!(problem.status(), StatusCode::BAD_REQUEST);
+/// assert_eq!(response.status(), problem.status());
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     kind: ProblemKind,
@@ -300,6 +331,63 @@ impl fmt::Display for Problem {
             self.status,
             self.detail
         )
+    }
+}
+
+/// Renders the problem responses the layer produces itself: the strategy given to
+/// [`IdempotencyLayer::with_problem_response`](crate::IdempotencyLayer::with_problem_response).
+///
+/// Closures `Fn(&Problem) -> Response<Bytes>` implement it; a type of your own does too, when
+/// the rendering carries settings or is shared by several layers. The default writes
+/// [`Problem::to_response`]: `application/problem+json`, `Cache-Control: no-store` and
+/// `Retry-After` when the problem has one.
+///
+/// Whatever it returns, the layer then puts the [`Problem`] and its [`ProblemKind`] into the
+/// response's extensions (replacing any it holds), so they are there for outer layers
+/// whichever rendering ran.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{HeaderValue, Response, header};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Problem, ProblemResponse};
+///
+/// /// The application's own error envelope, with a link to its documentation.
+/// struct ApiError {
+///     docs: &'static str,
+/// }
+///
+/// impl ProblemResponse for ApiError {
+///     fn problem_response(&self, problem: &Problem) -> Response<Bytes> {
+///         let body = serde_json::json!({
+///             "error": { "message": problem.detail(), "docs": self.docs },
+///         });
+///         let mut response = Response::new(Bytes::from(body.to_string()));
+///         *response.status_mut() = problem.status();
+///         response
+///             .headers_mut()
+///             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+///         if let Some(after) = problem.retry_after() {
+///             response.headers_mut().insert(header::RETRY_AFTER, after.as_secs().max(1).into());
+///         }
+///         response
+///     }
+/// }
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::default())
+///     .with_problem_response(ApiError { docs: "https://example.com/docs/idempotency" });
+/// ```
+pub trait ProblemResponse {
+    /// The response for `problem`. Its status should be [`Problem::status`]: clients and
+    /// outer layers tell the problems apart by it.
+    fn problem_response(&self, problem: &Problem) -> Response<Bytes>;
+}
+
+impl<F> ProblemResponse for F
+where
+    F: Fn(&Problem) -> Response<Bytes>,
+{
+    fn problem_response(&self, problem: &Problem) -> Response<Bytes> {
+        self(problem)
     }
 }
 

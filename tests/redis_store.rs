@@ -560,6 +560,10 @@ async fn warm_up<St: IdempotencyStore>(store: &St) {
     ));
     let key = fresh_key();
     let token = acquired(store.claim(&key, &fingerprint("w"), LEASE).await.unwrap());
+    assert!(matches!(
+        store.claim(&key, &fingerprint("w"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
     store.release(&key, token).await.unwrap();
     store.wait(&key, LEASE).await.unwrap();
 }
@@ -750,6 +754,201 @@ async fn a_waiter_on_another_instance_is_woken_by_notification_not_by_polling() 
     assert!(matches!(
         waiter.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
         Claim::Completed { .. }
+    ));
+}
+
+/// A duplicate sent to another instance while the first request runs: its claim finds the
+/// claim in flight (`SET NX GET`, then the held script judging it by Redis's clock and flagging
+/// it so that its end is published), it waits for the notification without asking Redis
+/// again, and once woken one `SET NX GET` returns the record. Three commands in all, each its
+/// own round trip: the least a duplicate can take while a replay stays one `SET` and claims
+/// nobody waits on publish nothing (a wait that looked with a script of its own took four).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_waiting_on_another_instance_takes_three_round_trips() {
+    let server = RedisServer::start();
+    // Only the notification (or the end of the 30 s lease) can wake the duplicate in time.
+    let (owner_store, waiter_store) = owner_and_waiter(&server).await;
+    let gate = Gate::new();
+    let handler = Handler::gated(&gate);
+    let owner = serve(&IdempotencyLayer::new(owner_store), &handler);
+    let waiter = serve(&IdempotencyLayer::new(waiter_store), &handler);
+    let first = tokio::spawn(send(&owner, keyed_post("/charges", "waited-on", "{}")));
+    eventually("the first request runs its handler", || {
+        handler.calls() == 1
+    })
+    .await;
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let duplicate = tokio::spawn(send(&waiter, keyed_post("/charges", "waited-on", "{}")));
+    let waiting = counts(&[
+        ("set", 1),
+        ("evalsha", 1),
+        ("get", 1),
+        ("pttl", 1),
+        ("setrange", 1),
+    ]);
+    let found = settled_counts(&server, |counts| counts.get("evalsha") == Some(&1)).await;
+    assert_eq!(
+        found, waiting,
+        "two round trips to find the claim and wait: SET NX GET, then EVALSHA (GET, PTTL, \
+         SETRANGE: judged live by Redis's clock and flagged)"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !duplicate.is_finished(),
+        "the duplicate waits for the first"
+    );
+    assert_eq!(
+        command_counts(server.port()),
+        waiting,
+        "no round trip while waiting"
+    );
+
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    gate.open();
+    let first = within(first).await.expect("the first request");
+    let duplicate = within(duplicate).await.expect("the duplicate");
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(duplicate.replayed());
+    assert_eq!(duplicate.body, first.body);
+    assert_eq!(handler.calls(), 1);
+    // The owner's completion publishes (its claim was flagged); the duplicate, woken, looks
+    // once. `set` counts the complete script's write and the duplicate's claim.
+    let woken = counts(&[
+        ("evalsha", 1),
+        ("getrange", 1),
+        ("pttl", 1),
+        ("time", 1),
+        ("publish", 1),
+        ("set", 2),
+    ]);
+    assert_eq!(
+        settled_counts(&server, |counts| *counts == woken).await,
+        woken,
+        "the owner's completion (EVALSHA: GETRANGE, PTTL, TIME, SET, PUBLISH), then one round \
+         trip for the duplicate: SET NX GET, which returns the record"
+    );
+}
+
+/// An owner and a waiter on another instance (which polls only every 30 s), both knowing
+/// every script and listening on the channel.
+async fn owner_and_waiter(server: &RedisServer) -> (RedisStore, RedisStore) {
+    let owner = connect(server).await;
+    let waiter = connect(server)
+        .await
+        .with_poll_interval(Duration::from_secs(30));
+    warm_up(&owner).await;
+    warm_up(&waiter).await;
+    eventually_async("both instances subscribe", || async {
+        subscribers(server) == 2
+    })
+    .await;
+    // The server counts a subscriber a moment before the store takes note; a claim made in
+    // between would look again once the store does.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (owner, waiter)
+}
+
+/// The claim that finds a key in flight flags it, and the wait comes after: an end published
+/// in between (here, before the wait is even called) still ends the wait at once, without a
+/// look, whether the owner is another instance or the waiter's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_published_between_a_duplicates_claim_and_its_wait_ends_the_wait_at_once() {
+    let server = RedisServer::start();
+    let (owner, waiter) = owner_and_waiter(&server).await;
+    for (how, ending) in [
+        ("completed", &owner),
+        ("released", &owner),
+        ("completed", &waiter),
+    ] {
+        let key = fresh_key();
+        let token = acquired(ending.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+        assert!(matches!(
+            waiter.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+            Claim::InFlight { .. }
+        ));
+        if how == "completed" {
+            let record = sample_record(fingerprint("a"));
+            ending.complete(&key, token, record, TTL).await.unwrap();
+        } else {
+            ending.release(&key, token).await.unwrap();
+        }
+        // The message reaches the waiter's instance before its wait starts.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        let started = Instant::now();
+        within(waiter.wait(&key, Duration::from_secs(20)))
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_millis(500),
+            "{how}: the wait ended after {waited:?}"
+        );
+        assert_eq!(
+            command_counts(server.port()),
+            counts(&[]),
+            "{how}: the wait knew without looking"
+        );
+    }
+}
+
+/// A subscription lost between a duplicate's claim and its wait may have lost the end of the
+/// claim: once subscribed again, the wait looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_lost_between_a_duplicates_claim_and_its_wait_makes_the_wait_look() {
+    let server = RedisServer::start();
+    let (owner, waiter) = owner_and_waiter(&server).await;
+    let key = fresh_key();
+    let token = acquired(owner.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    assert!(matches!(
+        waiter.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    // Published while nobody listens.
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    owner.release(&key, token).await.unwrap();
+    eventually_async("both instances subscribe again", || async {
+        subscribers(&server) == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    within(waiter.wait(&key, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(500),
+        "the wait looked at once, having missed a subscription, after {waited:?}"
+    );
+}
+
+/// The lease the claim's script reported bounds the wait that follows: an owner gone without
+/// completing ends it when its lease does, not at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_after_a_duplicates_claim_ends_with_the_lease_it_found() {
+    let server = RedisServer::start();
+    let (owner, waiter) = owner_and_waiter(&server).await;
+    let key = fresh_key();
+    let lease = Duration::from_millis(500);
+    acquired(owner.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    assert!(matches!(
+        waiter.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    let started = Instant::now();
+    within(waiter.wait(&key, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "the wait ended with the lease, after {waited:?}"
+    );
+    assert!(matches!(
+        waiter.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Abandoned { .. }
     ));
 }
 

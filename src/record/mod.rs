@@ -6,6 +6,8 @@ mod wire;
 
 #[cfg(any(test, fuzzing))]
 pub(crate) use wire::check_decode;
+#[cfg(feature = "redis")]
+pub(crate) use wire::check_head;
 #[cfg(all(test, feature = "redis"))]
 pub(crate) use wire::properties;
 

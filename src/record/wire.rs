@@ -72,14 +72,9 @@ impl Record {
     /// anything is allocated, and header counts against [`MAX_RECORD_HEADERS`]. Header values
     /// and the body share `bytes`' buffer (no copies).
     pub fn decode(mut bytes: Bytes) -> Result<Self, RecordError> {
+        check_head(&bytes, MAGIC, VERSION)?;
         let input = &mut bytes;
-        if take(input, MAGIC.len())? != MAGIC[..] {
-            return Err(RecordError::BadMagic);
-        }
-        let version = take_u8(input)?;
-        if version != VERSION {
-            return Err(RecordError::UnsupportedVersion(version));
-        }
+        input.advance(MAGIC.len() + 1);
         let kind = take_u8(input)?;
         let fingerprint = Fingerprint::from_bytes(take_array(input)?);
         let status = StatusCode::from_u16(u16::from_be_bytes(take_array(input)?))
@@ -110,6 +105,28 @@ impl Record {
             fingerprint,
             outcome,
         })))
+    }
+}
+
+/// Checks the header every value this crate stores starts with: three bytes of `magic`, then
+/// `version`. Records use it, and so do the values a store wraps around them (RedisStore's
+/// in-flight marker and completed envelope), so that all of them tell foreign, truncated and
+/// newer bytes apart alike.
+///
+/// Bytes shorter than the magic are [`RecordError::Truncated`]; other magic is
+/// [`RecordError::BadMagic`]; magic with nothing after it is truncated; another version is
+/// [`RecordError::UnsupportedVersion`].
+pub(crate) fn check_head(bytes: &[u8], magic: &[u8; 3], version: u8) -> Result<(), RecordError> {
+    let Some(found) = bytes.get(..magic.len()) else {
+        return Err(RecordError::Truncated);
+    };
+    if found != magic {
+        return Err(RecordError::BadMagic);
+    }
+    match bytes.get(magic.len()) {
+        None => Err(RecordError::Truncated),
+        Some(&found) if found == version => Ok(()),
+        Some(&other) => Err(RecordError::UnsupportedVersion(other)),
     }
 }
 
@@ -207,6 +224,32 @@ fn take_headers(input: &mut Bytes) -> Result<HeaderMap, RecordError> {
 mod tests {
     use super::*;
     use crate::record::tests::{fingerprint, pairs, sample};
+
+    #[test]
+    fn the_header_check_tells_foreign_truncated_and_newer_bytes_apart() {
+        let cases: [(&[u8], Result<(), RecordError>); 9] = [
+            (b"", Err(RecordError::Truncated)),
+            (b"T", Err(RecordError::Truncated)),
+            (b"X", Err(RecordError::Truncated)),
+            (b"TIR", Err(RecordError::Truncated)),
+            (b"TIR\x01", Ok(())),
+            (b"TIR\x01rest", Ok(())),
+            (b"TIR\x02", Err(RecordError::UnsupportedVersion(2))),
+            (b"TIC\x01", Err(RecordError::BadMagic)),
+            (b"{\"status\":200}", Err(RecordError::BadMagic)),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(check_head(bytes, MAGIC, VERSION), expected, "{bytes:?}");
+            if expected.is_err() {
+                // The record decoder reports what the header check found.
+                assert_eq!(
+                    Record::decode(Bytes::copy_from_slice(bytes)).err(),
+                    expected.err(),
+                    "{bytes:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn encode_then_decode_gives_the_same_record_in_the_same_order() {

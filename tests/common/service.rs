@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{
     BoxError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer,
-    IdempotencyStore, ProblemKind,
+    IdempotencyStore, Problem, ProblemKind,
 };
 
 /// The longest any single step of a test may take before it is declared hung.
@@ -329,6 +329,8 @@ pub struct Reply {
     pub trailers: Option<HeaderMap>,
     /// The kind the layer put into the extensions of a response it produced itself.
     pub problem: Option<ProblemKind>,
+    /// The whole problem, beside its kind in the extensions.
+    pub details: Option<Problem>,
 }
 
 impl Reply {
@@ -342,12 +344,20 @@ impl Reply {
         let collected = within(body.collect())
             .await
             .expect("the response body is read without error");
+        let problem = parts.extensions.get::<ProblemKind>().copied();
+        let details = parts.extensions.get::<Problem>().cloned();
+        assert_eq!(
+            problem,
+            details.as_ref().map(Problem::kind),
+            "a problem's kind and the problem itself come together"
+        );
         Self {
             status: parts.status,
             headers: parts.headers,
             trailers: collected.trailers().cloned(),
             body: collected.to_bytes(),
-            problem: parts.extensions.get::<ProblemKind>().copied(),
+            problem,
+            details,
         }
     }
 
@@ -392,6 +402,18 @@ impl Reply {
         assert_eq!(json["title"], kind.title());
         assert_eq!(json["status"], status.as_u16());
         assert!(json["detail"].is_string());
+        // The problem in the extensions is the one the body was written from.
+        let details = self
+            .details
+            .as_ref()
+            .expect("the problem in the extensions");
+        assert_eq!(details.status(), status);
+        assert_eq!(self.text(), details.to_json());
+        assert_eq!(
+            self.headers.contains_key(header::RETRY_AFTER),
+            details.retry_after().is_some(),
+            "Retry-After is sent exactly when the problem has one"
+        );
     }
 
     /// Asserts a `Retry-After` of a positive whole number of seconds.

@@ -9,7 +9,10 @@ use ::redis::{
 use bytes::Bytes;
 
 use super::{
-    INSPECT, RedisStore, Unexpected, completed::Completed, marker, marker::Marker, store_error,
+    codec::{Completed, ENVELOPE_MAGIC, MARKER_MAGIC, Marker},
+    connect::RedisStore,
+    error::{Unexpected, store_error},
+    script::INSPECT,
 };
 use crate::{
     error::{StoreError, StoreErrorKind},
@@ -83,13 +86,13 @@ where
         let redis_now = SystemTime::UNIX_EPOCH
             + Duration::from_secs(number(&seconds)?)
             + Duration::from_micros(number(&micros)?);
-        if value.starts_with(marker::MAGIC) {
+        if value.starts_with(MARKER_MAGIC) {
             let marker = Marker::decode(&value)?;
             return Ok(Some(Inspection::InFlight(claim_info(
                 *key, &marker, pttl, redis_now,
             ))));
         }
-        if value.starts_with(super::completed::MAGIC) {
+        if value.starts_with(ENVELOPE_MAGIC) {
             let completed = Completed::decode(Bytes::from(value))?;
             let created = completed.expires_at.saturating_sub(completed.ttl);
             return Ok(Some(Inspection::Completed(RecordInfo::of(
@@ -194,7 +197,7 @@ where
                 continue;
             };
             // Records, and keys that ended between the scan and the read, are not claims.
-            if !head.starts_with(marker::MAGIC) || *pttl < 0 {
+            if !head.starts_with(MARKER_MAGIC) || *pttl < 0 {
                 continue;
             }
             let Ok(marker) = Marker::decode(head) else {

@@ -1,136 +1,130 @@
-//! Running the handler for a claimed key, capturing its response, and completing or releasing
-//! the claim.
+//! Capturing a handler's response for its record: what its body has ready at once, and the
+//! rest of a streamed body, read by a task of its own at the pace the handler produces it.
 //!
-//! The handler runs inline, in the request's own future: no task, no channel for the common
-//! response whose body is ready at once. Three things keep that safe:
-//!
-//! - **Disconnects**: the response future hands its unfinished work to a task when it is
-//!   dropped ([`ResponseFuture`](crate::ResponseFuture)), so a client that goes away stops
-//!   nothing: the handler finishes and its record is stored.
-//! - **Panics** in the handler are caught here: the claim is released and the client gets a
-//!   500 problem.
-//! - **Streaming**: a body that is not ready whole is read by a task of its own at the pace
-//!   the handler produces it, captured, and queued for the client without waiting for it
-//!   ([`stream`](crate::stream)): a slow or silent client never holds the key in flight. Past
-//!   the capture limit the key is spent (completed, not replayable) and the rest of the body
-//!   follows at the client's pace.
-//!
-//! A response ends only once its record is stored, so a client that has the whole response
-//! and retries at once is replayed, never told the key is still in flight.
+//! The captured frames are queued for the client without waiting for it
+//! ([`stream`](crate::stream)): a slow or silent client never holds the key in flight. Past
+//! the capture limit the key is spent (completed, not replayable) and the rest of the body
+//! follows at the client's pace. A streamed response ends only once its record is stored, so
+//! a client that has the whole response and retries at once is replayed.
 
 use std::{
-    any::Any,
     future::Future,
-    panic::{AssertUnwindSafe, catch_unwind},
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode, response};
+use http::{HeaderMap, Response, StatusCode, response};
 use http_body::{Body, Frame};
-use pin_project_lite::pin_project;
-use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    body::{Chunks, RequestBody, ResponseBody},
+    body::{Chunks, ResponseBody},
+    catch_unwind,
     config::Config,
     error::BoxError,
+    expiry,
     fingerprint::Fingerprint,
     lease::Lease,
     observe::RecordResult,
     problem::Problem,
     record::Record,
+    reject::reject,
     store::IdempotencyStore,
     stream::{self, Chunk, Sender},
 };
 
-/// At most this many frames are taken at once before the response is streamed.
-const READY_FRAMES: usize = 64;
+/// A protected handler's response, settled.
+pub(crate) enum Settled<B> {
+    /// Answered once the record is stored or the key released (`lease_op`).
+    AfterStore {
+        lease_op: Pin<Box<dyn Future<Output = ()> + Send>>,
+        response: Response<ResponseBody<B>>,
+    },
+    /// Answered now: a task of its own captures the body still being produced.
+    Now(Response<ResponseBody<B>>),
+}
 
-/// Runs `inner` for a request whose key `lease` holds; stores or releases the key.
-pub(crate) async fn execute<S, St, ReqB, ResB>(
-    inner: S,
-    request: Request<RequestBody<ReqB>>,
-    mut lease: Lease<St>,
+/// Settles the response of a handler that ran under `lease`: takes what its body has ready
+/// (polling it with `cx`, never waiting), then stores its record (or releases the key) before
+/// it is answered, or hands a body still being produced to a task of its own. A panic of the
+/// body costs a 500 problem and the key.
+pub(crate) fn settle<B, St>(
+    response: Response<B>,
+    lease: Lease<St>,
     fingerprint: Fingerprint,
     ttl: Duration,
     config: &Config,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    cx: &mut Context<'_>,
+) -> Settled<B>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
     St: IdempotencyStore,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
 {
     let limit = config.response_body_limit;
-    let ran = lease
-        .keep_alive(CatchUnwind::new(run(inner, request, config)))
-        .await;
-    match ran {
-        Ok(Ran::Failed(error)) => {
-            lease.release(RecordResult::HandlerError).await;
-            Err(error)
-        }
-        Ok(Ran::NotStored(response)) => {
+    let Ok(taken) = catch_unwind::catching(|| take_ready(response, config, cx)) else {
+        return panicked(lease, config);
+    };
+    let (lease_op, response): (Pin<Box<dyn Future<Output = ()> + Send>>, _) = match taken {
+        Ran::NotStored(response) => {
             tracing::debug!(status = %response.status(), "response not stored; key released");
-            lease.release(RecordResult::Predicate).await;
-            Ok(response)
+            (Box::pin(lease.release(RecordResult::Predicate)), response)
         }
-        Ok(Ran::Broken(response)) => {
-            lease.release(RecordResult::BodyError).await;
-            Ok(response)
-        }
-        Ok(Ran::Whole {
+        Ran::Broken(response) => (Box::pin(lease.release(RecordResult::BodyError)), response),
+        Ran::Whole {
             head,
             body,
             trailers,
-        }) => {
+        } => {
             let record = if body.len() <= limit {
+                let stored_trailers = trailers.as_ref();
                 Record::response(
                     fingerprint,
                     head.status,
                     &head.headers,
                     body.clone(),
-                    trailers.as_ref(),
+                    stored_trailers,
                 )
             } else {
                 Record::not_replayable(fingerprint, head.status)
             };
-            lease.complete(record, ttl).await;
-            Ok(Response::from_parts(
-                head,
-                ResponseBody::full(body, trailers),
-            ))
+            let response = Response::from_parts(head, ResponseBody::full(body, trailers));
+            let response = expiry::on_first_execution(config, ttl, response);
+            (Box::pin(lease.complete(record, ttl)), response)
         }
-        Ok(Ran::Streaming { head, pump }) => {
+        Ran::Streaming { head, pump } => {
             let (tx, rx) = stream::channel();
-            let record = RecordOf {
+            let of = RecordOf {
                 fingerprint,
                 status: head.status,
                 headers: head.headers.clone(),
                 ttl,
             };
-            tokio::spawn(pump.finish(lease, tx, limit, record).in_current_span());
-            Ok(Response::from_parts(head, ResponseBody::channel(rx)))
+            tokio::spawn(pump.finish(lease, tx, limit, of).in_current_span());
+            let response = Response::from_parts(head, ResponseBody::channel(rx));
+            return Settled::Now(expiry::on_first_execution(config, ttl, response));
         }
-        Err(_panic) => {
-            // The panic message went to the panic hook already.
-            tracing::error!("the handler of an idempotent request panicked; key released");
-            lease.release(RecordResult::Panic).await;
-            Ok(config
-                .render(&Problem::handler_failed())
-                .map(|body| ResponseBody::full(body, None)))
-        }
+    };
+    Settled::AfterStore { lease_op, response }
+}
+
+/// The handler (or its body) panicked: the key is released and the client gets a 500.
+pub(crate) fn panicked<B, St: IdempotencyStore>(lease: Lease<St>, config: &Config) -> Settled<B> {
+    // The panic message went to the panic hook already.
+    tracing::error!("the handler of an idempotent request panicked; key released");
+    Settled::AfterStore {
+        lease_op: Box::pin(lease.release(RecordResult::Panic)),
+        response: reject(config, &Problem::handler_failed()),
     }
 }
 
+/// At most this many frames are taken at once before the response is streamed.
+const READY_FRAMES: usize = 64;
+
 /// How the handler's run went, as far as it could be taken without waiting for the body.
-enum Ran<B, E> {
-    /// The inner service returned an error: it passes through, the key is released.
-    Failed(E),
+enum Ran<B> {
     /// A response the store-when predicate refuses: delivered untouched, the key released.
     NotStored(Response<ResponseBody<B>>),
     /// A body that failed at once: the client gets what it produced and the error; the key is
@@ -149,21 +143,13 @@ enum Ran<B, E> {
     },
 }
 
-/// Calls the handler and takes what its body has ready now.
-async fn run<S, ReqB, ResB>(
-    mut inner: S,
-    request: Request<RequestBody<ReqB>>,
-    config: &Config,
-) -> Ran<ResB, S::Error>
+/// Takes what the body of the handler's `response` has ready now, polling it with `cx` until
+/// it would wait (never waiting itself).
+fn take_ready<B>(response: Response<B>, config: &Config, cx: &mut Context<'_>) -> Ran<B>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
-    let response = match inner.call(request).await {
-        Ok(response) => response,
-        Err(error) => return Ran::Failed(error),
-    };
     let (head, body) = response.into_parts();
     if !(config.store_when)(&head) {
         return Ran::NotStored(Response::from_parts(head, ResponseBody::inner(body)));
@@ -173,12 +159,8 @@ where
     let limit = config.response_body_limit;
     let mut ready = Chunks::default();
     let mut trailers = None;
-    loop {
-        if ready.len > limit || ready.count() >= READY_FRAMES {
-            break;
-        }
-        let polled = std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await;
-        match polled {
+    while ready.len <= limit && ready.count() < READY_FRAMES {
+        match body.as_mut().poll_frame(cx) {
             Poll::Pending => break,
             Poll::Ready(None) => {
                 return Ran::Whole {
@@ -340,54 +322,5 @@ where
                 }
             }
         }
-    }
-}
-
-pin_project! {
-    /// Catches a panic while polling the handler, so that it costs the request a 500 problem
-    /// and a released key rather than the whole connection.
-    struct CatchUnwind<F> {
-        #[pin]
-        future: F,
-    }
-}
-
-impl<F> CatchUnwind<F> {
-    fn new(future: F) -> Self {
-        Self { future }
-    }
-}
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let future = self.project().future;
-        // After a panic the future is dropped unpolled, which is all unwind safety asks.
-        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Err(panic) => Poll::Ready(Err(panic)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_panic_while_polling_is_caught() {
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        let mut panicking = Box::pin(CatchUnwind::new(async {
-            panic!("expected in this test");
-        }));
-        assert!(matches!(
-            panicking.as_mut().poll(&mut cx),
-            Poll::Ready(Err(_))
-        ));
-        let mut fine = Box::pin(CatchUnwind::new(async { 7 }));
-        assert!(matches!(fine.as_mut().poll(&mut cx), Poll::Ready(Ok(7))));
     }
 }

@@ -5,7 +5,7 @@
 
 use http::HeaderName;
 
-use crate::key::KeySource;
+use super::KeySource;
 
 /// GitHub's delivery id header.
 const X_GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");

@@ -1,0 +1,297 @@
+//! The flow of one protected request, as a state machine: this file names the states and
+//! what each waits for; [`step`] decides where each answer leads.
+//!
+//! ```text
+//!  ReadBody ─► Claim ─► Completed ──────────────────────────► replay (or 409/422)
+//!    │  │       ▲ │ ──► InFlight ─► Wait ─┐   (or 409 if not waiting)
+//!    │  │       ├─┼───────────────────────┘
+//!    │  │       └─┼──── Abandoned ─► take-over, or 409 outcome unknown
+//!    │  │         │ ──► store failed ─► 503, or fail-open: Ready ─► Run, unprotected
+//!    │  │         └──► Acquired ─► Ready ─► Run ─► Finish ─► the handler's response
+//!    │  └─► 400 / 413                  (the lease renewed while Run; the record stored,
+//!    └─► no key found, pass-through: Ready ─► Run       or the key released, in Finish)
+//! ```
+//!
+//! - **ReadBody**: the body is read whole, up to the limit, fingerprinted, and its key found
+//!   ([`plan`](crate::plan)).
+//! - **Claim**: a claim (or a take-over of an abandoned claim) is on its way to the store.
+//! - **Wait**: another request holds the key; the store wakes this one when it ends.
+//! - **Ready**: the inner service is made ready again if it gave its readiness back to wait
+//!   (a `ConcurrencyLimit` permit is never held across a wait).
+//! - **Run**: the handler runs, its [`Lease`] renewed beside it; its response is then
+//!   [settled](crate::capture::settle): a whole body's record is stored before the response
+//!   goes out; a streamed body is captured by a task of its own.
+//! - **Finish**: the record is stored (or the key released); then the response is answered.
+//!
+//! The lease is a field of the states that hold the claim, as tower's concurrency permit is a
+//! field of its future: every path that does not complete it gives it back, dropped ones
+//! included. A client that goes away while a claim is on its way, a handler runs or a record
+//! is being stored leaves the flow to finish in a task of its own; in any other state the
+//! flow ends with it.
+
+use std::{
+    future::Future,
+    marker::PhantomData,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, request::Parts};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
+use tracing::Span;
+
+mod step;
+
+use super::{Output, Work};
+use crate::{
+    body::{self, Chunks, RequestBody},
+    catch_unwind::{CatchUnwind, Panic},
+    config::{Config, WaitMode},
+    error::{BoxError, StoreError},
+    fingerprint::Fingerprint,
+    lease::{Lease, Renewal},
+    observe::WaitClock,
+    plan::{Key, KeyPlan},
+    problem::Problem,
+    ready::Inner,
+    store::{Claim, IdempotencyStore},
+};
+
+/// A store operation on its way (boxed: a store's futures borrow the store and the key).
+type StoreOp<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// Storing a record or releasing a key: the lease deals with a failure.
+type LeaseOp = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pin_project! {
+    /// The flow of one protected request (see the module docs).
+    pub(crate) struct Flow<S, St, ReqB, ResB>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+        St: IdempotencyStore,
+    {
+        #[pin]
+        state: State<S::Future, ReqB, St, ResB, S::Error>,
+        ctx: Ctx<S, St, ReqB, ResB>,
+        span: Span,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[project_replace = StateOwned]
+    enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
+        ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
+        Claim { claim: StoreOp<Claim>, sent: Instant, keyed: Keyed },
+        Wait { wait: StoreOp<()>, keyed: Keyed },
+        // `held: None` runs the handler unprotected (fail-open, or no key to protect).
+        Ready { request: Request<RequestBody<ReqB>>, held: Option<Held<St>> },
+        Run { #[pin] handler: CatchUnwind<F>, held: Option<Held<St>>, renewal: Renewal },
+        Finish { lease_op: LeaseOp, output: Output<ResB, E> },
+        Done,
+    }
+}
+
+/// A protected request whose body is read and key known.
+struct Keyed {
+    parts: Parts,
+    body: Bytes,
+    key: Key,
+    fingerprint: Fingerprint,
+}
+
+/// The claim this request holds, and what its record will be made of.
+struct Held<St: IdempotencyStore> {
+    lease: Lease<St>,
+    fingerprint: Fingerprint,
+    ttl: std::time::Duration,
+}
+
+/// What the state just polled came to.
+enum Event<ResB, E> {
+    Read(Result<(), Problem>),
+    Claimed(Result<Claim, StoreError>),
+    Waited(Result<(), StoreError>),
+    Ready(Result<(), E>),
+    Ran(Result<Result<Response<ResB>, E>, Panic>),
+    Finished,
+}
+
+/// The next state, or the answer.
+// Moved once, straight into the boxed flow's state: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Step<F, ReqB, St: IdempotencyStore, ResB, E> {
+    Next(State<F, ReqB, St, ResB, E>),
+    Answer(Output<ResB, E>),
+}
+
+/// What the flow carries through every state.
+struct Ctx<S, St, ReqB, ResB> {
+    inner: Inner<S>,
+    store: St,
+    config: Arc<Config>,
+    wait_until: Option<Instant>,
+    wait_clock: Option<WaitClock>,
+    waited: bool,
+    /// The client went away: work finishing on its own starts nothing new for it.
+    gone: bool,
+    _types: PhantomData<fn(ReqB) -> ResB>,
+}
+
+impl<S, St, ReqB, ResB> Flow<S, St, ReqB, ResB>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    /// The flow of `request` (its key found as `plan` says), protected by `store`; `inner`
+    /// holds the readiness `poll_ready` gave it.
+    pub(crate) fn new(
+        inner: S,
+        store: St,
+        config: Arc<Config>,
+        request: Request<ReqB>,
+        plan: KeyPlan,
+    ) -> Self {
+        // One span per protected request (none for those passed through).
+        let span = config.observer.request_span(request.method());
+        let wait_until = match config.wait_mode {
+            WaitMode::Wait(timeout) => Some(Instant::now() + timeout),
+            WaitMode::Reject => None,
+        };
+        let (parts, body) = request.into_parts();
+        let read = Chunks::default();
+        let ctx = Ctx {
+            inner: Inner::new(inner),
+            store,
+            wait_until,
+            wait_clock: Some(config.observer.wait_clock()),
+            waited: false,
+            gone: false,
+            config,
+            _types: PhantomData,
+        };
+        let state = State::ReadBody {
+            body,
+            read,
+            parts,
+            plan,
+        };
+        Self { state, ctx, span }
+    }
+}
+
+impl<S, St, ReqB, ResB> Work<ResB, S::Error> for Flow<S, St, ReqB, ResB>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    fn poll_work(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Output<ResB, S::Error>> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        let ctx = this.ctx;
+        loop {
+            // Poll what the state waits for...
+            let event = match this.state.as_mut().project() {
+                StateProj::ReadBody {
+                    body, read, parts, ..
+                } => {
+                    let limit = ctx.config.request_body_limit;
+                    Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
+                }
+                StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.as_mut().poll(cx))),
+                StateProj::Wait { wait, .. } => Event::Waited(ready!(wait.as_mut().poll(cx))),
+                StateProj::Ready { .. } => Event::Ready(ready!(ctx.inner.poll_ready(cx))),
+                StateProj::Run {
+                    handler,
+                    held,
+                    renewal,
+                } => match handler.poll(cx) {
+                    Poll::Ready(ran) => Event::Ran(ran),
+                    Poll::Pending => {
+                        if let Some(held) = held {
+                            renewal.poll(&mut held.lease, cx);
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                StateProj::Finish { lease_op, .. } => {
+                    ready!(lease_op.as_mut().poll(cx));
+                    Event::Finished
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            };
+            // ...then decide where it leads.
+            let step = match (this.state.as_mut().project_replace(State::Done), event) {
+                (
+                    StateOwned::ReadBody {
+                        parts, read, plan, ..
+                    },
+                    Event::Read(read_body),
+                ) => ctx.read(parts, read_body.map(|()| read.concat()), plan),
+                (StateOwned::Claim { sent, keyed, .. }, Event::Claimed(claim)) => {
+                    ctx.claimed(keyed, sent, claim)
+                }
+                (StateOwned::Wait { keyed, .. }, Event::Waited(Ok(()))) => {
+                    Step::Next(ctx.claim(keyed))
+                }
+                (StateOwned::Wait { keyed, .. }, Event::Waited(Err(error))) => {
+                    ctx.store_failed(error, keyed)
+                }
+                (StateOwned::Ready { request, held }, Event::Ready(ready)) => {
+                    ctx.run(request, held, ready)
+                }
+                (StateOwned::Run { held, .. }, Event::Ran(ran)) => ctx.ran(held, ran, cx),
+                (StateOwned::Finish { output, .. }, Event::Finished) => Step::Answer(output),
+                // Each event comes from the state it was polled in, just above.
+                _ => unreachable!("a flow event paired with another state"),
+            };
+            match step {
+                Step::Next(next) => this.state.set(next),
+                Step::Answer(output) => return Poll::Ready(output),
+            }
+        }
+    }
+
+    fn client_gone(mut self: Pin<Box<Self>>) {
+        let finish = match &self.state {
+            // A claim on its way may land, a handler that started finishes, and a record
+            // being stored is stored: none of it may be cut short.
+            State::Claim { .. } | State::Finish { .. } => true,
+            State::Run { held, .. } => held.is_some(),
+            // Reading the body, waiting for another request or for the inner service (the
+            // lease gives the key back as it drops), or running unprotected: the work ends
+            // with its client.
+            State::ReadBody { .. } | State::Wait { .. } | State::Ready { .. } | State::Done => {
+                false
+            }
+        };
+        if !finish {
+            return;
+        }
+        self.as_mut().project().ctx.gone = true;
+        // Without a runtime (it is shutting down) the work is dropped; a claim it held frees
+        // itself when its lease ends.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = std::future::poll_fn(|cx| self.as_mut().poll_work(cx)).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! [`KeySource`]: where to find a key when the request has no key header.
+
+use std::{fmt, sync::Arc};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, request::Parts};
+
+use super::{IdempotencyKey, KeyError};
+
+/// Where to find a key when the request has no key header: for senders that never send
+/// `Idempotency-Key`, such as webhook deliveries.
+///
+/// Values from these sources are taken as they are and validated like a bare header key.
+/// Ready ones name the field each webhook provider keeps across re-deliveries:
+/// [`stripe_event`](Self::stripe_event), [`github_delivery`](Self::github_delivery),
+/// [`shopify_event`](Self::shopify_event), [`standard_webhooks`](Self::standard_webhooks);
+/// [`first_of`](Self::first_of) asks several in order.
+#[derive(Clone)]
+pub struct KeySource(SourceRepr);
+
+#[derive(Clone)]
+enum SourceRepr {
+    Header(HeaderName),
+    JsonPointer(Box<str>),
+    Fn(KeyFn),
+    First(Arc<[KeySource]>),
+}
+
+type KeyFn = Arc<dyn Fn(&Parts, &Bytes) -> Option<String> + Send + Sync>;
+
+impl KeySource {
+    /// Another header holds the key, e.g. `X-GitHub-Delivery` or `X-Shopify-Webhook-Id`.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency::KeySource;
+    ///
+    /// let github = KeySource::header(HeaderName::from_static("x-github-delivery"));
+    /// ```
+    pub fn header(name: HeaderName) -> Self {
+        Self(SourceRepr::Header(name))
+    }
+
+    /// A field of a JSON body, by RFC 6901 JSON Pointer, e.g. `/id` for a Stripe event.
+    ///
+    /// A body that is not JSON, or has no such field, has no key; a field that is neither a
+    /// string nor a number is an invalid key (400).
+    ///
+    /// ```
+    /// use tower_idempotency::KeySource;
+    ///
+    /// let stripe_event = KeySource::json_pointer("/id");
+    /// ```
+    pub fn json_pointer(pointer: impl Into<String>) -> Self {
+        Self(SourceRepr::JsonPointer(pointer.into().into_boxed_str()))
+    }
+
+    /// A closure over the request head and its (already read) body.
+    ///
+    /// ```
+    /// use tower_idempotency::KeySource;
+    ///
+    /// let from_query = KeySource::from_fn(|parts, _body| {
+    ///     parts.uri.query()?.strip_prefix("request_id=").map(str::to_owned)
+    /// });
+    /// ```
+    pub fn from_fn<F>(f: F) -> Self
+    where
+        F: Fn(&Parts, &Bytes) -> Option<String> + Send + Sync + 'static,
+    {
+        Self(SourceRepr::Fn(Arc::new(f)))
+    }
+
+    /// Several sources, asked in order: the first that finds a key (or an invalid one, which
+    /// is refused with 400 rather than skipped) decides.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency::KeySource;
+    ///
+    /// // The sender's own request id when it sets one, else the event's id.
+    /// let source = KeySource::first_of([
+    ///     KeySource::header(HeaderName::from_static("x-request-id")),
+    ///     KeySource::stripe_event(),
+    /// ]);
+    /// ```
+    ///
+    /// The layer's key header (`Idempotency-Key`) is always looked at before any source, so a
+    /// client that sends one overrides them all.
+    pub fn first_of(sources: impl IntoIterator<Item = KeySource>) -> Self {
+        Self(SourceRepr::First(sources.into_iter().collect()))
+    }
+
+    /// Looks the key up from the headers only; `None` when the body is needed.
+    pub(crate) fn extract_from_headers(
+        &self,
+        headers: &HeaderMap,
+    ) -> Option<Result<Option<IdempotencyKey>, KeyError>> {
+        match &self.0 {
+            SourceRepr::Header(name) => Some(header_value_as_key(headers, name)),
+            SourceRepr::First(sources) => {
+                for source in sources.iter() {
+                    match source.extract_from_headers(headers)? {
+                        Ok(None) => {}
+                        decided => return Some(decided),
+                    }
+                }
+                Some(Ok(None))
+            }
+            _ => None,
+        }
+    }
+
+    /// Looks the key up in the head and body.
+    pub(crate) fn extract(
+        &self,
+        parts: &Parts,
+        body: &Bytes,
+    ) -> Result<Option<IdempotencyKey>, KeyError> {
+        match &self.0 {
+            SourceRepr::Header(name) => header_value_as_key(&parts.headers, name),
+            SourceRepr::JsonPointer(pointer) => json_pointer_key(body, pointer),
+            SourceRepr::Fn(f) => f(parts, body)
+                .map(|value| IdempotencyKey::parse_bare(value.as_bytes()))
+                .transpose(),
+            SourceRepr::First(sources) => {
+                for source in sources.iter() {
+                    if let Some(key) = source.extract(parts, body)? {
+                        return Ok(Some(key));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn header_value_as_key(
+    headers: &HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<IdempotencyKey>, KeyError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Repeated);
+    }
+    IdempotencyKey::parse_bare(value.as_bytes()).map(Some)
+}
+
+fn json_pointer_key(body: &[u8], pointer: &str) -> Result<Option<IdempotencyKey>, KeyError> {
+    let Ok(document) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(None);
+    };
+    match document.pointer(pointer) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) => {
+            IdempotencyKey::parse_bare(text.as_bytes()).map(Some)
+        }
+        Some(serde_json::Value::Number(number)) => {
+            IdempotencyKey::parse_bare(number.to_string().as_bytes()).map(Some)
+        }
+        Some(_) => Err(KeyError::NotAString),
+    }
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            SourceRepr::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            SourceRepr::JsonPointer(pointer) => {
+                f.debug_tuple("JsonPointer").field(pointer).finish()
+            }
+            SourceRepr::Fn(_) => f.write_str("Fn(..)"),
+            SourceRepr::First(sources) => f.debug_tuple("First").field(sources).finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Method, Request};
+
+    use super::*;
+
+    const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+    fn parts(method: Method, uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn json_body(text: &str) -> Bytes {
+        Bytes::copy_from_slice(text.as_bytes())
+    }
+
+    #[test]
+    fn key_sources_table() {
+        let head = parts(
+            Method::POST,
+            "/hook?request_id=q-1",
+            &[("x-github-delivery", "gh-1")],
+        );
+        type Case = (
+            KeySource,
+            &'static str,
+            Result<Option<&'static str>, KeyError>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                KeySource::header(HeaderName::from_static("x-github-delivery")),
+                "",
+                Ok(Some("gh-1")),
+            ),
+            (
+                KeySource::header(HeaderName::from_static("x-other")),
+                "",
+                Ok(None),
+            ),
+            (
+                KeySource::json_pointer("/id"),
+                r#"{"id":"evt_1"}"#,
+                Ok(Some("evt_1")),
+            ),
+            (
+                KeySource::json_pointer("/data/n"),
+                r#"{"data":{"n":42}}"#,
+                Ok(Some("42")),
+            ),
+            (KeySource::json_pointer("/id"), r#"{"other":1}"#, Ok(None)),
+            (KeySource::json_pointer("/id"), r#"{"id":null}"#, Ok(None)),
+            (KeySource::json_pointer("/id"), "not json", Ok(None)),
+            (
+                KeySource::json_pointer("/id"),
+                r#"{"id":{"x":1}}"#,
+                Err(KeyError::NotAString),
+            ),
+            (
+                KeySource::json_pointer("/id"),
+                r#"{"id":""}"#,
+                Err(KeyError::Empty),
+            ),
+            (
+                KeySource::json_pointer("/id"),
+                r#"{"id":"a b"}"#,
+                Err(KeyError::InvalidCharacter),
+            ),
+            (
+                KeySource::from_fn(|p, _| {
+                    p.uri
+                        .query()?
+                        .strip_prefix("request_id=")
+                        .map(str::to_owned)
+                }),
+                "",
+                Ok(Some("q-1")),
+            ),
+            (KeySource::from_fn(|_, _| None), "", Ok(None)),
+        ];
+        for (source, body, expected) in cases {
+            let got = source.extract(&head, &json_body(body));
+            let got = got.map(|key| key.map(|key| key.as_str().to_owned()));
+            let expected = expected.map(|key| key.map(str::to_owned));
+            assert_eq!(got, expected, "{source:?} over {body:?}");
+        }
+    }
+
+    #[test]
+    fn only_header_sources_answer_without_the_body() {
+        let head = parts(Method::POST, "/", &[]);
+        assert!(
+            KeySource::header(IDEMPOTENCY_KEY)
+                .extract_from_headers(&head.headers)
+                .is_some()
+        );
+        assert!(
+            KeySource::json_pointer("/id")
+                .extract_from_headers(&head.headers)
+                .is_none()
+        );
+    }
+}

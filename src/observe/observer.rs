@@ -1,0 +1,266 @@
+//! [`Observer`]: one layer's reporting, to `tracing` (a span per protected request and debug
+//! events) and, with the `metrics` feature, to its metric handles.
+
+use std::{fmt, future::Future, sync::Arc};
+
+use tracing::{Span, field};
+
+#[cfg(feature = "metrics")]
+use super::metrics;
+use super::{AbandonedAction, Op, Outcome, RecordResult, Renewal};
+use crate::{
+    claim::Claim,
+    error::{StoreError, StoreErrorKind},
+    key::StorageKey,
+};
+
+/// The route label of a layer that was not given one.
+pub(crate) const DEFAULT_ROUTE: &str = "default";
+
+/// A layer's reporting: its route label and, with the `metrics` feature, its metric
+/// handles. A cheap `Clone`.
+#[derive(Clone)]
+pub(crate) struct Observer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    route: &'static str,
+    #[cfg(feature = "metrics")]
+    metrics: metrics::Handles,
+}
+
+impl Observer {
+    pub(crate) fn new(route: &'static str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                route,
+                #[cfg(feature = "metrics")]
+                metrics: metrics::Handles::new(route),
+            }),
+        }
+    }
+
+    pub(crate) fn route(&self) -> &'static str {
+        self.inner.route
+    }
+
+    /// The span of one protected request. Its fields are filled in as the request goes.
+    pub(crate) fn request_span(&self, method: &http::Method) -> Span {
+        tracing::info_span!(
+            "idempotency",
+            route = self.inner.route,
+            method = %method,
+            key_digest = field::Empty,
+            outcome = field::Empty,
+            claim_ms = field::Empty,
+            take_over_ms = field::Empty,
+            complete_ms = field::Empty,
+            release_ms = field::Empty,
+            renew_ms = field::Empty,
+            wait_ms = field::Empty,
+        )
+    }
+
+    /// Names the current request by its storage key's digest (never the key itself).
+    pub(crate) fn key(&self, key: &StorageKey) {
+        Span::current().record("key_digest", field::display(Digest(key)));
+    }
+
+    /// Reports how a request ended.
+    pub(crate) fn outcome(&self, outcome: Outcome) {
+        Span::current().record("outcome", outcome.as_str());
+        match outcome {
+            Outcome::StoreError | Outcome::FailOpen => {
+                tracing::warn!(outcome = outcome.as_str(), "idempotency store failed");
+            }
+            _ => tracing::debug!(outcome = outcome.as_str(), "idempotency outcome"),
+        }
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.outcome(outcome);
+    }
+
+    /// Runs a store operation, timing it when a span or metrics want it, and reports the
+    /// state it found or made at debug level.
+    pub(crate) async fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> F::Output
+    where
+        F: Future,
+        F::Output: Describe,
+    {
+        let span = Span::current();
+        let timed = !span.is_disabled() || cfg!(feature = "metrics");
+        if !timed {
+            return operation.await;
+        }
+        let started = std::time::Instant::now();
+        let output = operation.await;
+        let elapsed = started.elapsed();
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let field = match op {
+            Op::Claim => "claim_ms",
+            Op::TakeOver => "take_over_ms",
+            Op::Complete => "complete_ms",
+            Op::Release => "release_ms",
+            Op::Renew => "renew_ms",
+            Op::Wait => "wait_ms",
+        };
+        span.record(field, ms);
+        tracing::debug!(
+            store,
+            op = op.as_str(),
+            result = output.describe(),
+            elapsed_ms = ms,
+            "idempotency store"
+        );
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.store_op(store, op, elapsed);
+        #[cfg(not(feature = "metrics"))]
+        let _ = store;
+        output
+    }
+
+    /// Counts what became of a response that ran under a claim.
+    pub(crate) fn record(&self, result: RecordResult) {
+        if result != RecordResult::Stored {
+            tracing::debug!(
+                result = result.as_str(),
+                "idempotency record not stored for replay"
+            );
+        }
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.record(result);
+    }
+
+    /// Counts a lease renewal.
+    pub(crate) fn renewal(&self, renewal: Renewal) {
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.renewal(renewal);
+        #[cfg(not(feature = "metrics"))]
+        let _ = renewal;
+    }
+
+    /// Reports a lost lease: while the handler ran (`completing` false) or at completion.
+    pub(crate) fn lease_lost(&self, completing: bool) {
+        if completing {
+            tracing::warn!("idempotency lease lost before completion; the response was not stored");
+        } else {
+            tracing::warn!(
+                "idempotency lease lost while the handler ran; its response will not be stored"
+            );
+        }
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.lease_lost(completing);
+    }
+
+    /// Reports a claim whose owner's lease ended without completion, and what is done.
+    pub(crate) fn abandoned(&self, action: AbandonedAction) {
+        tracing::warn!(
+            action = action.as_str(),
+            "idempotency claim abandoned: its owner's lease ended without completion"
+        );
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.abandoned(action);
+    }
+
+    /// Starts timing a request's wait for a duplicate in flight; the time is reported when
+    /// the returned clock is dropped, if it was started.
+    pub(crate) fn wait_clock(&self) -> WaitClock {
+        WaitClock {
+            #[cfg(feature = "metrics")]
+            observer: self.clone(),
+            started: None,
+        }
+    }
+}
+
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observer")
+            .field("route", &self.inner.route)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The time one request spent waiting on a duplicate in flight.
+pub(crate) struct WaitClock {
+    #[cfg(feature = "metrics")]
+    observer: Observer,
+    started: Option<std::time::Instant>,
+}
+
+impl WaitClock {
+    /// Marks the start of waiting (the first wait only).
+    pub(crate) fn start(&mut self) {
+        if self.started.is_none() {
+            tracing::debug!("idempotency key in flight; waiting for it");
+            self.started = Some(std::time::Instant::now());
+        }
+    }
+}
+
+impl Drop for WaitClock {
+    fn drop(&mut self) {
+        #[cfg(feature = "metrics")]
+        if let Some(started) = self.started {
+            self.observer.inner.metrics.waited(started.elapsed());
+        }
+    }
+}
+
+/// A store operation's result, in a word, for the debug event.
+pub(crate) trait Describe {
+    fn describe(&self) -> &'static str;
+}
+
+impl Describe for Result<Claim, StoreError> {
+    fn describe(&self) -> &'static str {
+        match self {
+            Ok(Claim::Acquired(_)) => "acquired",
+            Ok(Claim::InFlight { .. }) => "in_flight",
+            Ok(Claim::Abandoned { .. }) => "abandoned",
+            Ok(Claim::Completed { .. }) => "completed",
+            Err(error) => error_word(error),
+        }
+    }
+}
+
+impl Describe for Result<(), StoreError> {
+    fn describe(&self) -> &'static str {
+        match self {
+            Ok(()) => "ok",
+            Err(error) => error_word(error),
+        }
+    }
+}
+
+fn error_word(error: &StoreError) -> &'static str {
+    match error.kind() {
+        StoreErrorKind::LeaseLost => "lease_lost",
+        StoreErrorKind::Unavailable => "unavailable",
+        StoreErrorKind::Corrupt => "corrupt",
+        _ => "error",
+    }
+}
+
+/// A storage key's digest as hex, written without an allocation.
+struct Digest<'a>(&'a StorageKey);
+
+impl fmt::Display for Digest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0.as_bytes() {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_digest_is_written_as_the_storage_key_hex() {
+        let key = StorageKey::from_bytes(core::array::from_fn(|i| i as u8));
+        assert_eq!(Digest(&key).to_string(), key.to_hex());
+    }
+}

@@ -1,0 +1,29 @@
+//! The responses the layer makes itself.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+
+use crate::{body::ResponseBody, config::Config, observe::Outcome, problem::Problem};
+
+/// The one way the layer answers a request with a problem: every rejection is observed here.
+pub(crate) fn reject<B>(config: &Config, problem: &Problem) -> Response<ResponseBody<B>> {
+    if let Some(outcome) = Outcome::of_problem(problem.kind()) {
+        config.observer.outcome(outcome);
+    }
+    config
+        .render(problem)
+        .map(|body| ResponseBody::full(body, None))
+}
+
+/// Tells the client (and hyper) that this connection ends with this response.
+pub(crate) fn close_connection<B>(mut response: Response<B>) -> Response<B> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The response of work that finished after its client went away: nobody reads it.
+pub(crate) fn nobody_listens<B>() -> Response<ResponseBody<B>> {
+    Response::new(ResponseBody::full(Bytes::new(), None))
+}
