@@ -73,10 +73,10 @@ struct Caches {
     recent: Recent,
 }
 
-/// The most the table of recent completions holds: 1 MiB, about 250 records of a JSON
-/// answer. With 16 MiB, the load script measured 9–11 % more server CPU per first
-/// execution than `RedisStore` alone (every completion freeing a record long gone cold);
-/// with 1 MiB, 2 %.
+/// The most the table of recent completions holds: 1 MiB, 256 slots. With 16 MiB, the load
+/// script measured 9–11 % more server CPU per first execution than `RedisStore` alone (each
+/// completion freeing a record long gone cold); with 1 MiB, a median of 1 % (README,
+/// Performance).
 const RECENT_MAX_BYTES: u64 = 1 << 20;
 /// The share of a smaller capacity that holds recent completions: one part in this many.
 const RECENT_SHARE: u64 = 4;

@@ -4,12 +4,13 @@
 //!
 //! # Why not the LRU cache
 //!
-//! Most completed records are never replayed. Putting each into moka costs its bookkeeping
-//! (an entry, an access-order node, a write queued for the housekeeping, an eviction), which
-//! doubled what the cache added to a first execution over Redis. Here a completion takes one
-//! uncontended lock and one swap, and allocates nothing; a record that is asked for again is
-//! moved to the LRU cache then, by the replay (a second look is the sign that a record is
-//! worth the bookkeeping, as in a segmented LRU's probation segment).
+//! Most completed records are never replayed. Putting each into moka cost its bookkeeping
+//! (an entry, an access-order node, a write queued for the housekeeping, an eviction): 7 %
+//! more instructions per first execution than `RedisStore` alone, and 45–54 % more server
+//! CPU in the load script. Here a completion takes one uncontended lock and one swap, and
+//! allocates nothing; a record that is asked for again is moved to the LRU cache then, by
+//! the replay (a second look is the sign that a record is worth the bookkeeping, as in a
+//! segmented LRU's probation segment).
 
 use std::{
     hash::BuildHasher,
@@ -25,8 +26,8 @@ use crate::{key::StorageKey, record::Record};
 
 /// The bytes a slot is sized for: about what a record of a JSON answer weighs.
 const BYTES_PER_SLOT: u64 = 4096;
-/// The most slots a table has, whatever its share of the capacity (64 MiB of it at
-/// [`BYTES_PER_SLOT`]): the table is allocated up front, 72 bytes a slot.
+/// The most slots a table has, whatever its budget (a bound for `next_power_of_two`; the
+/// table is allocated up front, 72 bytes a slot).
 const MAX_SLOTS: u64 = 16_384;
 
 pub(crate) struct Recent {

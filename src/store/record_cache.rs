@@ -202,3 +202,44 @@ impl RecordCache {
 pub(crate) fn expires_at(ttl: Duration) -> Instant {
     Instant::now() + ttl.min(MAX_TTL)
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::{HeaderMap, Method, StatusCode, Uri};
+
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+
+    fn record(body: &'static [u8]) -> Record {
+        let fingerprint = Fingerprint::of(&Method::POST, &Uri::from_static("/"), b"");
+        let body = Bytes::from_static(body);
+        Record::response(fingerprint, StatusCode::OK, &HeaderMap::new(), body, None)
+    }
+
+    fn key(n: u8) -> StorageKey {
+        StorageKey::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn a_new_record_is_inserted_only_under_a_key_the_cache_does_not_hold() {
+        let cache = RecordCache::new(1 << 20, "test");
+        let ttl = Duration::from_secs(60);
+        cache.insert(key(1), record(b"first"), ttl);
+        cache.insert_new(key(1), record(b"second"), ttl);
+        let (kept, _) = cache.get(&key(1)).unwrap();
+        assert_eq!(kept, record(b"first"));
+        cache.insert_new(key(2), record(b"other"), ttl);
+        let (other, _) = cache.get(&key(2)).unwrap();
+        assert_eq!(other, record(b"other"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_a_miss_and_an_expired_record_is_dropped() {
+        let cache = RecordCache::new(1 << 20, "test");
+        assert!(cache.get(&key(1)).is_none());
+        cache.insert_until(key(1), record(b"gone"), Instant::now());
+        assert!(cache.get(&key(1)).is_none());
+        assert_eq!(cache.len(), 0);
+    }
+}
