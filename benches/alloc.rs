@@ -13,6 +13,8 @@
 //! `ALLOC_ONLY=memory:replay` runs one target and case only, which makes the binary a small
 //! driver for `valgrind --tool=callgrind` (instructions per request: the difference between
 //! two runs with different `ALLOC_ITERS`, divided by the difference in requests).
+//! `ALLOC_CACHE_BYTES` sets `CachedStore`'s capacity (default 64 MiB); a small one (say
+//! `1048576`) measures a full cache, which pushes a record out for every one it takes in.
 
 mod common;
 
@@ -88,6 +90,11 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(2000);
     let only = std::env::var("ALLOC_ONLY").ok();
+    #[cfg(feature = "redis")]
+    let cache_bytes: u64 = std::env::var("ALLOC_CACHE_BYTES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(64 << 20);
     let wanted = |target: &str, case: Case| {
         only.as_deref()
             .is_none_or(|only| only == format!("{target}:{}", case.name()))
@@ -153,7 +160,7 @@ fn main() {
                 row("redis", costs);
             }
             if wanted("cached", case) {
-                let cached = tower_idempotency::CachedStore::new(store.clone(), 64 << 20);
+                let cached = tower_idempotency::CachedStore::new(store.clone(), cache_bytes);
                 let service = layered(case, cached);
                 let costs = measure(&runtime, case, true, service, iterations, Some(server));
                 row("cached", costs);

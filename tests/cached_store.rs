@@ -143,6 +143,81 @@ async fn a_record_completed_through_the_cache_replays_without_touching_the_inner
 }
 
 #[tokio::test]
+async fn a_record_pushed_out_of_the_recent_completions_is_learned_again_on_its_first_replay() {
+    let inner = Inner::new(true);
+    let weight = sample_record(fingerprint("a")).weight() as u64;
+    // A quarter of the capacity holds recent completions: room for one here.
+    let cached = CachedStore::new(inner.clone(), 4 * weight);
+    let (older, newer) = (fresh_key(), fresh_key());
+    complete_directly(&cached, &older, Duration::from_secs(60)).await;
+    complete_directly(&cached, &newer, Duration::from_secs(60)).await;
+    assert_eq!(cached.record_count(), 1);
+    assert_eq!(
+        cached.evictions(),
+        1,
+        "the newer completion took the older one's place"
+    );
+    assert_eq!(inner.claims(), 2);
+
+    completed_record(
+        cached
+            .claim(&newer, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(inner.claims(), 2, "the newer record came from memory");
+    completed_record(
+        cached
+            .claim(&older, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        inner.claims(),
+        3,
+        "the older record came from the inner store"
+    );
+    for key in [&older, &newer, &older, &newer] {
+        let record = completed_record(cached.claim(key, &fingerprint("a"), LEASE).await.unwrap());
+        assert_eq!(record, sample_record(fingerprint("a")));
+    }
+    assert_eq!(inner.claims(), 3, "both are kept once asked for");
+    assert_eq!(cached.record_count(), 2);
+}
+
+#[tokio::test]
+async fn a_record_too_large_for_the_recent_completions_is_learned_on_its_first_replay() {
+    let inner = Inner::new(true);
+    let weight = sample_record(fingerprint("a")).weight() as u64;
+    // A quarter of this is less than the record weighs.
+    let cached = CachedStore::new(inner.clone(), 2 * weight);
+    let key = fresh_key();
+    complete_directly(&cached, &key, Duration::from_secs(60)).await;
+    assert_eq!(cached.record_count(), 0);
+    for _ in 0..3 {
+        completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    }
+    assert_eq!(
+        inner.claims(),
+        2,
+        "asked the inner store once, then kept it"
+    );
+    assert_eq!(cached.record_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recent_completion_is_not_replayed_past_its_ttl() {
+    let inner = Inner::new(true);
+    let cached = CachedStore::new(inner.clone(), 1024 * 1024);
+    let key = fresh_key();
+    complete_directly(&cached, &key, Duration::from_secs(60)).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let claim = cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap();
+    assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
+    assert_eq!(inner.claims(), 2, "the inner store was asked");
+}
+
+#[tokio::test]
 async fn a_record_learned_from_the_inner_store_is_cached_until_the_inner_store_drops_it() {
     let inner = Inner::new(true);
     let cached = CachedStore::new(inner.clone(), 1024 * 1024);

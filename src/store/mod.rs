@@ -147,6 +147,8 @@ pub mod cached;
 #[cfg(feature = "moka")]
 pub mod memory;
 #[cfg(feature = "moka")]
+mod recent;
+#[cfg(feature = "moka")]
 mod record_cache;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -36,6 +36,7 @@ pub(crate) type Probe = Arc<dyn Fn() + Send + Sync>;
 pub(crate) struct RecordCache {
     cache: Cache<StorageKey, Entry, foldhash::fast::RandomState>,
     evictions: Arc<AtomicU64>,
+    reported: Arc<crate::observe::EvictionCounter>,
     capacity: u64,
 }
 
@@ -75,8 +76,8 @@ impl RecordCache {
     ) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&evictions);
-        let reported = crate::observe::EvictionCounter::new(name);
-        let weighed = probe.clone();
+        let reported = Arc::new(crate::observe::EvictionCounter::new(name));
+        let (weighed, listener_reported) = (probe.clone(), Arc::clone(&reported));
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
             // Sized for records of a few KiB, so that a filling store does not rehash its
@@ -98,7 +99,7 @@ impl RecordCache {
                 probe();
                 if cause == RemovalCause::Size && entry.left(Instant::now()).is_some() {
                     counter.fetch_add(1, Ordering::Relaxed);
-                    reported.increment();
+                    listener_reported.increment();
                 }
             })
             // Keys are digests: a fast seeded hasher is enough, SipHash is not needed.
@@ -106,12 +107,19 @@ impl RecordCache {
         Self {
             cache,
             evictions,
+            reported,
             capacity: capacity_bytes,
         }
     }
 
     /// The record under `key` and how long it has left; an expired record is dropped.
     pub(crate) fn get(&self, key: &StorageKey) -> Option<(Record, Duration)> {
+        // A miss through `get` is queued for the housekeeping (for TinyLFU's frequency
+        // sketch, which LRU does not use); a first execution looks up a key that is never
+        // here: a plain look-up first keeps that off its path.
+        if !self.cache.contains_key(key) {
+            return None;
+        }
         let entry = self.cache.get(key)?;
         let Some(left) = entry.left(Instant::now()) else {
             // Should a newer record have replaced it meanwhile (only `CachedStore` inserts
@@ -124,6 +132,15 @@ impl RecordCache {
 
     pub(crate) fn insert(&self, key: StorageKey, record: Record, ttl: Duration) {
         self.insert_until(key, record, expires_at(ttl));
+    }
+
+    /// Inserts `record` unless the cache holds a record under `key` already (records are
+    /// final: it is the same one), sparing the cache's bookkeeping. (Should the one held have
+    /// expired, it is dropped when next read, and the next record learned is inserted.)
+    pub(crate) fn insert_new(&self, key: StorageKey, record: Record, ttl: Duration) {
+        if !self.cache.contains_key(&key) {
+            self.insert(key, record, ttl);
+        }
     }
 
     pub(crate) fn insert_until(&self, key: StorageKey, record: Record, expires_at: Instant) {
@@ -153,6 +170,13 @@ impl RecordCache {
             .is_some_and(|entry| entry.left(Instant::now()).is_some())
     }
 
+    /// Counts a live record pushed out of another table the cache's owner keeps beside it,
+    /// as one of this cache's evictions.
+    pub(crate) fn count_eviction(&self) {
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        self.reported.increment();
+    }
+
     pub(crate) fn evictions(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.evictions.load(Ordering::Relaxed)
@@ -177,4 +201,45 @@ impl RecordCache {
 /// large, overflows the clock.
 pub(crate) fn expires_at(ttl: Duration) -> Instant {
     Instant::now() + ttl.min(MAX_TTL)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::{HeaderMap, Method, StatusCode, Uri};
+
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+
+    fn record(body: &'static [u8]) -> Record {
+        let fingerprint = Fingerprint::of(&Method::POST, &Uri::from_static("/"), b"");
+        let body = Bytes::from_static(body);
+        Record::response(fingerprint, StatusCode::OK, &HeaderMap::new(), body, None)
+    }
+
+    fn key(n: u8) -> StorageKey {
+        StorageKey::from_bytes([n; 32])
+    }
+
+    #[test]
+    fn a_new_record_is_inserted_only_under_a_key_the_cache_does_not_hold() {
+        let cache = RecordCache::new(1 << 20, "test");
+        let ttl = Duration::from_secs(60);
+        cache.insert(key(1), record(b"first"), ttl);
+        cache.insert_new(key(1), record(b"second"), ttl);
+        let (kept, _) = cache.get(&key(1)).unwrap();
+        assert_eq!(kept, record(b"first"));
+        cache.insert_new(key(2), record(b"other"), ttl);
+        let (other, _) = cache.get(&key(2)).unwrap();
+        assert_eq!(other, record(b"other"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_a_miss_and_an_expired_record_is_dropped() {
+        let cache = RecordCache::new(1 << 20, "test");
+        assert!(cache.get(&key(1)).is_none());
+        cache.insert_until(key(1), record(b"gone"), Instant::now());
+        assert!(cache.get(&key(1)).is_none());
+        assert_eq!(cache.len(), 0);
+    }
 }
