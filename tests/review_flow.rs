@@ -22,8 +22,8 @@ use tower_idempotency::{
 };
 
 use common::service::{
-    BoxFuture, Gate, Handler, Reply, ResBody, Scripted, Step, created, data, eventually,
-    keyed_post, send, serve, within,
+    BoxFuture, Gate, Handler, Reply, ResBody, Scripted, Step, created, data, eventually, full,
+    keyed_post, respond, send, serve, within,
 };
 
 /// A service whose first `call` panics before it returns a future (a synchronous panic, as
@@ -237,4 +237,110 @@ async fn a_silent_handler_keeps_its_claim_through_many_leases() {
     gate.open();
     assert_eq!(within(first).await.unwrap().text(), "execution #1");
     assert_eq!(handler.calls(), 1);
+}
+
+/// An inner service whose clones share one readiness switch (`poll_ready` is pending while it
+/// is off, as behind a saturated concurrency limit). Its first call waits at `first` and
+/// answers 500 (not stored: the key is released); later calls answer `execution #N`.
+#[derive(Clone)]
+struct Switched {
+    on: Arc<Mutex<(bool, Vec<std::task::Waker>)>>,
+    calls: Arc<AtomicUsize>,
+    first: Gate,
+}
+
+impl Switched {
+    fn new() -> Self {
+        Self {
+            on: Arc::new(Mutex::new((true, Vec::new()))),
+            calls: Arc::default(),
+            first: Gate::new(),
+        }
+    }
+
+    fn set(&self, on: bool) {
+        let mut state = self.on.lock().unwrap();
+        state.0 = on;
+        if on {
+            state.1.drain(..).for_each(std::task::Waker::wake);
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl<B: Send + 'static> Service<Request<B>> for Switched {
+    type Response = Response<ResBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ResBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        let mut state = self.on.lock().unwrap();
+        if state.0 {
+            return Poll::Ready(Ok(()));
+        }
+        state.1.push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn call(&mut self, _request: Request<B>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let first = self.first.clone();
+        Box::pin(async move {
+            if n == 1 {
+                first.pass().await;
+                return Ok(respond(StatusCode::INTERNAL_SERVER_ERROR, full("failed")));
+            }
+            Ok(created(format!("execution #{n}")))
+        })
+    }
+}
+
+/// A duplicate that acquires the key after waiting, then waits for its inner service to get
+/// ready longer than the lease, keeps its claim: another instance's retry meanwhile is told
+/// the key is in flight, rather than taking the claim over as abandoned and executing too.
+#[tokio::test(start_paused = true)]
+async fn a_claim_held_while_the_inner_service_gets_ready_is_renewed() {
+    let store = MemoryStore::default();
+    let inner = Switched::new();
+    let svc = IdempotencyLayer::new(store.clone())
+        .with_lease(Duration::from_secs(1))
+        .with_wait_mode(WaitMode::Wait(Duration::from_secs(30)))
+        .layer(inner.clone());
+    let first = tokio::spawn(svc.clone().oneshot(keyed_post("/charges", "k", "{}")));
+    eventually("the first request runs", || inner.calls() == 1).await;
+    let duplicate = tokio::spawn(svc.clone().oneshot(keyed_post("/charges", "k", "{}")));
+    // The duplicate was made ready and now waits for the first; the inner service saturates.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    inner.set(false);
+    // The first answers 500: the key is released and the duplicate claims it, then waits for
+    // its inner service for three leases.
+    inner.first.open();
+    let first = within(first)
+        .await
+        .unwrap()
+        .unwrap_or_else(|never| match never {});
+    assert_eq!(first.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(store.in_flight_count(), 1, "the duplicate holds the key");
+
+    let elsewhere = Handler::counting();
+    let other_instance = IdempotencyLayer::new(store.clone()).with_wait_mode(WaitMode::Reject);
+    let retry = send(
+        &serve(&other_instance, &elsewhere),
+        keyed_post("/charges", "k", "{}"),
+    );
+    let retry = within(retry).await;
+    retry.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
+    assert_eq!(elsewhere.calls(), 0, "the held claim was not taken over");
+
+    inner.set(true);
+    let duplicate = within(duplicate)
+        .await
+        .unwrap()
+        .unwrap_or_else(|never| match never {});
+    let duplicate = Reply::read(duplicate).await;
+    assert_eq!(duplicate.text(), "execution #2");
 }

@@ -91,7 +91,7 @@ pin_project! {
         Wait { wait: StoreOp<()>, keyed: Keyed },
         // `held: None` runs the handler unprotected (fail-open, or no key to protect).
         Ready { request: Request<RequestBody<ReqB>>, held: Option<Held<St>> },
-        Run { #[pin] handler: CatchUnwind<F>, held: Option<Held<St>>, renewal: Renewal },
+        Run { #[pin] handler: CatchUnwind<F>, held: Option<Held<St>> },
         Finish { lease_op: LeaseOp, output: Output<ResB, E> },
         Done,
     }
@@ -105,11 +105,22 @@ struct Keyed {
     fingerprint: Fingerprint,
 }
 
-/// The claim this request holds, and what its record will be made of.
+/// The claim this request holds, its renewal, and what its record will be made of.
 struct Held<St: IdempotencyStore> {
     lease: Lease<St>,
+    /// Renewed while the request waits for the inner service and while its handler runs.
+    renewal: Renewal,
     fingerprint: Fingerprint,
     ttl: std::time::Duration,
+}
+
+impl<St: IdempotencyStore> Held<St> {
+    /// Keeps the lease alive beside work that is still pending.
+    fn keep_alive(held: &mut Option<Self>, cx: &mut Context<'_>) {
+        if let Some(held) = held {
+            held.renewal.poll(&mut held.lease, cx);
+        }
+    }
 }
 
 /// What the state just polled came to.
@@ -214,17 +225,19 @@ where
                 }
                 StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.as_mut().poll(cx))),
                 StateProj::Wait { wait, .. } => Event::Waited(ready!(wait.as_mut().poll(cx))),
-                StateProj::Ready { .. } => Event::Ready(ready!(ctx.inner.poll_ready(cx))),
-                StateProj::Run {
-                    handler,
-                    held,
-                    renewal,
-                } => match handler.poll(cx) {
+                // A claim held while the inner service gets ready (after a wait, behind a
+                // saturated concurrency limit) is renewed as it is while the handler runs.
+                StateProj::Ready { held, .. } => match ctx.inner.poll_ready(cx) {
+                    Poll::Ready(ready) => Event::Ready(ready),
+                    Poll::Pending => {
+                        Held::keep_alive(held, cx);
+                        return Poll::Pending;
+                    }
+                },
+                StateProj::Run { handler, held } => match handler.poll(cx) {
                     Poll::Ready(ran) => Event::Ran(ran),
                     Poll::Pending => {
-                        if let Some(held) = held {
-                            renewal.poll(&mut held.lease, cx);
-                        }
+                        Held::keep_alive(held, cx);
                         return Poll::Pending;
                     }
                 },

@@ -134,6 +134,7 @@ where
                 }
                 let held = Held {
                     lease,
+                    renewal: Renewal::default(),
                     fingerprint,
                     ttl: key.ttl,
                 };
@@ -252,12 +253,7 @@ where
             Ok(handler) => CatchUnwind::new(handler),
             Err(panic) => return self.panicked(held, panic),
         };
-        let renewal = Renewal::default();
-        Step::Next(State::Run {
-            handler,
-            held,
-            renewal,
-        })
+        Step::Next(State::Run { handler, held })
     }
 
     /// The handler answered (or panicked): its response is settled.
@@ -275,6 +271,7 @@ where
             lease,
             fingerprint,
             ttl,
+            ..
         }) = held
         else {
             // Unprotected: the answer passes through as it is.
