@@ -16,11 +16,9 @@ use std::{
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{
-    Claim, ClaimPage, FenceToken, Fingerprint, IDEMPOTENCY_KEY, IdempotencyLayer, IdempotencyStore,
-    Inspection, ListCursor, MemoryStore, ProblemKind, Record, StorageKey, StoreError, WaitMode,
-};
+use tower_idempotency::{IDEMPOTENCY_KEY, IdempotencyLayer, MemoryStore, ProblemKind, WaitMode};
 
+use common::flaky_store::FlakyStore;
 use common::service::{
     BoxFuture, Gate, Handler, Reply, ResBody, Scripted, Step, created, data, eventually, full,
     keyed_post, respond, send, serve, within,
@@ -112,96 +110,12 @@ async fn the_wait_bound_counts_from_the_claim_not_from_the_start_of_the_upload()
     assert_eq!(handler.calls(), 1);
 }
 
-/// Over a store, records when each renewal is sent; a renewal takes `latency` to answer.
-#[derive(Clone)]
-struct SlowRenewals {
-    inner: MemoryStore,
-    latency: Duration,
-    sent: Arc<Mutex<Vec<Instant>>>,
-}
-
-impl IdempotencyStore for SlowRenewals {
-    async fn claim(
-        &self,
-        key: &StorageKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.inner.claim(key, fingerprint, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, record, ttl).await
-    }
-
-    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.sent.lock().unwrap().push(Instant::now());
-        tokio::time::sleep(self.latency).await;
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.inner.wait(key, timeout).await
-    }
-
-    async fn take_over(
-        &self,
-        key: &StorageKey,
-        abandoned: FenceToken,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.inner
-            .take_over(key, abandoned, fingerprint, lease)
-            .await
-    }
-
-    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
-        self.inner.inspect(key).await
-    }
-
-    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        self.inner.forget(key).await
-    }
-
-    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
-        self.inner.break_claim(key).await
-    }
-
-    async fn list_claims(
-        &self,
-        older_than: Duration,
-        cursor: Option<ListCursor>,
-        limit: usize,
-    ) -> Result<ClaimPage, StoreError> {
-        self.inner.list_claims(older_than, cursor, limit).await
-    }
-}
-
 /// Old `keep_alive`: the first renewal a third of the lease after the handler's first pending
 /// poll, then a third after each renewal's answer.
 #[tokio::test(start_paused = true)]
 async fn renewals_go_out_a_third_of_the_lease_after_the_start_and_after_each_answer() {
-    let store = SlowRenewals {
-        inner: MemoryStore::default(),
-        latency: Duration::from_millis(500),
-        sent: Arc::default(),
-    };
+    let store = FlakyStore::default();
+    *store.renewal_latency.lock().unwrap() = Some(Duration::from_millis(500));
     let handler = Handler::sleeping(Duration::from_millis(5_200));
     let layer = IdempotencyLayer::new(store.clone()).with_lease(Duration::from_secs(3));
     let svc = serve(&layer, &handler);
@@ -209,7 +123,7 @@ async fn renewals_go_out_a_third_of_the_lease_after_the_start_and_after_each_ans
     let reply = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(reply.status, StatusCode::CREATED);
     let sent: Vec<u128> = store
-        .sent
+        .renewals_sent
         .lock()
         .unwrap()
         .iter()

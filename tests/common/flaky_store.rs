@@ -2,11 +2,13 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use tower_idempotency::{
     Claim, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection, ListCursor,
@@ -29,6 +31,10 @@ pub struct FlakyStore {
     pub slow_claims: Arc<AtomicBool>,
     /// `complete` is refused with an error that retrying cannot fix (not an outage).
     pub completions_refused: Arc<AtomicBool>,
+    /// How long a renewal takes to answer, if set.
+    pub renewal_latency: Arc<Mutex<Option<Duration>>>,
+    /// When each renewal was sent.
+    pub renewals_sent: Arc<Mutex<Vec<Instant>>>,
 }
 
 /// How long a slow operation takes.
@@ -97,6 +103,17 @@ impl IdempotencyStore for FlakyStore {
         token: FenceToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        self.renewals_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Instant::now());
+        let latency = *self
+            .renewal_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(latency) = latency {
+            tokio::time::sleep(latency).await;
+        }
         self.check(&[&self.writes_down])?;
         self.inner.renew(key, token, lease).await
     }
