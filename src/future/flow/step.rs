@@ -213,7 +213,6 @@ where
                 tracing::warn!(%error, "refusing the request (fail-closed)");
                 self.reject(&Problem::store_unavailable())
             }
-            FailMode::Open if self.gone => Step::Answer(Ok(nobody_listens())),
             FailMode::Open => {
                 tracing::warn!(%error, "executing unprotected (fail-open)");
                 self.config.observer.outcome(Outcome::FailOpen);
