@@ -293,3 +293,25 @@ fn a_memory_store_too_small_to_keep_a_record_panics() {
         }
     }
 }
+
+/// A reader that finds an expired record and is descheduled must not remove the record a
+/// newer execution stored meanwhile: the next claim would run the handler again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 16)]
+async fn no_claim_acquires_a_key_while_its_record_is_live_under_sixteen_racing_threads() {
+    let seen = common::stress::no_claim_acquires_a_key_whose_record_is_live(
+        MemoryStore::default(),
+        16,
+        Duration::from_micros(500),
+        Duration::from_secs(2),
+    )
+    .await;
+    println!("{seen:?}");
+    assert!(
+        seen.total > 100,
+        "the key was executed again and again: {seen:?}"
+    );
+    assert_eq!(
+        seen.while_live, 0,
+        "executions while a record was live: {seen:?}"
+    );
+}
