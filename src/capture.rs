@@ -17,7 +17,6 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode, response};
 use http_body::{Body, Frame};
-use tracing::Instrument;
 
 use crate::{
     body::{Chunks, ResponseBody},
@@ -33,6 +32,7 @@ use crate::{
     reject::reject,
     store::IdempotencyStore,
     stream::{self, Chunk, Sender},
+    task,
 };
 
 /// A protected handler's response, settled.
@@ -102,7 +102,14 @@ where
                 headers: head.headers.clone(),
                 ttl,
             };
-            tokio::spawn(pump.finish(lease, tx, limit, of).in_current_span());
+            if !task::spawn(pump.finish(lease, tx, limit, of)) {
+                // Polled outside a tokio runtime: nothing can read the rest of the body. The
+                // client's body ends in an error; the claim frees itself when its lease ends.
+                tracing::warn!(
+                    "a streamed idempotent response needs a tokio runtime to be captured; \
+                     its body was cut short"
+                );
+            }
             let response = Response::from_parts(head, ResponseBody::channel(rx));
             return Settled::Now(expiry::on_first_execution(config, ttl, response));
         }

@@ -38,6 +38,7 @@ mod replay;
 mod service;
 pub mod store;
 mod stream;
+mod task;
 
 pub use crate::{
     body::{RequestBody, ResponseBody},

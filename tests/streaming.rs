@@ -406,3 +406,39 @@ async fn a_client_that_never_reads_an_over_cap_body_does_not_hold_the_key_either
     assert_eq!(late.len(), total);
     assert_eq!(handler.calls(), 1);
 }
+
+/// Polls `future` to its end on this thread with no runtime at all (what another executor
+/// would do), as long as it never waits for anything but a wake it gave itself.
+fn poll_without_a_runtime<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for _ in 0..10_000 {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+    }
+    panic!("the future waits for something only a runtime provides");
+}
+
+#[test]
+fn a_streamed_response_polled_outside_a_tokio_runtime_ends_in_an_error_instead_of_a_panic() {
+    assert!(tokio::runtime::Handle::try_current().is_err());
+    let handler = Handler::new(|_request| async {
+        respond(
+            StatusCode::OK,
+            scripted([data("first "), Step::Yield, data("second")]),
+        )
+    });
+    let store = MemoryStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    let request = keyed_post("/export", "k", "{}");
+    let response = poll_without_a_runtime(tower::ServiceExt::oneshot(svc, request))
+        .expect("the layer answers");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Nothing can capture the rest of the body without a runtime: it ends in an error rather
+    // than looking complete, and the claim is left to its lease (no record, no panic).
+    let read = poll_without_a_runtime(response.into_body().collect());
+    assert!(read.is_err(), "a body cut short must not look complete");
+    assert_eq!(handler.calls(), 1);
+    assert_eq!(store.record_count(), 0);
+}
