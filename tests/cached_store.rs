@@ -278,7 +278,7 @@ async fn no_claim_acquires_a_key_while_its_record_is_live_under_sixteen_racing_t
     let seen = common::stress::no_claim_acquires_a_key_whose_record_is_live(
         store,
         16,
-        Duration::from_micros(500),
+        (Duration::from_micros(500), Duration::ZERO),
         Duration::from_secs(2),
     )
     .await;

@@ -28,13 +28,14 @@ pub struct Acquisitions {
 /// made while the previous record could still be replayed.
 ///
 /// A completer notes, before it completes, when its record expires at the earliest (now plus
-/// `ttl`: the store starts the TTL later, so it keeps the record at least that long). Only
-/// one claim holds the key at a time, so a later acquirer reads the note of the completion
-/// before it; acquiring before that instant means a live record was missed.
+/// `ttl`, less the store's clock `resolution`: the store starts the TTL later, so it keeps
+/// the record at least that long). Only one claim holds the key at a time, so a later
+/// acquirer reads the note of the completion before it; acquiring before that instant means
+/// a live record was missed.
 pub async fn no_claim_acquires_a_key_whose_record_is_live<S>(
     store: S,
     threads: usize,
-    ttl: Duration,
+    (ttl, resolution): (Duration, Duration),
     run: Duration,
 ) -> Acquisitions
 where
@@ -65,7 +66,7 @@ where
                     if live.is_some_and(|until| now < until) {
                         while_live.fetch_add(1, Ordering::Relaxed);
                     }
-                    *live = Some(Instant::now() + ttl);
+                    *live = Some(Instant::now() + ttl.saturating_sub(resolution));
                 }
                 store
                     .complete(&key, token, sample_record(fingerprint("a")), ttl)
