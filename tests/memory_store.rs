@@ -313,7 +313,7 @@ async fn no_claim_acquires_a_key_while_its_record_is_live_under_sixteen_racing_t
     .await;
     println!("{seen:?}");
     assert!(
-        seen.total > 100,
+        seen.total > 50,
         "the key was executed again and again: {seen:?}"
     );
     assert_eq!(
