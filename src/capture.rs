@@ -286,8 +286,11 @@ where
                 self.forward_rest(frame).await;
             }
             Captured::CutShort => {
+                let after = self.after_client;
+                // The handler's body first: its stream stops now, not once the key is spent.
+                drop(self);
                 tracing::warn!(
-                    after = ?self.after_client,
+                    ?after,
                     "the client of a streamed idempotent response left and its body did not \
                      end in time; the body is dropped and the key spent (not replayable)"
                 );
