@@ -7,12 +7,9 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use crate::{
-    error::BoxError,
-    problem::Problem,
-    stream::{Chunk, Receiver},
-};
-use bytes::{Bytes, BytesMut};
+pub(crate) use crate::chunks::Chunks;
+use crate::{error::BoxError, problem::Problem, stream::Receiver};
+use bytes::Bytes;
 use http::{HeaderMap, header, request};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -100,56 +97,6 @@ impl<B> fmt::Debug for RequestBody<B> {
     }
 }
 
-/// Data frames taken so far: the first one without a `Vec`.
-#[derive(Default)]
-pub(crate) struct Chunks {
-    first: Option<Bytes>,
-    rest: Vec<Bytes>,
-    pub(crate) len: usize,
-}
-
-impl Chunks {
-    pub(crate) fn push(&mut self, data: Bytes) {
-        self.len += data.len();
-        if self.first.is_none() {
-            self.first = Some(data);
-        } else {
-            self.rest.push(data);
-        }
-    }
-
-    pub(crate) fn count(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.len()
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Bytes> {
-        self.first.iter().chain(&self.rest)
-    }
-
-    pub(crate) fn into_vec(self) -> Vec<Bytes> {
-        let mut all = Vec::with_capacity(self.count());
-        all.extend(self.first);
-        all.extend(self.rest);
-        all
-    }
-
-    /// Joins the chunks; a single chunk is handed on as it is, without a copy.
-    pub(crate) fn concat(self) -> Bytes {
-        match self.first {
-            None => Bytes::new(),
-            Some(first) if self.rest.is_empty() => first,
-            Some(first) => {
-                let mut joined = BytesMut::with_capacity(self.len);
-                joined.extend_from_slice(&first);
-                for chunk in &self.rest {
-                    joined.extend_from_slice(chunk);
-                }
-                joined.freeze()
-            }
-        }
-    }
-}
-
 /// Reads a request body whole into `read`, refusing it past `limit`: by its declared length
 /// before anything is read (an oversized upload is refused without reading it), then as it
 /// arrives.
@@ -163,7 +110,7 @@ pub(crate) fn poll_read<B>(
 where
     B: Body<Data = Bytes>,
 {
-    if read.count() == 0 {
+    if read.is_empty() {
         let declared = head
             .headers
             .get(header::CONTENT_LENGTH)
@@ -215,7 +162,7 @@ pin_project! {
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
-        Channel { rx: Receiver, done: bool },
+        Channel { rx: Receiver },
     }
 }
 
@@ -235,22 +182,10 @@ impl<B> ResponseBody<B> {
 
     pub(crate) fn channel(rx: Receiver) -> Self {
         Self {
-            kind: ResponseKind::Channel { rx, done: false },
+            kind: ResponseKind::Channel { rx },
         }
     }
 }
-
-/// The task producing a streamed response stopped before the end of the body.
-#[derive(Debug)]
-struct ProducerStopped;
-
-impl fmt::Display for ProducerStopped {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the response body ended early: its handler failed")
-    }
-}
-
-impl std::error::Error for ProducerStopped {}
 
 impl<B> Body for ResponseBody<B>
 where
@@ -272,20 +207,7 @@ where
                     .or_else(|| trailers.take().map(Frame::trailers))
                     .map(Ok),
             ),
-            ResponseKindProj::Channel { rx, done } => {
-                if *done {
-                    return Poll::Ready(None);
-                }
-                let chunk = ready!(rx.poll_recv(cx));
-                let (next, finished) = match chunk {
-                    Some(Chunk::Frame(frame, _)) => (Some(Ok(frame)), false),
-                    Some(Chunk::Error(error)) => (Some(Err(error)), true),
-                    Some(Chunk::End) => (None, true),
-                    None => (Some(Err(ProducerStopped.into())), true),
-                };
-                *done = finished;
-                Poll::Ready(next)
-            }
+            ResponseKindProj::Channel { rx } => rx.poll_frame(cx),
         }
     }
 
@@ -293,7 +215,7 @@ where
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            ResponseKind::Channel { done, .. } => *done,
+            ResponseKind::Channel { rx } => rx.is_end_stream(),
         }
     }
 
@@ -316,9 +238,9 @@ impl<B> fmt::Debug for ResponseBody<B> {
                 .debug_struct("ResponseBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
                 .finish(),
-            ResponseKind::Channel { done, .. } => f
+            ResponseKind::Channel { rx } => f
                 .debug_struct("ResponseBody::Channel")
-                .field("done", done)
+                .field("done", &rx.is_end_stream())
                 .finish(),
         }
     }
@@ -330,21 +252,6 @@ mod tests {
     use http_body_util::{BodyExt, Empty, Full};
 
     type Plain = Empty<Bytes>;
-
-    #[test]
-    fn a_single_chunk_is_kept_without_copying() {
-        let chunk = Bytes::from(vec![1, 2, 3]);
-        let pointer = chunk.as_ptr();
-        let mut one = Chunks::default();
-        one.push(chunk);
-        assert_eq!(one.concat().as_ptr(), pointer);
-        assert_eq!(Chunks::default().concat(), Bytes::new());
-        let mut two = Chunks::default();
-        two.push(Bytes::from_static(b"a"));
-        two.push(Bytes::from_static(b"b"));
-        assert_eq!(two.count(), 2);
-        assert_eq!(two.concat(), Bytes::from_static(b"ab"));
-    }
 
     #[tokio::test]
     async fn a_full_body_yields_its_data_then_its_trailers() {
@@ -365,10 +272,15 @@ mod tests {
         assert!(request.is_end_stream());
     }
 
+    fn captured(data: &'static [u8]) -> Chunks {
+        let mut chunks = Chunks::default();
+        chunks.push(Bytes::from_static(data));
+        chunks
+    }
+
     #[tokio::test]
     async fn a_channel_that_closes_without_end_is_an_error() {
-        let (tx, rx) = crate::stream::channel();
-        tx.push(Chunk::Frame(Frame::data(Bytes::from_static(b"part")), 0));
+        let (tx, rx) = crate::stream::channel(captured(b"part"));
         drop(tx);
         let mut body = ResponseBody::<Plain>::channel(rx);
         let first = body.frame().await.unwrap().unwrap();
@@ -380,11 +292,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_that_ends_is_a_complete_body() {
-        let rx = crate::stream::ready([
-            Chunk::Frame(Frame::data(Bytes::from_static(b"a")), 0),
-            Chunk::Frame(Frame::data(Bytes::from_static(b"b")), 0),
-            Chunk::End,
-        ]);
+        let (tx, rx) = crate::stream::channel(captured(b"a"));
+        tx.capture(Bytes::from_static(b"b"));
+        tx.end();
         let body = ResponseBody::<Plain>::channel(rx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ab");
     }

@@ -1,11 +1,17 @@
 //! Capturing a handler's response for its record: what its body has ready at once, and the
 //! rest of a streamed body, read by a task of its own at the pace the handler produces it.
 //!
-//! The captured frames are queued for the client without waiting for it
+//! The captured data is handed to the client without waiting for it
 //! ([`stream`](crate::stream)): a slow or silent client never holds the key in flight. Past
 //! the capture limit the key is spent (completed, not replayable) and the rest of the body
 //! follows at the client's pace. A streamed response ends only once its record is stored, so
 //! a client that has the whole response and retries at once is replayed.
+//!
+//! A capture outlives its client for a bounded time only
+//! ([`with_capture_after_disconnect`](crate::IdempotencyLayer::with_capture_after_disconnect)):
+//! a body that has not ended by then (an event stream that never ends) is dropped, and its key
+//! spent like an oversized one's: the handler ran, and its response was neither delivered
+//! whole nor recorded, so a retry must not run it again.
 
 use std::{
     future::Future,
@@ -17,7 +23,6 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode, response};
 use http_body::{Body, Frame};
-use tracing::Instrument;
 
 use crate::{
     body::{Chunks, ResponseBody},
@@ -32,7 +37,8 @@ use crate::{
     record::Record,
     reject::reject,
     store::IdempotencyStore,
-    stream::{self, Chunk, Sender},
+    stream::{self, Sender},
+    task,
 };
 
 /// A protected handler's response, settled.
@@ -94,15 +100,39 @@ where
             let response = expiry::on_first_execution(config, ttl, response);
             (Box::pin(lease.complete(record, ttl)), response)
         }
-        Ran::Streaming { head, pump } => {
-            let (tx, rx) = stream::channel();
+        Ran::Streaming {
+            head,
+            body,
+            ready,
+            trailers,
+        } => {
             let of = RecordOf {
                 fingerprint,
                 status: head.status,
                 headers: head.headers.clone(),
                 ttl,
             };
-            tokio::spawn(pump.finish(lease, tx, limit, of).in_current_span());
+            let len = ready.len;
+            let (tx, rx) = stream::channel(ready);
+            if let Some(trailers) = &trailers {
+                tx.capture_trailers(trailers.clone());
+            }
+            let pump = Pump {
+                body,
+                tx,
+                len,
+                limit,
+                trailers,
+                after_client: config.capture_after_disconnect,
+            };
+            if !task::spawn(pump.finish(lease, of)) {
+                // Polled outside a tokio runtime: nothing can read the rest of the body. The
+                // client's body ends in an error; the claim frees itself when its lease ends.
+                tracing::warn!(
+                    "a streamed idempotent response needs a tokio runtime to be captured; \
+                     its body was cut short"
+                );
+            }
             let response = Response::from_parts(head, ResponseBody::channel(rx));
             return Settled::Now(expiry::on_first_execution(config, ttl, response));
         }
@@ -136,10 +166,12 @@ enum Ran<B> {
         body: Bytes,
         trailers: Option<HeaderMap>,
     },
-    /// The body is still being produced.
+    /// The body is still being produced; here is what was taken of it so far.
     Streaming {
         head: response::Parts,
-        pump: Pump<B>,
+        body: Pin<Box<B>>,
+        ready: Chunks,
+        trailers: Option<HeaderMap>,
     },
 }
 
@@ -159,7 +191,10 @@ where
     let limit = config.response_body_limit;
     let mut ready = Chunks::default();
     let mut trailers = None;
-    while ready.len <= limit && ready.count() < READY_FRAMES {
+    for _ in 0..READY_FRAMES {
+        if ready.len > limit {
+            break;
+        }
         match body.as_mut().poll_frame(cx) {
             Poll::Pending => break,
             Poll::Ready(None) => {
@@ -174,22 +209,16 @@ where
                 Err(frame) => trailers = frame.into_trailers().ok(),
             },
             Poll::Ready(Some(Err(error))) => {
-                let frames = ready
-                    .into_vec()
-                    .into_iter()
-                    .map(|data| Chunk::Frame(Frame::data(data), 0));
-                let rx = stream::ready(frames.chain([Chunk::Error(error.into())]));
+                let rx = stream::failed(ready, error.into());
                 return Ran::Broken(Response::from_parts(head, ResponseBody::channel(rx)));
             }
         }
     }
     Ran::Streaming {
         head,
-        pump: Pump {
-            body,
-            ready,
-            trailers,
-        },
+        body,
+        ready,
+        trailers,
     }
 }
 
@@ -201,25 +230,34 @@ struct RecordOf {
     ttl: Duration,
 }
 
-/// The rest of a body still being produced, and what was taken of it so far.
+/// The rest of a body still being produced, read by a task of its own.
 struct Pump<B> {
     body: Pin<Box<B>>,
-    ready: Chunks,
+    /// The client's channel, which holds the captured data.
+    tx: Sender,
+    /// The bytes captured so far.
+    len: usize,
+    limit: usize,
     trailers: Option<HeaderMap>,
+    /// How long the capture may go on once the client is gone.
+    after_client: Duration,
 }
 
 /// How capturing a streamed body ended.
-enum Captured<B> {
+enum Captured {
     /// The whole body, within the limit.
-    Whole {
-        body: Bytes,
-        trailers: Option<HeaderMap>,
-    },
-    /// The body went past the limit; here is the rest of it, still to be forwarded.
-    OverLimit(Pin<Box<B>>),
+    Whole,
+    /// The body went past the limit with this frame (none if what was ready at once did).
+    OverLimit(Option<Frame<Bytes>>),
+    /// The body had not ended when the client had been gone for the bound.
+    CutShort,
     /// The body failed.
     Failed(BoxError),
 }
+
+/// A task reading a body that is always ready (countless frames, none pending) lets others
+/// run after this many frames.
+const YIELD_EVERY: u32 = 64;
 
 impl<B> Pump<B>
 where
@@ -228,48 +266,108 @@ where
 {
     /// The task behind a streamed response: captures the body while the lease is kept alive,
     /// then stores the record (or releases the key) and ends the client's body.
-    async fn finish<St: IdempotencyStore>(
-        self,
-        mut lease: Lease<St>,
-        tx: Sender,
-        limit: usize,
-        of: RecordOf,
-    ) {
-        match lease.keep_alive(self.capture(&tx, limit)).await {
-            Captured::Whole { body, trailers } => {
+    async fn finish<St: IdempotencyStore>(mut self, mut lease: Lease<St>, of: RecordOf) {
+        match lease.keep_alive(self.capture()).await {
+            Captured::Whole => {
                 let record = Record::response(
                     of.fingerprint,
                     of.status,
                     &of.headers,
-                    body,
-                    trailers.as_ref(),
+                    self.tx.captured(),
+                    self.trailers.as_ref(),
                 );
                 lease.complete(record, of.ttl).await;
-                tx.push(Chunk::End);
+                self.tx.end();
             }
-            Captured::OverLimit(rest) => {
+            Captured::OverLimit(frame) => {
                 // The key is spent whatever the rest of the body does: the handler ran.
                 let record = Record::not_replayable(of.fingerprint, of.status);
                 lease.complete(record, of.ttl).await;
-                forward_rest(rest, &tx).await;
+                self.forward_rest(frame).await;
+            }
+            Captured::CutShort => {
+                let after = self.after_client;
+                // The handler's body first: its stream stops now, not once the key is spent.
+                drop(self);
+                tracing::warn!(
+                    ?after,
+                    "the client of a streamed idempotent response left and its body did not \
+                     end in time; the body is dropped and the key spent (not replayable)"
+                );
+                let record = Record::not_replayable(of.fingerprint, of.status);
+                lease.complete(record, of.ttl).await;
             }
             Captured::Failed(error) => {
                 // Released before the client sees the error, so its retry at once executes.
                 lease.release(RecordResult::BodyError).await;
-                tx.push(Chunk::Error(error));
+                self.tx.fail(error);
             }
         }
     }
 
-    /// Reads the body at the handler's pace, capturing it and queueing every frame for the
-    /// client without waiting for it, until it ends, fails or goes past `limit`.
-    async fn capture(mut self, tx: &Sender, limit: usize) -> Captured<B> {
-        let over = self.ready.len > limit;
-        for data in self.ready.iter() {
-            tx.push(Chunk::Frame(Frame::data(data.clone()), 0));
+    /// Reads the body at the handler's pace, capturing it for the record and the client
+    /// without waiting for the client, until it ends, fails, goes past the limit, or its
+    /// client has been gone for `after_client`.
+    async fn capture(&mut self) -> Captured {
+        if self.len > self.limit {
+            return Captured::OverLimit(None);
         }
-        if over {
-            return Captured::OverLimit(self.body);
+        let Self {
+            body,
+            tx,
+            len,
+            limit,
+            trailers,
+            after_client,
+        } = self;
+        let cut_short = async {
+            tx.gone().await;
+            tokio::time::sleep(*after_client).await;
+        };
+        let mut cut_short = std::pin::pin!(cut_short);
+        let mut frames: u32 = 0;
+        loop {
+            frames = frames.wrapping_add(1);
+            if frames.is_multiple_of(YIELD_EVERY) {
+                tokio::task::yield_now().await;
+            }
+            let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx).map_err(Into::into));
+            let frame = tokio::select! {
+                biased;
+                () = &mut cut_short => return Captured::CutShort,
+                frame = next => frame,
+            };
+            let frame = match frame {
+                None => return Captured::Whole,
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => return Captured::Failed(error),
+            };
+            match frame.into_data() {
+                Ok(data) if *len + data.len() > *limit => {
+                    return Captured::OverLimit(Some(Frame::data(data)));
+                }
+                Ok(data) => {
+                    *len += data.len();
+                    tx.capture(data);
+                }
+                Err(frame) => {
+                    if let Ok(map) = frame.into_trailers() {
+                        *trailers = Some(map.clone());
+                        tx.capture_trailers(map);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forwards the rest of a body past the capture limit (from `first`) at the client's
+    /// pace; stops reading it once the client is gone (nothing else needs it: its key is
+    /// spent already).
+    async fn forward_rest(mut self, first: Option<Frame<Bytes>>) {
+        if let Some(frame) = first
+            && !self.tx.send(frame).await
+        {
+            return;
         }
         loop {
             let next = std::future::poll_fn(|cx| {
@@ -278,47 +376,19 @@ where
                     .poll_frame(cx)
                     .map_err(Into::<BoxError>::into)
             });
-            let frame = match next.await {
-                None => {
-                    return Captured::Whole {
-                        body: self.ready.concat(),
-                        trailers: self.trailers,
-                    };
-                }
-                Some(Ok(frame)) => frame,
-                Some(Err(error)) => return Captured::Failed(error),
+            let next = tokio::select! {
+                biased;
+                () = self.tx.gone() => return,
+                next = next => next,
             };
-            if let Some(data) = frame.data_ref() {
-                if self.ready.len + data.len() > limit {
-                    tx.push(Chunk::Frame(frame, 0));
-                    return Captured::OverLimit(self.body);
-                }
-                self.ready.push(data.clone());
-            } else if let Some(trailers) = frame.trailers_ref() {
-                self.trailers = Some(trailers.clone());
-            }
-            tx.push(Chunk::Frame(frame, 0));
-        }
-    }
-}
-
-/// Forwards the rest of a body past the capture limit at the client's pace; stops reading it
-/// once the client is gone (nothing else needs it: its key is spent already).
-async fn forward_rest<B>(mut body: Pin<Box<B>>, tx: &Sender)
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    loop {
-        let next =
-            std::future::poll_fn(|cx| body.as_mut().poll_frame(cx).map_err(Into::<BoxError>::into));
-        match next.await {
-            None => return tx.push(Chunk::End),
-            Some(Err(error)) => return tx.push(Chunk::Error(error)),
-            Some(Ok(frame)) => {
-                if !tx.send(frame).await {
-                    tracing::debug!("client went away from a response too large to keep");
-                    return;
+            match next {
+                None => return self.tx.end(),
+                Some(Err(error)) => return self.tx.fail(error),
+                Some(Ok(frame)) => {
+                    if !self.tx.send(frame).await {
+                        tracing::debug!("client went away from a response too large to keep");
+                        return;
+                    }
                 }
             }
         }

@@ -45,6 +45,12 @@ pub const MIN_LEASE: Duration = Duration::from_millis(100);
 /// take; it bounds how long the key of a crashed instance stays blocked.
 pub const MAX_LEASE: Duration = Duration::from_secs(60 * 60);
 
+/// The longest a streamed response may still be captured once its client is gone
+/// ([`with_capture_after_disconnect`](crate::IdempotencyLayer::with_capture_after_disconnect)):
+/// one hour. A capture that outlives its client holds its key in flight (retries wait, then
+/// get `409`) and keeps its handler's body running; "forever" is what the bound is for.
+pub const MAX_CAPTURE_AFTER_DISCONNECT: Duration = Duration::from_secs(60 * 60);
+
 /// The longest [`WaitMode::Wait`] accepted: one hour, far longer than any HTTP client waits
 /// for a response.
 pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
@@ -143,6 +149,8 @@ pub(crate) struct Config {
     pub(crate) mismatch_status: StatusCode,
     pub(crate) request_body_limit: usize,
     pub(crate) response_body_limit: usize,
+    /// How long a streamed response is still captured once its client is gone.
+    pub(crate) capture_after_disconnect: Duration,
     pub(crate) store_when: StoreWhen,
     pub(crate) fail_mode: FailMode,
     pub(crate) render_problem: Option<RenderProblem>,
@@ -160,6 +168,7 @@ pub(crate) mod defaults {
     pub(crate) const WAIT: Duration = Duration::from_secs(10);
     pub(crate) const FINGERPRINT_WINDOW: Duration = Duration::from_secs(60);
     pub(crate) const BODY_LIMIT: usize = 1024 * 1024;
+    pub(crate) const CAPTURE_AFTER_DISCONNECT: Duration = Duration::from_secs(60);
 }
 
 /// The default store-when predicate: everything but transient failures (5xx, 408, 429).
@@ -185,6 +194,7 @@ impl Default for Config {
             mismatch_status: StatusCode::CONFLICT,
             request_body_limit: defaults::BODY_LIMIT,
             response_body_limit: defaults::BODY_LIMIT,
+            capture_after_disconnect: defaults::CAPTURE_AFTER_DISCONNECT,
             store_when: Arc::new(is_not_transient),
             fail_mode: FailMode::Closed,
             render_problem: None,

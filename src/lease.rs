@@ -19,7 +19,6 @@ use std::{
 };
 
 use tokio::time::{Instant, Sleep};
-use tracing::Instrument;
 
 use crate::{
     error::{StoreError, StoreErrorKind},
@@ -27,6 +26,7 @@ use crate::{
     observe::{Describe, Observer, Op, RecordResult, Renewal as Renewed},
     record::Record,
     store::{FenceToken, IdempotencyStore},
+    task::spawn,
 };
 
 /// The first pause before a failed completion or release is tried again; it doubles up to
@@ -336,13 +336,5 @@ impl<St: IdempotencyStore> Drop for Lease<St> {
         spawn(async move {
             let _ = store.release(&key, token).await;
         });
-    }
-}
-
-/// Runs `work` on the current runtime, in the current span. Without a runtime (it is shutting
-/// down) the work is dropped: a claim it would have ended frees itself when its lease ends.
-fn spawn(work: impl Future<Output = ()> + Send + 'static) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(work.in_current_span());
     }
 }

@@ -10,6 +10,7 @@ mod body;
 mod canonical;
 mod capture;
 mod catch_unwind;
+mod chunks;
 mod claim;
 mod config;
 mod digest;
@@ -38,13 +39,14 @@ mod replay;
 mod service;
 pub mod store;
 mod stream;
+mod task;
 
 pub use crate::{
     body::{RequestBody, ResponseBody},
     claim::{Claim, FenceToken},
     config::{
-        FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE,
-        MissingKey, Recovery, WaitMode,
+        FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_CAPTURE_AFTER_DISCONNECT, MAX_LEASE,
+        MAX_TTL, MAX_WAIT, MIN_LEASE, MissingKey, Recovery, WaitMode,
     },
     error::{BoxError, StoreError, StoreErrorKind},
     expiry::IDEMPOTENCY_KEY_EXPIRES_IN,

@@ -29,8 +29,9 @@ pub enum ProblemKind {
     InFlight,
     /// The key was used before with another method, path, query or body (409 or 422).
     KeyReused,
-    /// The first request with this key completed, but its response was too large to keep, so
-    /// it cannot be replayed (409). It is never executed a second time.
+    /// The first request with this key completed, but its response was too large to keep (or
+    /// was a stream cut short, still running long after its client left), so it cannot be
+    /// replayed (409). It is never executed a second time.
     NotReplayable,
     /// The idempotency store is unavailable, so the request cannot be protected (503,
     /// `Retry-After`).
@@ -209,8 +210,9 @@ impl Problem {
             StatusCode::CONFLICT,
             format!(
                 "the request with this idempotency key completed with status {}, but its response \
-                 was larger than {limit} bytes (or had more than {} header fields) and was not \
-                 kept; it will not be executed again",
+                 was larger than {limit} bytes (or had more than {} header fields, or was a \
+                 stream cut short after its client left) and was not kept; it will not be \
+                 executed again",
                 original.as_u16(),
                 crate::record::MAX_RECORD_HEADERS,
             ),

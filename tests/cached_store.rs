@@ -270,3 +270,25 @@ async fn a_failed_completion_is_not_cached() {
     ));
     assert_eq!(cached.record_count(), 0);
 }
+
+/// As for `MemoryStore`: no execution while a record (cached or not) is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 16)]
+async fn no_claim_acquires_a_key_while_its_record_is_live_under_sixteen_racing_threads() {
+    let store = CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024);
+    let seen = common::stress::no_claim_acquires_a_key_whose_record_is_live(
+        store,
+        16,
+        (Duration::from_micros(500), Duration::ZERO),
+        Duration::from_secs(2),
+    )
+    .await;
+    println!("{seen:?}");
+    assert!(
+        seen.total > 50,
+        "the key was executed again and again: {seen:?}"
+    );
+    assert_eq!(
+        seen.while_live, 0,
+        "executions while a record was live: {seen:?}"
+    );
+}

@@ -136,15 +136,21 @@ async fn expired_records_are_never_replayed_and_make_room_without_counting_as_ev
         "expired records wait to be read or pushed out"
     );
 
-    // Read, an expired record is not replayed: its key is free, and the record is dropped.
-    assert!(matches!(
-        store
-            .claim(&expiring[0], &fingerprint("a"), LEASE)
-            .await
-            .unwrap(),
-        Claim::Acquired(_)
-    ));
-    assert_eq!(store.record_count(), 99);
+    // Read, an expired record is not replayed: its key is free. The read leaves it in place
+    // (it might have removed a newer record); the key's next record replaces it.
+    let Claim::Acquired(token) = store
+        .claim(&expiring[0], &fingerprint("a"), LEASE)
+        .await
+        .unwrap()
+    else {
+        panic!("an expired record is not replayed");
+    };
+    assert_eq!(store.record_count(), 100);
+    store
+        .complete(&expiring[0], token, record.clone(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(store.record_count(), 100, "replaced, not added");
 
     // Newer records push the rest out; that is not an eviction of anything still useful.
     let fresh: Vec<StorageKey> = {
@@ -292,4 +298,26 @@ fn a_memory_store_too_small_to_keep_a_record_panics() {
             }
         }
     }
+}
+
+/// A reader that finds an expired record and is descheduled must not remove the record a
+/// newer execution stored meanwhile: the next claim would run the handler again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 16)]
+async fn no_claim_acquires_a_key_while_its_record_is_live_under_sixteen_racing_threads() {
+    let seen = common::stress::no_claim_acquires_a_key_whose_record_is_live(
+        MemoryStore::default(),
+        16,
+        (Duration::from_micros(500), Duration::ZERO),
+        Duration::from_secs(2),
+    )
+    .await;
+    println!("{seen:?}");
+    assert!(
+        seen.total > 50,
+        "the key was executed again and again: {seen:?}"
+    );
+    assert_eq!(
+        seen.while_live, 0,
+        "executions while a record was live: {seen:?}"
+    );
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 use tower_idempotency::{
-    IdempotencyLayer, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE, MemoryStore, MissingKey, WaitMode,
+    IdempotencyLayer, MAX_CAPTURE_AFTER_DISCONNECT, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE,
+    MemoryStore, MissingKey, WaitMode,
 };
 
 use common::panics::assert_refused_by;
@@ -39,6 +40,7 @@ fn layer_settings_outside_their_bounds_panic_naming_the_setter() {
     let window = Some("IdempotencyLayer::with_missing_key");
     let mismatch = Some("IdempotencyLayer::with_mismatch_status");
     let wait = Some("IdempotencyLayer::with_wait_mode");
+    let capture = Some("IdempotencyLayer::with_capture_after_disconnect");
     let status = |code: u16| StatusCode::from_u16(code).unwrap();
     let cases: Vec<Case> = vec![
         case("zero lease", |l| l.with_lease(Duration::ZERO), lease),
@@ -147,6 +149,31 @@ fn layer_settings_outside_their_bounds_panic_naming_the_setter() {
             "endless wait",
             |l| l.with_wait_mode(WaitMode::Wait(Duration::MAX)),
             wait,
+        ),
+        case(
+            "capture stops with its client",
+            |l| l.with_capture_after_disconnect(Duration::ZERO),
+            None,
+        ),
+        case(
+            "default capture bound",
+            |l| l.with_capture_after_disconnect(Duration::from_secs(60)),
+            None,
+        ),
+        case(
+            "longest capture bound",
+            |l| l.with_capture_after_disconnect(MAX_CAPTURE_AFTER_DISCONNECT),
+            None,
+        ),
+        case(
+            "capture bound over the maximum",
+            |l| l.with_capture_after_disconnect(MAX_CAPTURE_AFTER_DISCONNECT + NS),
+            capture,
+        ),
+        case(
+            "endless capture",
+            |l| l.with_capture_after_disconnect(Duration::MAX),
+            capture,
         ),
     ];
     for (what, set, refused_by) in cases {

@@ -406,3 +406,137 @@ async fn a_client_that_never_reads_an_over_cap_body_does_not_hold_the_key_either
     assert_eq!(late.len(), total);
     assert_eq!(handler.calls(), 1);
 }
+
+/// Polls `future` to its end on this thread with no runtime at all (what another executor
+/// would do), as long as it never waits for anything but a wake it gave itself.
+fn poll_without_a_runtime<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for _ in 0..10_000 {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+    }
+    panic!("the future waits for something only a runtime provides");
+}
+
+#[test]
+fn a_streamed_response_polled_outside_a_tokio_runtime_ends_in_an_error_instead_of_a_panic() {
+    assert!(tokio::runtime::Handle::try_current().is_err());
+    let handler = Handler::new(|_request| async {
+        respond(
+            StatusCode::OK,
+            scripted([data("first "), Step::Yield, data("second")]),
+        )
+    });
+    let store = MemoryStore::default();
+    let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
+    let request = keyed_post("/export", "k", "{}");
+    let response = poll_without_a_runtime(tower::ServiceExt::oneshot(svc, request))
+        .expect("the layer answers");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Nothing can capture the rest of the body without a runtime: it ends in an error rather
+    // than looking complete, and the claim is left to its lease (no record, no panic).
+    let read = poll_without_a_runtime(response.into_body().collect());
+    assert!(read.is_err(), "a body cut short must not look complete");
+    assert_eq!(handler.calls(), 1);
+    assert_eq!(store.record_count(), 0);
+}
+
+/// A body that never ends: a frame every second, counted as it is produced.
+struct Endless {
+    tick: tokio::time::Interval,
+    produced: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = common::service::BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::ready!(self.tick.poll_tick(cx));
+        self.produced
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            b"data: tick\n\n",
+        )))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endless_stream_whose_client_left_is_cut_after_the_bound_and_its_key_spent() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let produced = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&produced);
+    let handler = Handler::new(move |_request| {
+        let produced = Arc::clone(&counter);
+        async move {
+            let tick = tokio::time::interval(Duration::from_secs(1));
+            respond(StatusCode::OK, Endless { tick, produced }.boxed_unsync())
+        }
+    });
+    let store = MemoryStore::default();
+    // The default bound: 60 s.
+    let layer =
+        IdempotencyLayer::new(store.clone()).with_wait_mode(tower_idempotency::WaitMode::Reject);
+    let svc = serve(&layer, &handler);
+
+    let response = send_raw(&svc, keyed_post("/events", "k", "{}")).await;
+    let mut body = response.into_body();
+    within(body.frame()).await.expect("a frame").expect("data");
+    drop(body);
+
+    // Within the bound, the capture goes on (the handler's work is not cut short at once).
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    send(&svc, keyed_post("/events", "k", "{}"))
+        .await
+        .assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
+    assert_eq!(store.in_flight_count(), 1);
+
+    // Past it, the body is dropped and the key spent: never a second execution.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    common::service::eventually("the capture is cut and the key spent", || {
+        store.in_flight_count() == 0 && store.record_count() == 1
+    })
+    .await;
+    let retry = send(&svc, keyed_post("/events", "k", "{}")).await;
+    retry.assert_problem(ProblemKind::NotReplayable, StatusCode::CONFLICT);
+    let stopped_at = produced.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        produced.load(Ordering::SeqCst),
+        stopped_at,
+        "the handler's body is no longer read"
+    );
+    assert!((55..=70).contains(&stopped_at), "{stopped_at} frames");
+    assert_eq!(handler.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_bound_cuts_an_endless_stream_as_soon_as_its_client_leaves() {
+    use std::sync::{Arc, atomic::AtomicUsize};
+    let handler = Handler::new(|_request| async {
+        let tick = tokio::time::interval(Duration::from_secs(1));
+        let produced = Arc::new(AtomicUsize::new(0));
+        respond(StatusCode::OK, Endless { tick, produced }.boxed_unsync())
+    });
+    let store = MemoryStore::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_capture_after_disconnect(Duration::ZERO);
+    let svc = serve(&layer, &handler);
+    let response = send_raw(&svc, keyed_post("/events", "k", "{}")).await;
+    drop(response);
+    common::service::eventually("the key is spent", || {
+        store.in_flight_count() == 0 && store.record_count() == 1
+    })
+    .await;
+    send(&svc, keyed_post("/events", "k", "{}"))
+        .await
+        .assert_problem(ProblemKind::NotReplayable, StatusCode::CONFLICT);
+    assert_eq!(handler.calls(), 1);
+}

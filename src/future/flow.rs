@@ -301,12 +301,10 @@ where
             return;
         }
         self.as_mut().project().ctx.gone = true;
-        // Without a runtime (it is shutting down) the work is dropped; a claim it held frees
-        // itself when its lease ends.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = std::future::poll_fn(|cx| self.as_mut().poll_work(cx)).await;
-            });
-        }
+        // Without a runtime the work is dropped; a claim it held frees itself when its lease
+        // ends.
+        crate::task::spawn(async move {
+            let _ = std::future::poll_fn(|cx| self.as_mut().poll_work(cx)).await;
+        });
     }
 }

@@ -7,7 +7,7 @@ use http::{HeaderName, response};
 
 use super::IdempotencyLayer;
 use crate::{
-    config::{MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE, WaitMode},
+    config::{MAX_CAPTURE_AFTER_DISCONNECT, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE, WaitMode},
     store::IdempotencyStore,
 };
 
@@ -92,6 +92,37 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// ```
     pub fn with_response_body_limit(mut self, bytes: usize) -> Self {
         self.config().response_body_limit = bytes;
+        self
+    }
+
+    /// How long a streamed response is still captured once its client has gone away.
+    /// Default: 60 s.
+    ///
+    /// A client that leaves does not cancel the work: its response is still read and stored,
+    /// so that the retry gets the replay. But a body that never ends (an event stream) would
+    /// hold its key in flight for ever, retries waiting and getting `409`. Past this bound the
+    /// body is dropped (the handler's stream stops) and the key is spent, as for a response
+    /// over the limit: the handler ran and its response was neither delivered whole nor
+    /// recorded, so retries get a `409` `NotReplayable` problem and never run it again. Zero
+    /// stops the capture as soon as the client is gone.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_capture_after_disconnect(Duration::from_secs(300));
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `bound` is longer than
+    /// [`MAX_CAPTURE_AFTER_DISCONNECT`](crate::MAX_CAPTURE_AFTER_DISCONNECT) (1 hour).
+    pub fn with_capture_after_disconnect(mut self, bound: Duration) -> Self {
+        assert!(
+            bound <= MAX_CAPTURE_AFTER_DISCONNECT,
+            "IdempotencyLayer::with_capture_after_disconnect: the bound must be at most \
+             MAX_CAPTURE_AFTER_DISCONNECT ({MAX_CAPTURE_AFTER_DISCONNECT:?}), got {bound:?}"
+        );
+        self.config().capture_after_disconnect = bound;
         self
     }
 

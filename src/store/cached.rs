@@ -107,8 +107,8 @@ impl<St> CachedStore<St> {
         self.caches.replayed.evictions()
     }
 
-    /// How many records the cache holds (expired ones included until they are read or
-    /// pushed out).
+    /// How many records the cache holds (expired ones included until they are replaced or
+    /// pushed out; the table of recent completions drops them when read).
     pub fn record_count(&self) -> u64 {
         self.caches.replayed.len() + self.caches.recent.len()
     }

@@ -5,7 +5,7 @@
 //! # Expiry without a timer wheel
 //!
 //! Each record carries its own deadline, checked when it is read: an expired record is never
-//! returned, and is dropped then. moka's per-entry expiry is not used. It would remove expired
+//! returned (nor removed by the read: see [`RecordCache::get`]). moka's per-entry expiry is not used. It would remove expired
 //! records on time, but it does so in its housekeeping, on whichever request thread runs it:
 //! when many records expire together (a burst of traffic a TTL ago, such as derived keys with
 //! a 60 s window) one request pays for removing all of them. Measured with the load script,
@@ -112,7 +112,7 @@ impl RecordCache {
         }
     }
 
-    /// The record under `key` and how long it has left; an expired record is dropped.
+    /// The record under `key` and how long it has left; `None` for an expired record.
     pub(crate) fn get(&self, key: &StorageKey) -> Option<(Record, Duration)> {
         // A miss through `get` is queued for the housekeeping (for TinyLFU's frequency
         // sketch, which LRU does not use); a first execution looks up a key that is never
@@ -121,12 +121,13 @@ impl RecordCache {
             return None;
         }
         let entry = self.cache.get(key)?;
-        let Some(left) = entry.left(Instant::now()) else {
-            // Should a newer record have replaced it meanwhile (only `CachedStore` inserts
-            // outside a lock), it goes too: the next replay reads it from the store behind.
-            self.cache.invalidate(key);
-            return None;
-        };
+        // An expired record is left in place, never removed here: between this read and a
+        // removal, a newer record may have been stored under the key (the reader descheduled
+        // while another request claimed, ran and completed), and removing it would let the
+        // next claim run the handler again. moka has no remove-if-unchanged that holds against
+        // a plain insert (`and_compute_with` only excludes other computations), so the expired
+        // record stays until the key's next record replaces it or the LRU pushes it out.
+        let left = entry.left(Instant::now())?;
         Some((entry.record, left))
     }
 
@@ -134,11 +135,16 @@ impl RecordCache {
         self.insert_until(key, record, expires_at(ttl));
     }
 
-    /// Inserts `record` unless the cache holds a record under `key` already (records are
-    /// final: it is the same one), sparing the cache's bookkeeping. (Should the one held have
-    /// expired, it is dropped when next read, and the next record learned is inserted.)
+    /// Inserts `record` unless the cache holds an unexpired record under `key` already
+    /// (records are final: it is the same one), sparing the cache's bookkeeping. An expired
+    /// one held is replaced.
     pub(crate) fn insert_new(&self, key: StorageKey, record: Record, ttl: Duration) {
-        if !self.cache.contains_key(&key) {
+        let held = self.cache.contains_key(&key)
+            && self
+                .cache
+                .get(&key)
+                .is_some_and(|entry| entry.left(Instant::now()).is_some());
+        if !held {
             self.insert(key, record, ttl);
         }
     }
@@ -235,11 +241,20 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_key_is_a_miss_and_an_expired_record_is_dropped() {
+    fn an_unknown_key_is_a_miss_and_an_expired_record_is_not_returned() {
         let cache = RecordCache::new(1 << 20, "test");
         assert!(cache.get(&key(1)).is_none());
         cache.insert_until(key(1), record(b"gone"), Instant::now());
         assert!(cache.get(&key(1)).is_none());
-        assert_eq!(cache.len(), 0);
+        assert!(cache.inspect(&key(1)).is_none());
+    }
+
+    #[test]
+    fn an_expired_record_is_replaced_by_the_next_one_learned() {
+        let cache = RecordCache::new(1 << 20, "test");
+        cache.insert_until(key(1), record(b"old"), Instant::now());
+        cache.insert_new(key(1), record(b"new"), Duration::from_secs(60));
+        let (kept, _) = cache.get(&key(1)).unwrap();
+        assert_eq!(kept, record(b"new"));
     }
 }

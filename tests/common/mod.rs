@@ -11,3 +11,4 @@ pub mod recording_store;
 pub mod redis_server;
 pub mod scenarios;
 pub mod service;
+pub mod stress;

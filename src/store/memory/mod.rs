@@ -35,7 +35,8 @@ pub const MIN_CAPACITY_BYTES: u64 = 64 * 1024;
 ///   never the newcomer (moka's default TinyLFU admission would refuse new keys once full,
 ///   and their retries would execute again). Evictions are counted: [`evictions`](Self::evictions).
 /// - **Expiry costs nothing up front.** A record's TTL is checked when it is read; an expired
-///   record is never replayed, and is dropped when read or pushed out by newer records. So
+///   record is never replayed; it stays until its key's next record replaces it or newer
+///   records push it out (a read never removes it: it might remove a newer record). So
 ///   many records expiring at once never stall a request that happens to clean them up.
 /// - **No lock is held while the cache works.** moka may evict records inline, in whichever
 ///   call runs its housekeeping; that call is never made under a lock other requests wait
@@ -100,7 +101,7 @@ impl MemoryStore {
     }
 
     /// How many completed records the store holds (expired ones included until they are
-    /// read or pushed out).
+    /// replaced or pushed out).
     pub fn record_count(&self) -> u64 {
         self.inner.records.len()
     }
