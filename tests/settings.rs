@@ -39,6 +39,7 @@ fn layer_settings_outside_their_bounds_panic_naming_the_setter() {
     let window = Some("IdempotencyLayer::with_missing_key");
     let mismatch = Some("IdempotencyLayer::with_mismatch_status");
     let wait = Some("IdempotencyLayer::with_wait_mode");
+    let secret = Some("IdempotencyLayer::with_secret");
     let status = |code: u16| StatusCode::from_u16(code).unwrap();
     let cases: Vec<Case> = vec![
         case("zero lease", |l| l.with_lease(Duration::ZERO), lease),
@@ -148,6 +149,10 @@ fn layer_settings_outside_their_bounds_panic_naming_the_setter() {
             |l| l.with_wait_mode(WaitMode::Wait(Duration::MAX)),
             wait,
         ),
+        case("empty secret", |l| l.with_secret(b""), secret),
+        case("empty secret string", |l| l.with_secret(""), secret),
+        case("one-byte secret", |l| l.with_secret(b"x"), None),
+        case("32-byte secret", |l| l.with_secret([7u8; 32]), None),
     ];
     for (what, set, refused_by) in cases {
         let layer = IdempotencyLayer::new(MemoryStore::default());

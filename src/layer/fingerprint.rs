@@ -77,8 +77,18 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// stored under the old one are no longer found: a retry of a request made before the
     /// change executes again. Change it when retries are unlikely, or wait out the TTL with
     /// the old secret on instances still serving retries.
+    ///
+    /// # Panics
+    ///
+    /// If `secret` is empty: an empty HMAC key is no secret at all, and is what an unset
+    /// environment variable reads as.
     pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
-        self.config().fingerprint.secret = Some(Secret::new(secret.as_ref()));
+        let secret = secret.as_ref();
+        assert!(
+            !secret.is_empty(),
+            "IdempotencyLayer::with_secret: the secret is empty (use 32 random bytes or more)"
+        );
+        self.config().fingerprint.secret = Some(Secret::new(secret));
         self
     }
 
