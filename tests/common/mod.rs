@@ -9,5 +9,6 @@ pub mod operations;
 pub mod panics;
 pub mod recording_store;
 pub mod redis_server;
+pub mod rotation;
 pub mod scenarios;
 pub mod service;
