@@ -67,7 +67,7 @@ use serde_json::{Value, json};
 
 use crate::{
     config::Config,
-    digest::hex,
+    digest::{Secret, hex},
     inspect::{ClaimInfo, Inspection, ListCursor, LookupScope, RecordInfo},
     key::{IdempotencyKey, KeyRef, Scope, StorageKey},
     layer::IdempotencyLayer,
@@ -205,11 +205,16 @@ async fn look_up<St: IdempotencyStore>(State(admin): Admin<St>, request: Request
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
         return bad_request("the body is a JSON object: method, path, key, and scope or headers");
     };
-    let key = match address(&admin.config, &fields) {
-        Ok(key) => key,
-        Err(message) => return bad_request(message),
-    };
-    admin.inspect_key(&parts, "look_up", key).await
+    let config = &admin.config;
+    let secrets = std::iter::once(config.fingerprint.secret.as_ref())
+        .chain(config.fingerprint.previous_secrets.iter().map(Some));
+    let addresses: Result<Vec<StorageKey>, _> = secrets
+        .map(|secret| address(config, secret, &fields))
+        .collect();
+    match addresses {
+        Ok(addresses) => admin.look_up_key(&parts, addresses).await,
+        Err(message) => bad_request(message),
+    }
 }
 
 async fn forget<St: IdempotencyStore>(
@@ -316,31 +321,61 @@ async fn list<St: IdempotencyStore>(
 impl<St: IdempotencyStore> AdminRouter<St> {
     async fn inspect_key(&self, parts: &Parts, action: &'static str, key: StorageKey) -> Response {
         match self.store.inspect(&key).await {
-            Ok(found) => {
-                let (status, body, result) = match &found {
-                    None => (
-                        StatusCode::NOT_FOUND,
-                        json!({ "key_digest": key.to_hex(), "state": "free" }),
-                        "free",
-                    ),
-                    Some(Inspection::InFlight(claim)) => {
-                        let now = SystemTime::now();
-                        let result = if claim.is_abandoned(now) {
-                            "abandoned"
-                        } else {
-                            "in_flight"
-                        };
-                        (StatusCode::OK, claim_json(claim, now), result)
-                    }
-                    Some(Inspection::Completed(record)) => {
-                        (StatusCode::OK, record_json(&key, record), "completed")
-                    }
-                };
-                self.log(parts, action, Some(&key), result);
-                json_response(status, body)
-            }
+            Ok(found) => self.inspected(parts, action, key, found, false),
             Err(error) => self.store_failed(parts, action, Some(&key), &error),
         }
+    }
+
+    /// Looks at the request's address under the layer's secret, then (while free) under each
+    /// previous secret ([`add_previous_secret`](crate::IdempotencyLayer::add_previous_secret)),
+    /// as the layer itself does: what is found first is the answer.
+    async fn look_up_key(&self, parts: &Parts, addresses: Vec<StorageKey>) -> Response {
+        let Some(&current) = addresses.first() else {
+            return bad_request("no address");
+        };
+        for (i, key) in addresses.into_iter().enumerate() {
+            match self.store.inspect(&key).await {
+                Ok(None) => {}
+                Ok(found) => return self.inspected(parts, "look_up", key, found, i > 0),
+                Err(error) => return self.store_failed(parts, "look_up", Some(&key), &error),
+            }
+        }
+        self.inspected(parts, "look_up", current, None, false)
+    }
+
+    /// The answer for what `key` holds; `previous`: found under a previous secret.
+    fn inspected(
+        &self,
+        parts: &Parts,
+        action: &'static str,
+        key: StorageKey,
+        found: Option<Inspection>,
+        previous: bool,
+    ) -> Response {
+        let now = SystemTime::now();
+        let (status, mut body, result) = match &found {
+            None => (
+                StatusCode::NOT_FOUND,
+                json!({ "key_digest": key.to_hex(), "state": "free" }),
+                "free",
+            ),
+            Some(Inspection::InFlight(claim)) => {
+                let result = if claim.is_abandoned(now) {
+                    "abandoned"
+                } else {
+                    "in_flight"
+                };
+                (StatusCode::OK, claim_json(claim, now), result)
+            }
+            Some(Inspection::Completed(record)) => {
+                (StatusCode::OK, record_json(&key, record), "completed")
+            }
+        };
+        if let Some(fields) = body.as_object_mut().filter(|_| previous) {
+            fields.insert("secret".to_owned(), Value::from("previous"));
+        }
+        self.log(parts, action, Some(&key), result);
+        json_response(status, body)
     }
 
     fn log(&self, parts: &Parts, action: &'static str, key: Option<&StorageKey>, result: &str) {
@@ -371,9 +406,10 @@ impl<St: IdempotencyStore> AdminRouter<St> {
 }
 
 /// The storage key a client-keyed request had, from the look-up's fields, derived as
-/// `config`'s layer derives it.
+/// `config`'s layer derives it with `secret` (its own, or a previous one).
 fn address(
     config: &Config,
+    secret: Option<&Secret>,
     fields: &serde_json::Map<String, Value>,
 ) -> Result<StorageKey, &'static str> {
     let text = |name: &str| fields.get(name).and_then(Value::as_str);
@@ -391,7 +427,6 @@ fn address(
         (Some(scope), None, true) => {
             let scope = scope.as_str().ok_or("scope is a string")?;
             let scope = LookupScope::Principal(scope.as_bytes());
-            let secret = config.fingerprint.secret.as_ref();
             Ok(StorageKey::of_lookup(
                 secret,
                 scope,
@@ -409,7 +444,7 @@ fn address(
                 .body(())
                 .map_err(|_| "the request head is not valid")?
                 .into_parts();
-            Ok(config.storage_key(&parts, KeyRef::Client(&key)))
+            Ok(config.storage_key_under(secret, &parts, KeyRef::Client(&key)))
         }
         (Some(_), None, false) => Err(
             "this layer scopes records by the request's credentials: give its credential headers, not a scope",
@@ -500,7 +535,6 @@ fn bad_request(message: &'static str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::Secret;
 
     fn fields(json: &str) -> serde_json::Map<String, Value> {
         match serde_json::from_str(json) {
@@ -592,7 +626,7 @@ mod tests {
         ];
         for (config, json, expected) in cases {
             assert_eq!(
-                address(config, &fields(json)).map(|_| ()),
+                address(config, None, &fields(json)).map(|_| ()),
                 expected,
                 "{json}"
             );
@@ -618,7 +652,11 @@ mod tests {
                     r#"{"method":"POST","path":"/charges","key":"k-1","headers":{"authorization":"Bearer alice"}}"#
                 };
                 assert_eq!(
-                    address(&config, &fields(look_up)),
+                    address(
+                        &config,
+                        config.fingerprint.secret.as_ref(),
+                        &fields(look_up)
+                    ),
                     Ok(stored),
                     "{secret:?} {custom}"
                 );
@@ -627,7 +665,7 @@ mod tests {
                     ..config.clone()
                 };
                 assert_eq!(
-                    address(&unkeyed, &fields(look_up)) == Ok(stored),
+                    address(&unkeyed, None, &fields(look_up)) == Ok(stored),
                     secret.is_none(),
                     "a router with another secret finds another address"
                 );

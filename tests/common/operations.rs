@@ -37,13 +37,7 @@ pub fn app_with<St: IdempotencyStore>(store: St, recovery: Recovery, secret: Opt
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
     let mut layer = IdempotencyLayer::new(store)
-        .with_scope(|parts: &Parts| {
-            parts
-                .headers
-                .get("x-account")
-                .map(|v| v.as_bytes().to_vec())
-                .unwrap_or_default()
-        })
+        .with_scope(account_scope)
         .with_outcome_unknown(move |_: &Parts| recovery);
     if let Some(secret) = secret {
         layer = layer.with_secret(secret);
@@ -62,6 +56,15 @@ pub fn app_with<St: IdempotencyStore>(store: St, recovery: Recovery, secret: Opt
         router: charges.nest("/admin", admin.into_router()),
         calls,
     }
+}
+
+/// The charges' scope: the `x-account` header.
+fn account_scope(parts: &Parts) -> Vec<u8> {
+    parts
+        .headers
+        .get("x-account")
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default()
 }
 
 /// The operators: `alice` may, `mallory` is known but may not, anyone else is unknown.
@@ -426,7 +429,7 @@ pub async fn a_look_up_never_takes_credentials_from_the_url<St: IdempotencyStore
 
 pub async fn a_look_up_finds_what_a_keyed_layer_stored<St: IdempotencyStore>(store: St) {
     let secret = b"server secret, 32 bytes or more..";
-    let app = app_with(store, Recovery::RunAgain, Some(secret));
+    let app = app_with(store.clone(), Recovery::RunAgain, Some(secret));
     let account = account();
     assert_eq!(
         send(&app, charge(&account, "k-1")).await.status,
@@ -451,6 +454,24 @@ pub async fn a_look_up_finds_what_a_keyed_layer_stored<St: IdempotencyStore>(sto
         digest_of(&account, "k-1"),
         "the secret keys the address"
     );
+    assert!(found.json().get("secret").is_none());
+
+    // After a rotation, the router of the rotated layer finds it under the previous secret.
+    let rotated = IdempotencyLayer::new(store)
+        .with_scope(account_scope)
+        .with_secret(b"the next secret, 32 bytes or more")
+        .add_previous_secret(secret);
+    let rotated = App {
+        router: Router::new().nest(
+            "/admin",
+            AdminRouter::for_layer(&rotated, authorize).into_router(),
+        ),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let found = send(&rotated, look_up(&fields)).await;
+    assert_eq!(found.status, StatusCode::OK, "{}", found.json());
+    assert_eq!(found.json()["key_digest"], keyed.to_hex().as_str());
+    assert_eq!(found.json()["secret"], "previous");
     // Forgotten by the digest the look-up gave, the next request executes again.
     let forgotten = send(
         &app,
