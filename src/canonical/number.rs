@@ -19,6 +19,9 @@ use super::Sink;
 /// The most significant digits a double's shortest spelling has.
 const MAX_DIGITS: usize = 17;
 
+/// The fewest digits at which two spellings of one length may both read back as one double.
+const TIES_FROM: usize = 16;
+
 /// Whether every number in `json` (a text `serde_json` has already parsed) is kept exactly
 /// by the parser: see the module docs.
 pub(super) fn all_exact(json: &[u8]) -> bool {
@@ -150,6 +153,11 @@ impl Decimal {
         let Some(fewest) = Self::of_scientific(shortest.as_bytes()) else {
             return Self::zero();
         };
+        if fewest.digits.len() < TIES_FROM {
+            // Decimals of 15 digits or fewer are further apart than a double's neighbours:
+            // only one of them reads back as `n`, and there is no tie to break.
+            return fewest;
+        }
         let mut closest = StackText::default();
         let _ = write!(closest, "{:.*e}", fewest.digits.len().saturating_sub(1), n);
         let reads_back = std::str::from_utf8(closest.as_bytes())
