@@ -112,9 +112,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// waited for (or 409, as [`with_wait_mode`](Self::with_wait_mode) says), and only when
     /// none is found does the handler run. Requests under the current secret queue behind
     /// the claim meanwhile, so within instances that share these settings nothing runs twice.
-    /// This costs a claim and a release per previous secret on each first execution (a
-    /// replay under the current address costs nothing more): remove previous secrets once
-    /// the TTL has passed.
+    /// This costs a claim and a release per previous secret on each first execution, and
+    /// the claims on a retry replayed from an earlier address (the record stays there); a
+    /// replay under the current address costs nothing more. Remove previous secrets once the
+    /// TTL has passed.
     ///
     /// During a rolling deploy, instances on the old settings do not look at the new
     /// address: a request whose attempts reach an old and a new instance at once can run on
