@@ -108,6 +108,10 @@ where
         found: Result<Option<Found>, StoreError>,
     ) -> FlowStep<S, St, ReqB, ResB> {
         let config = Arc::clone(&self.config);
+        if self.gone {
+            // Nobody is left to answer: nothing is replayed, waited for or run for nobody.
+            return self.give_back(lease, Ok(nobody_listens()));
+        }
         let found = match found {
             Ok(None) => return self.hold(keyed, lease.observed(config.observer.clone())),
             Ok(Some(found)) => found,
@@ -117,9 +121,6 @@ where
                 return self.store_failed(error, keyed);
             }
         };
-        if self.gone {
-            return self.give_back(lease, Ok(nobody_listens()));
-        }
         let Found {
             key,
             fingerprint,
