@@ -180,6 +180,12 @@ async fn spans_and_events_name_requests_by_digest_and_never_show_a_key_or_creden
             let status = admin.clone().oneshot(request).await.unwrap().status();
             assert_eq!(status, StatusCode::OK);
         }
+        // Refused, and logged without the query it carried.
+        let request = Request::post(format!("/records/lookup?key={KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        let status = admin.clone().oneshot(request).await.unwrap().status();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 
     let text = captured.text();
@@ -208,6 +214,11 @@ async fn spans_and_events_name_requests_by_digest_and_never_show_a_key_or_creden
         "idempotency claim abandoned".to_owned(),
         "waiting for it".to_owned(),
     ];
+    #[cfg(feature = "axum")]
+    assert!(
+        text.contains("idempotency admin request refused"),
+        "the refusal is logged:\n{text}"
+    );
     for needle in expected {
         assert!(text.contains(&needle), "no {needle:?} in the logs:\n{text}");
     }
