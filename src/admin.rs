@@ -1,35 +1,50 @@
 //! An axum router for operators (feature `axum`): look records up, forget one, release a
-//! stuck claim, list claims in flight. Mount it behind your own authentication.
+//! stuck claim, list claims in flight.
+//!
+//! It is built from the layer it serves ([`AdminRouter::for_layer`]), so its look-ups derive
+//! addresses with the layer's own secret and scope rules, and it cannot be built without an
+//! authorization decision: every request, to any path, is first put to your `authorize`
+//! closure, which returns the operator's name (for the log) or the status to deny it with.
 //!
 //! | request | does |
 //! |---|---|
 //! | `GET /records/{digest}` | what the store holds under a storage key digest (as logged in the `key_digest` span field) |
-//! | `GET /records?method=POST&path=/charges&key=K&scope=acct_1` | the same, found by the request's address: `scope` is what your `with_scope` returns, or `authorization=…` the `Authorization` header for the default scope |
+//! | `POST /records/lookup` | the same, found by the request's address, given as a JSON body: `{"method":"POST","path":"/charges","key":"K","scope":"acct_1"}` when the layer has a `with_scope` (what it returns), or `{…,"headers":{"authorization":"Bearer …"}}` with the request's credential headers for the default scope. Never in the URL: access logs and `TraceLayer` record URLs, so a query string is refused |
 //! | `DELETE /records/{digest}` | forgets a completed record: the next request with its key executes again |
 //! | `DELETE /claims/{digest}` | releases a claim, live or abandoned: the next request executes; its owner, if still running, cannot store its response |
 //! | `GET /claims?older_than=60&limit=100&cursor=…` | claims made at least `older_than` seconds ago (default 0), a page at a time; `next` is the cursor of the next page |
 //!
 //! Answers are JSON; times are Unix milliseconds. A free key is `404` with `"state":"free"`;
-//! a store error `503`; a bad parameter `400`. Every action is logged at `info` with who
-//! asked ([`with_principal`](AdminRouter::with_principal)), the key's digest and what
-//! happened, never the key, the scope or credentials given to find it.
+//! a store error `503`; a bad parameter `400`; a request `authorize` refused, the status it
+//! chose. Every action is logged at `info` with the operator `authorize` named, the key's
+//! digest and what happened, never the key, the scope or credentials given to find it.
+//!
+//! A predicate over the request head, rather than a tower layer the router would demand:
+//! axum applications authenticate in a middleware that puts the caller in the request's
+//! extensions, and the predicate reads it there (or checks a header itself); it also names
+//! the operator for the log in the same place, and it applies to every path, unknown ones
+//! included, so nothing about the routes is learnt without it.
 //!
 //! ```
 //! use axum::{Router, routing::post};
+//! use http::{StatusCode, request::Parts};
 //! use tower_idempotency::{IdempotencyLayer, MemoryStore, admin::AdminRouter};
 //!
+//! /// Put in the request's extensions by your operators' authentication middleware.
 //! #[derive(Clone)]
-//! struct Operator(String);
+//! struct Operator { name: String, on_call: bool }
 //!
-//! let store = MemoryStore::default();
-//! let admin = AdminRouter::new(store.clone()).with_principal(|parts: &http::request::Parts| {
-//!     // Put there by your operators' authentication layer.
-//!     parts.extensions.get::<Operator>().map(|o| o.0.clone()).unwrap_or_default()
+//! let layer = IdempotencyLayer::new(MemoryStore::default());
+//! let admin = AdminRouter::for_layer(&layer, |parts: &Parts| {
+//!     match parts.extensions.get::<Operator>() {
+//!         Some(operator) if operator.on_call => Ok(operator.name.clone()),
+//!         Some(_) => Err(StatusCode::FORBIDDEN),
+//!         None => Err(StatusCode::UNAUTHORIZED),
+//!     }
 //! });
 //! let app: Router = Router::new()
 //!     .route("/charges", post(|| async { "charged" }))
-//!     .layer(IdempotencyLayer::new(store))
-//!     // Add your authentication layer to the admin router before nesting it.
+//!     .layer(layer)
 //!     .nest("/admin/idempotency", admin.into_router());
 //! ```
 
@@ -42,81 +57,87 @@ use std::{
 
 use axum::{
     Router,
-    extract::{Path, Query, State},
-    response::{IntoResponse, Response},
-    routing::get,
+    extract::{Path, Query, Request, State},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
 };
-use http::{HeaderValue, Method, StatusCode, header, request::Parts};
+use http::{StatusCode, request::Parts};
 use serde_json::{Value, json};
 
 use crate::{
-    digest::{Secret, hex},
-    inspect::{ClaimInfo, Inspection, ListCursor, LookupScope, RecordInfo},
-    key::{IdempotencyKey, StorageKey},
+    config::Config,
+    inspect::{Inspection, ListCursor},
+    key::StorageKey,
+    layer::IdempotencyLayer,
     store::IdempotencyStore,
 };
 
-type PrincipalFn = Arc<dyn Fn(&Parts) -> String + Send + Sync>;
+mod json;
+mod lookup;
+
+use json::{bad_request, claim_json, json_response, record_json};
+
+type AuthorizeFn = Arc<dyn Fn(&Parts) -> Result<String, StatusCode> + Send + Sync>;
 
 /// The most claims one listing page returns.
 const MAX_LIMIT: usize = 1000;
 
-/// Builds the admin [`Router`] over a store. See the [module docs](self).
+/// Builds the admin [`Router`] for a layer. See the [module docs](self).
 pub struct AdminRouter<St> {
     store: St,
-    principal: PrincipalFn,
-    secret: Option<Secret>,
+    config: Arc<Config>,
+    authorize: AuthorizeFn,
 }
 
+/// The operator `authorize` named, in the request's extensions for the handlers.
+#[derive(Clone)]
+struct Operator(String);
+
 impl<St: IdempotencyStore> AdminRouter<St> {
-    /// Admin routes over `store` (the store the layer uses, or a clone of it).
-    pub fn new(store: St) -> Self {
+    /// Admin routes over `layer`'s store, finding records as `layer` addresses them (its
+    /// secret, its scope), and answering only requests that `authorize` allows.
+    ///
+    /// `authorize` sees each request's head, before anything else happens: `Ok` with the
+    /// operator's name (logged with every action) lets it through; `Err` with a status
+    /// answers that status (`401`, `403`; one that is not a client error is answered `403`).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, admin::AdminRouter};
+    /// use http::{StatusCode, request::Parts};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_secret([7u8; 32]);
+    /// // Nobody yet: every request is refused until you decide who may.
+    /// let admin = AdminRouter::for_layer(&layer, |_: &Parts| Err(StatusCode::FORBIDDEN));
+    /// ```
+    pub fn for_layer<F>(layer: &IdempotencyLayer<St>, authorize: F) -> Self
+    where
+        F: Fn(&Parts) -> Result<String, StatusCode> + Send + Sync + 'static,
+    {
+        let (store, config) = layer.shared();
         Self {
-            store,
-            principal: Arc::new(|_| String::from("unidentified")),
-            secret: None,
+            store: store.clone(),
+            config: Arc::clone(config),
+            authorize: Arc::new(authorize),
         }
     }
 
-    /// The secret the layer's digests are keyed with, if it has one
-    /// ([`with_secret`](crate::IdempotencyLayer::with_secret)): look-ups by (scope, method,
-    /// path, key) compute the address the way the layer does. Default: none.
-    ///
-    /// ```
-    /// # use tower_idempotency::{MemoryStore, admin::AdminRouter};
-    /// # let secret_from_your_vault = [7u8; 32];
-    /// let admin = AdminRouter::new(MemoryStore::default()).with_secret(secret_from_your_vault);
-    /// ```
-    pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
-        self.secret = Some(Secret::new(secret.as_ref()));
-        self
-    }
-
-    /// Who asked, for the log line of every action: read it from what your authentication
-    /// put in the request. Default: `unidentified`.
-    ///
-    /// ```
-    /// # use tower_idempotency::{MemoryStore, admin::AdminRouter};
-    /// let admin = AdminRouter::new(MemoryStore::default()).with_principal(|parts: &http::request::Parts| {
-    ///     parts.headers.get("x-operator").and_then(|v| v.to_str().ok()).unwrap_or("unknown").to_owned()
-    /// });
-    /// ```
-    pub fn with_principal<F>(mut self, principal: F) -> Self
-    where
-        F: Fn(&Parts) -> String + Send + Sync + 'static,
-    {
-        self.principal = Arc::new(principal);
-        self
-    }
-
-    /// The routes, to `nest` under a path of your choice and put behind your authentication.
+    /// The routes, to `nest` under a path of your choice.
     pub fn into_router<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
         let state = Arc::new(self);
         Router::new()
-            .route("/records", get(look_up::<St>))
+            .route("/records/lookup", post(Self::look_up))
             .route("/records/{digest}", get(inspect::<St>).delete(forget::<St>))
             .route("/claims", get(list::<St>))
             .route("/claims/{digest}", axum::routing::delete(release::<St>))
+            // Added before the layer, so that unknown paths are authorized too.
+            .fallback(|| async {
+                json_response(StatusCode::NOT_FOUND, json!({ "error": "no such route" }))
+            })
+            .layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                authorize::<St>,
+            ))
             .with_state(state)
     }
 }
@@ -126,6 +147,35 @@ impl<St: fmt::Debug> fmt::Debug for AdminRouter<St> {
         f.debug_struct("AdminRouter")
             .field("store", &self.store)
             .finish_non_exhaustive()
+    }
+}
+
+/// Every request, to any path, is put to `authorize` first.
+async fn authorize<St: IdempotencyStore>(
+    State(admin): Admin<St>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    match (admin.authorize)(&parts) {
+        Ok(operator) => {
+            parts.extensions.insert(Operator(operator));
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Err(status) => {
+            let status = if status.is_client_error() {
+                status
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            tracing::info!(
+                method = %parts.method,
+                path = parts.uri.path(),
+                status = status.as_u16(),
+                "idempotency admin request refused"
+            );
+            json_response(status, json!({ "error": "not authorized" }))
+        }
     }
 }
 
@@ -141,18 +191,6 @@ async fn inspect<St: IdempotencyStore>(
         return bad_request("the digest is not 64 hex digits");
     };
     admin.inspect_key(&parts, "inspect", key).await
-}
-
-async fn look_up<St: IdempotencyStore>(
-    State(admin): Admin<St>,
-    parts: Parts,
-    Query(params): Params,
-) -> Response {
-    let key = match address(&params, admin.secret.as_ref()) {
-        Ok(key) => key,
-        Err(message) => return bad_request(message),
-    };
-    admin.inspect_key(&parts, "look_up", key).await
 }
 
 async fn forget<St: IdempotencyStore>(
@@ -259,37 +297,50 @@ async fn list<St: IdempotencyStore>(
 impl<St: IdempotencyStore> AdminRouter<St> {
     async fn inspect_key(&self, parts: &Parts, action: &'static str, key: StorageKey) -> Response {
         match self.store.inspect(&key).await {
-            Ok(found) => {
-                let (status, body, result) = match &found {
-                    None => (
-                        StatusCode::NOT_FOUND,
-                        json!({ "key_digest": key.to_hex(), "state": "free" }),
-                        "free",
-                    ),
-                    Some(Inspection::InFlight(claim)) => {
-                        let now = SystemTime::now();
-                        let result = if claim.is_abandoned(now) {
-                            "abandoned"
-                        } else {
-                            "in_flight"
-                        };
-                        (StatusCode::OK, claim_json(claim, now), result)
-                    }
-                    Some(Inspection::Completed(record)) => {
-                        (StatusCode::OK, record_json(&key, record), "completed")
-                    }
-                };
-                self.log(parts, action, Some(&key), result);
-                json_response(status, body)
-            }
+            Ok(found) => self.inspected(parts, action, key, found, false),
             Err(error) => self.store_failed(parts, action, Some(&key), &error),
         }
     }
 
+    /// The answer for what `key` holds; `previous`: found under a previous secret.
+    fn inspected(
+        &self,
+        parts: &Parts,
+        action: &'static str,
+        key: StorageKey,
+        found: Option<Inspection>,
+        previous: bool,
+    ) -> Response {
+        let now = SystemTime::now();
+        let (status, mut body, result) = match &found {
+            None => (
+                StatusCode::NOT_FOUND,
+                json!({ "key_digest": key.to_hex(), "state": "free" }),
+                "free",
+            ),
+            Some(Inspection::InFlight(claim)) => {
+                let result = if claim.is_abandoned(now) {
+                    "abandoned"
+                } else {
+                    "in_flight"
+                };
+                (StatusCode::OK, claim_json(claim, now), result)
+            }
+            Some(Inspection::Completed(record)) => {
+                (StatusCode::OK, record_json(&key, record), "completed")
+            }
+        };
+        if let Some(fields) = body.as_object_mut().filter(|_| previous) {
+            fields.insert("secret".to_owned(), Value::from("previous"));
+        }
+        self.log(parts, action, Some(&key), result);
+        json_response(status, body)
+    }
+
     fn log(&self, parts: &Parts, action: &'static str, key: Option<&StorageKey>, result: &str) {
-        let principal = (self.principal)(parts);
+        let operator = parts.extensions.get::<Operator>();
         tracing::info!(
-            principal = %principal,
+            principal = %operator.map_or("-", |operator| operator.0.as_str()),
             action,
             key_digest = key.map(|key| key.to_hex()).as_deref().unwrap_or("-"),
             result,
@@ -310,188 +361,5 @@ impl<St: IdempotencyStore> AdminRouter<St> {
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "error": error.to_string() }),
         )
-    }
-}
-
-/// The storage key a client-keyed request had, from the look-up's parameters.
-fn address(
-    params: &HashMap<String, String>,
-    secret: Option<&Secret>,
-) -> Result<StorageKey, &'static str> {
-    let method = params
-        .get("method")
-        .ok_or("method is required")
-        .and_then(|m| Method::from_bytes(m.as_bytes()).map_err(|_| "method is not a method"))?;
-    let path = params.get("path").ok_or("path is required")?;
-    let key = params
-        .get("key")
-        .ok_or("key is required")
-        .and_then(|k| IdempotencyKey::parse(k.as_bytes()).map_err(|_| "key is not a valid key"))?;
-    let authorization = match params.get("authorization") {
-        Some(value) => {
-            Some(HeaderValue::from_str(value).map_err(|_| "authorization is not a header value")?)
-        }
-        None => None,
-    };
-    let scope = match (params.get("scope"), &authorization) {
-        (Some(_), Some(_)) => return Err("give scope or authorization, not both"),
-        (Some(scope), None) => LookupScope::Principal(scope.as_bytes()),
-        (None, authorization) => LookupScope::Credentials(authorization.as_ref()),
-    };
-    Ok(StorageKey::of_lookup(secret, scope, &method, path, &key))
-}
-
-fn unix_ms(at: SystemTime) -> Value {
-    match at.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(since) => json!(u64::try_from(since.as_millis()).unwrap_or(u64::MAX)),
-        Err(_) => Value::Null,
-    }
-}
-
-fn claim_json(claim: &ClaimInfo, now: SystemTime) -> Value {
-    json!({
-        "key_digest": claim.key().to_hex(),
-        "state": "in_flight",
-        "abandoned": claim.is_abandoned(now),
-        "token": format!("{:#018x}", claim.token().get()),
-        "fingerprint": hex(claim.fingerprint().as_bytes()),
-        "claimed_at_ms": claim.claimed_at().map_or(Value::Null, unix_ms),
-        "age_ms": claim.age(now).map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
-        "lease_expires_at_ms": unix_ms(claim.lease_expires_at()),
-    })
-}
-
-fn record_json(key: &StorageKey, record: &RecordInfo) -> Value {
-    json!({
-        "key_digest": key.to_hex(),
-        "state": "completed",
-        "status": record.status().as_u16(),
-        "replayable": record.is_replayable(),
-        "header_count": record.header_count(),
-        "body_len": record.body_len(),
-        "fingerprint": hex(record.fingerprint().as_bytes()),
-        "created_at_ms": record.created_at().map_or(Value::Null, unix_ms),
-        "expires_at_ms": record.expires_at().map_or(Value::Null, unix_ms),
-    })
-}
-
-fn json_response(status: StatusCode, body: Value) -> Response {
-    let mut response = (status, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-fn bad_request(message: &'static str) -> Response {
-    json_response(StatusCode::BAD_REQUEST, json!({ "error": message }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn a_look_up_needs_a_method_a_path_a_key_and_at_most_one_scope() {
-        let base = [("method", "POST"), ("path", "/charges"), ("key", "k-1")];
-        type Case<'a> = (&'a [(&'a str, &'a str)], Result<(), &'a str>);
-        let cases: [Case<'_>; 7] = [
-            (&base, Ok(())),
-            (
-                &[("method", "POST"), ("path", "/charges")],
-                Err("key is required"),
-            ),
-            (
-                &[("path", "/charges"), ("key", "k")],
-                Err("method is required"),
-            ),
-            (&[("method", "POST"), ("key", "k")], Err("path is required")),
-            (
-                &[("method", "PO ST"), ("path", "/"), ("key", "k")],
-                Err("method is not a method"),
-            ),
-            (
-                &[("method", "POST"), ("path", "/"), ("key", "")],
-                Err("key is not a valid key"),
-            ),
-            (
-                &[
-                    ("method", "POST"),
-                    ("path", "/"),
-                    ("key", "k"),
-                    ("scope", "a"),
-                    ("authorization", "b"),
-                ],
-                Err("give scope or authorization, not both"),
-            ),
-        ];
-        for (pairs, expected) in cases {
-            assert_eq!(
-                address(&params(pairs), None).map(|_| ()),
-                expected,
-                "{pairs:?}"
-            );
-        }
-        let key = IdempotencyKey::parse(b"k-1").unwrap();
-        let mut scoped = base.to_vec();
-        scoped.push(("scope", "acct_1"));
-        assert_eq!(
-            address(&params(&scoped), None),
-            Ok(StorageKey::of_request(
-                LookupScope::Principal(b"acct_1"),
-                &Method::POST,
-                "/charges",
-                &key
-            ))
-        );
-        // A layer with a secret keys its addresses: the look-up must too.
-        let secret = Secret::new(b"server secret");
-        let keyed = address(&params(&scoped), Some(&secret));
-        assert_eq!(
-            keyed,
-            Ok(StorageKey::of_keyed_request(
-                b"server secret",
-                LookupScope::Principal(b"acct_1"),
-                &Method::POST,
-                "/charges",
-                &key
-            ))
-        );
-        assert_ne!(keyed, address(&params(&scoped), None));
-    }
-
-    #[test]
-    fn a_keyed_look_up_finds_the_address_the_layer_derives() {
-        use crate::{config::Config, key::KeyRef};
-        let mut config = Config::default();
-        config.fingerprint.secret = Some(Secret::new(b"server secret"));
-        let (parts, ()) = http::Request::post("/charges?x=1")
-            .header(http::header::AUTHORIZATION, "Bearer alice")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let key = IdempotencyKey::parse(b"k-1").unwrap();
-        let derived = config.storage_key(&parts, KeyRef::Client(&key));
-        let authorization = HeaderValue::from_static("Bearer alice");
-        let scope = LookupScope::Credentials(Some(&authorization));
-        assert_eq!(
-            StorageKey::of_keyed_request(b"server secret", scope, &Method::POST, "/charges", &key),
-            derived
-        );
-        assert_ne!(
-            StorageKey::of_request(scope, &Method::POST, "/charges", &key),
-            derived
-        );
     }
 }

@@ -3,35 +3,42 @@
 //!
 //! The text hashed is RFC 8785's (JCS) canonical form: members sorted by their UTF-16 code
 //! units, no whitespace, strings with RFC 8785's minimal escapes, non-integers written as
-//! ECMAScript writes doubles. One deliberate difference: an integer that fits 64 bits is
-//! written exactly, where RFC 8785 would round it to a double beyond 2^53 — two payment
-//! amounts that differ in their last digit must not share a fingerprint.
+//! ECMAScript writes doubles. One deliberate difference: numbers are compared exactly, never
+//! rounded to a double first, so two payment amounts that differ in their last digit never
+//! share a fingerprint. An integer that fits 64 bits is written with all its digits (RFC 8785
+//! would round it beyond 2^53); a body holding a number that a double cannot keep exactly (an
+//! integer past 64 bits, a decimal with more digits than the shortest spelling of its double,
+//! such as RFC 8785's own `333333333.33333329`) is not canonicalized at all but fingerprinted
+//! byte for byte (see `number`). `serde_json::Value` cannot hold such a number without
+//! `serde_json`'s `arbitrary_precision`, a feature that would change every `Value` in the
+//! application using this crate (features are unified); and no double-based JSON writer sends
+//! one, so the cost is a 409 for a retry that re-spells such a body, never a replay for
+//! another value. Doubles are read correctly rounded (`serde_json`'s `float_roundtrip`).
 //!
 //! Written here rather than taken from `serde_json_canonicalizer` or `serde_jcs`: both write
 //! a `serde_json::Value`, which has already merged duplicate keys, and both round every
-//! number to a double; what is ours (refusing duplicates, exact integers, hashing without a
+//! number to a double; what is ours (refusing duplicates, exact numbers, hashing without a
 //! second copy of the body) would be most of the code anyway.
-//!
-//! Numbers are read by `serde_json`, whose fast float parsing may place a number written with
-//! more than 15 significant digits one unit in the last place off the nearest double: two
-//! spellings of such a number may then differ (a 409 for a retry that re-spells it, never a
-//! replay for a different value). Integers and shorter decimals are exact.
 //!
 //! Pure logic: no tower or tokio in here. Nesting is bounded by `serde_json`'s recursion limit
 //! (128): a deeper body is "not JSON" and fingerprinted by its bytes, never a stack overflow.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 use crate::digest::FieldHasher;
 
+mod number;
+
 /// Parses one JSON text into a value; `None` when the bytes are not JSON, nest deeper than
-/// `serde_json` allows, or hold an object with a repeated member name (parsers disagree on
-/// which one counts, so such a body is only ever equal to itself, byte for byte).
+/// `serde_json` allows, hold an object with a repeated member name (parsers disagree on
+/// which one counts), or hold a number a double would merge with its neighbours (see
+/// [`number`]): such a body is only ever equal to itself, byte for byte.
 pub(crate) fn parse(body: &[u8]) -> Option<Value> {
-    serde_json::from_slice::<Unique>(body).ok().map(|u| u.0)
+    let value = serde_json::from_slice::<Unique>(body).ok()?.0;
+    number::all_exact(body).then_some(value)
 }
 
 /// Removes the member or array element `pointer` (RFC 6901) names, if it is there.
@@ -89,7 +96,7 @@ pub(crate) fn write_value(value: &Value, out: &mut impl Sink) {
         Value::Null => out.put(b"null"),
         Value::Bool(true) => out.put(b"true"),
         Value::Bool(false) => out.put(b"false"),
-        Value::Number(number) => write_number(number, out),
+        Value::Number(number) => number::write(number, out),
         Value::String(text) => write_string(text, out),
         Value::Array(items) => {
             out.put(b"[");
@@ -154,110 +161,6 @@ fn write_string(text: &str, out: &mut impl Sink) {
     }
     out.put(&bytes[start..]);
     out.put(b"\"");
-}
-
-fn write_number(number: &Number, out: &mut impl Sink) {
-    let mut text = StackText::default();
-    if let Some(n) = number.as_u64() {
-        let _ = write!(text, "{n}");
-    } else if let Some(n) = number.as_i64() {
-        let _ = write!(text, "{n}");
-    } else if let Some(n) = number.as_f64() {
-        return write_double(n, out);
-    }
-    out.put(text.as_bytes());
-}
-
-/// ECMAScript's `Number.prototype.toString` for a finite double (ECMA-262 §6.1.6.1.20), as
-/// RFC 8785 §3.2.2.3 requires: the shortest digits that round-trip, placed by the exponent.
-fn write_double(n: f64, out: &mut impl Sink) {
-    if n == 0.0 {
-        // Both zeros.
-        return out.put(b"0");
-    }
-    // Rust's `{:e}` gives the shortest round-tripping digits: "1.2345e-7", "5e-324".
-    let mut scientific = StackText::default();
-    let _ = write!(scientific, "{:e}", n.abs());
-    let text = scientific.as_bytes();
-    let Some(e_at) = text.iter().position(|&b| b == b'e') else {
-        return;
-    };
-    let Some(exponent) = std::str::from_utf8(&text[e_at + 1..])
-        .ok()
-        .and_then(|e| e.parse::<i32>().ok())
-    else {
-        return;
-    };
-    let mut digits = StackText::default();
-    for &b in text[..e_at].iter().filter(|b| b.is_ascii_digit()) {
-        digits.push(&[b]);
-    }
-    let digits = digits.as_bytes();
-    let k = digits.len() as i32;
-    // The value is 0.d1d2…dk × 10^n.
-    let n_exp = exponent + 1;
-    let mut text = StackText::default();
-    if n.is_sign_negative() {
-        text.push(b"-");
-    }
-    if k <= n_exp && n_exp <= 21 {
-        text.push(digits);
-        (k..n_exp).for_each(|_| text.push(b"0"));
-    } else if 0 < n_exp && n_exp <= 21 {
-        let (whole, fraction) = digits.split_at(n_exp as usize);
-        text.push(whole);
-        text.push(b".");
-        text.push(fraction);
-    } else if -6 < n_exp && n_exp <= 0 {
-        text.push(b"0.");
-        (n_exp..0).for_each(|_| text.push(b"0"));
-        text.push(digits);
-    } else {
-        text.push(&digits[..1]);
-        if k > 1 {
-            text.push(b".");
-            text.push(&digits[1..]);
-        }
-        text.push(if n_exp > 0 { b"e+" } else { b"e-" });
-        let _ = write!(text, "{}", (n_exp - 1).unsigned_abs());
-    }
-    out.put(text.as_bytes());
-}
-
-/// A short text built on the stack: numbers are at most 25 bytes long, so a bigger one is a
-/// bug and is cut rather than allowed to panic.
-struct StackText {
-    bytes: [u8; 40],
-    len: usize,
-}
-
-impl Default for StackText {
-    fn default() -> Self {
-        Self {
-            bytes: [0; 40],
-            len: 0,
-        }
-    }
-}
-
-impl StackText {
-    fn push(&mut self, bytes: &[u8]) {
-        let room = self.bytes.len() - self.len;
-        let take = bytes.len().min(room);
-        self.bytes[self.len..self.len + take].copy_from_slice(&bytes[..take]);
-        self.len += take;
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-impl fmt::Write for StackText {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.push(s.as_bytes());
-        Ok(())
-    }
 }
 
 /// A JSON value whose objects had no repeated member names.
@@ -339,20 +242,141 @@ mod tests {
         Some(String::from_utf8(out).expect("canonical text is UTF-8"))
     }
 
+    /// What the fingerprint compares for `body`: its canonical text, or its bytes.
+    fn compared(body: &str) -> String {
+        canonical(body).map_or_else(|| format!("bytes {body}"), |text| format!("json {text}"))
+    }
+
+    /// RFC 8785 §3.2.2's sample object and, in §3.2.3, its canonical form.
+    const RFC_SAMPLE: &str = r#"{
+      "numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
+      "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
+      "literals": [null, true, false]
+    }"#;
+    const RFC_SAMPLE_CANONICAL: &str = "{\"literals\":[null,true,false],\"numbers\":[333333333.3333333,1e+30,4.5,0.002,1e-27],\"string\":\"\u{20ac}$\\u000f\\nA'B\\\"\\\\\\\\\\\"/\"}";
+
     #[test]
     fn rfc_8785_sample_canonicalizes_as_the_rfc_shows() {
-        // RFC 8785 §3.2.3's input and output, but for the first number's spelling: serde_json's
-        // fast float parsing reads the RFC's 17-digit "333333333.33333329" one unit in the
-        // last place off (see the module docs).
-        let input = r#"{
-          "numbers": [333333333.3333333, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
-          "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
-          "literals": [null, true, false]
-        }"#;
+        // The sample's first number is spelled with more digits than its double keeps
+        // (333333333.33333329 is not 333333333.3333333, the double's shortest spelling): RFC
+        // 8785 rounds it, this crate compares it exactly, so the sample as written is compared
+        // byte for byte (see the module docs). Spelled as a double-based writer sends it, the
+        // sample canonicalizes exactly as the RFC shows; and the RFC's output is canonical.
+        assert_eq!(canonical(RFC_SAMPLE), None);
+        let shortest = RFC_SAMPLE.replace("333333333.33333329", "333333333.3333333");
+        assert_eq!(canonical(&shortest).as_deref(), Some(RFC_SAMPLE_CANONICAL));
         assert_eq!(
-            canonical(input).unwrap(),
-            "{\"literals\":[null,true,false],\"numbers\":[333333333.3333333,1e+30,4.5,0.002,1e-27],\"string\":\"\u{20ac}$\\u000f\\nA'B\\\"\\\\\\\\\\\"/\"}"
+            canonical(RFC_SAMPLE_CANONICAL).as_deref(),
+            Some(RFC_SAMPLE_CANONICAL)
         );
+    }
+
+    #[test]
+    fn rfc_8785_appendix_b_numbers_are_written_as_the_rfc_shows() {
+        // RFC 8785 Appendix B: IEEE 754 bits, and the JSON text ECMAScript writes for them.
+        let vectors: [(u64, &str); 24] = [
+            (0x0000000000000000, "0"),
+            (0x8000000000000000, "0"),
+            (0x0000000000000001, "5e-324"),
+            (0x8000000000000001, "-5e-324"),
+            (0x7fefffffffffffff, "1.7976931348623157e+308"),
+            (0xffefffffffffffff, "-1.7976931348623157e+308"),
+            (0x4340000000000000, "9007199254740992"),
+            (0xc340000000000000, "-9007199254740992"),
+            (0x4430000000000000, "295147905179352830000"),
+            (0x44b52d02c7e14af5, "9.999999999999997e+22"),
+            (0x44b52d02c7e14af6, "1e+23"),
+            (0x44b52d02c7e14af7, "1.0000000000000001e+23"),
+            (0x444b1ae4d6e2ef4e, "999999999999999700000"),
+            (0x444b1ae4d6e2ef4f, "999999999999999900000"),
+            (0x444b1ae4d6e2ef50, "1e+21"),
+            (0x3eb0c6f7a0b5ed8c, "9.999999999999997e-7"),
+            (0x3eb0c6f7a0b5ed8d, "0.000001"),
+            (0x41b3de4355555553, "333333333.3333332"),
+            (0x41b3de4355555554, "333333333.33333325"),
+            (0x41b3de4355555555, "333333333.3333333"),
+            (0x41b3de4355555556, "333333333.3333334"),
+            (0x41b3de4355555557, "333333333.33333343"),
+            (0xbecbf647612f3696, "-0.0000033333333333333333"),
+            (0x43143ff3c1cb0959, "1424953923781206.2"),
+        ];
+        for (bits, expected) in vectors {
+            let double = f64::from_bits(bits);
+            let mut written = Vec::new();
+            number::write_double(double, &mut written);
+            assert_eq!(String::from_utf8_lossy(&written), expected, "{bits:#018x}");
+            // Sent as JSON, the text is read back as that double and written the same way.
+            assert_eq!(
+                canonical(expected).as_deref(),
+                Some(expected),
+                "{bits:#018x}"
+            );
+            assert_eq!(expected.parse::<f64>().map(f64::abs), Ok(double.abs()));
+        }
+        // Appendix B's NaN (0x7fffffffffffffff) and Infinity (0x7ff0000000000000) have no
+        // JSON text: nothing that reads as them is JSON.
+        for not_finite in ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"] {
+            assert_eq!(canonical(not_finite), None, "{not_finite}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_compared_exactly_never_through_a_double() {
+        // (a, b, same value): two bodies with different values never share what is compared;
+        // two spellings of one value a double keeps exactly share it.
+        let cases = [
+            (
+                r#"{"amount":18446744073709551616}"#,
+                r#"{"amount":18446744073709551617}"#,
+                false,
+            ),
+            (
+                r#"{"amount":-9223372036854775809}"#,
+                r#"{"amount":-9223372036854775810}"#,
+                false,
+            ),
+            (
+                r#"{"id":123456789012345678901234567890}"#,
+                r#"{"id":123456789012345678901234567891}"#,
+                false,
+            ),
+            ("1.0000000000000001e+23", "1e+23", false),
+            ("0.10000000000000000001", "0.1", false),
+            ("0.1000000000000000055511151231257827", "0.1", false),
+            ("1424953923781206.25", "1424953923781206.2", false),
+            ("333333333.33333329", "333333333.3333333", false),
+            ("9007199254740993", "9007199254740992", false),
+            ("9007199254740993.0", "9007199254740992", false),
+            ("100", "1E2", true),
+            ("100", "100.000", true),
+            ("4.50", "4.5", true),
+            ("0.002", "2e-3", true),
+            ("0", "-0", true),
+            ("0", "0e999999999999999999999", true),
+            ("100000000000000000000", "1e20", true),
+            ("1e+23", "1E23", true),
+        ];
+        for (a, b, same) in cases {
+            assert_eq!(compared(a) == compared(b), same, "{a} vs {b}");
+            let (a, b) = (format!("[{a}, \"x\"]"), format!("[{b},\"x\"]"));
+            assert_eq!(compared(&a) == compared(&b), same, "{a} vs {b}");
+        }
+        // Digits inside strings are not numbers.
+        assert!(canonical(r#"{"a":"18446744073709551616.33333333333333333"}"#).is_some());
+        assert!(canonical(r#"{"a\"1e99999":1}"#).is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_double_is_written_once_and_read_back_as_itself(bits in proptest::num::u64::ANY) {
+            let double = f64::from_bits(bits);
+            proptest::prop_assume!(double.is_finite());
+            let mut written = Vec::new();
+            number::write_double(double, &mut written);
+            let text = String::from_utf8(written).unwrap();
+            proptest::prop_assert_eq!(text.parse::<f64>().map(f64::abs), Ok(double.abs()));
+            proptest::prop_assert_eq!(canonical(&text), Some(text.clone()));
+        }
     }
 
     #[test]

@@ -6,9 +6,9 @@ use bytes::Bytes;
 use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 
 use crate::{
-    digest::FieldHasher,
+    digest::{FieldHasher, Secret},
     fingerprint::{Fingerprint, FingerprintRule},
-    key::{KeyRef, KeySource, Scope, StorageKey},
+    key::{IdempotencyKey, KeyRef, KeySource, Scope, StorageKey},
     observe::{self, Observer},
     problem::{Problem, ProblemResponse},
 };
@@ -223,8 +223,47 @@ impl Config {
 
     /// The address of a request's record under the layer's settings.
     pub(crate) fn storage_key(&self, parts: &Parts, key: KeyRef<'_>) -> StorageKey {
-        let hasher = FieldHasher::for_secret(self.fingerprint.secret.as_ref());
+        self.storage_key_under(self.fingerprint.secret.as_ref(), parts, key)
+    }
+
+    /// The address of a request's record under the layer's settings, keyed by `secret` in
+    /// place of the layer's own.
+    pub(crate) fn storage_key_under(
+        &self,
+        secret: Option<&Secret>,
+        parts: &Parts,
+        key: KeyRef<'_>,
+    ) -> StorageKey {
+        let hasher = FieldHasher::for_secret(secret);
         StorageKey::derive_with(hasher, &self.scope, &parts.method, parts, key)
+    }
+
+    /// Where a request's record was kept under each previous secret, newest first: the
+    /// address and the fingerprint, both computed with that secret. `client` is the key the
+    /// request carries (`None`: its key is derived from its fingerprint).
+    pub(crate) fn previous_addresses(
+        &self,
+        parts: &Parts,
+        body: &[u8],
+        client: Option<&IdempotencyKey>,
+    ) -> Vec<(StorageKey, Fingerprint)> {
+        let rule = &self.fingerprint;
+        rule.previous_secrets
+            .iter()
+            .map(|secret| {
+                let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
+                let fingerprint =
+                    Fingerprint::compute_keyed(rule, Some(secret), method, uri, headers, body);
+                let key = match client {
+                    Some(key) => KeyRef::Client(key),
+                    None => KeyRef::Derived(&fingerprint),
+                };
+                (
+                    self.storage_key_under(Some(secret), parts, key),
+                    fingerprint,
+                )
+            })
+            .collect()
     }
 
     /// Renders a problem the layer produces itself, with the problem and its kind in the

@@ -55,7 +55,20 @@ impl Fingerprint {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Self {
-        let mut hasher = FieldHasher::for_secret(rule.secret.as_ref());
+        Self::compute_keyed(rule, rule.secret.as_ref(), method, uri, headers, body)
+    }
+
+    /// As [`compute`](Self::compute), keyed by `secret` in place of the rule's own (a
+    /// previous secret, to find a record stored before the secret was changed).
+    pub(crate) fn compute_keyed(
+        rule: &FingerprintRule,
+        secret: Option<&Secret>,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Self {
+        let mut hasher = FieldHasher::for_secret(secret);
         hasher.field(b'm', method.as_str().as_bytes());
         hasher.field(b'p', uri.path().as_bytes());
         hasher.field(b'q', uri.query().map_or(&b""[..], str::as_bytes));
@@ -285,6 +298,8 @@ pub(crate) struct FingerprintRule {
     /// JSON-RPC: a single request's top-level `id` does not count.
     pub(crate) json_rpc: bool,
     pub(crate) secret: Option<Secret>,
+    /// Secrets used before `secret`, newest first: records stored under them are still found.
+    pub(crate) previous_secrets: Vec<Secret>,
 }
 
 impl FingerprintRule {
@@ -380,6 +395,7 @@ mod tests {
             headers,
             json_rpc,
             secret: None,
+            previous_secrets: Vec::new(),
         }
     }
 

@@ -15,6 +15,8 @@ conformance_suite!(paused; async { MemoryStore::default() });
 #[cfg(feature = "axum")]
 operations_suite!(async { MemoryStore::default() });
 
+rotation_suite!(async { MemoryStore::default() });
+
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 

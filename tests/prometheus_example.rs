@@ -51,7 +51,12 @@ async fn the_example_exposes_the_layers_metrics_to_a_prometheus_scrape() {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = tokio::spawn(async move {
-        axum::serve(listener, example::app(metrics, MemoryStore::default())).await
+        let token = Some("test-token".to_owned());
+        axum::serve(
+            listener,
+            example::app(metrics, MemoryStore::default(), token),
+        )
+        .await
     });
 
     let first = http(port, &charge("scrape-1")).await;
@@ -96,12 +101,21 @@ async fn the_example_exposes_the_layers_metrics_to_a_prometheus_scrape() {
     );
     assert!(!page.contains("scrape-1"), "no key in any label");
 
-    let claims = http(
-        port,
-        "GET /admin/claims?older_than=0 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let admin = |authorization: &str| {
+        format!(
+            "GET /admin/claims?older_than=0 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{authorization}\r\n"
+        )
+    };
+    let claims = http(port, &admin("Authorization: Bearer test-token\r\n")).await;
     assert!(claims.starts_with("HTTP/1.1 200"), "{claims}");
     assert!(claims.contains(r#""claims":[]"#), "{claims}");
+    for refused in [
+        "",
+        "Authorization: Bearer wrong-token\r\n",
+        "Authorization: Bearer \r\n",
+    ] {
+        let reply = http(port, &admin(refused)).await;
+        assert!(reply.starts_with("HTTP/1.1 401"), "{refused:?}: {reply}");
+    }
     server.abort();
 }

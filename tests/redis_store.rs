@@ -94,6 +94,8 @@ conformance_suite!(async { connect(shared_server()).await });
 #[cfg(feature = "axum")]
 operations_suite!(async { connect(shared_server()).await });
 
+rotation_suite!(async { connect(shared_server()).await });
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_across_two_instances_run_the_handler_once() {
     let server = shared_server();

@@ -41,6 +41,8 @@ fn layer_settings_outside_their_bounds_panic_naming_the_setter() {
     let mismatch = Some("IdempotencyLayer::with_mismatch_status");
     let wait = Some("IdempotencyLayer::with_wait_mode");
     let capture = Some("IdempotencyLayer::with_capture_after_disconnect");
+    let secret = Some("IdempotencyLayer::with_secret");
+    let previous = Some("IdempotencyLayer::add_previous_secret");
     let status = |code: u16| StatusCode::from_u16(code).unwrap();
     let cases: Vec<Case> = vec![
         case("zero lease", |l| l.with_lease(Duration::ZERO), lease),
@@ -174,6 +176,20 @@ fn layer_settings_outside_their_bounds_panic_naming_the_setter() {
             "endless capture",
             |l| l.with_capture_after_disconnect(Duration::MAX),
             capture,
+        ),
+        case("empty secret", |l| l.with_secret(b""), secret),
+        case("empty secret string", |l| l.with_secret(""), secret),
+        case("one-byte secret", |l| l.with_secret(b"x"), None),
+        case("32-byte secret", |l| l.with_secret([7u8; 32]), None),
+        case(
+            "empty previous secret",
+            |l| l.add_previous_secret(b""),
+            previous,
+        ),
+        case(
+            "previous secret",
+            |l| l.add_previous_secret([6u8; 32]),
+            None,
         ),
     ];
     for (what, set, refused_by) in cases {

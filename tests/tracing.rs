@@ -95,9 +95,11 @@ async fn spans_and_events_name_requests_by_digest_and_never_show_a_key_or_creden
     let app = Router::new()
         .route("/charges", post(handler))
         .layer(layer.clone());
-    let careful = Router::new()
-        .route("/charges", post(handler))
-        .layer(layer.with_outcome_unknown(|_: &Parts| Recovery::OutcomeUnknown));
+    let careful = Router::new().route("/charges", post(handler)).layer(
+        layer
+            .clone()
+            .with_outcome_unknown(|_: &Parts| Recovery::OutcomeUnknown),
+    );
 
     // Executed, waited on by a duplicate, replayed, refused for another payload.
     let first = tokio::spawn({
@@ -142,38 +144,48 @@ async fn spans_and_events_name_requests_by_digest_and_never_show_a_key_or_creden
         StatusCode::CONFLICT
     );
 
-    // Admin actions, found by the request's address (the key and credentials in the query).
+    // Admin actions, found by the request's address (the key and credentials in the body).
     #[cfg(feature = "axum")]
     {
-        let admin = tower_idempotency::admin::AdminRouter::new(store.clone())
-            .with_principal(|parts: &Parts| {
-                parts.headers["x-operator"]
-                    .to_str()
-                    .unwrap_or("?")
-                    .to_owned()
-            })
-            .into_router::<()>();
+        let admin = tower_idempotency::admin::AdminRouter::for_layer(&layer, |parts: &Parts| {
+            let operator = parts
+                .headers
+                .get("x-operator")
+                .and_then(|v| v.to_str().ok());
+            operator.map(str::to_owned).ok_or(StatusCode::UNAUTHORIZED)
+        })
+        .into_router::<()>();
         let look_up = format!(
-            "/records?method=POST&path=/charges&key={KEY}&authorization={}",
-            TOKEN.replace(' ', "%20")
+            r#"{{"method":"POST","path":"/charges","key":"{KEY}","headers":{{"authorization":"{TOKEN}"}}}}"#
         );
-        for (method, uri) in [
-            (Method::GET, look_up),
-            (Method::DELETE, format!("/records/{}", digest(KEY).to_hex())),
+        for (method, uri, body) in [
+            (Method::POST, "/records/lookup".to_owned(), look_up),
+            (
+                Method::DELETE,
+                format!("/records/{}", digest(KEY).to_hex()),
+                String::new(),
+            ),
             (
                 Method::DELETE,
                 format!("/claims/{}", digest(abandoned).to_hex()),
+                String::new(),
             ),
         ] {
             let request = Request::builder()
                 .method(method)
                 .uri(uri)
                 .header("x-operator", "alice")
-                .body(Body::empty())
+                .body(Body::from(body))
                 .unwrap();
             let status = admin.clone().oneshot(request).await.unwrap().status();
             assert_eq!(status, StatusCode::OK);
         }
+        // Refused, and logged without the query it carried.
+        let request = Request::post(format!("/records/lookup?key={KEY}"))
+            .body(Body::empty())
+            .unwrap();
+        let status = admin.clone().oneshot(request).await.unwrap().status();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 
     let text = captured.text();
@@ -202,6 +214,11 @@ async fn spans_and_events_name_requests_by_digest_and_never_show_a_key_or_creden
         "idempotency claim abandoned".to_owned(),
         "waiting for it".to_owned(),
     ];
+    #[cfg(feature = "axum")]
+    assert!(
+        text.contains("idempotency admin request refused"),
+        "the refusal is logged:\n{text}"
+    );
     for needle in expected {
         assert!(text.contains(&needle), "no {needle:?} in the logs:\n{text}");
     }

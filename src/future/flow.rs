@@ -15,6 +15,9 @@
 //! - **ReadBody**: the body is read whole, up to the limit, fingerprinted, and its key found
 //!   ([`plan`](crate::plan)).
 //! - **Claim**: a claim (or a take-over of an abandoned claim) is on its way to the store.
+//! - **Probe**: the key is claimed, and the secret was rotated: the addresses the key had
+//!   under earlier secrets are looked at, for a record to replay or a request to wait for
+//!   ([`rotation`]).
 //! - **Wait**: another request holds the key; the store wakes this one when it ends.
 //! - **Ready**: the inner service is made ready again if it gave its readiness back to wait
 //!   (a `ConcurrencyLimit` permit is never held across a wait).
@@ -45,7 +48,10 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Span;
 
+mod rotation;
 mod step;
+
+use rotation::Found;
 
 use super::{Output, Work};
 use crate::{
@@ -88,6 +94,8 @@ pin_project! {
     enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
         Claim { claim: StoreOp<Claim>, sent: Instant, keyed: Keyed },
+        // The key claimed, under a rotated secret: its earlier addresses are looked at.
+        Probe { probe: StoreOp<Option<Found>>, keyed: Keyed, lease: Lease<St>, renewal: Renewal },
         Wait { wait: StoreOp<()>, keyed: Keyed },
         // `held: None` runs the handler unprotected (fail-open, or no key to protect).
         Ready { request: Request<RequestBody<ReqB>>, held: Option<Held<St>> },
@@ -127,6 +135,7 @@ impl<St: IdempotencyStore> Held<St> {
 enum Event<ResB, E> {
     Read(Result<(), Problem>),
     Claimed(Result<Claim, StoreError>),
+    Probed(Result<Option<Found>, StoreError>),
     Waited(Result<(), StoreError>),
     Ready(Result<(), E>),
     Ran(Result<Result<Response<ResB>, E>, Panic>),
@@ -224,6 +233,18 @@ where
                     Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
                 }
                 StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.as_mut().poll(cx))),
+                StateProj::Probe {
+                    probe,
+                    lease,
+                    renewal,
+                    ..
+                } => match probe.as_mut().poll(cx) {
+                    Poll::Ready(found) => Event::Probed(found),
+                    Poll::Pending => {
+                        renewal.poll(lease, cx);
+                        return Poll::Pending;
+                    }
+                },
                 StateProj::Wait { wait, .. } => Event::Waited(ready!(wait.as_mut().poll(cx))),
                 // A claim held while the inner service gets ready (after a wait, behind a
                 // saturated concurrency limit) is renewed as it is while the handler runs.
@@ -258,6 +279,9 @@ where
                 (StateOwned::Claim { sent, keyed, .. }, Event::Claimed(claim)) => {
                     ctx.claimed(keyed, sent, claim)
                 }
+                (StateOwned::Probe { keyed, lease, .. }, Event::Probed(found)) => {
+                    ctx.probed(keyed, lease, found)
+                }
                 (StateOwned::Wait { keyed, .. }, Event::Waited(Ok(()))) => {
                     Step::Next(ctx.claim(keyed))
                 }
@@ -283,7 +307,7 @@ where
         let finish = match &self.state {
             // A claim on its way may land, a handler that started finishes, and a record
             // being stored is stored: none of it may be cut short.
-            State::Claim { .. } | State::Finish { .. } => true,
+            State::Claim { .. } | State::Probe { .. } | State::Finish { .. } => true,
             State::Run { held, .. } => held.is_some(),
             // Reading the body, waiting for another request or for the inner service (the
             // lease gives the key back as it drops), or running unprotected: the work ends

@@ -1,9 +1,10 @@
 //! [`KeySource`]: where to find a key when the request has no key header.
 
-use std::{fmt, sync::Arc};
+use std::{collections::HashMap, fmt, sync::Arc};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, request::Parts};
+use serde_json::value::RawValue;
 
 use super::{IdempotencyKey, KeyError};
 
@@ -44,7 +45,8 @@ impl KeySource {
     /// A field of a JSON body, by RFC 6901 JSON Pointer, e.g. `/id` for a Stripe event.
     ///
     /// A body that is not JSON, or has no such field, has no key; a field that is neither a
-    /// string nor a number is an invalid key (400).
+    /// string nor a number is an invalid key (400). A number is taken as its digits as sent
+    /// (`18446744073709551617`, never a double's `1.8446744073709552e19`).
     ///
     /// ```
     /// use tower_idempotency::KeySource;
@@ -150,19 +152,52 @@ fn header_value_as_key(
 }
 
 fn json_pointer_key(body: &[u8], pointer: &str) -> Result<Option<IdempotencyKey>, KeyError> {
-    let Ok(document) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Some(found) = raw_at(body, pointer) else {
         return Ok(None);
     };
-    match document.pointer(pointer) {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(text)) => {
-            IdempotencyKey::parse_bare(text.as_bytes()).map(Some)
-        }
-        Some(serde_json::Value::Number(number)) => {
-            IdempotencyKey::parse_bare(number.to_string().as_bytes()).map(Some)
-        }
+    let text = found.get();
+    match text.as_bytes().first() {
+        None | Some(b'n') => Ok(None),
+        Some(b'"') => match serde_json::from_str::<String>(text) {
+            Ok(text) => IdempotencyKey::parse_bare(text.as_bytes()).map(Some),
+            Err(_) => Ok(None),
+        },
+        // A number is its digits as sent: read as a double, ids past 2^64 that differ in
+        // their last digits would share a key.
+        Some(b'-' | b'0'..=b'9') => IdempotencyKey::parse_bare(text.as_bytes()).map(Some),
         Some(_) => Err(KeyError::NotAString),
     }
+}
+
+/// The JSON text RFC 6901 `pointer` names in `body`, as it was sent; `None` when the body is
+/// not JSON or has no such value. Walked level by level over raw values (each level read by
+/// `serde_json`, whose `Value::pointer` would have turned the number found into a double).
+fn raw_at<'a>(body: &'a [u8], pointer: &str) -> Option<&'a RawValue> {
+    let mut value: &RawValue = serde_json::from_slice(body).ok()?;
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    for token in pointer.strip_prefix('/')?.split('/') {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        value = match value.get().as_bytes().first()? {
+            b'{' => {
+                let members: HashMap<String, &RawValue> = serde_json::from_str(value.get()).ok()?;
+                members.get(&token).copied()?
+            }
+            b'[' => {
+                // RFC 6901: `0`, or digits without a leading zero.
+                if token.starts_with('0') && token != "0"
+                    || !token.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return None;
+                }
+                let items: Vec<&RawValue> = serde_json::from_str(value.get()).ok()?;
+                items.get(token.parse::<usize>().ok()?).copied()?
+            }
+            _ => return None,
+        };
+    }
+    Some(value)
 }
 
 impl fmt::Debug for KeySource {
@@ -267,6 +302,63 @@ mod tests {
             let expected = expected.map(|key| key.map(str::to_owned));
             assert_eq!(got, expected, "{source:?} over {body:?}");
         }
+    }
+
+    #[test]
+    fn a_numeric_key_is_its_digits_as_sent_never_a_rounded_double() {
+        let head = parts(Method::POST, "/hook", &[]);
+        let cases = [
+            ("/id", r#"{"id":42}"#, Some("42")),
+            ("/id", r#"{"id":-7}"#, Some("-7")),
+            (
+                "/id",
+                r#"{"id":18446744073709551615}"#,
+                Some("18446744073709551615"),
+            ),
+            (
+                "/id",
+                r#"{"id":18446744073709551616}"#,
+                Some("18446744073709551616"),
+            ),
+            (
+                "/id",
+                r#"{"id":18446744073709551617}"#,
+                Some("18446744073709551617"),
+            ),
+            (
+                "/id",
+                r#"{"id":-9223372036854775809}"#,
+                Some("-9223372036854775809"),
+            ),
+            (
+                "/id",
+                r#"{"id":1.0000000000000001e+23}"#,
+                Some("1.0000000000000001e+23"),
+            ),
+            (
+                "/id",
+                r#"{ "id" : 12345678901234567890123 }"#,
+                Some("12345678901234567890123"),
+            ),
+            (
+                "/data/0/n",
+                r#"{"data":[{"n":18446744073709551616}]}"#,
+                Some("18446744073709551616"),
+            ),
+            ("/a~1b/m~0n", r#"{"a/b":{"m~n":"x"}}"#, Some("x")),
+            ("/list/01", r#"{"list":["a","b"]}"#, None),
+            ("/list/1", r#"{"list":["a","b"]}"#, Some("b")),
+            ("", r#""whole""#, Some("whole")),
+        ];
+        for (pointer, body, expected) in cases {
+            let got = KeySource::json_pointer(pointer).extract(&head, &json_body(body));
+            let got = got.map(|key| key.map(|key| key.as_str().to_owned()));
+            assert_eq!(got, Ok(expected.map(str::to_owned)), "{pointer} in {body}");
+        }
+        // A deeply nested body is walked only along the pointer: no stack overflow.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let got = KeySource::json_pointer("/0/0").extract(&head, &json_body(&deep));
+        assert_eq!(got, Err(KeyError::NotAString));
     }
 
     #[test]

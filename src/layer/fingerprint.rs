@@ -74,11 +74,70 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// ```
     ///
     /// Changing the secret (or setting one on a running service) breaks nothing, but records
-    /// stored under the old one are no longer found: a retry of a request made before the
-    /// change executes again. Change it when retries are unlikely, or wait out the TTL with
-    /// the old secret on instances still serving retries.
+    /// stored under the old one are no longer found, and a retry of a request made before the
+    /// change would execute again: give the old secret to
+    /// [`add_previous_secret`](Self::add_previous_secret) until its records have expired.
+    ///
+    /// # Panics
+    ///
+    /// If `secret` is empty: an empty HMAC key is no secret at all, and is what an unset
+    /// environment variable reads as.
     pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
-        self.config().fingerprint.secret = Some(Secret::new(secret.as_ref()));
+        let secret = secret.as_ref();
+        assert!(
+            !secret.is_empty(),
+            "IdempotencyLayer::with_secret: the secret is empty (use 32 random bytes or more)"
+        );
+        self.config().fingerprint.secret = Some(Secret::new(secret));
+        self
+    }
+
+    /// A secret used before the current one ([`with_secret`](Self::with_secret)), still
+    /// honoured for records stored under it:
+    /// rotating the secret then neither executes again a request completed before the
+    /// rotation nor runs one beside its first attempt still in flight. Call it once for each
+    /// secret still within the records' TTL, newest first. Default: none.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # let (new_secret, old_secret) = ([8u8; 32], [7u8; 32]);
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_secret(new_secret)
+    ///     .add_previous_secret(old_secret);
+    /// ```
+    ///
+    /// A request claims its key's address under the current secret, as always; the claim
+    /// held, it looks at each previous secret's address with the store's claim (given back
+    /// at once when free): a completed record there is replayed, a request in flight there is
+    /// waited for (or 409, as [`with_wait_mode`](Self::with_wait_mode) says), and only when
+    /// none is found does the handler run. Requests under the current secret queue behind
+    /// the claim meanwhile, so within instances that share these settings nothing runs twice.
+    /// This costs a claim and a release per previous secret on each first execution, and
+    /// the claims on a retry replayed from an earlier address (the record stays there); a
+    /// replay under the current address costs nothing more. Remove previous secrets once the
+    /// TTL has passed.
+    ///
+    /// During a rolling deploy, instances on the old settings do not look at the new
+    /// address: a request whose attempts reach an old and a new instance at once can run on
+    /// both, and a retry on an old instance does not find a record a new one stored. Roll out
+    /// in two steps to keep exactly-once throughout: first the new secret as a previous one
+    /// (`with_secret(old).add_previous_secret(new)`), then, once every instance runs that,
+    /// `with_secret(new).add_previous_secret(old)`: each instance then claims its own address
+    /// and looks at the other's, so two instances never both run one request.
+    ///
+    /// # Panics
+    ///
+    /// If `secret` is empty, as [`with_secret`](Self::with_secret) does.
+    pub fn add_previous_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        let secret = secret.as_ref();
+        assert!(
+            !secret.is_empty(),
+            "IdempotencyLayer::add_previous_secret: the secret is empty"
+        );
+        self.config()
+            .fingerprint
+            .previous_secrets
+            .push(Secret::new(secret));
         self
     }
 

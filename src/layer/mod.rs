@@ -50,6 +50,13 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     fn config(&mut self) -> &mut Config {
         Arc::make_mut(&mut self.config)
     }
+
+    /// The store and the settings, for what must find records as the layer does (the admin
+    /// router).
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    pub(crate) fn shared(&self) -> (&St, &Arc<Config>) {
+        (&self.store, &self.config)
+    }
 }
 
 impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {

@@ -594,6 +594,72 @@ pub async fn a_retry_after_the_ttl_executes_again<St: IdempotencyStore>(store: S
     assert_eq!(handler.calls(), 2);
 }
 
+pub async fn numbers_past_what_a_double_holds_are_compared_exactly<St: IdempotencyStore>(
+    store: St,
+) {
+    let handler = Handler::counting();
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_body_fingerprint(BodyFingerprint::canonical_json());
+    let svc = serve(&layer, &handler);
+    let path = fresh_path("exact-amounts");
+    let keyed = |key: &str, payload: &str| delivery(&path, &[("idempotency-key", key)], payload);
+    // (first payload, the retry's, whether the retry is a replay): amounts that differ past
+    // 2^64 or past a double's digits are different payloads, never a replay.
+    let cases = [
+        (
+            r#"{"amount":18446744073709551616}"#,
+            r#"{"amount":18446744073709551617}"#,
+            false,
+        ),
+        (
+            r#"{"amount":1e+23}"#,
+            r#"{"amount":1.0000000000000001e+23}"#,
+            false,
+        ),
+        (
+            r#"{"amount":0.1}"#,
+            r#"{"amount":0.10000000000000000001}"#,
+            false,
+        ),
+        (
+            r#"{"amount":18446744073709551616}"#,
+            r#"{"amount":18446744073709551616}"#,
+            true,
+        ),
+        (
+            r#"{"amount":100,"currency":"eur"}"#,
+            r#"{ "currency":"eur", "amount":1E2 }"#,
+            true,
+        ),
+    ];
+    for (i, (first, retry, replayed)) in cases.into_iter().enumerate() {
+        let key = format!("exact-{i}");
+        assert_eq!(
+            send(&svc, keyed(&key, first)).await.status,
+            StatusCode::CREATED
+        );
+        let answer = send(&svc, keyed(&key, retry)).await;
+        if replayed {
+            assert!(answer.replayed(), "{first} then {retry}: {answer:?}");
+        } else {
+            answer.assert_problem(ProblemKind::KeyReused, StatusCode::CONFLICT);
+        }
+    }
+    assert_eq!(handler.calls(), cases.len());
+
+    // Numeric event ids past 2^64 that differ in their last digit are two keys.
+    let events = IdempotencyLayer::new(store).with_key_source(KeySource::json_pointer("/id"));
+    let svc = serve(&events, &handler);
+    let path = fresh_path("numeric-ids");
+    for id in ["18446744073709551616", "18446744073709551617"] {
+        let event = format!(r#"{{"id":{id},"type":"paid"}}"#);
+        let first = send(&svc, delivery(&path, &[], &event)).await;
+        assert!(!first.replayed(), "event {id} runs");
+        assert!(send(&svc, delivery(&path, &[], &event)).await.replayed());
+    }
+    assert_eq!(handler.calls(), cases.len() + 2);
+}
+
 /// Defines one `#[tokio::test]` per check of this suite, each on the store that `$make` (an
 /// async block) builds.
 #[macro_export]
@@ -611,6 +677,7 @@ macro_rules! delivery_suite {
             a_secret_changes_storage_keys_and_fingerprints_and_records_still_round_trip,
             the_expiry_header_states_the_ttl_then_what_is_left,
             a_retry_after_the_ttl_executes_again,
+            numbers_past_what_a_double_holds_are_compared_exactly,
         );
     };
     ($make:expr; $($check:ident),* $(,)?) => {

@@ -9,6 +9,7 @@ pub mod operations;
 pub mod panics;
 pub mod recording_store;
 pub mod redis_server;
+pub mod rotation;
 pub mod scenarios;
 pub mod service;
 pub mod stress;

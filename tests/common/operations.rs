@@ -29,8 +29,20 @@ pub struct App {
 }
 
 pub fn app<St: IdempotencyStore>(store: St, recovery: Recovery) -> App {
+    app_with(store, recovery, None)
+}
+
+/// As [`app`], its layer keyed by `secret` if given.
+pub fn app_with<St: IdempotencyStore>(store: St, recovery: Recovery, secret: Option<&[u8]>) -> App {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
+    let mut layer = IdempotencyLayer::new(store)
+        .with_scope(account_scope)
+        .with_outcome_unknown(move |_: &Parts| recovery);
+    if let Some(secret) = secret {
+        layer = layer.with_secret(secret);
+    }
+    let admin = AdminRouter::for_layer(&layer, authorize);
     let charges = Router::new()
         .route(
             "/charges",
@@ -39,28 +51,28 @@ pub fn app<St: IdempotencyStore>(store: St, recovery: Recovery) -> App {
                 async move { (StatusCode::CREATED, format!("charge #{n}")) }
             }),
         )
-        .layer(
-            IdempotencyLayer::new(store.clone())
-                .with_scope(|parts: &Parts| {
-                    parts
-                        .headers
-                        .get("x-account")
-                        .map(|v| v.as_bytes().to_vec())
-                        .unwrap_or_default()
-                })
-                .with_outcome_unknown(move |_: &Parts| recovery),
-        );
-    let admin = AdminRouter::new(store).with_principal(|parts: &Parts| {
-        parts
-            .headers
-            .get("x-operator")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("nobody")
-            .to_owned()
-    });
+        .layer(layer);
     App {
         router: charges.nest("/admin", admin.into_router()),
         calls,
+    }
+}
+
+/// The charges' scope: the `x-account` header.
+fn account_scope(parts: &Parts) -> Vec<u8> {
+    parts
+        .headers
+        .get("x-account")
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+/// The operators: `alice` may, `mallory` is known but may not, anyone else is unknown.
+fn authorize(parts: &Parts) -> Result<String, StatusCode> {
+    match parts.headers.get("x-operator").map(|v| v.as_bytes()) {
+        Some(b"alice") => Ok("alice".to_owned()),
+        Some(_) => Err(StatusCode::FORBIDDEN),
+        None => Err(StatusCode::UNAUTHORIZED),
     }
 }
 
@@ -119,6 +131,15 @@ pub fn admin(method: Method, uri: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// A look-up by the request's address, its fields in a JSON body.
+pub fn look_up(fields: &str) -> Request<Body> {
+    Request::post("/admin/records/lookup")
+        .header("x-operator", "alice")
+        .header("content-type", "application/json")
+        .body(Body::from(fields.to_owned()))
+        .unwrap()
+}
+
 pub fn charge_fingerprint() -> Fingerprint {
     Fingerprint::of(
         &Method::POST,
@@ -165,10 +186,9 @@ pub async fn look_up_forget_and_retry<St: IdempotencyStore>(store: St) {
     let digest = digest_of(&account, "k-1").to_hex();
     let by_address = send(
         &app,
-        admin(
-            Method::GET,
-            &format!("/admin/records?method=POST&path=/charges&key=k-1&scope={account}"),
-        ),
+        look_up(&format!(
+            r#"{{"method":"POST","path":"/charges","key":"k-1","scope":"{account}"}}"#
+        )),
     )
     .await;
     assert_eq!(by_address.status, StatusCode::OK);
@@ -188,10 +208,7 @@ pub async fn look_up_forget_and_retry<St: IdempotencyStore>(store: St) {
 
     let other_account = send(
         &app,
-        admin(
-            Method::GET,
-            "/admin/records?method=POST&path=/charges&key=k-1&scope=someone-else",
-        ),
+        look_up(r#"{"method":"POST","path":"/charges","key":"k-1","scope":"someone-else"}"#),
     )
     .await;
     assert_eq!(other_account.status, StatusCode::NOT_FOUND);
@@ -212,13 +229,10 @@ pub async fn look_up_forget_and_retry<St: IdempotencyStore>(store: St) {
     assert_eq!(again.body, b"charge #2");
     assert_eq!(app.calls.load(Ordering::SeqCst), 2);
 
-    for bad in [
-        "/admin/records/xyz",
-        "/admin/records?method=POST&path=/charges",
-    ] {
-        let reply = send(&app, admin(Method::GET, bad)).await;
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
-    }
+    let bad = send(&app, admin(Method::GET, "/admin/records/xyz")).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let bad = send(&app, look_up(r#"{"method":"POST","path":"/charges"}"#)).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }
 
 pub async fn an_abandoned_claim_is_outcome_unknown_until_released<St: IdempotencyStore>(store: St) {
@@ -329,6 +343,150 @@ pub async fn stuck_claims_are_listed_page_by_page<St: IdempotencyStore>(store: S
     }
 }
 
+pub async fn every_admin_route_refuses_an_unauthorized_request<St: IdempotencyStore>(store: St) {
+    let app = app(store, Recovery::RunAgain);
+    let account = account();
+    assert_eq!(
+        send(&app, charge(&account, "k-1")).await.status,
+        StatusCode::CREATED
+    );
+    let digest = digest_of(&account, "k-1").to_hex();
+    let look_up_body =
+        format!(r#"{{"method":"POST","path":"/charges","key":"k-1","scope":"{account}"}}"#);
+    let routes: [(Method, String, &str); 7] = [
+        (Method::GET, format!("/admin/records/{digest}"), ""),
+        (
+            Method::POST,
+            "/admin/records/lookup".to_owned(),
+            &look_up_body,
+        ),
+        (Method::DELETE, format!("/admin/records/{digest}"), ""),
+        (Method::DELETE, format!("/admin/claims/{digest}"), ""),
+        (Method::GET, "/admin/claims?older_than=0".to_owned(), ""),
+        (Method::GET, "/admin/no-such-route".to_owned(), ""),
+        (Method::PUT, format!("/admin/records/{digest}"), ""),
+    ];
+    // (operator header, status): unknown callers get 401, known ones without the right 403.
+    let callers = [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some("mallory"), StatusCode::FORBIDDEN),
+    ];
+    for (method, uri, body) in &routes {
+        for (operator, status) in callers {
+            let mut request = Request::builder().method(method.clone()).uri(uri.as_str());
+            if let Some(operator) = operator {
+                request = request.header("x-operator", operator);
+            }
+            let reply = send(&app, request.body(Body::from(body.to_string())).unwrap()).await;
+            assert_eq!(reply.status, status, "{method} {uri} by {operator:?}");
+            assert_eq!(reply.json()["error"], "not authorized", "{method} {uri}");
+        }
+    }
+    // Nothing was forgotten: the retry is still a replay, and the record is still there.
+    let replay = send(&app, charge(&account, "k-1")).await;
+    assert!(replay.replayed);
+    assert_eq!(app.calls.load(Ordering::SeqCst), 1);
+    let allowed = send(
+        &app,
+        admin(Method::GET, &format!("/admin/records/{digest}")),
+    )
+    .await;
+    assert_eq!(allowed.status, StatusCode::OK);
+}
+
+pub async fn a_look_up_never_takes_credentials_from_the_url<St: IdempotencyStore>(store: St) {
+    let app = app(store, Recovery::RunAgain);
+    let account = account();
+    assert_eq!(
+        send(&app, charge(&account, "k-1")).await.status,
+        StatusCode::CREATED
+    );
+    let fields =
+        format!(r#"{{"method":"POST","path":"/charges","key":"k-1","scope":"{account}"}}"#);
+    let in_query = format!("method=POST&path=/charges&key=k-1&scope={account}");
+    let mut with_query = look_up(&fields);
+    *with_query.uri_mut() = format!("/admin/records/lookup?{in_query}").parse().unwrap();
+    let refused = send(&app, with_query).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&refused.body).contains("never in the URL"));
+    // The look-up of earlier versions, all in the query string, is no route at all.
+    let old = send(
+        &app,
+        admin(Method::GET, &format!("/admin/records?{in_query}")),
+    )
+    .await;
+    assert!(
+        old.status.is_client_error() && old.status != StatusCode::OK,
+        "{}",
+        old.status
+    );
+    assert!(!String::from_utf8_lossy(&old.body).contains("state"));
+    // In the body, it is found.
+    let found = send(&app, look_up(&fields)).await;
+    assert_eq!(found.status, StatusCode::OK);
+    assert_eq!(found.json()["state"], "completed");
+}
+
+pub async fn a_look_up_finds_what_a_keyed_layer_stored<St: IdempotencyStore>(store: St) {
+    let secret = b"server secret, 32 bytes or more..";
+    let app = app_with(store.clone(), Recovery::RunAgain, Some(secret));
+    let account = account();
+    assert_eq!(
+        send(&app, charge(&account, "k-1")).await.status,
+        StatusCode::CREATED
+    );
+    let fields =
+        format!(r#"{{"method":"POST","path":"/charges","key":"k-1","scope":"{account}"}}"#);
+    let found = send(&app, look_up(&fields)).await;
+    assert_eq!(found.status, StatusCode::OK, "{}", found.json());
+    assert_eq!(found.json()["state"], "completed");
+    let key = IdempotencyKey::parse(b"k-1").unwrap();
+    let keyed = StorageKey::of_keyed_request(
+        secret,
+        LookupScope::Principal(account.as_bytes()),
+        &Method::POST,
+        "/charges",
+        &key,
+    );
+    assert_eq!(found.json()["key_digest"], keyed.to_hex().as_str());
+    assert_ne!(
+        keyed,
+        digest_of(&account, "k-1"),
+        "the secret keys the address"
+    );
+    assert!(found.json().get("secret").is_none());
+
+    // After a rotation, the router of the rotated layer finds it under the previous secret.
+    let rotated = IdempotencyLayer::new(store)
+        .with_scope(account_scope)
+        .with_secret(b"the next secret, 32 bytes or more")
+        .add_previous_secret(secret);
+    let rotated = App {
+        router: Router::new().nest(
+            "/admin",
+            AdminRouter::for_layer(&rotated, authorize).into_router(),
+        ),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let found = send(&rotated, look_up(&fields)).await;
+    assert_eq!(found.status, StatusCode::OK, "{}", found.json());
+    assert_eq!(found.json()["key_digest"], keyed.to_hex().as_str());
+    assert_eq!(found.json()["secret"], "previous");
+    // Forgotten by the digest the look-up gave, the next request executes again.
+    let forgotten = send(
+        &app,
+        admin(
+            Method::DELETE,
+            &format!("/admin/records/{}", keyed.to_hex()),
+        ),
+    )
+    .await;
+    assert_eq!(forgotten.json()["forgotten"], true);
+    let again = send(&app, charge(&account, "k-1")).await;
+    assert!(!again.replayed);
+    assert_eq!(app.calls.load(Ordering::SeqCst), 2);
+}
+
 /// Defines one `#[tokio::test]` per scenario above, each on the store `$make` builds.
 #[macro_export]
 macro_rules! operations_suite {
@@ -337,6 +495,9 @@ macro_rules! operations_suite {
             look_up_forget_and_retry,
             an_abandoned_claim_is_outcome_unknown_until_released,
             an_abandoned_claim_runs_again_by_default,
+            every_admin_route_refuses_an_unauthorized_request,
+            a_look_up_never_takes_credentials_from_the_url,
+            a_look_up_finds_what_a_keyed_layer_stored,
             stuck_claims_are_listed_page_by_page,
         );
     };

@@ -9,7 +9,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Ctx, Held, Keyed, State, Step, StoreOp};
+use super::{Ctx, Held, Keyed, LeaseOp, State, Step, StoreOp};
 use crate::{
     body::{RequestBody, ResponseBody},
     capture::{self, Settled},
@@ -27,7 +27,7 @@ use crate::{
     store::{Claim, IdempotencyStore},
 };
 
-type FlowStep<S, St, ReqB, ResB> = Step<
+pub(super) type FlowStep<S, St, ReqB, ResB> = Step<
     <S as Service<Request<RequestBody<ReqB>>>>::Future,
     ReqB,
     St,
@@ -114,34 +114,18 @@ where
         }
         match claim {
             Ok(Claim::Acquired(token)) => {
-                let Keyed {
-                    parts,
-                    body,
-                    key,
-                    fingerprint,
-                } = keyed;
-                let lease = Lease::new(self.store.clone(), key.storage, token, config.lease, sent)
-                    .observed(observer.clone());
-                if self.gone {
-                    // Nobody is left to answer: the handler is not started for nobody.
-                    let lease_op = Box::pin(lease.release(RecordResult::ClientGone));
-                    let output = Ok(nobody_listens());
-                    return Step::Next(State::Finish { lease_op, output });
+                let lease = Lease::new(
+                    self.store.clone(),
+                    keyed.key.storage,
+                    token,
+                    config.lease,
+                    sent,
+                );
+                if !self.gone && !config.fingerprint.previous_secrets.is_empty() {
+                    // The secret was rotated: the record may be under an earlier address.
+                    return Step::Next(self.probe(keyed, lease));
                 }
-                let mut request = Request::from_parts(parts, RequestBody::full(body));
-                if let Some(client_key) = key.client {
-                    request.extensions_mut().insert(client_key);
-                }
-                let held = Held {
-                    lease,
-                    renewal: Renewal::default(),
-                    fingerprint,
-                    ttl: key.ttl,
-                };
-                Step::Next(State::Ready {
-                    request,
-                    held: Some(held),
-                })
+                self.hold(keyed, lease.observed(observer.clone()))
             }
             Ok(Claim::Completed { record, expires_in }) => {
                 let retry = Retry {
@@ -172,33 +156,84 @@ where
                 if fingerprint != keyed.fingerprint {
                     return self.reject(&Problem::key_reused(config.mismatch_status));
                 }
-                let now = Instant::now();
-                let until = match (self.wait_until, config.wait_mode) {
-                    (Some(until), _) => Some(until),
-                    (None, WaitMode::Wait(bound)) => Some(*self.wait_until.insert(now + bound)),
-                    (None, WaitMode::Reject) => None,
-                };
-                let remaining = until.and_then(|until| until.checked_duration_since(now));
-                let Some(remaining) = remaining.filter(|left| !left.is_zero()) else {
-                    return self.reject(&Problem::in_flight());
-                };
-                // Whatever readiness the inner service holds (a concurrency permit, a buffer
-                // slot) is not held through the wait.
-                self.inner.give_back_readiness();
-                self.waited = true;
-                if let Some(clock) = &mut self.wait_clock {
-                    clock.start();
-                }
-                let (store, observer, key) =
-                    (self.store.clone(), observer.clone(), keyed.key.storage);
-                let wait = Box::pin(async move {
-                    let wait = store.wait(&key, remaining);
-                    observer.store_op(St::NAME, Op::Wait, wait).await
-                });
-                Step::Next(State::Wait { wait, keyed })
+                let on = keyed.key.storage;
+                self.wait_on(keyed, on, None)
             }
             Err(error) => self.store_failed(error, keyed),
         }
+    }
+
+    /// The key is claimed, under `lease`: the handler runs, once the inner service is ready
+    /// (unless the client has gone: the key is given back).
+    pub(super) fn hold(&mut self, keyed: Keyed, lease: Lease<St>) -> FlowStep<S, St, ReqB, ResB> {
+        let Keyed {
+            parts,
+            body,
+            key,
+            fingerprint,
+        } = keyed;
+        if self.gone {
+            // Nobody is left to answer: the handler is not started for nobody.
+            let lease_op = Box::pin(lease.release(RecordResult::ClientGone));
+            let output = Ok(nobody_listens());
+            return Step::Next(State::Finish { lease_op, output });
+        }
+        let mut request = Request::from_parts(parts, RequestBody::full(body));
+        if let Some(client_key) = key.client {
+            request.extensions_mut().insert(client_key);
+        }
+        let held = Held {
+            lease,
+            renewal: Renewal::default(),
+            fingerprint,
+            ttl: key.ttl,
+        };
+        Step::Next(State::Ready {
+            request,
+            held: Some(held),
+        })
+    }
+
+    /// Another request holds `on` (the key's address, or an earlier one's): wait for it to
+    /// end, within the wait bound, then claim the key again; `first`, a claim this request
+    /// gives back before it waits.
+    pub(super) fn wait_on(
+        &mut self,
+        keyed: Keyed,
+        on: StorageKey,
+        first: Option<LeaseOp>,
+    ) -> FlowStep<S, St, ReqB, ResB> {
+        let config = Arc::clone(&self.config);
+        let now = Instant::now();
+        let until = match (self.wait_until, config.wait_mode) {
+            (Some(until), _) => Some(until),
+            (None, WaitMode::Wait(bound)) => Some(*self.wait_until.insert(now + bound)),
+            (None, WaitMode::Reject) => None,
+        };
+        let remaining = until.and_then(|until| until.checked_duration_since(now));
+        let Some(remaining) = remaining.filter(|left| !left.is_zero()) else {
+            let output = Ok(reject(&config, &Problem::in_flight()));
+            return match first {
+                Some(lease_op) => Step::Next(State::Finish { lease_op, output }),
+                None => Step::Answer(output),
+            };
+        };
+        // Whatever readiness the inner service holds (a concurrency permit, a buffer
+        // slot) is not held through the wait.
+        self.inner.give_back_readiness();
+        self.waited = true;
+        if let Some(clock) = &mut self.wait_clock {
+            clock.start();
+        }
+        let (store, observer) = (self.store.clone(), config.observer.clone());
+        let wait = Box::pin(async move {
+            if let Some(give_back) = first {
+                give_back.await;
+            }
+            let wait = store.wait(&on, remaining);
+            observer.store_op(St::NAME, Op::Wait, wait).await
+        });
+        Step::Next(State::Wait { wait, keyed })
     }
 
     /// The store failed: 503 when failing closed; when failing open, the handler runs
