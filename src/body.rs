@@ -19,7 +19,9 @@ use pin_project_lite::pin_project;
 
 pin_project! {
     /// The request body the inner service receives: the original body, untouched, for
-    /// requests the layer lets through; the bytes it read (and fingerprinted) otherwise.
+    /// requests the layer lets through; the bytes it read (and fingerprinted) otherwise; or,
+    /// for a request without a key whose body outgrew the limit while being read, the bytes
+    /// read so far followed by the rest of the original body.
     pub struct RequestBody<B> {
         #[pin]
         kind: RequestKind<B>,
@@ -31,6 +33,7 @@ pin_project! {
     enum RequestKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes> },
+        Resumed { read: std::vec::IntoIter<Bytes>, rest: Pin<Box<B>> },
     }
 }
 
@@ -47,6 +50,16 @@ impl<B> RequestBody<B> {
         let data = (!data.is_empty()).then_some(data);
         Self {
             kind: RequestKind::Full { data },
+        }
+    }
+
+    /// The chunks the layer read, then the rest of the body they came from.
+    pub(crate) fn resumed(read: Chunks, rest: Pin<Box<B>>) -> Self {
+        Self {
+            kind: RequestKind::Resumed {
+                read: read.into_vec().into_iter(),
+                rest,
+            },
         }
     }
 }
@@ -68,6 +81,10 @@ where
             RequestKindProj::Full { data } => {
                 Poll::Ready(data.take().map(|data| Ok(Frame::data(data))))
             }
+            RequestKindProj::Resumed { read, rest } => match read.next() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => rest.as_mut().poll_frame(cx).map_err(Into::into),
+            },
         }
     }
 
@@ -75,6 +92,7 @@ where
         match &self.kind {
             RequestKind::Inner { body } => body.is_end_stream(),
             RequestKind::Full { data } => data.is_none(),
+            RequestKind::Resumed { read, rest } => read.len() == 0 && rest.is_end_stream(),
         }
     }
 
@@ -83,6 +101,16 @@ where
             RequestKind::Inner { body } => body.size_hint(),
             RequestKind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestKind::Resumed { read, rest } => {
+                let read = read.as_slice().iter().map(|d| d.len() as u64).sum::<u64>();
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(read));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(read));
+                }
+                hint
             }
         }
     }
@@ -95,6 +123,10 @@ impl<B> fmt::Debug for RequestBody<B> {
             RequestKind::Full { data } => f
                 .debug_struct("RequestBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            RequestKind::Resumed { read, .. } => f
+                .debug_struct("RequestBody::Resumed")
+                .field("chunks_read", &read.len())
                 .finish(),
         }
     }
@@ -387,6 +419,20 @@ mod tests {
         ]);
         let body = ResponseBody::<Plain>::channel(rx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ab");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_body_yields_what_was_read_then_the_rest() {
+        let mut read = Chunks::default();
+        read.push(Bytes::from_static(b"ab"));
+        read.push(Bytes::from_static(b"cd"));
+        let rest = Box::pin(Full::new(Bytes::from_static(b"ef")));
+        let body = RequestBody::resumed(read, rest);
+        assert_eq!(body.size_hint().exact(), Some(6));
+        assert!(!body.is_end_stream());
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdef");
+        let nothing_read = RequestBody::resumed(Chunks::default(), Box::pin(Plain::new()));
+        assert!(nothing_read.is_end_stream());
     }
 
     #[tokio::test]

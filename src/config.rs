@@ -8,7 +8,7 @@ use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 use crate::{
     digest::FieldHasher,
     fingerprint::{Fingerprint, FingerprintRule},
-    key::{KeyRef, KeySource, Scope, StorageKey},
+    key::{KeyRef, KeySource, Scope, StorageKey, sent_uri},
     observe::{self, Observer},
     problem::{Problem, ProblemResponse},
 };
@@ -200,12 +200,12 @@ impl Config {
         self.methods.contains(method)
     }
 
-    /// The fingerprint of a request under the layer's settings.
+    /// The fingerprint of a request under the layer's settings, over the URI the client sent.
     pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
         Fingerprint::compute(
             &self.fingerprint,
             &parts.method,
-            &parts.uri,
+            sent_uri(parts),
             &parts.headers,
             body,
         )

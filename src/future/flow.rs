@@ -10,10 +10,13 @@
 //!    │  │         └──► Acquired ─► Ready ─► Run ─► Finish ─► the handler's response
 //!    │  └─► 400 / 413                  (the lease renewed while Run; the record stored,
 //!    └─► no key found, pass-through: Ready ─► Run       or the key released, in Finish)
+//!  ReadUnkeyed (no key: the key is derived) ─► as ReadBody, but a body over the limit runs
+//!                                              unprotected, handed on whole: Ready ─► Run
 //! ```
 //!
 //! - **ReadBody**: the body is read whole, up to the limit, fingerprinted, and its key found
-//!   ([`plan`](crate::plan)).
+//!   ([`plan`](crate::plan)). **ReadUnkeyed** does the same for a request without a key;
+//!   past the limit, what was read and the rest of the body go to the handler unprotected.
 //! - **Claim**: a claim (or a take-over of an abandoned claim) is on its way to the store.
 //! - **Wait**: another request holds the key; the store wakes this one when it ends.
 //! - **Ready**: the inner service is made ready again if it gave its readiness back to wait
@@ -57,7 +60,7 @@ use crate::{
     lease::{Lease, Renewal},
     observe::WaitClock,
     plan::{Key, KeyPlan},
-    problem::Problem,
+    problem::{Problem, ProblemKind},
     ready::Inner,
     store::{Claim, IdempotencyStore},
 };
@@ -87,6 +90,8 @@ pin_project! {
     #[project_replace = StateOwned]
     enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
+        // No key: boxed, so that a body over the limit can be handed on, read part and rest.
+        ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
         Claim { claim: StoreOp<Claim>, sent: Instant, keyed: Keyed },
         Wait { wait: StoreOp<()>, keyed: Keyed },
         // `held: None` runs the handler unprotected (fail-open, or no key to protect).
@@ -179,6 +184,19 @@ where
         let span = config.observer.request_span(request.method());
         let (parts, body) = request.into_parts();
         let read = Chunks::default();
+        let state = match plan {
+            KeyPlan::Derived => State::ReadUnkeyed {
+                body: Box::pin(body),
+                read,
+                parts,
+            },
+            plan => State::ReadBody {
+                body,
+                read,
+                parts,
+                plan,
+            },
+        };
         let ctx = Ctx {
             inner: Inner::new(inner),
             store,
@@ -188,12 +206,6 @@ where
             gone: false,
             config,
             _types: PhantomData,
-        };
-        let state = State::ReadBody {
-            body,
-            read,
-            parts,
-            plan,
         };
         Self { state, ctx, span }
     }
@@ -221,6 +233,11 @@ where
                     body, read, parts, ..
                 } => {
                     let limit = ctx.config.request_body_limit;
+                    Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
+                }
+                StateProj::ReadUnkeyed { body, read, parts } => {
+                    let limit = ctx.config.request_body_limit;
+                    let body = body.as_mut();
                     Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
                 }
                 StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.as_mut().poll(cx))),
@@ -255,6 +272,13 @@ where
                     },
                     Event::Read(read_body),
                 ) => ctx.read(parts, read_body.map(|()| read.concat()), plan),
+                (
+                    StateOwned::ReadUnkeyed { body, read, parts },
+                    Event::Read(Err(problem)),
+                ) if problem.kind() == ProblemKind::BodyTooLarge => ctx.oversized(parts, read, body),
+                (StateOwned::ReadUnkeyed { parts, read, .. }, Event::Read(read_body)) => {
+                    ctx.read(parts, read_body.map(|()| read.concat()), KeyPlan::Derived)
+                }
                 (StateOwned::Claim { sent, keyed, .. }, Event::Claimed(claim)) => {
                     ctx.claimed(keyed, sent, claim)
                 }
@@ -288,9 +312,11 @@ where
             // Reading the body, waiting for another request or for the inner service (the
             // lease gives the key back as it drops), or running unprotected: the work ends
             // with its client.
-            State::ReadBody { .. } | State::Wait { .. } | State::Ready { .. } | State::Done => {
-                false
-            }
+            State::ReadBody { .. }
+            | State::ReadUnkeyed { .. }
+            | State::Wait { .. }
+            | State::Ready { .. }
+            | State::Done => false,
         };
         if !finish {
             // Dropped in the request's span, as the work would have ended in it (a lease's

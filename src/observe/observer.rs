@@ -1,7 +1,14 @@
 //! [`Observer`]: one layer's reporting, to `tracing` (a span per protected request and debug
 //! events) and, with the `metrics` feature, to its metric handles.
 
-use std::{fmt, future::Future, sync::Arc};
+use std::{
+    fmt,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use tracing::{Span, field};
 
@@ -26,6 +33,8 @@ pub(crate) struct Observer {
 
 struct Inner {
     route: &'static str,
+    /// Whether the layer warned of a request it could not scope (once per layer).
+    warned_unscoped: AtomicBool,
     #[cfg(feature = "metrics")]
     metrics: metrics::Handles,
 }
@@ -35,6 +44,7 @@ impl Observer {
         Self {
             inner: Arc::new(Inner {
                 route,
+                warned_unscoped: AtomicBool::new(false),
                 #[cfg(feature = "metrics")]
                 metrics: metrics::Handles::new(route),
             }),
@@ -73,6 +83,16 @@ impl Observer {
         match outcome {
             Outcome::StoreError | Outcome::FailOpen => {
                 tracing::warn!(outcome = outcome.as_str(), "idempotency store failed");
+            }
+            Outcome::Unscoped if !self.inner.warned_unscoped.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(
+                    route = self.inner.route,
+                    outcome = outcome.as_str(),
+                    "a request without a key, a credential or a peer address runs unprotected \
+                     (logged once per layer): serve with the peer's address (axum: \
+                     into_make_service_with_connect_info::<SocketAddr>() and the `axum` \
+                     feature; hyper: a PeerAddr extension) or name the principal with_scope"
+                );
             }
             _ => tracing::debug!(outcome = outcome.as_str(), "idempotency outcome"),
         }
