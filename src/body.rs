@@ -223,10 +223,12 @@ where
             return Poll::Ready(Err(Problem::unreadable_body()));
         };
         if let Ok(data) = frame.into_data() {
-            if read.len + data.len() > limit {
+            // The chunk that crosses the limit is kept: a request without a key hands every
+            // chunk read on to its handler (it is in memory already; nothing more is read).
+            read.push(data);
+            if read.len > limit {
                 return Poll::Ready(Err(Problem::body_too_large(limit)));
             }
-            read.push(data);
         }
     }
     Poll::Ready(Ok(()))

@@ -272,10 +272,11 @@ where
                     },
                     Event::Read(read_body),
                 ) => ctx.read(parts, read_body.map(|()| read.concat()), plan),
-                (
-                    StateOwned::ReadUnkeyed { body, read, parts },
-                    Event::Read(Err(problem)),
-                ) if problem.kind() == ProblemKind::BodyTooLarge => ctx.oversized(parts, read, body),
+                (StateOwned::ReadUnkeyed { body, read, parts }, Event::Read(Err(problem)))
+                    if problem.kind() == ProblemKind::BodyTooLarge =>
+                {
+                    ctx.oversized(parts, read, body)
+                }
                 (StateOwned::ReadUnkeyed { parts, read, .. }, Event::Read(read_body)) => {
                     ctx.read(parts, read_body.map(|()| read.concat()), KeyPlan::Derived)
                 }

@@ -18,16 +18,12 @@ mod webhooks;
 
 #[cfg(any(test, fuzzing))]
 pub(crate) use self::parse::check_parse;
-pub(crate) use self::{
-    origin::sent_uri,
-    scope::Scope,
-    source::Found,
-    storage::KeyRef,
-    webhooks::Delivery,
-};
 pub use self::{
     origin::PeerAddr,
     parse::{IdempotencyKey, KeyError, MAX_KEY_LEN},
     source::KeySource,
     storage::StorageKey,
+};
+pub(crate) use self::{
+    origin::sent_uri, scope::Scope, source::Found, storage::KeyRef, webhooks::Delivery,
 };

@@ -149,7 +149,12 @@ mod tests {
 
     fn client(parts: &Parts) -> StorageKey {
         let key = IdempotencyKey::parse(b"order-1").unwrap();
-        StorageKey::derive(&Scope::Credentials, &parts.method, parts, KeyRef::Client(&key))
+        StorageKey::derive(
+            &Scope::Credentials,
+            &parts.method,
+            parts,
+            KeyRef::Client(&key),
+        )
     }
 
     fn derived(parts: &Parts) -> StorageKey {
@@ -229,7 +234,11 @@ mod tests {
         let one = parts(&[], Some([192, 0, 2, 7]));
         let other = parts(&[], Some([192, 0, 2, 8]));
         assert_ne!(derived(&one), derived(&other));
-        assert_eq!(client(&one), client(&other), "a client key is not scoped by address");
+        assert_eq!(
+            client(&one),
+            client(&other),
+            "a client key is not scoped by address"
+        );
         // Two connections from one browser: axum's ConnectInfo differs by port only.
         #[cfg(feature = "axum")]
         {

@@ -97,7 +97,10 @@ impl KeySource {
     }
 
     /// Looks the key up from the headers only; `None` when the body is needed.
-    pub(crate) fn find_in_head(&self, headers: &HeaderMap) -> Option<Result<Option<Found>, KeyError>> {
+    pub(crate) fn find_in_head(
+        &self,
+        headers: &HeaderMap,
+    ) -> Option<Result<Option<Found>, KeyError>> {
         match &self.0 {
             SourceRepr::Header(name, delivery) => Some(header_key(headers, name, *delivery)),
             SourceRepr::First(sources) => {

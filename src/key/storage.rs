@@ -183,7 +183,10 @@ mod tests {
         let browser = parts(
             Method::POST,
             "/charges",
-            &[("authorization", "Bearer alice"), ("cookie", "session=alice")],
+            &[
+                ("authorization", "Bearer alice"),
+                ("cookie", "session=alice"),
+            ],
         );
         assert_eq!(
             derived(&browser).to_hex(),
@@ -214,10 +217,19 @@ mod tests {
             StorageKey::derive(&scope, &p.method, p, KeyRef::Delivered(&key, delivery))
         };
         let hook = |id: &str| parts(Method::POST, "/hooks", &[("x-github-hook-id", id)]);
-        assert_ne!(address(&hook("1"), Delivery::GitHub), address(&hook("2"), Delivery::GitHub));
-        assert_eq!(address(&hook("1"), Delivery::GitHub), address(&hook("1"), Delivery::GitHub));
+        assert_ne!(
+            address(&hook("1"), Delivery::GitHub),
+            address(&hook("2"), Delivery::GitHub)
+        );
+        assert_eq!(
+            address(&hook("1"), Delivery::GitHub),
+            address(&hook("1"), Delivery::GitHub)
+        );
         // A plain source ignores them, and is the address of a client key.
-        assert_eq!(address(&hook("1"), Delivery::Plain), address(&hook("2"), Delivery::Plain));
+        assert_eq!(
+            address(&hook("1"), Delivery::Plain),
+            address(&hook("2"), Delivery::Plain)
+        );
         assert_eq!(
             address(&hook("1"), Delivery::Plain),
             StorageKey::derive(&scope, &Method::POST, &hook("1"), KeyRef::Client(&key))
