@@ -422,6 +422,60 @@ pub async fn a_keyless_upload_over_the_limit_reaches_its_handler_whole_as_it_str
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
 
+/// Sends `POST /payouts` with `body` over a new connection from `source` (any port), and
+/// returns the response's head and body as text.
+async fn post_from(server: SocketAddr, source: Ipv4Addr, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    let mut stream = socket.connect(server).await.unwrap();
+    let request = format!(
+        "POST /payouts HTTP/1.1\r\nhost: {server}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    within(stream.read_to_string(&mut response)).await.unwrap();
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_with_connect_info_one_browser_is_deduplicated_and_two_are_not() {
+    let calls = Arc::default();
+    let app = counting("forms", &calls).layer(IdempotencyLayer::new(
+        tower_idempotency::MemoryStore::default(),
+    ));
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app).await.unwrap();
+    });
+    // A double click from one browser (two connections, two ports), then the same form from
+    // another machine (127.0.0.2, another loopback address).
+    let browser = Ipv4Addr::LOCALHOST;
+    let (first, second) = tokio::join!(
+        post_from(server, browser, "amount=5"),
+        post_from(server, browser, "amount=5"),
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "{first}\n{second}");
+    assert_eq!(
+        [&first, &second]
+            .iter()
+            .filter(|r| r.contains("idempotent-replayed: true"))
+            .count(),
+        1
+    );
+    let other = post_from(server, Ipv4Addr::new(127, 0, 0, 2), "amount=5").await;
+    assert!(other.starts_with("HTTP/1.1 201"), "{other}");
+    assert!(!other.contains("idempotent-replayed"), "{other}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 /// Captured log output.
 #[derive(Clone, Default)]
 struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
