@@ -54,6 +54,10 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 pub enum MissingKey {
     /// Derive the key from the request itself (SHA-256 of method, path, query and body) and
     /// remember it for this window only: what stops a double-clicked form from charging twice.
+    /// Only for a request whose scope tells its sender apart (a credential header, the peer's
+    /// address, or [`with_scope`](crate::IdempotencyLayer::with_scope)); any other runs
+    /// unprotected, since a derived key would answer it with another client's response. A
+    /// body over the request-body limit runs unprotected too, handed on whole.
     ///
     /// The window must be more than zero and at most [`MAX_TTL`]
     /// ([`with_missing_key`](crate::IdempotencyLayer::with_missing_key) panics otherwise).

@@ -11,9 +11,10 @@ use std::{fmt, net::IpAddr, sync::Arc};
 
 use http::{Extensions, HeaderMap, HeaderName, header, request::Parts};
 
-use super::{origin::peer_ip, storage::KeyHasher};
+use super::origin::peer_ip;
+use crate::digest::FieldHasher;
 
-type ScopeFn = Arc<dyn Fn(&Parts, &mut KeyHasher) + Send + Sync>;
+type ScopeFn = Arc<dyn Fn(&Parts, &mut FieldHasher) + Send + Sync>;
 
 /// The request headers that name a principal by default, each with the tag its values are
 /// hashed under. `a` (Authorization) and `c` (Cookie) are the tags earlier versions used, so
@@ -83,7 +84,7 @@ impl Scope {
 
     /// Adds the scope of `parts` to a storage key: its credentials, or for a derived key
     /// without any, its peer's address.
-    pub(crate) fn hash(&self, parts: &Parts, derived: bool, hasher: &mut KeyHasher) {
+    pub(crate) fn hash(&self, parts: &Parts, derived: bool, hasher: &mut FieldHasher) {
         match self {
             Self::Credentials => {
                 let mut named = false;

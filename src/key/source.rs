@@ -5,7 +5,7 @@ use std::{fmt, sync::Arc};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, request::Parts};
 
-use super::{IdempotencyKey, KeyError, webhooks::Delivery};
+use super::{IdempotencyKey, KeyError, delivery::Delivery};
 
 /// Where to find a key when the request has no key header: for senders that never send
 /// `Idempotency-Key`, such as webhook deliveries.

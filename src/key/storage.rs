@@ -5,7 +5,7 @@ use std::fmt;
 
 use http::{Method, request::Parts};
 
-use super::{IdempotencyKey, Scope, origin::sent_uri, webhooks::Delivery};
+use super::{IdempotencyKey, Scope, delivery::Delivery, origin::sent_uri};
 use crate::{
     digest::{FieldHasher, hex},
     fingerprint::Fingerprint,

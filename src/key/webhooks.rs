@@ -4,9 +4,9 @@
 //!
 //! Pure logic: no tower or tokio in here.
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderName;
 
-use super::{KeySource, storage::KeyHasher};
+use super::{KeySource, delivery::Delivery};
 
 /// GitHub's delivery id header: one per event, shared by every hook the event is sent to.
 const X_GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");
@@ -16,64 +16,6 @@ const X_SHOPIFY_EVENT_ID: HeaderName = HeaderName::from_static("x-shopify-event-
 const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 /// Svix's message id header: Svix's default, sent by Clerk, Resend and other Svix users.
 const SVIX_ID: HeaderName = HeaderName::from_static("svix-id");
-
-/// What tells GitHub's subscribers of one event apart: the hook, and the resource it was
-/// created on (a repository, an organisation, an App).
-static GITHUB_SUBSCRIBER: [HeaderName; 3] = [
-    HeaderName::from_static("x-github-hook-id"),
-    HeaderName::from_static("x-github-hook-installation-target-type"),
-    HeaderName::from_static("x-github-hook-installation-target-id"),
-];
-
-/// What tells Shopify's deliveries of one event apart where the handling may differ: the shop
-/// and the topic. Subscriptions of one topic are not told apart: Shopify's guide to duplicate
-/// webhooks calls their deliveries of one event duplicates, to be skipped.
-static SHOPIFY_SUBSCRIBER: [HeaderName; 2] = [
-    HeaderName::from_static("x-shopify-shop-domain"),
-    HeaderName::from_static("x-shopify-topic"),
-];
-
-/// What a key found by a key source means beyond the key itself: which headers tell the
-/// subscribers of one event apart (part of the record's address), and whether a payload
-/// difference under one key is a key reuse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Delivery {
-    /// The key alone; another payload under it is a key reuse (409 or 422).
-    #[default]
-    Plain,
-    /// A GitHub delivery: scoped by its hook. A redelivery repeats its payload.
-    GitHub,
-    /// A Shopify event: scoped by shop and topic; its payload is not compared, because each
-    /// subscription may shape it differently (`include_fields`, API version) and Shopify
-    /// retries, then removes, a subscription answered with an error.
-    Shopify,
-}
-
-impl Delivery {
-    /// The headers that tell two subscribers of one event apart.
-    fn subscriber(self) -> &'static [HeaderName] {
-        match self {
-            Self::Plain => &[],
-            Self::GitHub => &GITHUB_SUBSCRIBER,
-            Self::Shopify => &SHOPIFY_SUBSCRIBER,
-        }
-    }
-
-    /// Whether two deliveries under one key must carry the same payload.
-    pub(crate) fn compares_payload(self) -> bool {
-        !matches!(self, Self::Shopify)
-    }
-
-    /// Adds the subscriber's headers, those present, to a storage key.
-    pub(crate) fn hash(self, headers: &HeaderMap, hasher: &mut KeyHasher) {
-        for name in self.subscriber() {
-            for value in &headers.get_all(name) {
-                hasher.field(b'w', name.as_str().as_bytes());
-                hasher.field(b'v', value.as_bytes());
-            }
-        }
-    }
-}
 
 impl KeySource {
     /// A Stripe event: its `id` (`evt_…`), the body's top-level `/id`. Stripe re-sends the same
