@@ -182,6 +182,15 @@ impl Chunks {
     }
 }
 
+/// Whether a request body may be longer than `limit`: it declares no length within it.
+pub(crate) fn may_exceed<B: Body>(headers: &HeaderMap, body: &B, limit: usize) -> bool {
+    let max = limit as u64;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    declared.is_some_and(|len| len > max) || body.size_hint().upper().is_none_or(|len| len > max)
+}
+
 /// Reads a request body whole into `read`, refusing it past `limit`: by its declared length
 /// before anything is read (an oversized upload is refused without reading it), then as it
 /// arrives.
@@ -435,6 +444,64 @@ mod tests {
         assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdef");
         let nothing_read = RequestBody::resumed(Chunks::default(), Box::pin(Plain::new()));
         assert!(nothing_read.is_end_stream());
+    }
+
+    #[test]
+    fn a_body_may_exceed_the_limit_unless_its_length_says_otherwise() {
+        let headers = |length: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(length) = length {
+                headers.insert(header::CONTENT_LENGTH, length.parse().unwrap());
+            }
+            headers
+        };
+        let sized = |len: usize| Full::new(Bytes::from(vec![0; len]));
+        let unsized_body = Unsized;
+        let cases = [
+            (
+                "exact, within",
+                may_exceed(&headers(None), &sized(10), 10),
+                false,
+            ),
+            (
+                "exact, over",
+                may_exceed(&headers(None), &sized(11), 10),
+                true,
+            ),
+            (
+                "declared over",
+                may_exceed(&headers(Some("11")), &sized(10), 10),
+                true,
+            ),
+            (
+                "declared within",
+                may_exceed(&headers(Some("10")), &sized(10), 10),
+                false,
+            ),
+            (
+                "no upper bound",
+                may_exceed(&headers(None), &unsized_body, 10),
+                true,
+            ),
+        ];
+        for (what, got, expected) in cases {
+            assert_eq!(got, expected, "{what}");
+        }
+    }
+
+    /// A body of no known length.
+    struct Unsized;
+
+    impl Body for Unsized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(None)
+        }
     }
 
     #[tokio::test]

@@ -90,7 +90,8 @@ pin_project! {
     #[project_replace = StateOwned]
     enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
-        // No key: boxed, so that a body over the limit can be handed on, read part and rest.
+        // No key, and a body that may be over the limit: boxed, so that it can be handed on,
+        // the part read and the rest.
         ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
         Claim { claim: StoreOp<Claim>, sent: Instant, keyed: Keyed },
         Wait { wait: StoreOp<()>, keyed: Keyed },
@@ -184,12 +185,16 @@ where
         let span = config.observer.request_span(request.method());
         let (parts, body) = request.into_parts();
         let read = Chunks::default();
+        let limit = config.request_body_limit;
         let state = match plan {
-            KeyPlan::Derived => State::ReadUnkeyed {
-                body: Box::pin(body),
-                read,
-                parts,
-            },
+            // Boxed only if it may outgrow the limit: a form's declared length says it won't.
+            KeyPlan::Derived if body::may_exceed(&parts.headers, &body, limit) => {
+                State::ReadUnkeyed {
+                    body: Box::pin(body),
+                    read,
+                    parts,
+                }
+            }
             plan => State::ReadBody {
                 body,
                 read,
