@@ -107,7 +107,7 @@ where
                 );
             }
             Head::Unscoped => {
-                config.observer.outcome(Outcome::Unscoped);
+                config.observer.passed_through(Outcome::Unscoped);
                 return ResponseFuture::pass_through(
                     self.inner.call(request.map(RequestBody::new)),
                 );

@@ -80,11 +80,21 @@ impl Observer {
     /// Reports how a request ended.
     pub(crate) fn outcome(&self, outcome: Outcome) {
         Span::current().record("outcome", outcome.as_str());
+        self.count(outcome);
+    }
+
+    /// Reports how a request that has no span of its own ended (one passed through from its
+    /// head): logged and counted, and no span of the application's written to.
+    pub(crate) fn passed_through(&self, outcome: Outcome) {
+        self.count(outcome);
+    }
+
+    fn count(&self, outcome: Outcome) {
         match outcome {
             Outcome::StoreError | Outcome::FailOpen => {
                 tracing::warn!(outcome = outcome.as_str(), "idempotency store failed");
             }
-            Outcome::Unscoped if !self.inner.warned_unscoped.swap(true, Ordering::Relaxed) => {
+            Outcome::Unscoped if !self.warned_unscoped() => {
                 tracing::warn!(
                     route = self.inner.route,
                     outcome = outcome.as_str(),
@@ -98,6 +108,13 @@ impl Observer {
         }
         #[cfg(feature = "metrics")]
         self.inner.metrics.outcome(outcome);
+    }
+
+    /// Whether the layer warned of an unscoped request already; the first to ask is told no.
+    fn warned_unscoped(&self) -> bool {
+        let warned = &self.inner.warned_unscoped;
+        // Read first: after the warning, requests never write to the shared flag.
+        warned.load(Ordering::Relaxed) || warned.swap(true, Ordering::Relaxed)
     }
 
     /// Runs a store operation, timing it when a span or metrics want it, and reports the
