@@ -5,7 +5,11 @@
 //! cargo run --example hyper
 //! curl -i localhost:3000/orders -H 'Idempotency-Key: order-1' -d 'two coffees'
 //! curl -i localhost:3000/orders -H 'Idempotency-Key: order-1' -d 'two coffees'   # replayed
+//! curl -i localhost:3000/orders -d 'a form, no key'      # deduplicated per client address
 //! ```
+//!
+//! hyper does not tell a service who is connected: each connection's service puts the peer's
+//! address in the request as a [`PeerAddr`], which scopes requests sent without a key.
 
 use std::{
     convert::Infallible,
@@ -23,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use tower::ServiceBuilder;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, PeerAddr, RequestBody};
 
 /// The application: it sees the request body the layer hands on (`RequestBody<Incoming>`).
 async fn place_order(
@@ -63,8 +67,14 @@ async fn main() -> std::io::Result<()> {
         .service_fn(move |request| place_order(Arc::clone(&orders), request));
 
     loop {
-        let (stream, _) = listener.accept().await?;
-        let service = TowerToHyperService::new(service.clone());
+        let (stream, peer) = listener.accept().await?;
+        let service = ServiceBuilder::new()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(PeerAddr(peer.ip()));
+                request
+            })
+            .service(service.clone());
+        let service = TowerToHyperService::new(service);
         tokio::spawn(async move {
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             if let Err(error) = connection.await {

@@ -1,8 +1,12 @@
 //! A payments API whose `POST /charges` is safe to retry.
 //!
 //! ```sh
-//! cargo run --example quickstart
+//! cargo run --example quickstart --features axum
 //! ```
+//!
+//! The `axum` feature lets the layer read what axum knows of a request: the path the client
+//! sent (`OriginalUri`, under `nest`) and the peer's address (`ConnectInfo`, when served with
+//! connect info as below), which scopes requests sent without a key.
 //!
 //! Then, from another terminal (see the README for what each prints):
 //!
@@ -97,5 +101,9 @@ async fn main() -> std::io::Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, app()).await
+    // With the peer's address, a form posted without a key is deduplicated per client (a
+    // double click from one browser, over one connection or two); without it, such a request
+    // could not be told from another client's and would run unprotected.
+    let app = app().into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).await
 }

@@ -104,7 +104,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "building the soak programs (release)…"
-cargo build --quiet --release --example soak --features redis
+cargo build --quiet --release --example soak --features "redis axum"
 bin=${CARGO_TARGET_DIR:-target}/release/examples/soak
 [ -x "$bin" ] || die "no $bin after the build"
 

@@ -45,9 +45,9 @@ step "the load script runs (a few seconds of each scenario; its numbers are not 
 DURATION=1s ROUNDS=1 scripts/loadtest.sh
 
 # A million requests take ~15 s in release and ~2.5 min in a debug build (where the test is
-# ignored). `--features redis` shares the release build of the load and soak programs.
+# ignored). `--features "redis axum"` shares the release build of the soak programs.
 step "memory flood: 1 000 000 keys through the layer into MemoryStore::new(64 MiB) (release)"
-cargo test --release --features redis --test memory_flood -- --nocapture
+cargo test --release --features "redis axum" --test memory_flood -- --nocapture
 
 step "soak: two instances on one redis-server, killed and restarted twice (20 s)"
 DURATION=20s scripts/soak.sh

@@ -16,7 +16,9 @@ use pin_project_lite::pin_project;
 
 pin_project! {
     /// The request body the inner service receives: the original body, untouched, for
-    /// requests the layer lets through; the bytes it read (and fingerprinted) otherwise.
+    /// requests the layer lets through; the bytes it read (and fingerprinted) otherwise; or,
+    /// for a request without a key whose body outgrew the limit while being read, the bytes
+    /// read so far followed by the rest of the original body.
     pub struct RequestBody<B> {
         #[pin]
         kind: RequestKind<B>,
@@ -28,6 +30,7 @@ pin_project! {
     enum RequestKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes> },
+        Resumed { read: std::vec::IntoIter<Bytes>, rest: Pin<Box<B>> },
     }
 }
 
@@ -44,6 +47,16 @@ impl<B> RequestBody<B> {
         let data = (!data.is_empty()).then_some(data);
         Self {
             kind: RequestKind::Full { data },
+        }
+    }
+
+    /// The chunks the layer read, then the rest of the body they came from.
+    pub(crate) fn resumed(read: Chunks, rest: Pin<Box<B>>) -> Self {
+        Self {
+            kind: RequestKind::Resumed {
+                read: read.into_vec().into_iter(),
+                rest,
+            },
         }
     }
 }
@@ -65,6 +78,10 @@ where
             RequestKindProj::Full { data } => {
                 Poll::Ready(data.take().map(|data| Ok(Frame::data(data))))
             }
+            RequestKindProj::Resumed { read, rest } => match read.next() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => rest.as_mut().poll_frame(cx).map_err(Into::into),
+            },
         }
     }
 
@@ -72,6 +89,7 @@ where
         match &self.kind {
             RequestKind::Inner { body } => body.is_end_stream(),
             RequestKind::Full { data } => data.is_none(),
+            RequestKind::Resumed { read, rest } => read.len() == 0 && rest.is_end_stream(),
         }
     }
 
@@ -80,6 +98,16 @@ where
             RequestKind::Inner { body } => body.size_hint(),
             RequestKind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestKind::Resumed { read, rest } => {
+                let read = read.as_slice().iter().map(|d| d.len() as u64).sum::<u64>();
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(read));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(read));
+                }
+                hint
             }
         }
     }
@@ -93,8 +121,21 @@ impl<B> fmt::Debug for RequestBody<B> {
                 .debug_struct("RequestBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
                 .finish(),
+            RequestKind::Resumed { read, .. } => f
+                .debug_struct("RequestBody::Resumed")
+                .field("chunks_read", &read.len())
+                .finish(),
         }
     }
+}
+
+/// Whether a request body may be longer than `limit`: it declares no length within it.
+pub(crate) fn may_exceed<B: Body>(headers: &HeaderMap, body: &B, limit: usize) -> bool {
+    let max = limit as u64;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    declared.is_some_and(|len| len > max) || body.size_hint().upper().is_none_or(|len| len > max)
 }
 
 /// Reads a request body whole into `read`, refusing it past `limit`: by its declared length
@@ -138,10 +179,12 @@ where
             return Poll::Ready(Err(Problem::unreadable_body()));
         };
         if let Ok(data) = frame.into_data() {
-            if read.len + data.len() > limit {
+            // The chunk that crosses the limit is kept: a request without a key hands every
+            // chunk read on to its handler (it is in memory already; nothing more is read).
+            read.push(data);
+            if read.len > limit {
                 return Poll::Ready(Err(Problem::body_too_large(limit)));
             }
-            read.push(data);
         }
     }
     Poll::Ready(Ok(()))
@@ -297,6 +340,78 @@ mod tests {
         tx.end();
         let body = ResponseBody::<Plain>::channel(rx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ab");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_body_yields_what_was_read_then_the_rest() {
+        let mut read = Chunks::default();
+        read.push(Bytes::from_static(b"ab"));
+        read.push(Bytes::from_static(b"cd"));
+        let rest = Box::pin(Full::new(Bytes::from_static(b"ef")));
+        let body = RequestBody::resumed(read, rest);
+        assert_eq!(body.size_hint().exact(), Some(6));
+        assert!(!body.is_end_stream());
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdef");
+        let nothing_read = RequestBody::resumed(Chunks::default(), Box::pin(Plain::new()));
+        assert!(nothing_read.is_end_stream());
+    }
+
+    #[test]
+    fn a_body_may_exceed_the_limit_unless_its_length_says_otherwise() {
+        let headers = |length: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(length) = length {
+                headers.insert(header::CONTENT_LENGTH, length.parse().unwrap());
+            }
+            headers
+        };
+        let sized = |len: usize| Full::new(Bytes::from(vec![0; len]));
+        let unsized_body = Unsized;
+        let cases = [
+            (
+                "exact, within",
+                may_exceed(&headers(None), &sized(10), 10),
+                false,
+            ),
+            (
+                "exact, over",
+                may_exceed(&headers(None), &sized(11), 10),
+                true,
+            ),
+            (
+                "declared over",
+                may_exceed(&headers(Some("11")), &sized(10), 10),
+                true,
+            ),
+            (
+                "declared within",
+                may_exceed(&headers(Some("10")), &sized(10), 10),
+                false,
+            ),
+            (
+                "no upper bound",
+                may_exceed(&headers(None), &unsized_body, 10),
+                true,
+            ),
+        ];
+        for (what, got, expected) in cases {
+            assert_eq!(got, expected, "{what}");
+        }
+    }
+
+    /// A body of no known length.
+    struct Unsized;
+
+    impl Body for Unsized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(None)
+        }
     }
 
     #[tokio::test]

@@ -98,6 +98,15 @@ impl Chunks {
         Some(Bytes::copy_from_slice(unread))
     }
 
+    /// The pieces, in order, without copying any (the tail becomes one piece).
+    pub(crate) fn into_vec(mut self) -> Vec<Bytes> {
+        self.seal_tail();
+        let mut all = Vec::with_capacity(usize::from(self.first.is_some()) + self.rest.len());
+        all.extend(self.first);
+        all.extend(self.rest);
+        all
+    }
+
     /// Joins the chunks; a single chunk is handed on as it is, without a copy.
     pub(crate) fn concat(self) -> Bytes {
         match self.first {

@@ -8,7 +8,7 @@ use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 use crate::{
     digest::{FieldHasher, Secret},
     fingerprint::{Fingerprint, FingerprintRule},
-    key::{IdempotencyKey, KeyRef, KeySource, Scope, StorageKey},
+    key::{IdempotencyKey, KeyRef, KeySource, Scope, StorageKey, sent_uri},
     observe::{self, Observer},
     problem::{Problem, ProblemResponse},
 };
@@ -60,6 +60,10 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 pub enum MissingKey {
     /// Derive the key from the request itself (SHA-256 of method, path, query and body) and
     /// remember it for this window only: what stops a double-clicked form from charging twice.
+    /// Only for a request whose scope tells its sender apart (a credential header, the peer's
+    /// address, or [`with_scope`](crate::IdempotencyLayer::with_scope)); any other runs
+    /// unprotected, since a derived key would answer it with another client's response. A
+    /// body over the request-body limit runs unprotected too, handed on whole.
     ///
     /// The window must be more than zero and at most [`MAX_TTL`]
     /// ([`with_missing_key`](crate::IdempotencyLayer::with_missing_key) panics otherwise).
@@ -210,12 +214,12 @@ impl Config {
         self.methods.contains(method)
     }
 
-    /// The fingerprint of a request under the layer's settings.
+    /// The fingerprint of a request under the layer's settings, over the URI the client sent.
     pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
         Fingerprint::compute(
             &self.fingerprint,
             &parts.method,
-            &parts.uri,
+            sent_uri(parts),
             &parts.headers,
             body,
         )

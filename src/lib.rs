@@ -53,7 +53,7 @@ pub use crate::{
     fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
     future::ResponseFuture,
     inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
-    key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, StorageKey},
+    key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, PeerAddr, StorageKey},
     layer::IdempotencyLayer,
     problem::{Problem, ProblemKind, ProblemResponse},
     record::{MAX_RECORD_HEADERS, Record, RecordError},

@@ -7,12 +7,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, request::Parts};
+use http::{Extensions, HeaderMap, request::Parts};
 
 use crate::{
     config::{Config, MissingKey},
     fingerprint::Fingerprint,
-    key::{IdempotencyKey, KeyRef, StorageKey},
+    key::{Delivery, Found, IdempotencyKey, KeyRef, StorageKey},
     problem::Problem,
 };
 
@@ -20,6 +20,10 @@ use crate::{
 pub(crate) enum Head {
     /// Nothing to protect: the request passes through untouched.
     PassThrough,
+    /// No key, and nothing tells its sender apart (no credential, no peer address): a
+    /// derived key could answer it with another client's response, so it passes through
+    /// unprotected, counted.
+    Unscoped,
     /// A bad or missing key: refused.
     Refuse(Problem),
     /// Protected, its key found as planned.
@@ -28,8 +32,8 @@ pub(crate) enum Head {
 
 /// Where a protected request's key comes from, as far as its head tells.
 pub(crate) enum KeyPlan {
-    /// The client sent it.
-    Client(IdempotencyKey),
+    /// The client sent it, or a key source found it in the head.
+    Client(Found),
     /// A key source that reads the body; the missing-key policy applies if it finds nothing.
     FromBody,
     /// No key: derive one from the request.
@@ -41,63 +45,101 @@ pub(crate) struct Key {
     /// The client's key, handed to the handler in its request's extensions.
     pub(crate) client: Option<IdempotencyKey>,
     pub(crate) storage: StorageKey,
+    /// What a retry's payload must match.
+    pub(crate) fingerprint: Fingerprint,
     /// How long the record is kept.
     pub(crate) ttl: Duration,
 }
 
+/// What becomes of a protected request once its body is read.
+pub(crate) enum Keying {
+    /// Claimed under this key.
+    Protect(Key),
+    /// No key, and the policy is to pass through.
+    PassThrough,
+    /// No key, and nothing to scope a derived one by ([`Head::Unscoped`]).
+    Unscoped,
+}
+
 /// Reads the plan off the request head.
-pub(crate) fn from_head(config: &Config, headers: &HeaderMap) -> Head {
+pub(crate) fn from_head(config: &Config, headers: &HeaderMap, extensions: &Extensions) -> Head {
     match IdempotencyKey::from_headers(headers, &config.header_name) {
-        Ok(Some(key)) => return Head::Protect(KeyPlan::Client(key)),
+        Ok(Some(key)) => return Head::Protect(KeyPlan::Client(Found::plain(key))),
         Err(error) => return Head::Refuse(Problem::invalid_key(&error)),
         Ok(None) => {}
     }
     let from_source = config
         .key_source
         .as_ref()
-        .map(|source| source.extract_from_headers(headers));
+        .map(|source| source.find_in_head(headers));
     match from_source {
-        Some(Some(Ok(Some(key)))) => Head::Protect(KeyPlan::Client(key)),
+        Some(Some(Ok(Some(found)))) => Head::Protect(KeyPlan::Client(found)),
         Some(Some(Err(error))) => Head::Refuse(Problem::invalid_key(&error)),
         Some(None) => Head::Protect(KeyPlan::FromBody),
         Some(Some(Ok(None))) | None => match config.missing_key {
             MissingKey::PassThrough => Head::PassThrough,
             MissingKey::Required => Head::Refuse(Problem::missing_key(&config.header_name)),
-            MissingKey::Fingerprint(_) => Head::Protect(KeyPlan::Derived),
+            MissingKey::Fingerprint(_) if config.scope.derives(headers, extensions) => {
+                Head::Protect(KeyPlan::Derived)
+            }
+            MissingKey::Fingerprint(_) => Head::Unscoped,
         },
     }
 }
 
-/// Follows `plan` once the body is read: the key to claim, `None` to run unprotected (a body
-/// key source found nothing and the policy is to pass through), or the problem to answer.
+/// Follows `plan` once the body is read: the key to claim and the fingerprint a retry must
+/// match, the request to run unprotected, or the problem to answer.
 pub(crate) fn after_body(
     config: &Config,
     plan: KeyPlan,
     parts: &Parts,
     body: &Bytes,
-    fingerprint: &Fingerprint,
-) -> Result<Option<Key>, Problem> {
-    let client = match plan {
-        KeyPlan::Client(key) => Some(key),
+) -> Result<Keying, Problem> {
+    let found = match plan {
+        KeyPlan::Client(found) => Some(found),
         KeyPlan::Derived => None,
         KeyPlan::FromBody => {
             let source = config.key_source.as_ref();
-            let found = source.map(|source| source.extract(parts, body)).transpose();
+            let found = source.map(|source| source.find(parts, body)).transpose();
             found
                 .map_err(|error| Problem::invalid_key(&error))?
                 .flatten()
         }
     };
-    let (key_ref, ttl) = match (&client, config.missing_key) {
-        (Some(key), _) => (KeyRef::Client(key), config.ttl),
-        (None, MissingKey::Fingerprint(window)) => (KeyRef::Derived(fingerprint), window),
-        (None, MissingKey::Required) => return Err(Problem::missing_key(&config.header_name)),
-        (None, MissingKey::PassThrough) => return Ok(None),
+    let Some(Found { key, delivery }) = found else {
+        let window = match config.missing_key {
+            MissingKey::Fingerprint(window) => window,
+            MissingKey::Required => return Err(Problem::missing_key(&config.header_name)),
+            MissingKey::PassThrough => return Ok(Keying::PassThrough),
+        };
+        if !config.scope.derives(&parts.headers, &parts.extensions) {
+            return Ok(Keying::Unscoped);
+        }
+        let fingerprint = config.fingerprint_of(parts, body);
+        let storage = config.storage_key(parts, KeyRef::Derived(&fingerprint));
+        return Ok(Keying::Protect(Key {
+            client: None,
+            storage,
+            fingerprint,
+            ttl: window,
+        }));
+    };
+    let fingerprint = if delivery.compares_payload() {
+        config.fingerprint_of(parts, body)
+    } else {
+        // Every payload under this key is the same delivery (see `Delivery`): a retry
+        // matches whatever it carries.
+        Fingerprint::from_bytes([0; 32])
+    };
+    let key_ref = match delivery {
+        Delivery::Plain => KeyRef::Client(&key),
+        _ => KeyRef::Delivered(&key, delivery),
     };
     let storage = config.storage_key(parts, key_ref);
-    Ok(Some(Key {
-        client,
+    Ok(Keying::Protect(Key {
+        client: Some(key),
         storage,
-        ttl,
+        fingerprint,
+        ttl: config.ttl,
     }))
 }

@@ -3,7 +3,8 @@
 //!
 //! 1. Unprotected method → pass through (no allocation, no store call, body untouched).
 //! 2. Find the key: the key header (invalid → 400), else a configured key source, else the
-//!    missing-key policy (pass through, 400, or derive the key from the request).
+//!    missing-key policy (pass through, 400, or derive the key from the request: only when
+//!    its scope tells its sender apart, else it passes through unprotected, counted).
 //! 3. Anything else is protected: see [`future`](crate::future) for the rest of its flow.
 
 use std::{
@@ -25,6 +26,7 @@ use crate::{
     config::Config,
     error::BoxError,
     future::{Flow, ResponseFuture},
+    observe::Outcome,
     plan::{self, Head},
     problem::Problem,
     reject::{close_connection, reject},
@@ -96,10 +98,16 @@ where
         if !config.protects(request.method()) {
             return ResponseFuture::pass_through(self.inner.call(request.map(RequestBody::new)));
         }
-        let plan = match plan::from_head(config, request.headers()) {
+        let plan = match plan::from_head(config, request.headers(), request.extensions()) {
             Head::Protect(plan) => plan,
             Head::Refuse(problem) => return refuse(config, request, problem),
             Head::PassThrough => {
+                return ResponseFuture::pass_through(
+                    self.inner.call(request.map(RequestBody::new)),
+                );
+            }
+            Head::Unscoped => {
+                config.observer.passed_through(Outcome::Unscoped);
                 return ResponseFuture::pass_through(
                     self.inner.call(request.map(RequestBody::new)),
                 );

@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     convert::Infallible,
+    net::Ipv4Addr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -25,7 +26,7 @@ use tokio::{
     },
 };
 use tower::{ServiceBuilder, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, ProblemKind, RequestBody};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, PeerAddr, ProblemKind, RequestBody};
 
 use common::service::{Reply, within};
 
@@ -113,8 +114,16 @@ async fn an_axum_router_with_the_layer_lets_get_through_and_refuses_bad_keys() {
 async fn an_axum_router_with_the_layer_catches_a_double_clicked_form() {
     let calls = Arc::new(AtomicUsize::new(0));
     let router = app(&calls, MemoryStore::default());
-    let first = call(&router, axum_post(None, "item=42")).await;
-    let second = call(&router, axum_post(None, "item=42")).await;
+    // A form has no key: it is scoped by the browser's address, as the server gives it.
+    let from_browser = || {
+        let mut request = axum_post(None, "item=42");
+        request
+            .extensions_mut()
+            .insert(PeerAddr(Ipv4Addr::LOCALHOST.into()));
+        request
+    };
+    let first = call(&router, from_browser()).await;
+    let second = call(&router, from_browser()).await;
     assert!(second.replayed());
     assert_eq!(second.body, first.body);
     assert_eq!(calls.load(Ordering::SeqCst), 1);

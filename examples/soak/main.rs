@@ -3,7 +3,7 @@
 //! while a client drives them. See `scripts/soak.sh` for the whole run and what it checks.
 //!
 //! ```sh
-//! cargo build --release --example soak --features redis
+//! cargo build --release --example soak --features "redis axum"
 //! NAME=a PORT=3001 REDIS_URL=redis://127.0.0.1:6379 target/release/examples/soak server
 //! TARGETS=a=127.0.0.1:3001,b=127.0.0.1:3002 REDIS_URL=… EVENTS=events.log \
 //!     DURATION_MS=20000 target/release/examples/soak client

@@ -142,6 +142,9 @@ pub async fn run() -> Result<ExitCode, BoxError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("soak server {name} listening on http://{addr}");
+    // Keyless requests are scoped by the client's address (the layer reads it with the `axum`
+    // feature): without it, they would run unprotected.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -10,10 +10,13 @@
 //!    │  │         └──► Acquired ─► Ready ─► Run ─► Finish ─► the handler's response
 //!    │  └─► 400 / 413                  (the lease renewed while Run; the record stored,
 //!    └─► no key found, pass-through: Ready ─► Run       or the key released, in Finish)
+//!  ReadUnkeyed (no key: the key is derived) ─► as ReadBody, but a body over the limit runs
+//!                                              unprotected, handed on whole: Ready ─► Run
 //! ```
 //!
 //! - **ReadBody**: the body is read whole, up to the limit, fingerprinted, and its key found
-//!   ([`plan`](crate::plan)).
+//!   ([`plan`](crate::plan)). **ReadUnkeyed** does the same for a request without a key;
+//!   past the limit, what was read and the rest of the body go to the handler unprotected.
 //! - **Claim**: a claim (or a take-over of an abandoned claim) is on its way to the store.
 //! - **Probe**: the key is claimed, and the secret was rotated: the addresses the key had
 //!   under earlier secrets are looked at, for a record to replay or a request to wait for
@@ -63,7 +66,7 @@ use crate::{
     lease::{Lease, Renewal},
     observe::WaitClock,
     plan::{Key, KeyPlan},
-    problem::Problem,
+    problem::{Problem, ProblemKind},
     ready::Inner,
     store::{Claim, IdempotencyStore},
 };
@@ -93,6 +96,9 @@ pin_project! {
     #[project_replace = StateOwned]
     enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
+        // No key, and a body that may be over the limit: boxed, so that it can be handed on,
+        // the part read and the rest.
+        ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
         Claim { claim: StoreOp<Claim>, sent: Instant, keyed: Keyed },
         // The key claimed, under a rotated secret: its earlier addresses are looked at.
         Probe { probe: StoreOp<Option<Found>>, keyed: Keyed, lease: Lease<St>, renewal: Renewal },
@@ -188,6 +194,23 @@ where
         let span = config.observer.request_span(request.method());
         let (parts, body) = request.into_parts();
         let read = Chunks::default();
+        let limit = config.request_body_limit;
+        let state = match plan {
+            // Boxed only if it may outgrow the limit: a form's declared length says it won't.
+            KeyPlan::Derived if body::may_exceed(&parts.headers, &body, limit) => {
+                State::ReadUnkeyed {
+                    body: Box::pin(body),
+                    read,
+                    parts,
+                }
+            }
+            plan => State::ReadBody {
+                body,
+                read,
+                parts,
+                plan,
+            },
+        };
         let ctx = Ctx {
             inner: Inner::new(inner),
             store,
@@ -197,12 +220,6 @@ where
             gone: false,
             config,
             _types: PhantomData,
-        };
-        let state = State::ReadBody {
-            body,
-            read,
-            parts,
-            plan,
         };
         Self { state, ctx, span }
     }
@@ -230,6 +247,11 @@ where
                     body, read, parts, ..
                 } => {
                     let limit = ctx.config.request_body_limit;
+                    Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
+                }
+                StateProj::ReadUnkeyed { body, read, parts } => {
+                    let limit = ctx.config.request_body_limit;
+                    let body = body.as_mut();
                     Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
                 }
                 StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.as_mut().poll(cx))),
@@ -276,6 +298,14 @@ where
                     },
                     Event::Read(read_body),
                 ) => ctx.read(parts, read_body.map(|()| read.concat()), plan),
+                (StateOwned::ReadUnkeyed { body, read, parts }, Event::Read(Err(problem)))
+                    if problem.kind() == ProblemKind::BodyTooLarge =>
+                {
+                    ctx.oversized(parts, read, body)
+                }
+                (StateOwned::ReadUnkeyed { parts, read, .. }, Event::Read(read_body)) => {
+                    ctx.read(parts, read_body.map(|()| read.concat()), KeyPlan::Derived)
+                }
                 (StateOwned::Claim { sent, keyed, .. }, Event::Claimed(claim)) => {
                     ctx.claimed(keyed, sent, claim)
                 }
@@ -312,9 +342,11 @@ where
             // Reading the body, waiting for another request or for the inner service (the
             // lease gives the key back as it drops), or running unprotected: the work ends
             // with its client.
-            State::ReadBody { .. } | State::Wait { .. } | State::Ready { .. } | State::Done => {
-                false
-            }
+            State::ReadBody { .. }
+            | State::ReadUnkeyed { .. }
+            | State::Wait { .. }
+            | State::Ready { .. }
+            | State::Done => false,
         };
         if !finish {
             // Dropped in the request's span, as the work would have ended in it (a lease's

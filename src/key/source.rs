@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, request::Parts};
 use serde_json::value::RawValue;
 
-use super::{IdempotencyKey, KeyError};
+use super::{IdempotencyKey, KeyError, delivery::Delivery};
 
 /// Where to find a key when the request has no key header: for senders that never send
 /// `Idempotency-Key`, such as webhook deliveries.
@@ -21,7 +21,7 @@ pub struct KeySource(SourceRepr);
 
 #[derive(Clone)]
 enum SourceRepr {
-    Header(HeaderName),
+    Header(HeaderName, Delivery),
     JsonPointer(Box<str>),
     Fn(KeyFn),
     First(Arc<[KeySource]>),
@@ -39,7 +39,12 @@ impl KeySource {
     /// let github = KeySource::header(HeaderName::from_static("x-github-delivery"));
     /// ```
     pub fn header(name: HeaderName) -> Self {
-        Self(SourceRepr::Header(name))
+        Self::delivery_header(name, Delivery::Plain)
+    }
+
+    /// A header that holds a webhook provider's delivery id, with what the id means.
+    pub(crate) fn delivery_header(name: HeaderName, delivery: Delivery) -> Self {
+        Self(SourceRepr::Header(name, delivery))
     }
 
     /// A field of a JSON body, by RFC 6901 JSON Pointer, e.g. `/id` for a Stripe event.
@@ -94,15 +99,15 @@ impl KeySource {
     }
 
     /// Looks the key up from the headers only; `None` when the body is needed.
-    pub(crate) fn extract_from_headers(
+    pub(crate) fn find_in_head(
         &self,
         headers: &HeaderMap,
-    ) -> Option<Result<Option<IdempotencyKey>, KeyError>> {
+    ) -> Option<Result<Option<Found>, KeyError>> {
         match &self.0 {
-            SourceRepr::Header(name) => Some(header_value_as_key(headers, name)),
+            SourceRepr::Header(name, delivery) => Some(header_key(headers, name, *delivery)),
             SourceRepr::First(sources) => {
                 for source in sources.iter() {
-                    match source.extract_from_headers(headers)? {
+                    match source.find_in_head(headers)? {
                         Ok(None) => {}
                         decided => return Some(decided),
                     }
@@ -114,27 +119,71 @@ impl KeySource {
     }
 
     /// Looks the key up in the head and body.
-    pub(crate) fn extract(
-        &self,
-        parts: &Parts,
-        body: &Bytes,
-    ) -> Result<Option<IdempotencyKey>, KeyError> {
+    pub(crate) fn find(&self, parts: &Parts, body: &Bytes) -> Result<Option<Found>, KeyError> {
+        let plain = |key: Option<IdempotencyKey>| key.map(Found::plain);
         match &self.0 {
-            SourceRepr::Header(name) => header_value_as_key(&parts.headers, name),
-            SourceRepr::JsonPointer(pointer) => json_pointer_key(body, pointer),
+            SourceRepr::Header(name, delivery) => header_key(&parts.headers, name, *delivery),
+            SourceRepr::JsonPointer(pointer) => json_pointer_key(body, pointer).map(plain),
             SourceRepr::Fn(f) => f(parts, body)
                 .map(|value| IdempotencyKey::parse_bare(value.as_bytes()))
-                .transpose(),
+                .transpose()
+                .map(plain),
             SourceRepr::First(sources) => {
                 for source in sources.iter() {
-                    if let Some(key) = source.extract(parts, body)? {
-                        return Ok(Some(key));
+                    if let Some(found) = source.find(parts, body)? {
+                        return Ok(Some(found));
                     }
                 }
                 Ok(None)
             }
         }
     }
+
+    /// [`find_in_head`](Self::find_in_head), the key alone.
+    #[cfg(test)]
+    pub(crate) fn extract_from_headers(
+        &self,
+        headers: &HeaderMap,
+    ) -> Option<Result<Option<IdempotencyKey>, KeyError>> {
+        let found = self.find_in_head(headers)?;
+        Some(found.map(|found| found.map(|found| found.key)))
+    }
+
+    /// [`find`](Self::find), the key alone.
+    #[cfg(test)]
+    pub(crate) fn extract(
+        &self,
+        parts: &Parts,
+        body: &Bytes,
+    ) -> Result<Option<IdempotencyKey>, KeyError> {
+        Ok(self.find(parts, body)?.map(|found| found.key))
+    }
+}
+
+/// A key a source found, and what kind of delivery it names.
+#[derive(Debug, Clone)]
+pub(crate) struct Found {
+    pub(crate) key: IdempotencyKey,
+    pub(crate) delivery: Delivery,
+}
+
+impl Found {
+    /// A key with nothing more to it.
+    pub(crate) fn plain(key: IdempotencyKey) -> Self {
+        Self {
+            key,
+            delivery: Delivery::Plain,
+        }
+    }
+}
+
+fn header_key(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    delivery: Delivery,
+) -> Result<Option<Found>, KeyError> {
+    let key = header_value_as_key(headers, name)?;
+    Ok(key.map(|key| Found { key, delivery }))
 }
 
 fn header_value_as_key(
@@ -203,7 +252,12 @@ fn raw_at<'a>(body: &'a [u8], pointer: &str) -> Option<&'a RawValue> {
 impl fmt::Debug for KeySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            SourceRepr::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            SourceRepr::Header(name, Delivery::Plain) => {
+                f.debug_tuple("Header").field(name).finish()
+            }
+            SourceRepr::Header(name, delivery) => {
+                f.debug_tuple("Header").field(name).field(delivery).finish()
+            }
             SourceRepr::JsonPointer(pointer) => {
                 f.debug_tuple("JsonPointer").field(pointer).finish()
             }

@@ -1,66 +1,15 @@
-//! Whose key it is ([`Scope`]), which key a request carries ([`KeyRef`]), and the
-//! [`StorageKey`] a store is addressed by: a digest of them all.
+//! Which key a request carries ([`KeyRef`]), and the [`StorageKey`] a store is addressed
+//! by: a digest of the key, whose it is ([`Scope`]), and the route the client sent it to.
 
-use std::{fmt, sync::Arc};
+use std::fmt;
 
-use http::{Method, header, request::Parts};
+use http::{Method, request::Parts};
 
-use super::IdempotencyKey;
+use super::{IdempotencyKey, Scope, delivery::Delivery, origin::sent_uri};
 use crate::{
     digest::{FieldHasher, hex},
     fingerprint::Fingerprint,
 };
-
-type ScopeFn = Arc<dyn Fn(&Parts, &mut KeyHasher) + Send + Sync>;
-
-/// Whose key it is: the part of a record's address that separates one principal's keys
-/// from another's.
-#[derive(Clone)]
-pub(crate) enum Scope {
-    /// The request's credentials: `Authorization`, and `Cookie` for derived keys.
-    Credentials,
-    /// The application's own notion of a principal.
-    Custom(ScopeFn),
-}
-
-impl Scope {
-    pub(crate) fn custom<F, R>(f: F) -> Self
-    where
-        F: Fn(&Parts) -> R + Send + Sync + 'static,
-        R: AsRef<[u8]>,
-    {
-        Self::Custom(Arc::new(move |parts, hasher| {
-            hasher.field(b's', f(parts).as_ref());
-        }))
-    }
-
-    fn hash(&self, parts: &Parts, derived: bool, hasher: &mut KeyHasher) {
-        match self {
-            Self::Credentials => {
-                for value in &parts.headers.get_all(header::AUTHORIZATION) {
-                    hasher.field(b'a', value.as_bytes());
-                }
-                // Derived keys are guessable (anyone can compute the digest of a body), so
-                // browser sessions must separate them too.
-                if derived {
-                    for value in &parts.headers.get_all(header::COOKIE) {
-                        hasher.field(b'c', value.as_bytes());
-                    }
-                }
-            }
-            Self::Custom(f) => f(parts, hasher),
-        }
-    }
-}
-
-impl fmt::Debug for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Credentials => f.write_str("Credentials"),
-            Self::Custom(_) => f.write_str("Custom(..)"),
-        }
-    }
-}
 
 /// The hasher a storage key is derived with.
 pub(crate) type KeyHasher = FieldHasher;
@@ -72,6 +21,8 @@ pub(crate) enum KeyRef<'a> {
     Client(&'a IdempotencyKey),
     /// Derived from the request itself (no key sent).
     Derived(&'a Fingerprint),
+    /// Found by a webhook preset: the key, scoped by what tells the event's subscribers apart.
+    Delivered(&'a IdempotencyKey, Delivery),
 }
 
 /// The address of a record in a store: a SHA-256 digest of (scope, method, path, key), so the
@@ -109,10 +60,14 @@ impl StorageKey {
         let derived = matches!(key, KeyRef::Derived(_));
         scope.hash(parts, derived, &mut hasher);
         hasher.field(b'm', method.as_str().as_bytes());
-        hasher.field(b'p', parts.uri.path().as_bytes());
+        hasher.field(b'p', sent_uri(parts).path().as_bytes());
         match key {
             KeyRef::Client(key) => hasher.field(b'k', key.as_str().as_bytes()),
             KeyRef::Derived(fingerprint) => hasher.field(b'f', fingerprint.as_bytes()),
+            KeyRef::Delivered(key, delivery) => {
+                hasher.field(b'k', key.as_str().as_bytes());
+                delivery.hash(&parts.headers, &mut hasher);
+            }
         }
         Self(hasher.finish())
     }
@@ -212,18 +167,73 @@ mod tests {
     }
 
     #[test]
-    fn cookies_scope_derived_keys_but_not_client_keys() {
+    fn addresses_of_requests_earlier_versions_scoped_alike_are_unchanged() {
+        // Digests as the previous version computed them (its derivation, redone by hand):
+        // a client key without credentials, a derived key under Authorization and Cookie,
+        // and a derived key without either (never claimed now, but its digest is the same).
+        let scope = Scope::Credentials;
+        let none = parts(Method::POST, "/charges", &[]);
+        assert_eq!(
+            storage_key(&scope, &none, "k1").to_hex(),
+            "450c8ebc8d1ec0cf8760c3c730d159b1d33d35628fc7c20f00f282717be5e490"
+        );
+        let fingerprint = Fingerprint::from_bytes([7; 32]);
+        let derived =
+            |p: &Parts| StorageKey::derive(&scope, &p.method, p, KeyRef::Derived(&fingerprint));
+        let browser = parts(
+            Method::POST,
+            "/charges",
+            &[
+                ("authorization", "Bearer alice"),
+                ("cookie", "session=alice"),
+            ],
+        );
+        assert_eq!(
+            derived(&browser).to_hex(),
+            "9ccaf1a4e21528960542dc6fdee6c5e6cf126e0c7af13a80f0d3f7fdf86fdb09"
+        );
+        assert_eq!(
+            derived(&none).to_hex(),
+            "99d449841ded453aff1702178408b33a658d1da8c9a1a41b0d3ba4e34d8ca947"
+        );
+    }
+
+    #[test]
+    fn cookies_scope_client_keys_too() {
         let scope = Scope::Credentials;
         let alice = parts(Method::POST, "/", &[("cookie", "session=alice")]);
         let bob = parts(Method::POST, "/", &[("cookie", "session=bob")]);
-        assert_eq!(
+        assert_ne!(
             storage_key(&scope, &alice, "k"),
             storage_key(&scope, &bob, "k")
         );
-        let fingerprint = Fingerprint::of(&Method::POST, &alice.uri, b"");
-        let derived =
-            |p: &Parts| StorageKey::derive(&scope, &p.method, p, KeyRef::Derived(&fingerprint));
-        assert_ne!(derived(&alice), derived(&bob));
+    }
+
+    #[test]
+    fn webhook_deliveries_are_scoped_by_their_subscriber_headers() {
+        let scope = Scope::Credentials;
+        let key = IdempotencyKey::parse(b"72d3162e").unwrap();
+        let address = |p: &Parts, delivery| {
+            StorageKey::derive(&scope, &p.method, p, KeyRef::Delivered(&key, delivery))
+        };
+        let hook = |id: &str| parts(Method::POST, "/hooks", &[("x-github-hook-id", id)]);
+        assert_ne!(
+            address(&hook("1"), Delivery::GitHub),
+            address(&hook("2"), Delivery::GitHub)
+        );
+        assert_eq!(
+            address(&hook("1"), Delivery::GitHub),
+            address(&hook("1"), Delivery::GitHub)
+        );
+        // A plain source ignores them, and is the address of a client key.
+        assert_eq!(
+            address(&hook("1"), Delivery::Plain),
+            address(&hook("2"), Delivery::Plain)
+        );
+        assert_eq!(
+            address(&hook("1"), Delivery::Plain),
+            StorageKey::derive(&scope, &Method::POST, &hook("1"), KeyRef::Client(&key))
+        );
     }
 
     #[test]

@@ -1,18 +1,21 @@
 //! Ready key sources for senders that never send `Idempotency-Key`: webhook providers, each
-//! by the field it documents as the same across re-deliveries of one event.
+//! by the field it documents as the same across re-deliveries of one event, and each scoped
+//! by what tells two subscribers of one event apart ([`Delivery`]).
 //!
 //! Pure logic: no tower or tokio in here.
 
 use http::HeaderName;
 
-use super::KeySource;
+use super::{KeySource, delivery::Delivery};
 
-/// GitHub's delivery id header.
+/// GitHub's delivery id header: one per event, shared by every hook the event is sent to.
 const X_GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");
-/// Shopify's event id header.
+/// Shopify's event id header: one per event, shared by every subscription it is sent to.
 const X_SHOPIFY_EVENT_ID: HeaderName = HeaderName::from_static("x-shopify-event-id");
-/// The Standard Webhooks message id header.
+/// The Standard Webhooks message id header (white-labelled senders).
 const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+/// Svix's message id header: Svix's default, sent by Clerk, Resend and other Svix users.
+const SVIX_ID: HeaderName = HeaderName::from_static("svix-id");
 
 impl KeySource {
     /// A Stripe event: its `id` (`evt_…`), the body's top-level `/id`. Stripe re-sends the same
@@ -31,38 +34,53 @@ impl KeySource {
     }
 
     /// A GitHub webhook delivery: `X-GitHub-Delivery`, a GUID that GitHub keeps when a
-    /// delivery is redelivered.
+    /// delivery is redelivered, scoped by `X-GitHub-Hook-ID` (and
+    /// `X-GitHub-Hook-Installation-Target-Type` / `-ID` where present).
+    ///
+    /// The GUID names the event, not the hook: every hook and App subscribed to one event
+    /// receives it with the same GUID. Each hook's delivery is therefore a record of its own
+    /// (each runs the handler once); a redelivery to one hook is replayed its first answer.
+    /// GitHub does not retry a failed delivery, so a second hook must never be refused.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_key_source(KeySource::github_delivery());
     /// ```
     pub fn github_delivery() -> Self {
-        Self::header(X_GITHUB_DELIVERY)
+        Self::delivery_header(X_GITHUB_DELIVERY, Delivery::GitHub)
     }
 
     /// A Shopify webhook: `X-Shopify-Event-Id`, which Shopify's guide to ignoring duplicate
-    /// webhooks names as the value a duplicate repeats. (Older guides use
-    /// `X-Shopify-Webhook-Id`; Shopify does not document it as stable across retries. Use
-    /// [`KeySource::header`] if you rely on it.)
+    /// webhooks names as the value a duplicate repeats, scoped by `X-Shopify-Shop-Domain`
+    /// and `X-Shopify-Topic`.
+    ///
+    /// One event delivered to several subscriptions of a topic shares its event id, and the
+    /// payloads may differ (`include_fields`, API version). Shopify's guide calls these
+    /// duplicates, to be skipped: the handler runs once per event, and every other delivery
+    /// of it (a retry, or another subscription's, whatever its payload) is replayed the
+    /// first answer. The payload is not compared, so a Shopify delivery is never refused with
+    /// 409/422: Shopify retries a refused delivery and, after repeated failures, removes the
+    /// subscription. (Older guides use `X-Shopify-Webhook-Id`, which is per delivery and not
+    /// documented as stable across retries. Use [`KeySource::header`] if you rely on it.)
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_key_source(KeySource::shopify_event());
     /// ```
     pub fn shopify_event() -> Self {
-        Self::header(X_SHOPIFY_EVENT_ID)
+        Self::delivery_header(X_SHOPIFY_EVENT_ID, Delivery::Shopify)
     }
 
-    /// A Standard Webhooks sender (Svix and the providers that follow the specification):
-    /// `webhook-id`, the message id that stays the same when a message is re-sent.
+    /// A Standard Webhooks sender: `webhook-id`, the message id that stays the same when a
+    /// message is re-sent, or `svix-id`, the same id under Svix's default header names (Clerk,
+    /// Resend and other senders built on Svix). `webhook-id` is asked first.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_key_source(KeySource::standard_webhooks());
     /// ```
     pub fn standard_webhooks() -> Self {
-        Self::header(WEBHOOK_ID)
+        Self::first_of([Self::header(WEBHOOK_ID), Self::header(SVIX_ID)])
     }
 }
 

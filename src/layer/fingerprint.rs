@@ -141,8 +141,12 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self
     }
 
-    /// The largest request body read to fingerprint it; larger ones get 413 and nothing runs.
-    /// Default: 1 MiB.
+    /// The largest request body read to fingerprint it. Default: 1 MiB.
+    ///
+    /// A larger body with a key (or with a key source that reads the body) gets 413 and
+    /// nothing runs. A larger body without a key runs unprotected, every byte of it handed on
+    /// to the handler as it streams (counted as the `oversized` outcome): a layer over a whole
+    /// router does not refuse uploads.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

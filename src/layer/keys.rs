@@ -52,7 +52,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// What to do with a protected request that carries no key.
-    /// Default: [`MissingKey::Fingerprint`] with a 60 s window.
+    /// Default: [`MissingKey::Fingerprint`] with a 60 s window (a derived key, used only when
+    /// the scope tells the sender apart: see [`with_scope`](Self::with_scope)).
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, MissingKey};
@@ -90,7 +91,13 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// Whose key it is: the principal a record belongs to, so the same key from another
     /// principal is another record. Set it from your authenticated user or tenant.
-    /// Default: the request's `Authorization` header (and `Cookie` for derived keys).
+    ///
+    /// Default: every `Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key` and
+    /// `Api-Key` value of the request; for a request without a key and without any of them,
+    /// the peer's IP address (axum's `ConnectInfo<SocketAddr>` with the `axum` feature, or a
+    /// [`PeerAddr`](crate::PeerAddr)); with neither, no key is derived and the request runs
+    /// unprotected (counted, warned of once). A custom scope names every request's principal,
+    /// so keys are derived for all requests.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

@@ -1,7 +1,14 @@
 //! [`Observer`]: one layer's reporting, to `tracing` (a span per protected request and debug
 //! events) and, with the `metrics` feature, to its metric handles.
 
-use std::{fmt, future::Future, sync::Arc};
+use std::{
+    fmt,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use tracing::{Span, field};
 
@@ -26,6 +33,8 @@ pub(crate) struct Observer {
 
 struct Inner {
     route: &'static str,
+    /// Whether the layer warned of a request it could not scope (once per layer).
+    warned_unscoped: AtomicBool,
     #[cfg(feature = "metrics")]
     metrics: metrics::Handles,
 }
@@ -35,6 +44,7 @@ impl Observer {
         Self {
             inner: Arc::new(Inner {
                 route,
+                warned_unscoped: AtomicBool::new(false),
                 #[cfg(feature = "metrics")]
                 metrics: metrics::Handles::new(route),
             }),
@@ -70,14 +80,41 @@ impl Observer {
     /// Reports how a request ended.
     pub(crate) fn outcome(&self, outcome: Outcome) {
         Span::current().record("outcome", outcome.as_str());
+        self.count(outcome);
+    }
+
+    /// Reports how a request that has no span of its own ended (one passed through from its
+    /// head): logged and counted, and no span of the application's written to.
+    pub(crate) fn passed_through(&self, outcome: Outcome) {
+        self.count(outcome);
+    }
+
+    fn count(&self, outcome: Outcome) {
         match outcome {
             Outcome::StoreError | Outcome::FailOpen => {
                 tracing::warn!(outcome = outcome.as_str(), "idempotency store failed");
+            }
+            Outcome::Unscoped if !self.warned_unscoped() => {
+                tracing::warn!(
+                    route = self.inner.route,
+                    outcome = outcome.as_str(),
+                    "a request without a key, a credential or a peer address runs unprotected \
+                     (logged once per layer): serve with the peer's address (axum: \
+                     into_make_service_with_connect_info::<SocketAddr>() and the `axum` \
+                     feature; hyper: a PeerAddr extension) or name the principal with_scope"
+                );
             }
             _ => tracing::debug!(outcome = outcome.as_str(), "idempotency outcome"),
         }
         #[cfg(feature = "metrics")]
         self.inner.metrics.outcome(outcome);
+    }
+
+    /// Whether the layer warned of an unscoped request already; the first to ask is told no.
+    fn warned_unscoped(&self) -> bool {
+        let warned = &self.inner.warned_unscoped;
+        // Read first: after the warning, requests never write to the shared flag.
+        warned.load(Ordering::Relaxed) || warned.swap(true, Ordering::Relaxed)
     }
 
     /// Runs a store operation, timing it when a span or metrics want it, and reports the

@@ -28,12 +28,18 @@ pub(crate) enum Outcome {
     /// Refused: an abandoned claim's outcome is unknown until an operator resolves it
     /// (label `outcome_unknown`).
     Abandoned,
+    /// No key, and nothing to scope a derived one by (no credential, no peer address): ran
+    /// unprotected.
+    Unscoped,
+    /// No key, and a body over the request-body limit: ran unprotected, its body handed on
+    /// whole.
+    Oversized,
 }
 
 impl Outcome {
     // Listed for the metric handles, built once per label.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(crate) const ALL: [Self; 10] = [
+    pub(crate) const ALL: [Self; 12] = [
         Self::Executed,
         Self::Replayed,
         Self::Waited,
@@ -44,6 +50,8 @@ impl Outcome {
         Self::StoreError,
         Self::FailOpen,
         Self::Abandoned,
+        Self::Unscoped,
+        Self::Oversized,
     ];
 
     /// The outcome of a request the layer answered with this problem.
@@ -72,6 +80,8 @@ impl Outcome {
             Self::StoreError => "store_error",
             Self::FailOpen => "fail_open",
             Self::Abandoned => "outcome_unknown",
+            Self::Unscoped => "unscoped",
+            Self::Oversized => "oversized",
         }
     }
 }

@@ -658,6 +658,219 @@ pub async fn numbers_past_what_a_double_holds_are_compared_exactly<St: Idempoten
         assert!(send(&svc, delivery(&path, &[], &event)).await.replayed());
     }
     assert_eq!(handler.calls(), cases.len() + 2);
+/// Sends every request of `requests` at once, and reads every reply.
+async fn all_at_once<St: IdempotencyStore>(
+    svc: &crate::common::service::Svc<St>,
+    requests: Vec<Request<Full<Bytes>>>,
+) -> Vec<Reply> {
+    let sent: Vec<_> = requests
+        .into_iter()
+        .map(|request| tokio::spawn(send(svc, request)))
+        .collect();
+    let mut replies = Vec::with_capacity(sent.len());
+    for reply in sent {
+        replies.push(reply.await.expect("the request task finished"));
+    }
+    replies
+}
+
+/// A handler whose answer names its execution, so a test tells which one a reply came from.
+fn numbered() -> Handler {
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Handler::new(move |request: Request<Bytes>| {
+        let n = executions.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        async move {
+            let body = format!(
+                "execution {n} of {}",
+                String::from_utf8_lossy(request.body())
+            );
+            respond(StatusCode::CREATED, full(body))
+        }
+    })
+}
+
+pub async fn github_hooks_subscribed_to_one_event_each_run_and_each_redelivery_replays<
+    St: IdempotencyStore,
+>(
+    store: St,
+) {
+    let handler = numbered();
+    let layer = IdempotencyLayer::new(store).with_key_source(KeySource::github_delivery());
+    let svc = serve(&layer, &handler);
+    let path = fresh_path("github-hooks");
+    let guid = format!("72d3162e-cc78-11e3-{}", &fresh_key().to_hex()[..12]);
+    let payload = r#"{"action":"opened","number":1347}"#;
+    // One event, delivered to a repository hook, an organisation hook and two installations
+    // of an App (one App hook id): each is a subscriber of its own.
+    let subscribers: [&[(&str, &str)]; 4] = [
+        &[
+            ("x-github-hook-id", "101"),
+            ("x-github-hook-installation-target-type", "repository"),
+            ("x-github-hook-installation-target-id", "35129377"),
+        ],
+        &[
+            ("x-github-hook-id", "202"),
+            ("x-github-hook-installation-target-type", "organization"),
+            ("x-github-hook-installation-target-id", "9919"),
+        ],
+        &[
+            ("x-github-hook-id", "303"),
+            ("x-github-hook-installation-target-type", "integration"),
+            ("x-github-hook-installation-target-id", "111"),
+        ],
+        &[
+            ("x-github-hook-id", "303"),
+            ("x-github-hook-installation-target-type", "integration"),
+            ("x-github-hook-installation-target-id", "222"),
+        ],
+    ];
+    let deliver = |subscriber: &[(&str, &str)]| {
+        let mut headers = vec![("x-github-delivery", guid.as_str())];
+        headers.extend_from_slice(subscriber);
+        delivery(&path, &headers, payload)
+    };
+    // Each subscriber's delivery, twice at once (GitHub's retry racing the first attempt).
+    let requests = subscribers
+        .iter()
+        .flat_map(|subscriber| [deliver(subscriber), deliver(subscriber)])
+        .collect();
+    let replies = all_at_once(&svc, requests).await;
+    assert_eq!(handler.calls(), 4, "one execution per hook: {replies:#?}");
+    for (n, pair) in replies.chunks(2).enumerate() {
+        assert_eq!(pair[0].status, StatusCode::CREATED, "hook {n}: {pair:?}");
+        assert_eq!(pair[0].body, pair[1].body, "hook {n}");
+        assert_eq!(
+            pair.iter().filter(|reply| reply.replayed()).count(),
+            1,
+            "hook {n}"
+        );
+    }
+    let answers: std::collections::HashSet<_> = replies.iter().map(|r| r.body.clone()).collect();
+    assert_eq!(
+        answers.len(),
+        4,
+        "no hook is answered another hook's response"
+    );
+    // A redelivery (GitHub's "Redeliver" button) to one hook is replayed that hook's answer.
+    let again = send(&svc, deliver(subscribers[1])).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, replies[2].body);
+    assert_eq!(handler.calls(), 4);
+}
+
+pub async fn shopify_subscriptions_of_one_event_run_once_and_are_never_refused<
+    St: IdempotencyStore,
+>(
+    store: St,
+) {
+    let handler = numbered();
+    let layer = IdempotencyLayer::new(store).with_key_source(KeySource::shopify_event());
+    let svc = serve(&layer, &handler);
+    let path = fresh_path("shopify-subscriptions");
+    let event = format!("98880550-7158-44d4-b7cd-{}", &fresh_key().to_hex()[..12]);
+    let deliver = |shop: &str, topic: &str, version: &str, webhook_id: &str, payload: &str| {
+        let headers = [
+            ("x-shopify-event-id", event.as_str()),
+            ("x-shopify-shop-domain", shop),
+            ("x-shopify-topic", topic),
+            ("x-shopify-api-version", version),
+            ("x-shopify-webhook-id", webhook_id),
+            ("x-shopify-triggered-at", "2026-12-05T08:00:00.000Z"),
+        ];
+        delivery(&path, &headers, payload)
+    };
+    let shop = "shop-1.myshopify.com";
+    // Two subscriptions of one topic: another API version, and `include_fields` that keep
+    // only some of the order's fields. Delivered at once.
+    let full_order =
+        r#"{"id":820982911946154508,"email":"jon@example.com","total_price":"403.00"}"#;
+    let fields = r#"{"id":820982911946154508,"total_price":"403.00"}"#;
+    let replies = all_at_once(
+        &svc,
+        vec![
+            deliver(shop, "orders/create", "2026-10", "w-1", full_order),
+            deliver(shop, "orders/create", "2026-07", "w-2", fields),
+        ],
+    )
+    .await;
+    assert_eq!(handler.calls(), 1, "one event, one execution: {replies:#?}");
+    for reply in &replies {
+        assert_eq!(
+            reply.status,
+            StatusCode::CREATED,
+            "never refused: {reply:?}"
+        );
+        assert_eq!(reply.body, replies[0].body);
+    }
+    assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 1);
+    // Shopify's retry of either subscription's delivery: replayed, whatever its payload.
+    let retry = send(
+        &svc,
+        deliver(shop, "orders/create", "2026-07", "w-2", fields),
+    )
+    .await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, replies[0].body);
+    assert_eq!(handler.calls(), 1);
+    // The same event id under another topic, or for another shop, is handled on its own.
+    let topic = send(
+        &svc,
+        deliver(shop, "orders/paid", "2026-10", "w-3", full_order),
+    )
+    .await;
+    let other_shop = send(
+        &svc,
+        deliver(
+            "shop-2.myshopify.com",
+            "orders/create",
+            "2026-10",
+            "w-4",
+            full_order,
+        ),
+    )
+    .await;
+    for reply in [&topic, &other_shop] {
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert!(!reply.replayed(), "{reply:?}");
+    }
+    assert_eq!(handler.calls(), 3);
+}
+
+pub async fn svix_deliveries_are_deduplicated_by_svix_id<St: IdempotencyStore>(store: St) {
+    let handler = numbered();
+    let layer = IdempotencyLayer::new(store).with_key_source(KeySource::standard_webhooks());
+    let svc = serve(&layer, &handler);
+    let path = fresh_path("svix");
+    let id = format!("msg_2KWPBgLlAfxdpx2AI54{}", &fresh_key().to_hex()[..8]);
+    let payload = r#"{"type":"user.created","data":{"id":"user_29w83sxmDNGwOuEthce5gg56FcC"}}"#;
+    // Svix signs each attempt anew: a new timestamp and signature, the same id.
+    let attempt = |id: &str, n: u32| {
+        let timestamp = (1_733_385_600 + 5 * n).to_string();
+        let signature = format!("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1O{n}=");
+        delivery(
+            &path,
+            &[
+                ("svix-id", id),
+                ("svix-timestamp", &timestamp),
+                ("svix-signature", &signature),
+            ],
+            payload,
+        )
+    };
+    // The first attempt and Svix's retries, some of them racing it.
+    let replies = all_at_once(&svc, (0..6).map(|n| attempt(&id, n)).collect()).await;
+    assert_eq!(handler.calls(), 1, "{replies:#?}");
+    assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert_eq!(reply.body, replies[0].body);
+    }
+    let later = send(&svc, attempt(&id, 7)).await;
+    assert!(later.replayed());
+    // Another message runs.
+    let other = send(&svc, attempt(&format!("{id}x"), 0)).await;
+    assert!(!other.replayed());
+    assert_eq!(handler.calls(), 2);
 }
 
 /// Defines one `#[tokio::test]` per check of this suite, each on the store that `$make` (an
@@ -678,6 +891,9 @@ macro_rules! delivery_suite {
             the_expiry_header_states_the_ttl_then_what_is_left,
             a_retry_after_the_ttl_executes_again,
             numbers_past_what_a_double_holds_are_compared_exactly,
+            github_hooks_subscribed_to_one_event_each_run_and_each_redelivery_replays,
+            shopify_subscriptions_of_one_event_run_once_and_are_never_refused,
+            svix_deliveries_are_deduplicated_by_svix_id,
         );
     };
     ($make:expr; $($check:ident),* $(,)?) => {

@@ -6,6 +6,7 @@ use std::{
     convert::Infallible,
     fmt,
     future::Future,
+    net::{IpAddr, Ipv4Addr},
     pin::Pin,
     sync::{
         Arc,
@@ -23,7 +24,7 @@ use tokio::sync::watch;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{
     BoxError, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer,
-    IdempotencyStore, Problem, ProblemKind,
+    IdempotencyStore, PeerAddr, Problem, ProblemKind,
 };
 
 /// The longest any single step of a test may take before it is declared hung.
@@ -453,8 +454,26 @@ where
     Box::pin(async move { Reply::read(response.await).await })
 }
 
-/// Sends `request` through (a clone of) `svc` and returns the response unread.
-pub fn send_raw<St, B>(svc: &Svc<St>, request: Request<B>) -> BoxFuture<RawResponse>
+/// The peer every request sent with [`send`] comes from, unless it names its own: the
+/// tests stand for a server that gives the layer the peer's address (axum's `ConnectInfo`).
+pub const TEST_PEER: PeerAddr = PeerAddr(IpAddr::V4(Ipv4Addr::LOCALHOST));
+
+/// Sends `request` through (a clone of) `svc` and returns the response unread. A request
+/// without a [`PeerAddr`] comes from [`TEST_PEER`].
+pub fn send_raw<St, B>(svc: &Svc<St>, mut request: Request<B>) -> BoxFuture<RawResponse>
+where
+    St: IdempotencyStore,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if request.extensions().get::<PeerAddr>().is_none() {
+        request.extensions_mut().insert(TEST_PEER);
+    }
+    send_unaddressed(svc, request)
+}
+
+/// Sends `request` as it is, from no known peer, and returns the response unread.
+pub fn send_unaddressed<St, B>(svc: &Svc<St>, request: Request<B>) -> BoxFuture<RawResponse>
 where
     St: IdempotencyStore,
     B: Body<Data = Bytes> + Send + 'static,

@@ -1,7 +1,7 @@
 //! Where each state's answer leads: the decisions of the [flow](super), one method per
 //! event.
 
-use std::{future::Future, sync::Arc, task::Context};
+use std::{future::Future, pin::Pin, sync::Arc, task::Context};
 
 use bytes::Bytes;
 use http::{Request, Response, request::Parts};
@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::{Ctx, Held, Keyed, LeaseOp, State, Step, StoreOp};
 use crate::{
-    body::{RequestBody, ResponseBody},
+    body::{Chunks, RequestBody, ResponseBody},
     capture::{self, Settled},
     catch_unwind::{self, CatchUnwind, Panic},
     config::{FailMode, WaitMode},
@@ -19,7 +19,7 @@ use crate::{
     key::StorageKey,
     lease::{Lease, Renewal},
     observe::{Describe, Op, Outcome, RecordResult},
-    plan::{self, KeyPlan},
+    plan::{self, KeyPlan, Keying},
     problem::Problem,
     recovery::on_abandoned,
     reject::{close_connection, nobody_listens, reject},
@@ -59,23 +59,43 @@ where
             // The rest of the body was not read: the connection cannot carry another request.
             Err(problem) => return Step::Answer(Ok(close_connection(reject(config, &problem)))),
         };
-        let fingerprint = config.fingerprint_of(&parts, &body);
-        match plan::after_body(config, plan, &parts, &body, &fingerprint) {
-            Ok(Some(key)) => {
+        let keying = match plan::after_body(config, plan, &parts, &body) {
+            Ok(Keying::Protect(key)) => {
                 config.observer.key(&key.storage);
-                Step::Next(self.claim(Keyed {
+                let fingerprint = key.fingerprint;
+                return Step::Next(self.claim(Keyed {
                     parts,
                     body,
                     key,
                     fingerprint,
-                }))
+                }));
             }
-            Ok(None) => Step::Next(State::Ready {
-                request: Request::from_parts(parts, RequestBody::full(body)),
-                held: None,
-            }),
-            Err(problem) => self.reject(&problem),
+            Ok(keying) => keying,
+            Err(problem) => return self.reject(&problem),
+        };
+        if let Keying::Unscoped = keying {
+            config.observer.outcome(Outcome::Unscoped);
         }
+        Step::Next(State::Ready {
+            request: Request::from_parts(parts, RequestBody::full(body)),
+            held: None,
+        })
+    }
+
+    /// A request without a key whose body is over the limit: it runs unprotected (a layer
+    /// over a whole router must not refuse an upload with 413), the chunks read so far and
+    /// the rest of its body handed on.
+    pub(super) fn oversized(
+        &mut self,
+        parts: Parts,
+        read: Chunks,
+        rest: Pin<Box<ReqB>>,
+    ) -> FlowStep<S, St, ReqB, ResB> {
+        self.config.observer.outcome(Outcome::Oversized);
+        Step::Next(State::Ready {
+            request: Request::from_parts(parts, RequestBody::resumed(read, rest)),
+            held: None,
+        })
     }
 
     /// Sends the claim on the key.
