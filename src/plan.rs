@@ -12,6 +12,7 @@ use http::{HeaderMap, request::Parts};
 use crate::{
     config::{Config, MissingKey},
     fingerprint::Fingerprint,
+    jsonrpc::Rpc,
     key::{IdempotencyKey, KeyRef, StorageKey},
     problem::Problem,
 };
@@ -34,6 +35,9 @@ pub(crate) enum KeyPlan {
     FromBody,
     /// No key: derive one from the request.
     Derived,
+    /// A bad or missing key, refused once the body tells what the request is: in JSON-RPC
+    /// mode, only calls of protected methods need a key, and are refused as JSON-RPC.
+    Refused(Problem),
 }
 
 /// The key once the body is read: what the claim is made on.
@@ -47,6 +51,16 @@ pub(crate) struct Key {
 
 /// Reads the plan off the request head.
 pub(crate) fn from_head(config: &Config, headers: &HeaderMap) -> Head {
+    match head_only(config, headers) {
+        Head::Refuse(problem) if config.json_rpc.enabled => {
+            Head::Protect(KeyPlan::Refused(problem))
+        }
+        head => head,
+    }
+}
+
+/// What the head alone says.
+fn head_only(config: &Config, headers: &HeaderMap) -> Head {
     match IdempotencyKey::from_headers(headers, &config.header_name) {
         Ok(Some(key)) => return Head::Protect(KeyPlan::Client(key)),
         Err(error) => return Head::Refuse(Problem::invalid_key(&error)),
@@ -68,17 +82,21 @@ pub(crate) fn from_head(config: &Config, headers: &HeaderMap) -> Head {
     }
 }
 
-/// Follows `plan` once the body is read: the key to claim, `None` to run unprotected (a body
-/// key source found nothing and the policy is to pass through), or the problem to answer.
+/// Follows `plan` once the body is read (`rpc` is what it is to JSON-RPC): the key to claim,
+/// `None` to run unprotected (a body key source found nothing and the policy is to pass
+/// through, or a JSON-RPC call names no agent to keep a derived key for), or the problem to
+/// answer.
 pub(crate) fn after_body(
     config: &Config,
     plan: KeyPlan,
     parts: &Parts,
     body: &Bytes,
     fingerprint: &Fingerprint,
+    rpc: &Rpc,
 ) -> Result<Option<Key>, Problem> {
     let client = match plan {
         KeyPlan::Client(key) => Some(key),
+        KeyPlan::Refused(problem) => return Err(problem),
         KeyPlan::Derived => None,
         KeyPlan::FromBody => {
             let source = config.key_source.as_ref();
@@ -90,6 +108,13 @@ pub(crate) fn after_body(
     };
     let (key_ref, ttl) = match (&client, config.missing_key) {
         (Some(key), _) => (KeyRef::Client(key), config.ttl),
+        // Agents share hosts and often credentials: a tool call's derived key is kept only
+        // for a credential or a session, never for whoever sends the same arguments.
+        (None, MissingKey::Fingerprint(_))
+            if rpc.is_json_rpc() && !config.scope.names_an_agent(parts) =>
+        {
+            return Ok(None);
+        }
         (None, MissingKey::Fingerprint(window)) => (KeyRef::Derived(fingerprint), window),
         (None, MissingKey::Required) => return Err(Problem::missing_key(&config.header_name)),
         (None, MissingKey::PassThrough) => return Ok(None),

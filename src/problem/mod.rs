@@ -4,6 +4,8 @@
 //! Pure logic: no tower or tokio in here. The body is four fields, written by hand (with
 //! `serde_json` escaping the one free-text field) rather than through a serde derive.
 
+mod json_rpc;
+
 use std::{borrow::Cow, fmt, time::Duration};
 
 use bytes::Bytes;
@@ -214,6 +216,18 @@ impl Problem {
                 original.as_u16(),
                 crate::record::MAX_RECORD_HEADERS,
             ),
+        )
+    }
+
+    /// A JSON-RPC retry whose kept response carries no JSON-RPC response that could be given
+    /// the retry's `id`.
+    pub(crate) fn unanswerable() -> Self {
+        Self::new(
+            ProblemKind::NotReplayable,
+            StatusCode::CONFLICT,
+            "the request with this idempotency key completed, but its kept response carries no \
+             JSON-RPC response that could be answered with this request's id; it will not be \
+             executed again",
         )
     }
 
