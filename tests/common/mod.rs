@@ -5,6 +5,8 @@ pub mod conformance;
 pub mod deliveries;
 pub mod flaky_store;
 #[cfg(feature = "axum")]
+pub mod json_rpc;
+#[cfg(feature = "axum")]
 pub mod operations;
 pub mod panics;
 pub mod recording_store;
