@@ -75,11 +75,13 @@ where
             (Box::pin(lease.release(RecordResult::Predicate)), response)
         }
         Ran::Broken(response) => (Box::pin(lease.release(RecordResult::BodyError)), response),
-        Ran::Whole { head, body, .. }
-            if !kept(rpc, config.json_rpc.store_errors, &head.headers, &body) =>
-        {
+        Ran::Whole {
+            head,
+            body,
+            trailers,
+        } if !kept(rpc, config.json_rpc.store_errors, &head.headers, &body) => {
             tracing::debug!("no JSON-RPC answer to keep; key released");
-            let response = Response::from_parts(head, ResponseBody::full(body, None));
+            let response = Response::from_parts(head, ResponseBody::full(body, trailers));
             (Box::pin(lease.release(RecordResult::Predicate)), response)
         }
         Ran::Whole {

@@ -216,7 +216,10 @@ impl<'de> Visitor<'de> for Text {
 mod tests {
     use super::*;
 
-    fn one(body: &str) -> Option<(bool, Option<String>, Option<String>, bool, bool)> {
+    /// (version 2.0, method, raw id, result, error)
+    type Read = (bool, Option<String>, Option<String>, bool, bool);
+
+    fn one(body: &str) -> Option<Read> {
         let members = scan_one(body.as_bytes())?;
         Some((
             members.version_2,
