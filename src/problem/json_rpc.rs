@@ -30,6 +30,18 @@ pub(crate) fn code(kind: ProblemKind) -> i32 {
 }
 
 impl Problem {
+    /// A JSON-RPC retry whose kept response carries no JSON-RPC response that could be given
+    /// the retry's `id`.
+    pub(crate) fn unanswerable() -> Self {
+        Self::new(
+            ProblemKind::NotReplayable,
+            StatusCode::CONFLICT,
+            "the request with this idempotency key completed, but its kept response carries no \
+             JSON-RPC response that could be answered with this request's id; it will not be \
+             executed again",
+        )
+    }
+
     /// The problem as a JSON-RPC error response to the request whose `id` is `id` (raw JSON
     /// text, as the request wrote it), with `Cache-Control: no-store` and `Retry-After` when
     /// set.

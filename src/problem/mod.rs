@@ -219,18 +219,6 @@ impl Problem {
         )
     }
 
-    /// A JSON-RPC retry whose kept response carries no JSON-RPC response that could be given
-    /// the retry's `id`.
-    pub(crate) fn unanswerable() -> Self {
-        Self::new(
-            ProblemKind::NotReplayable,
-            StatusCode::CONFLICT,
-            "the request with this idempotency key completed, but its kept response carries no \
-             JSON-RPC response that could be answered with this request's id; it will not be \
-             executed again",
-        )
-    }
-
     pub(crate) fn store_unavailable() -> Self {
         Self::new(
             ProblemKind::StoreUnavailable,
