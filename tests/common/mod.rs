@@ -4,7 +4,6 @@
 pub mod conformance;
 pub mod deliveries;
 pub mod flaky_store;
-#[cfg(feature = "axum")]
 pub mod json_rpc;
 #[cfg(feature = "axum")]
 pub mod operations;
