@@ -354,6 +354,69 @@ async fn a_call_its_client_gave_up_on_is_not_kept_and_its_retry_runs<St: Idempot
     );
 }
 
+/// `POST /mcp` with `body` (and a session, if any) over a connection of its own; the status,
+/// the session id answered, and the whole body.
+async fn raw_post(
+    addr: SocketAddr,
+    session: Option<&str>,
+    body: &str,
+) -> (u16, Option<String>, String) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let mut request = Request::post("/mcp")
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("authorization", "Bearer agent-1-token");
+    if let Some(session) = session {
+        request = request.header("mcp-session-id", session);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("a request");
+    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("answered in time")
+        .expect("a response");
+    let status = response.status().as_u16();
+    let session = response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = tokio::time::timeout(PATIENCE, response.into_body().collect())
+        .await
+        .expect("read in time")
+        .expect("a body")
+        .to_bytes();
+    (status, session, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn a_raw_retry_with_the_same_id_is_answered_byte_for_byte<St: IdempotencyStore>(
+    store: St,
+    mode: Mode,
+) {
+    let server = server(store, mode, 0).await;
+    let initialize = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
+    let (status, session, _) = raw_post(server.addr, None, initialize).await;
+    assert_eq!(status, 200, "{mode:?}");
+    let session = session.as_deref();
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    raw_post(server.addr, session, initialized).await;
+    let call = format!(
+        r#"{{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{{"name":"count","arguments":{{"mode":"{mode:?}"}}}}}}"#
+    );
+    let (status, _, first) = raw_post(server.addr, session, &call).await;
+    assert_eq!(status, 200, "{mode:?}: {first}");
+    let (_, _, retry) = raw_post(server.addr, session, &call).await;
+    assert_eq!(retry, first, "{mode:?}");
+    assert!(first.contains(r#""id":5"#), "{mode:?}: {first}");
+    assert_eq!(server.runs.load(Ordering::SeqCst), 1, "{mode:?}");
+}
+
 macro_rules! mcp_suite {
     ($make:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,6 +447,18 @@ macro_rules! mcp_suite {
                 super::Mode::StatelessJson,
             ] {
                 super::a_lost_response_is_replayed_to_the_retry_with_its_id($make.await, mode)
+                    .await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_raw_retry_with_the_same_id_is_answered_byte_for_byte() {
+            for mode in [
+                super::Mode::Stateful,
+                super::Mode::StatelessSse,
+                super::Mode::StatelessJson,
+            ] {
+                super::a_raw_retry_with_the_same_id_is_answered_byte_for_byte($make.await, mode)
                     .await;
             }
         }
