@@ -1,7 +1,8 @@
 //! What each fingerprint mode costs per request, beside the default (raw body, no secret) in
 //! the same run: a replay of a ~450-byte Stripe-style event through the layer on
 //! `MemoryStore`, driven in process with `oneshot` (the replay path reads, fingerprints and
-//! addresses the request, and answers from the store; the handler never runs).
+//! addresses the request, and answers from the store; the handler never runs). The JSON-RPC
+//! mode replays an MCP `tools/call` of about the same size, with the `_meta` an SDK sends.
 //!
 //! ```sh
 //! cargo bench --bench fingerprint_modes
@@ -57,7 +58,10 @@ static GLOBAL: Counting = Counting;
 
 const EVENT: &str = r#"{"id":"evt_1QXd8f2eZvKYlo2C","object":"event","api_version":"2024-06-20","created":1733011200,"type":"charge.succeeded","livemode":false,"pending_webhooks":1,"request":{"id":"req_8bXg9QbQWmZqLr","idempotency_key":"8e03978e-40d5-43e8-bc93-6894a57f9324"},"data":{"object":{"id":"ch_3QXd8e2eZvKYlo2C0","object":"charge","amount":1000,"amount_captured":1000,"currency":"eur","customer":"cus_R3xYz","description":"Order 1042","paid":true,"status":"succeeded","metadata":{"order_id":"1042"}}}}"#;
 
-fn request() -> Request<Full<Bytes>> {
+/// An MCP tool call of about the event's size, keyed by an argument.
+const TOOL_CALL: &str = r#"{"jsonrpc":"2.0","id":17,"method":"tools/call","params":{"name":"create_charge","arguments":{"idempotency_key":"8e03978e-40d5-43e8-bc93-6894a57f9324","amount":1000,"currency":"eur","customer":"cus_R3xYz","description":"Order 1042","metadata":{"order_id":"1042","channel":"agent","note":"replay of a charge created by an agent"}},"_meta":{"progressToken":17,"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}}}"#;
+
+fn request(body: &'static str) -> Request<Full<Bytes>> {
     Request::post("/stripe/webhook")
         .header("content-type", "application/json")
         .header(
@@ -68,43 +72,58 @@ fn request() -> Request<Full<Bytes>> {
             "user-agent",
             "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
         )
-        .body(Full::new(Bytes::from_static(EVENT.as_bytes())))
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("a valid request")
 }
 
-fn modes() -> Vec<(&'static str, IdempotencyLayer<MemoryStore>)> {
+fn modes() -> Vec<(&'static str, IdempotencyLayer<MemoryStore>, &'static str)> {
     let base =
         || IdempotencyLayer::new(MemoryStore::default()).with_key_source(KeySource::stripe_event());
+    let tools = || {
+        IdempotencyLayer::new(MemoryStore::default())
+            .with_key_source(KeySource::json_pointer("/params/arguments/idempotency_key"))
+    };
     vec![
-        ("raw (default)", base()),
-        ("secret (HMAC)", base().with_secret([7u8; 32])),
+        ("raw (default)", base(), EVENT),
+        ("secret (HMAC)", base().with_secret([7u8; 32]), EVENT),
         (
             "canonical JSON",
             base().with_body_fingerprint(BodyFingerprint::canonical_json()),
+            EVENT,
         ),
         (
             "canonical JSON, 1 field excluded",
             base().with_body_fingerprint(BodyFingerprint::canonical_json_excluding([
                 "/pending_webhooks",
             ])),
+            EVENT,
         ),
         (
             "headers all but the signature",
             base().with_fingerprint_headers(FingerprintHeaders::all_except([
                 HeaderName::from_static("stripe-signature"),
             ])),
+            EVENT,
         ),
-        ("JSON-RPC", base().with_json_rpc(true)),
+        ("tool call, raw", tools(), TOOL_CALL),
+        (
+            "tool call, JSON-RPC",
+            tools().with_json_rpc(true),
+            TOOL_CALL,
+        ),
     ]
 }
 
-async fn send<St: IdempotencyStore>(layer: &IdempotencyLayer<St>) -> StatusCode {
+async fn send<St: IdempotencyStore>(
+    layer: &IdempotencyLayer<St>,
+    body: &'static str,
+) -> StatusCode {
     let svc = layer.layer(service_fn(|_request| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
             b"{\"ok\":true}",
         ))))
     }));
-    let response = match svc.oneshot(request()).await {
+    let response = match svc.oneshot(request(body)).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
@@ -125,20 +144,20 @@ fn main() {
         .expect("a tokio runtime");
     let mut group = criterion.benchmark_group("replay by fingerprint mode");
     let mut allocations = Vec::new();
-    for (name, layer) in modes() {
+    for (name, layer, body) in modes() {
         // The first request executes and stores; every timed one is a replay.
-        assert_eq!(runtime.block_on(send(&layer)), StatusCode::OK);
+        assert_eq!(runtime.block_on(send(&layer, body)), StatusCode::OK);
         const COUNTED: u64 = 1000;
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         for _ in 0..COUNTED {
-            runtime.block_on(send(&layer));
+            runtime.block_on(send(&layer, body));
         }
         let counted = ALLOCATIONS.load(Ordering::Relaxed) - before;
         allocations.push((name, counted as f64 / COUNTED as f64));
         group.bench_function(name, |b| {
             b.iter_batched(
                 || (),
-                |()| runtime.block_on(send(&layer)),
+                |()| runtime.block_on(send(&layer, body)),
                 BatchSize::SmallInput,
             )
         });

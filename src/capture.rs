@@ -31,6 +31,7 @@ use crate::{
     error::BoxError,
     expiry,
     fingerprint::Fingerprint,
+    jsonrpc::{self, Rpc},
     lease::Lease,
     observe::RecordResult,
     problem::Problem,
@@ -55,13 +56,14 @@ pub(crate) enum Settled<B> {
 /// Settles the response of a handler that ran under `lease`: takes what its body has ready
 /// (polling it with `cx`, never waiting), then stores its record (or releases the key) before
 /// it is answered, or hands a body still being produced to a task of its own. A panic of the
-/// body costs a 500 problem and the key.
+/// body costs a 500 problem and the key. `rpc` is what the request is to JSON-RPC.
 pub(crate) fn settle<B, St>(
     response: Response<B>,
     lease: Lease<St>,
     fingerprint: Fingerprint,
     ttl: Duration,
     config: &Config,
+    rpc: &Rpc,
     cx: &mut Context<'_>,
 ) -> Settled<B>
 where
@@ -71,7 +73,7 @@ where
 {
     let limit = config.response_body_limit;
     let Ok(taken) = catch_unwind::catching(|| take_ready(response, config, cx)) else {
-        return panicked(lease, config);
+        return panicked(lease, config, rpc);
     };
     let (lease_op, response): (Pin<Box<dyn Future<Output = ()> + Send>>, _) = match taken {
         Ran::NotStored(response) => {
@@ -79,6 +81,15 @@ where
             (Box::pin(lease.release(RecordResult::Predicate)), response)
         }
         Ran::Broken(response) => (Box::pin(lease.release(RecordResult::BodyError)), response),
+        Ran::Whole {
+            head,
+            body,
+            trailers,
+        } if !kept(rpc, config.json_rpc.store_errors, &head.headers, &body) => {
+            tracing::debug!("no JSON-RPC answer to keep; key released");
+            let response = Response::from_parts(head, ResponseBody::full(body, trailers));
+            (Box::pin(lease.release(RecordResult::Predicate)), response)
+        }
         Ran::Whole {
             head,
             body,
@@ -111,6 +122,8 @@ where
                 status: head.status,
                 headers: head.headers.clone(),
                 ttl,
+                rpc: rpc.clone(),
+                store_errors: config.json_rpc.store_errors,
             };
             let len = ready.len;
             let (tx, rx) = stream::channel(ready);
@@ -140,13 +153,27 @@ where
     Settled::AfterStore { lease_op, response }
 }
 
+/// Whether a whole response within the limit is kept for replay, besides the store-when
+/// predicate: a single JSON-RPC call's only if it answers the call
+/// ([`jsonrpc::answers`]).
+fn kept(rpc: &Rpc, store_errors: bool, headers: &HeaderMap, body: &[u8]) -> bool {
+    match rpc {
+        Rpc::Call(Some(_)) => jsonrpc::answers(headers, body, store_errors),
+        Rpc::Call(None) | Rpc::Batch | Rpc::Plain => true,
+    }
+}
+
 /// The handler (or its body) panicked: the key is released and the client gets a 500.
-pub(crate) fn panicked<B, St: IdempotencyStore>(lease: Lease<St>, config: &Config) -> Settled<B> {
+pub(crate) fn panicked<B, St: IdempotencyStore>(
+    lease: Lease<St>,
+    config: &Config,
+    rpc: &Rpc,
+) -> Settled<B> {
     // The panic message went to the panic hook already.
     tracing::error!("the handler of an idempotent request panicked; key released");
     Settled::AfterStore {
         lease_op: Box::pin(lease.release(RecordResult::Panic)),
-        response: reject(config, &Problem::handler_failed()),
+        response: reject(config, &Problem::handler_failed(), rpc),
     }
 }
 
@@ -228,6 +255,9 @@ struct RecordOf {
     status: StatusCode,
     headers: HeaderMap,
     ttl: Duration,
+    /// What the request is to JSON-RPC, and whether its errors are kept.
+    rpc: Rpc,
+    store_errors: bool,
 }
 
 /// The rest of a body still being produced, read by a task of its own.
@@ -269,11 +299,18 @@ where
     async fn finish<St: IdempotencyStore>(mut self, mut lease: Lease<St>, of: RecordOf) {
         match lease.keep_alive(self.capture()).await {
             Captured::Whole => {
+                let body = self.tx.captured();
+                if !kept(&of.rpc, of.store_errors, &of.headers, &body) {
+                    tracing::debug!("no JSON-RPC answer to keep; key released");
+                    lease.release(RecordResult::Predicate).await;
+                    self.tx.end();
+                    return;
+                }
                 let record = Record::response(
                     of.fingerprint,
                     of.status,
                     &of.headers,
-                    self.tx.captured(),
+                    body,
                     self.trailers.as_ref(),
                 );
                 lease.complete(record, of.ttl).await;

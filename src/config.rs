@@ -8,7 +8,8 @@ use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 use crate::{
     digest::{FieldHasher, Secret},
     fingerprint::{Fingerprint, FingerprintRule},
-    key::{IdempotencyKey, KeyRef, KeySource, Scope, StorageKey, sent_uri},
+    jsonrpc::{self, Rpc},
+    key::{Delivery, IdempotencyKey, KeyRef, KeySource, Scope, StorageKey, sent_uri},
     observe::{self, Observer},
     problem::{Problem, ProblemResponse},
 };
@@ -142,8 +143,10 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) missing_key: MissingKey,
     pub(crate) key_source: Option<KeySource>,
-    /// Body and header modes, JSON-RPC ids and the server secret.
+    /// Body and header modes and the server secret.
     pub(crate) fingerprint: FingerprintRule,
+    /// JSON-RPC mode: on or off, the protected methods, whether errors are kept.
+    pub(crate) json_rpc: jsonrpc::Settings,
     /// The header that states how long a key is honoured; none by default.
     pub(crate) expiry_header: Option<HeaderName>,
     pub(crate) scope: Scope,
@@ -190,6 +193,7 @@ impl Default for Config {
             missing_key: MissingKey::Fingerprint(defaults::FINGERPRINT_WINDOW),
             key_source: None,
             fingerprint: FingerprintRule::default(),
+            json_rpc: jsonrpc::Settings::default(),
             expiry_header: None,
             scope: Scope::Credentials,
             ttl: defaults::TTL,
@@ -214,14 +218,16 @@ impl Config {
         self.methods.contains(method)
     }
 
-    /// The fingerprint of a request under the layer's settings, over the URI the client sent.
-    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
+    /// The fingerprint of a request under the layer's settings, over the URI the client sent,
+    /// its body read as `rpc` says.
+    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &[u8], rpc: &Rpc) -> Fingerprint {
         Fingerprint::compute(
             &self.fingerprint,
             &parts.method,
             sent_uri(parts),
             &parts.headers,
             body,
+            rpc,
         )
     }
 
@@ -239,27 +245,47 @@ impl Config {
         key: KeyRef<'_>,
     ) -> StorageKey {
         let hasher = FieldHasher::for_secret(secret);
-        StorageKey::derive_with(hasher, &self.scope, &parts.method, parts, key)
+        let session = self.json_rpc.enabled;
+        StorageKey::derive_with(hasher, &self.scope, session, &parts.method, parts, key)
     }
 
     /// Where a request's record was kept under each previous secret, newest first: the
-    /// address and the fingerprint, both computed with that secret. `client` is the key the
-    /// request carries (`None`: its key is derived from its fingerprint).
+    /// address and the fingerprint, both computed with that secret as the current ones are
+    /// ([`plan::after_body`](crate::plan)). `client` is the key the request carries and the
+    /// delivery it was found for (`None`: its key is derived from its fingerprint).
     pub(crate) fn previous_addresses(
         &self,
         parts: &Parts,
         body: &[u8],
-        client: Option<&IdempotencyKey>,
+        client: Option<(&IdempotencyKey, Delivery)>,
+        rpc: &Rpc,
     ) -> Vec<(StorageKey, Fingerprint)> {
         let rule = &self.fingerprint;
         rule.previous_secrets
             .iter()
             .map(|secret| {
-                let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
-                let fingerprint =
-                    Fingerprint::compute_keyed(rule, Some(secret), method, uri, headers, body);
+                let fingerprint = match client {
+                    // A delivery whose payloads may differ matches whatever it carries.
+                    Some((_, delivery)) if !delivery.compares_payload() => {
+                        Fingerprint::from_bytes([0; 32])
+                    }
+                    _ => {
+                        let (method, headers) = (&parts.method, &parts.headers);
+                        let uri = sent_uri(parts);
+                        Fingerprint::compute_keyed(
+                            rule,
+                            Some(secret),
+                            method,
+                            uri,
+                            headers,
+                            body,
+                            rpc,
+                        )
+                    }
+                };
                 let key = match client {
-                    Some(key) => KeyRef::Client(key),
+                    Some((key, Delivery::Plain)) => KeyRef::Client(key),
+                    Some((key, delivery)) => KeyRef::Delivered(key, delivery),
                     None => KeyRef::Derived(&fingerprint),
                 };
                 (
@@ -271,10 +297,12 @@ impl Config {
     }
 
     /// Renders a problem the layer produces itself, with the problem and its kind in the
-    /// response's extensions whatever the rendering.
-    pub(crate) fn render(&self, problem: &Problem) -> Response<Bytes> {
+    /// response's extensions whatever the rendering: the application's rendering if it set
+    /// one, else a JSON-RPC error for a JSON-RPC request, else RFC 9457 JSON.
+    pub(crate) fn render(&self, problem: &Problem, rpc: &Rpc) -> Response<Bytes> {
         let mut response = match &self.render_problem {
             Some(render) => render.problem_response(problem),
+            None if rpc.is_json_rpc() => problem.to_json_rpc_response(rpc.id()),
             None => problem.to_response(),
         };
         let extensions = response.extensions_mut();
@@ -292,6 +320,7 @@ impl fmt::Debug for Config {
             .field("missing_key", &self.missing_key)
             .field("key_source", &self.key_source)
             .field("fingerprint", &self.fingerprint)
+            .field("json_rpc", &self.json_rpc)
             .field("expiry_header", &self.expiry_header)
             .field("scope", &self.scope)
             .field("ttl", &self.ttl)
@@ -385,8 +414,8 @@ mod tests {
         };
         let problem = Problem::missing_key(&IDEMPOTENCY_KEY);
         for (rendering, response) in [
-            ("overridden", config.render(&problem)),
-            ("default", Config::default().render(&problem)),
+            ("overridden", config.render(&problem, &Rpc::Plain)),
+            ("default", Config::default().render(&problem, &Rpc::Plain)),
         ] {
             assert_eq!(
                 response.extensions().get::<ProblemKind>(),
@@ -399,7 +428,9 @@ mod tests {
                 "{rendering}"
             );
         }
-        assert_eq!(config.render(&problem).body(), "custom");
+        assert_eq!(config.render(&problem, &Rpc::Plain).body(), "custom");
+        let call = Rpc::Call(Some(Bytes::from_static(b"7")));
+        assert_eq!(config.render(&problem, &call).body(), "custom");
     }
 
     #[test]
@@ -451,8 +482,8 @@ mod tests {
         assert_eq!(address(&keyed), address(&keyed.clone()));
         // The fingerprint is keyed by the same secret.
         assert_ne!(
-            plain.fingerprint_of(&parts, b"{}"),
-            keyed.fingerprint_of(&parts, b"{}")
+            plain.fingerprint_of(&parts, b"{}", &Rpc::Plain),
+            keyed.fingerprint_of(&parts, b"{}", &Rpc::Plain)
         );
     }
 }

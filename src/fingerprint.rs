@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName, Method, Uri, header};
 use crate::{
     canonical,
     digest::{FieldHasher, Secret},
-    jsonrpc,
+    jsonrpc::{self, Rpc},
 };
 
 /// A SHA-256 digest of a request's method, path, query and body.
@@ -42,20 +42,22 @@ impl Fingerprint {
             uri,
             &HeaderMap::new(),
             body,
+            &Rpc::Plain,
         )
     }
 
-    /// Computes the fingerprint of a request under `rule`. The default rule (raw body, no
-    /// headers, no secret) hashes exactly what [`of`](Self::of) always has: records stored by
-    /// earlier versions still match.
+    /// Computes the fingerprint of a request under `rule`, its body read as `rpc` says. The
+    /// default rule (raw body, no headers, no secret) hashes exactly what [`of`](Self::of)
+    /// always has: records stored by earlier versions still match.
     pub(crate) fn compute(
         rule: &FingerprintRule,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         body: &[u8],
+        rpc: &Rpc,
     ) -> Self {
-        Self::compute_keyed(rule, rule.secret.as_ref(), method, uri, headers, body)
+        Self::compute_keyed(rule, rule.secret.as_ref(), method, uri, headers, body, rpc)
     }
 
     /// As [`compute`](Self::compute), keyed by `secret` in place of the rule's own (a
@@ -67,12 +69,13 @@ impl Fingerprint {
         uri: &Uri,
         headers: &HeaderMap,
         body: &[u8],
+        rpc: &Rpc,
     ) -> Self {
         let mut hasher = FieldHasher::for_secret(secret);
         hasher.field(b'm', method.as_str().as_bytes());
         hasher.field(b'p', uri.path().as_bytes());
         hasher.field(b'q', uri.query().map_or(&b""[..], str::as_bytes));
-        match rule.canonical_digest(body) {
+        match rule.canonical_digest(body, rpc) {
             Some(canonical) => hasher.field(b'j', &canonical),
             None => hasher.field(b'b', body),
         }
@@ -295,26 +298,22 @@ impl fmt::Debug for FingerprintHeaders {
 pub(crate) struct FingerprintRule {
     pub(crate) body: BodyFingerprint,
     pub(crate) headers: FingerprintHeaders,
-    /// JSON-RPC: a single request's top-level `id` does not count.
-    pub(crate) json_rpc: bool,
     pub(crate) secret: Option<Secret>,
     /// Secrets used before `secret`, newest first: records stored under them are still found.
     pub(crate) previous_secrets: Vec<Secret>,
 }
 
 impl FingerprintRule {
-    /// The digest of the body's canonical JSON, when the rule asks for one and the body is
-    /// JSON; `None` means the body counts byte for byte.
-    fn canonical_digest(&self, body: &[u8]) -> Option<[u8; 32]> {
+    /// The digest of the body's canonical JSON, when the rule asks for one (or the body is a
+    /// JSON-RPC request) and the body is JSON; `None` means the body counts byte for byte.
+    fn canonical_digest(&self, body: &[u8], rpc: &Rpc) -> Option<[u8; 32]> {
         let excluded: &[Box<str>] = match &self.body.0 {
-            BodyRepr::Raw if !self.json_rpc => return None,
+            BodyRepr::Raw if !rpc.is_json_rpc() => return None,
             BodyRepr::Raw => &[],
             BodyRepr::CanonicalJson { excluded } => excluded,
         };
         let mut value = canonical::parse(body)?;
-        if self.json_rpc {
-            jsonrpc::blank_id(&mut value);
-        }
+        jsonrpc::prepare(&mut value, rpc);
         for pointer in excluded {
             canonical::exclude(&mut value, pointer);
         }
@@ -389,17 +388,24 @@ mod tests {
         assert_eq!(Fingerprint::from_bytes(*a.as_bytes()), a);
     }
 
-    fn rule(body: BodyFingerprint, headers: FingerprintHeaders, json_rpc: bool) -> FingerprintRule {
-        FingerprintRule {
-            body,
-            headers,
-            json_rpc,
-            secret: None,
-            previous_secrets: Vec::new(),
-        }
+    /// A rule, and whether the layer is in JSON-RPC mode.
+    #[derive(Debug, Default)]
+    struct Mode {
+        rule: FingerprintRule,
+        json_rpc: bool,
     }
 
-    fn under(rule: &FingerprintRule, headers: &[(&str, &str)], body: &str) -> Fingerprint {
+    fn rule(body: BodyFingerprint, headers: FingerprintHeaders, json_rpc: bool) -> Mode {
+        let rule = FingerprintRule {
+            body,
+            headers,
+            secret: None,
+            previous_secrets: Vec::new(),
+        };
+        Mode { rule, json_rpc }
+    }
+
+    fn under(mode: &Mode, headers: &[(&str, &str)], body: &str) -> Fingerprint {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             map.append(
@@ -408,12 +414,19 @@ mod tests {
             );
         }
         let uri = "/hooks?v=1".parse().unwrap();
-        Fingerprint::compute(rule, &Method::POST, &uri, &map, body.as_bytes())
+        let body = bytes::Bytes::from(body.to_owned());
+        // A body the JSON-RPC mode lets through is never fingerprinted: read as plain here.
+        let rpc = mode
+            .json_rpc
+            .then(|| jsonrpc::classify(&body, &jsonrpc::Settings::default()))
+            .flatten()
+            .unwrap_or_default();
+        Fingerprint::compute(&mode.rule, &Method::POST, &uri, &map, &body, &rpc)
     }
 
     #[test]
     fn the_default_rule_is_the_raw_fingerprint_whatever_the_headers() {
-        let raw = FingerprintRule::default();
+        let raw = Mode::default();
         let expected = Fingerprint::of(&Method::POST, &"/hooks?v=1".parse().unwrap(), b"{}");
         assert_eq!(under(&raw, &[], "{}"), expected);
         assert_eq!(
@@ -448,7 +461,7 @@ mod tests {
             (
                 "reordered and re-spaced",
                 "{ \"data\": {\"attempt\":1, \"amount\":1e3}, \"created\":100, \"id\":\"evt_1\" }",
-                [false, true, true, true],
+                [false, true, true, false],
             ),
             (
                 "an excluded field changed",
@@ -465,10 +478,11 @@ mod tests {
                 r#"{"id":"evt_1","created":100,"data":{"amount":1001,"attempt":1}}"#,
                 [false, false, false, false],
             ),
+            // Not JSON-RPC 2.0 (no `"jsonrpc": "2.0"`): a plain body, its `id` is content.
             (
                 "the id changed",
                 r#"{"id":"evt_2","created":100,"data":{"amount":1000,"attempt":1}}"#,
-                [false, false, false, true],
+                [false, false, false, false],
             ),
             ("not JSON", "id=evt_1", [false, false, false, false]),
         ];
@@ -512,24 +526,34 @@ mod tests {
     }
 
     #[test]
-    fn json_rpc_leaves_a_single_requests_id_out_but_not_its_presence() {
+    fn json_rpc_leaves_a_single_requests_id_and_meta_out_but_not_its_presence() {
         let json_rpc = rule(BodyFingerprint::raw(), FingerprintHeaders::none(), true);
-        let call = |id: &str| {
+        let call = |id: &str, meta: &str| {
             let body = format!(
-                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"send"}}}}"#
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"send"{meta}}}}}"#
             );
             under(&json_rpc, &[], &body)
         };
-        assert_eq!(call("1"), call(r#""retry-2""#));
-        assert_eq!(call("1"), call("null"));
+        assert_eq!(call("1", ""), call(r#""retry-2""#, ""));
+        assert_eq!(call("1", ""), call("null", ""));
+        // What SDKs put in `_meta` changes on every attempt: a progress token (the request
+        // id) and, with OpenTelemetry, a fresh trace context.
+        assert_eq!(
+            call("1", r#","_meta":{"progressToken":1}"#),
+            call(
+                "2",
+                r#","_meta":{"progressToken":2,"traceparent":"00-ab-01"}"#
+            )
+        );
+        assert_eq!(call("1", ""), call("2", r#","_meta":{}"#));
         let notification = r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"send"}}"#;
-        assert_ne!(call("1"), under(&json_rpc, &[], notification));
+        assert_ne!(call("1", ""), under(&json_rpc, &[], notification));
         // A batch keeps its ids.
         let batch = |id: u8| {
             under(
                 &json_rpc,
                 &[],
-                &format!(r#"[{{"jsonrpc":"2.0","id":{id},"method":"m"}}]"#),
+                &format!(r#"[{{"jsonrpc":"2.0","id":{id},"method":"tools/call"}}]"#),
             )
         };
         assert_ne!(batch(1), batch(2));
@@ -539,9 +563,23 @@ mod tests {
             FingerprintHeaders::none(),
             true,
         );
+        let attempt = |id: u8| {
+            format!(
+                r#"{{"jsonrpc":"2.0","method":"tools/call","id":{id},"params":{{"attempt":{id}}}}}"#
+            )
+        };
         assert_eq!(
-            under(&both, &[], r#"{"id":1,"params":{"attempt":1}}"#),
-            under(&both, &[], r#"{"id":2,"params":{"attempt":2}}"#)
+            under(&both, &[], &attempt(1)),
+            under(&both, &[], &attempt(2))
+        );
+        // Only JSON-RPC 2.0 is JSON-RPC: a REST body's `id` is its content.
+        assert_ne!(
+            under(&json_rpc, &[], r#"{"id":"order-1"}"#),
+            under(&json_rpc, &[], r#"{"id":"order-2"}"#)
+        );
+        assert_ne!(
+            under(&json_rpc, &[], r#"{"id":1,"method":"tools/call"}"#),
+            under(&json_rpc, &[], r#"{"id":2,"method":"tools/call"}"#)
         );
     }
 
@@ -661,10 +699,13 @@ mod tests {
 
     #[test]
     fn a_secret_keys_the_fingerprint() {
-        let plain = FingerprintRule::default();
-        let keyed = |secret: &[u8]| FingerprintRule {
-            secret: Some(Secret::new(secret)),
-            ..FingerprintRule::default()
+        let plain = Mode::default();
+        let keyed = |secret: &[u8]| Mode {
+            rule: FingerprintRule {
+                secret: Some(Secret::new(secret)),
+                ..FingerprintRule::default()
+            },
+            json_rpc: false,
         };
         let a = keyed(b"secret a");
         assert_ne!(under(&plain, &[], "{}"), under(&a, &[], "{}"));

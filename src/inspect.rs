@@ -288,7 +288,7 @@ impl StorageKey {
             .unwrap_or_else(|_| Request::new(()))
             .into_parts();
         let hasher = FieldHasher::for_secret(secret);
-        Self::derive_with(hasher, &scope, method, &parts, KeyRef::Client(key))
+        Self::derive_with(hasher, &scope, false, method, &parts, KeyRef::Client(key))
     }
 
     /// Parses 64 hex digits (what [`to_hex`](Self::to_hex) writes, either case).

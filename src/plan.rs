@@ -12,6 +12,7 @@ use http::{Extensions, HeaderMap, request::Parts};
 use crate::{
     config::{Config, MissingKey},
     fingerprint::Fingerprint,
+    jsonrpc::Rpc,
     key::{Delivery, Found, IdempotencyKey, KeyRef, StorageKey},
     problem::Problem,
 };
@@ -38,12 +39,17 @@ pub(crate) enum KeyPlan {
     FromBody,
     /// No key: derive one from the request.
     Derived,
+    /// A bad or missing key, refused once the body tells what the request is: in JSON-RPC
+    /// mode, only calls of protected methods need a key, and are refused as JSON-RPC.
+    Refused(Problem),
 }
 
 /// The key once the body is read: what the claim is made on.
 pub(crate) struct Key {
     /// The client's key, handed to the handler in its request's extensions.
     pub(crate) client: Option<IdempotencyKey>,
+    /// The webhook delivery the client's key was found for (`Plain` otherwise).
+    pub(crate) delivery: Delivery,
     pub(crate) storage: StorageKey,
     /// What a retry's payload must match.
     pub(crate) fingerprint: Fingerprint,
@@ -63,6 +69,21 @@ pub(crate) enum Keying {
 
 /// Reads the plan off the request head.
 pub(crate) fn from_head(config: &Config, headers: &HeaderMap, extensions: &Extensions) -> Head {
+    match head_only(config, headers, extensions) {
+        // In JSON-RPC mode only calls of protected methods need a key, and the body tells
+        // which a request is: the refusal waits for it, and is answered as JSON-RPC.
+        Head::Refuse(problem) if config.json_rpc.enabled => {
+            Head::Protect(KeyPlan::Refused(problem))
+        }
+        // Whether a JSON-RPC call names its agent is decided once its body is read (a peer
+        // address is not enough there, an MCP session is).
+        Head::Unscoped if config.json_rpc.enabled => Head::Protect(KeyPlan::Derived),
+        head => head,
+    }
+}
+
+/// What the head alone says.
+fn head_only(config: &Config, headers: &HeaderMap, extensions: &Extensions) -> Head {
     match IdempotencyKey::from_headers(headers, &config.header_name) {
         Ok(Some(key)) => return Head::Protect(KeyPlan::Client(Found::plain(key))),
         Err(error) => return Head::Refuse(Problem::invalid_key(&error)),
@@ -87,16 +108,19 @@ pub(crate) fn from_head(config: &Config, headers: &HeaderMap, extensions: &Exten
     }
 }
 
-/// Follows `plan` once the body is read: the key to claim and the fingerprint a retry must
-/// match, the request to run unprotected, or the problem to answer.
+/// Follows `plan` once the body is read (`rpc` is what it is to JSON-RPC): the key to claim
+/// and the fingerprint a retry must match, the request to run unprotected, or the problem to
+/// answer.
 pub(crate) fn after_body(
     config: &Config,
     plan: KeyPlan,
     parts: &Parts,
     body: &Bytes,
+    rpc: &Rpc,
 ) -> Result<Keying, Problem> {
     let found = match plan {
         KeyPlan::Client(found) => Some(found),
+        KeyPlan::Refused(problem) => return Err(problem),
         KeyPlan::Derived => None,
         KeyPlan::FromBody => {
             let source = config.key_source.as_ref();
@@ -112,20 +136,28 @@ pub(crate) fn after_body(
             MissingKey::Required => return Err(Problem::missing_key(&config.header_name)),
             MissingKey::PassThrough => return Ok(Keying::PassThrough),
         };
-        if !config.scope.derives(&parts.headers, &parts.extensions) {
+        // Agents share hosts and often credentials: a tool call's derived key is kept only
+        // for a credential or a session, never for whoever sends the same arguments.
+        let scoped = if rpc.is_json_rpc() {
+            config.scope.names_an_agent(&parts.headers)
+        } else {
+            config.scope.derives(&parts.headers, &parts.extensions)
+        };
+        if !scoped {
             return Ok(Keying::Unscoped);
         }
-        let fingerprint = config.fingerprint_of(parts, body);
+        let fingerprint = config.fingerprint_of(parts, body, rpc);
         let storage = config.storage_key(parts, KeyRef::Derived(&fingerprint));
         return Ok(Keying::Protect(Key {
             client: None,
+            delivery: Delivery::Plain,
             storage,
             fingerprint,
             ttl: window,
         }));
     };
     let fingerprint = if delivery.compares_payload() {
-        config.fingerprint_of(parts, body)
+        config.fingerprint_of(parts, body, rpc)
     } else {
         // Every payload under this key is the same delivery (see `Delivery`): a retry
         // matches whatever it carries.
@@ -138,6 +170,7 @@ pub(crate) fn after_body(
     let storage = config.storage_key(parts, key_ref);
     Ok(Keying::Protect(Key {
         client: Some(key),
+        delivery,
         storage,
         fingerprint,
         ttl: config.ttl,

@@ -3,15 +3,20 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 
-use crate::{body::ResponseBody, config::Config, observe::Outcome, problem::Problem};
+use crate::{body::ResponseBody, config::Config, jsonrpc::Rpc, observe::Outcome, problem::Problem};
 
 /// The one way the layer answers a request with a problem: every rejection is observed here.
-pub(crate) fn reject<B>(config: &Config, problem: &Problem) -> Response<ResponseBody<B>> {
+/// A JSON-RPC request (`rpc`) is answered with a JSON-RPC error carrying its `id`.
+pub(crate) fn reject<B>(
+    config: &Config,
+    problem: &Problem,
+    rpc: &Rpc,
+) -> Response<ResponseBody<B>> {
     if let Some(outcome) = Outcome::of_problem(problem.kind()) {
         config.observer.outcome(outcome);
     }
     config
-        .render(problem)
+        .render(problem, rpc)
         .map(|body| ResponseBody::full(body, None))
 }
 

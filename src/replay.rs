@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response};
 
 use crate::{
@@ -10,18 +9,18 @@ use crate::{
     config::{Config, IDEMPOTENT_REPLAYED},
     expiry,
     fingerprint::Fingerprint,
-    jsonrpc,
+    jsonrpc::{self, Rpc},
     observe::Outcome,
     problem::Problem,
     record::Record,
 };
 
-/// What a replay answers besides the record: the retry's fingerprint and body (a JSON-RPC
-/// retry gets its own `id` back), how long the record has left, and whether the retry waited
-/// for the first request.
+/// What a replay answers besides the record: the retry's fingerprint and what it is to
+/// JSON-RPC (a JSON-RPC call gets its own `id` back), how long the record has left, and
+/// whether the retry waited for the first request.
 pub(crate) struct Retry<'a> {
     pub(crate) fingerprint: &'a Fingerprint,
-    pub(crate) body: &'a Bytes,
+    pub(crate) rpc: &'a Rpc,
     pub(crate) expires_in: Option<Duration>,
     pub(crate) waited: bool,
 }
@@ -41,8 +40,9 @@ pub(crate) fn replay<B>(
     let Some(mut parts) = record.into_replay_parts(extra_headers) else {
         return Err(Problem::not_replayable(status, config.response_body_limit));
     };
-    if config.fingerprint.json_rpc {
-        parts.body = jsonrpc::with_retry_id(parts.body, retry.body, &mut parts.headers);
+    if let Some(id) = retry.rpc.id() {
+        parts.body = jsonrpc::with_retry_id(parts.body, id, &mut parts.headers)
+            .map_err(|jsonrpc::Unanswerable| Problem::unanswerable())?;
     }
     expiry::on_replay(config, &mut parts.headers, retry.expires_in);
     let mut response = Response::new(ResponseBody::full(parts.body, parts.trailers));

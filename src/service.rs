@@ -26,6 +26,7 @@ use crate::{
     config::Config,
     error::BoxError,
     future::{Flow, ResponseFuture},
+    jsonrpc::Rpc,
     observe::Outcome,
     plan::{self, Head},
     problem::Problem,
@@ -140,14 +141,14 @@ where
     let span = config.observer.request_span(request.method());
     let _entered = span.enter();
     if request.body().is_end_stream() {
-        return ResponseFuture::ready(reject(config, &problem));
+        return ResponseFuture::ready(reject(config, &problem, &Rpc::Plain));
     }
     let config = Arc::clone(config);
     let drain = async move {
         let (limit, mut read) = (config.request_body_limit, Chunks::default());
         let mut body = pin!(request.into_body());
         let drained = poll_fn(|cx| poll_read_limited(body.as_mut(), &mut read, limit, cx)).await;
-        let response = reject(&config, &problem);
+        let response = reject(&config, &problem, &Rpc::Plain);
         if drained.is_ok() {
             response
         } else {

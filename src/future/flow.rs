@@ -63,6 +63,7 @@ use crate::{
     config::Config,
     error::{BoxError, StoreError},
     fingerprint::Fingerprint,
+    jsonrpc::Rpc,
     lease::{Lease, Renewal},
     observe::WaitClock,
     plan::{Key, KeyPlan},
@@ -167,6 +168,8 @@ struct Ctx<S, St, ReqB, ResB> {
     waited: bool,
     /// The client went away: work finishing on its own starts nothing new for it.
     gone: bool,
+    /// What the request is to JSON-RPC, once its body is read.
+    rpc: Rpc,
     _types: PhantomData<fn(ReqB) -> ResB>,
 }
 
@@ -218,6 +221,7 @@ where
             wait_clock: Some(config.observer.wait_clock()),
             waited: false,
             gone: false,
+            rpc: Rpc::Plain,
             config,
             _types: PhantomData,
         };

@@ -31,6 +31,10 @@ static CREDENTIALS: [(HeaderName, u8); 5] = [
 /// The tag the peer's address is hashed under.
 const PEER: u8 = b'i';
 
+/// The header that names an MCP session (streamable HTTP transport): part of the default
+/// scope in JSON-RPC mode, hashed under the tag `n`.
+pub(crate) const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+
 /// Whose key it is: the part of a record's address that separates one principal's keys
 /// from another's.
 #[derive(Clone)]
@@ -82,12 +86,20 @@ impl Scope {
         self.sender(headers, extensions) != Sender::Unknown
     }
 
-    /// Adds the scope of `parts` to a storage key: its credentials, or for a derived key
-    /// without any, its peer's address.
-    pub(crate) fn hash(&self, parts: &Parts, derived: bool, hasher: &mut FieldHasher) {
+    /// Adds the scope of `parts` to a storage key: its credentials (and, with `session`, its
+    /// MCP session), or for a derived key without any, its peer's address.
+    pub(crate) fn hash(&self, parts: &Parts, derived: bool, session: bool, hasher: &mut FieldHasher) {
         match self {
             Self::Credentials => {
                 let mut named = false;
+                // In JSON-RPC mode an MCP session is a party of its own: agents that share a
+                // credential (or have none) never share a record.
+                if session {
+                    for value in &parts.headers.get_all(MCP_SESSION_ID) {
+                        hasher.field(b'n', value.as_bytes());
+                        named = true;
+                    }
+                }
                 for (name, tag) in &CREDENTIALS {
                     for value in &parts.headers.get_all(name) {
                         hasher.field(*tag, value.as_bytes());
@@ -105,6 +117,16 @@ impl Scope {
                 }
             }
             Self::Custom(f) => f(parts, hasher),
+        }
+    }
+
+    /// Whether a JSON-RPC call is scoped to an agent a derived key may be kept for: a
+    /// credential or an MCP session in the default scope (a peer address is not enough:
+    /// agents share hosts), or the application's own scope.
+    pub(crate) fn names_an_agent(&self, headers: &HeaderMap) -> bool {
+        match self {
+            Self::Credentials => has_credential(headers) || headers.contains_key(MCP_SESSION_ID),
+            Self::Custom(_) => true,
         }
     }
 }

@@ -45,20 +45,22 @@ impl std::hash::Hash for StorageKey {
 impl StorageKey {
     #[cfg(test)]
     pub(crate) fn derive(scope: &Scope, method: &Method, parts: &Parts, key: KeyRef<'_>) -> Self {
-        Self::derive_with(KeyHasher::new(), scope, method, parts, key)
+        Self::derive_with(KeyHasher::new(), scope, false, method, parts, key)
     }
 
-    /// Derives the address with `hasher`: plain SHA-256, or HMAC-SHA-256 under a secret.
+    /// Derives the address with `hasher`: plain SHA-256, or HMAC-SHA-256 under a secret;
+    /// `session`: the MCP session is part of the default scope (JSON-RPC mode).
     pub(crate) fn derive_with(
         mut hasher: KeyHasher,
         scope: &Scope,
+        session: bool,
         method: &Method,
         parts: &Parts,
         key: KeyRef<'_>,
     ) -> Self {
         hasher.field(b'd', b"tower-idempotency storage key v1");
         let derived = matches!(key, KeyRef::Derived(_));
-        scope.hash(parts, derived, &mut hasher);
+        scope.hash(parts, derived, session, &mut hasher);
         hasher.field(b'm', method.as_str().as_bytes());
         hasher.field(b'p', sent_uri(parts).path().as_bytes());
         match key {
@@ -270,5 +272,75 @@ mod tests {
             StorageKey::derive(&scope, &head.method, &head, KeyRef::Client(&hex_key)),
             StorageKey::derive(&scope, &head.method, &head, KeyRef::Derived(&fingerprint)),
         );
+    }
+
+    #[test]
+    fn in_json_rpc_mode_the_mcp_session_is_part_of_the_default_scope() {
+        let scope = Scope::Credentials;
+        let session = |id: &str| {
+            parts(
+                Method::POST,
+                "/mcp",
+                &[("authorization", "Bearer shared"), ("mcp-session-id", id)],
+            )
+        };
+        let key = IdempotencyKey::parse(b"k").unwrap();
+        let address = |p: &Parts, in_mode: bool| {
+            StorageKey::derive_with(
+                KeyHasher::new(),
+                &scope,
+                in_mode,
+                &p.method,
+                p,
+                KeyRef::Client(&key),
+            )
+        };
+        assert_ne!(address(&session("a"), true), address(&session("b"), true));
+        assert_eq!(
+            address(&session("a"), false),
+            address(&session("b"), false),
+            "outside JSON-RPC mode the header is nobody's credential"
+        );
+        assert_eq!(
+            address(&session("a"), false),
+            storage_key(&scope, &session("a"), "k"),
+            "the address every earlier version used"
+        );
+        // A custom scope names the party itself: sessions of one tenant share its records.
+        let tenant = Scope::custom(|_: &Parts| "acme");
+        let in_tenant = |p: &Parts| {
+            StorageKey::derive_with(
+                KeyHasher::new(),
+                &tenant,
+                true,
+                &p.method,
+                p,
+                KeyRef::Client(&key),
+            )
+        };
+        assert_eq!(in_tenant(&session("a")), in_tenant(&session("b")));
+    }
+
+    #[test]
+    fn a_derived_key_needs_a_credential_or_a_session_to_name_an_agent() {
+        let cases = [
+            (&[][..], false),
+            (&[("x-forwarded-for", "10.0.0.1")][..], false),
+            (&[("user-agent", "agent/1.0")][..], false),
+            (&[("authorization", "Bearer a")][..], true),
+            (&[("cookie", "s=1")][..], true),
+            (&[("mcp-session-id", "3f1c")][..], true),
+            (&[("x-api-key", "k_live_1")][..], true),
+            (&[("proxy-authorization", "Basic eA==")][..], true),
+        ];
+        for (headers, names) in cases {
+            let head = parts(Method::POST, "/mcp", headers);
+            assert_eq!(
+                Scope::Credentials.names_an_agent(&head.headers),
+                names,
+                "{headers:?}"
+            );
+            assert!(Scope::custom(|_: &Parts| "t").names_an_agent(&head.headers));
+        }
     }
 }

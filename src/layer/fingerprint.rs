@@ -44,12 +44,28 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self
     }
 
-    /// Treats request bodies as JSON-RPC 2.0 (the transport of MCP tool calls), whose retries
-    /// carry a new `id`: a single request's top-level `id` does not count in its fingerprint
-    /// (the body is compared as canonical JSON), and a replay answers with the retry's `id` in
-    /// place of the stored response's (everything else byte for byte, `Content-Length`
-    /// adjusted). Batches, notifications and responses that are not one JSON object with an
-    /// `id` are replayed as they are. Default: off.
+    /// Treats the route as JSON-RPC 2.0 (the MCP streamable HTTP transport). Default: off.
+    ///
+    /// - Only calls of the protected methods ([`with_json_rpc_methods`](Self::with_json_rpc_methods),
+    ///   `tools/call` by default) are protected; every other JSON-RPC message (`initialize`,
+    ///   notifications, `ping`, `tools/list`, `resources/read`…) reaches the handler untouched,
+    ///   its body read but no store called. Only a body with `"jsonrpc": "2.0"` is JSON-RPC:
+    ///   any other is a plain request, protected as on any route.
+    /// - A call's `id` and `params._meta` (per-request progress tokens and trace context) do
+    ///   not count in its fingerprint or derived key (the body is compared as canonical
+    ///   JSON). A batch keeps its ids.
+    /// - The `Mcp-Session-Id` header is part of the default scope, and a call without a key
+    ///   gets a derived one only when a credential (`Authorization`, `Cookie`) or a session
+    ///   names its agent; otherwise it runs unprotected.
+    /// - A response is kept only if it answers the call: a JSON-RPC response, in JSON or in
+    ///   an SSE stream, and no `error` unless [`with_json_rpc_errors_stored`](Self::with_json_rpc_errors_stored).
+    /// - A replay answers with the retry's `id` in place of the stored one in every JSON-RPC
+    ///   response of the body (JSON or SSE), everything else byte for byte and
+    ///   `Content-Length` adjusted; a kept response that cannot carry it is refused to the
+    ///   retry, never replayed with another call's `id`.
+    /// - The layer's own rejections of a call are JSON-RPC errors carrying its `id`, with
+    ///   HTTP status 200 (the problem's own status when the `id` is unknown), their `data`
+    ///   the RFC 9457 problem.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
@@ -58,7 +74,46 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     ///     .with_json_rpc(true);
     /// ```
     pub fn with_json_rpc(mut self, enabled: bool) -> Self {
-        self.config().fingerprint.json_rpc = enabled;
+        self.config().json_rpc.enabled = enabled;
+        self
+    }
+
+    /// The JSON-RPC methods whose calls are protected in JSON-RPC mode; calls of any other
+    /// method pass through. Default: `tools/call` (MCP's one side-effecting call).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_json_rpc(true)
+    ///     .with_json_rpc_methods(["tools/call", "orders/create"]);
+    /// ```
+    pub fn with_json_rpc_methods<I, M>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        let methods: Vec<Box<str>> = methods.into_iter().map(|m| m.into().into()).collect();
+        self.config().json_rpc.methods = methods.into();
+        self
+    }
+
+    /// Whether a JSON-RPC response with an `error` member is kept and replayed in JSON-RPC
+    /// mode. Default: `false`: the key is released, so a retry runs the call again (a
+    /// transient `-32603` would otherwise be replayed for the whole TTL).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_json_rpc(true)
+    ///     .with_json_rpc_errors_stored(true);
+    /// ```
+    ///
+    /// # Warning
+    ///
+    /// An error kept is an error replayed: only for errors that say the call must not be
+    /// made again.
+    pub fn with_json_rpc_errors_stored(mut self, stored: bool) -> Self {
+        self.config().json_rpc.store_errors = stored;
         self
     }
 

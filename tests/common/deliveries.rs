@@ -325,13 +325,18 @@ pub async fn json_rpc_retries_with_a_new_id_get_the_first_response_with_their_ow
         first_headers.retain(|(name, _)| name != "content-length");
         assert_eq!(headers, first_headers, "id {id}");
     }
-    // The same key with other arguments is another call: refused, not replayed.
+    // The same key with other arguments is another call: refused, not replayed, with a
+    // JSON-RPC error carrying the call's id.
     let other = send(
         &svc,
         delivery(&path, &[], &tool_call("9", "mail-1", "b@example.com")),
     )
     .await;
-    other.assert_problem(ProblemKind::KeyReused, StatusCode::CONFLICT);
+    assert_eq!(other.problem, Some(ProblemKind::KeyReused));
+    assert_eq!(other.status, StatusCode::OK);
+    let error: serde_json::Value = serde_json::from_slice(&other.body).expect("JSON");
+    assert_eq!(error["id"], 9);
+    assert_eq!(error["error"]["data"]["status"], 409);
     // A new key runs.
     let next = send(
         &svc,
@@ -351,13 +356,15 @@ pub async fn json_rpc_calls_without_a_key_are_deduplicated_by_their_content_for_
     let handler = tool_server();
     let svc = serve(&agent_layer(store), &handler);
     let path = fresh_path("mcp-derived");
+    // A derived key is kept for an agent a credential (or a session) names.
+    let agent = [("authorization", "Bearer agent-1")];
     let call = |id: &str| {
         format!(
             r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"get_weather","arguments":{{"city":"Oslo"}}}}}}"#
         )
     };
-    let first = send(&svc, delivery(&path, &[], &call("1"))).await;
-    let retry = send(&svc, delivery(&path, &[], &call("2"))).await;
+    let first = send(&svc, delivery(&path, &agent, &call("1"))).await;
+    let retry = send(&svc, delivery(&path, &agent, &call("2"))).await;
     assert!(retry.replayed());
     assert_eq!(
         retry.text(),
@@ -366,19 +373,19 @@ pub async fn json_rpc_calls_without_a_key_are_deduplicated_by_their_content_for_
     // A notification is not a request with the same content: it runs, and is answered as
     // it was, byte for byte.
     let notification = r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"get_weather","arguments":{"city":"Oslo"}}}"#;
-    let told = send(&svc, delivery(&path, &[], notification)).await;
+    let told = send(&svc, delivery(&path, &agent, notification)).await;
     assert_eq!(told.status, StatusCode::ACCEPTED);
     assert!(!told.replayed());
-    let told_again = send(&svc, delivery(&path, &[], notification)).await;
+    let told_again = send(&svc, delivery(&path, &agent, notification)).await;
     assert!(told_again.replayed());
     assert_eq!(told_again.body, told.body);
     // A batch keeps its ids: the same batch replays byte for byte, new ids run again.
     let batch = |a: u8, b: u8| format!("[{},{}]", call(&a.to_string()), call(&b.to_string()));
-    let batch_first = send(&svc, delivery(&path, &[], &batch(5, 6))).await;
-    let batch_same = send(&svc, delivery(&path, &[], &batch(5, 6))).await;
+    let batch_first = send(&svc, delivery(&path, &agent, &batch(5, 6))).await;
+    let batch_same = send(&svc, delivery(&path, &agent, &batch(5, 6))).await;
     assert!(batch_same.replayed());
     assert_eq!(batch_same.body, batch_first.body);
-    let batch_new = send(&svc, delivery(&path, &[], &batch(7, 8))).await;
+    let batch_new = send(&svc, delivery(&path, &agent, &batch(7, 8))).await;
     assert!(!batch_new.replayed());
     assert_eq!(handler.calls(), 4);
 }
@@ -658,6 +665,8 @@ pub async fn numbers_past_what_a_double_holds_are_compared_exactly<St: Idempoten
         assert!(send(&svc, delivery(&path, &[], &event)).await.replayed());
     }
     assert_eq!(handler.calls(), cases.len() + 2);
+}
+
 /// Sends every request of `requests` at once, and reads every reply.
 async fn all_at_once<St: IdempotencyStore>(
     svc: &crate::common::service::Svc<St>,

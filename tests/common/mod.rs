@@ -4,6 +4,7 @@
 pub mod conformance;
 pub mod deliveries;
 pub mod flaky_store;
+pub mod json_rpc;
 #[cfg(feature = "axum")]
 pub mod operations;
 pub mod panics;

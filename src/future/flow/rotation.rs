@@ -57,8 +57,8 @@ where
         lease: Lease<St>,
     ) -> State<S::Future, ReqB, St, ResB, S::Error> {
         let config = &self.config;
-        let earlier =
-            config.previous_addresses(&keyed.parts, &keyed.body, keyed.key.client.as_ref());
+        let client = keyed.key.client.as_ref().map(|key| (key, keyed.key.delivery));
+        let earlier = config.previous_addresses(&keyed.parts, &keyed.body, client, &self.rpc);
         let (store, observer, lease_for) =
             (self.store.clone(), config.observer.clone(), config.lease);
         let probe = Box::pin(async move {
@@ -130,20 +130,20 @@ where
             Claim::Completed { record, expires_in } => {
                 let retry = Retry {
                     fingerprint: &fingerprint,
-                    body: &keyed.body,
+                    rpc: &self.rpc,
                     expires_in,
                     waited: self.waited,
                 };
                 let answer = match replay(&config, record, &retry) {
                     Ok(response) => response,
-                    Err(problem) => reject(&config, &problem),
+                    Err(problem) => reject(&config, &problem, &self.rpc),
                 };
                 self.give_back(lease, Ok(answer))
             }
             Claim::InFlight { fingerprint: held } => {
                 if held != fingerprint {
                     let problem = Problem::key_reused(config.mismatch_status);
-                    return self.give_back(lease, Ok(reject(&config, &problem)));
+                    return self.give_back(lease, Ok(reject(&config, &problem, &self.rpc)));
                 }
                 self.wait_on(keyed, key, Some(release(lease)))
             }
@@ -153,7 +153,7 @@ where
                 // Its owner's work is not known to have happened: run under the current
                 // claim; the abandoned one expires by itself.
                 Ok(()) => self.hold(keyed, lease.observed(config.observer.clone())),
-                Err(problem) => self.give_back(lease, Ok(reject(&config, &problem))),
+                Err(problem) => self.give_back(lease, Ok(reject(&config, &problem, &self.rpc))),
             },
             // Never found: a free address is given back in the probe itself.
             Claim::Acquired(_) => self.hold(keyed, lease.observed(config.observer.clone())),

@@ -16,6 +16,7 @@ use crate::{
     catch_unwind::{self, CatchUnwind, Panic},
     config::{FailMode, WaitMode},
     error::{BoxError, StoreError},
+    jsonrpc::{self, Rpc},
     key::StorageKey,
     lease::{Lease, Renewal},
     observe::{Describe, Op, Outcome, RecordResult},
@@ -46,20 +47,43 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    /// The body is read: fingerprint it, find its key, claim the key.
+    /// The body is read: tell what it is to JSON-RPC, fingerprint it, find its key, claim the
+    /// key.
     pub(super) fn read(
         &mut self,
         parts: Parts,
         body: Result<Bytes, Problem>,
         plan: KeyPlan,
     ) -> FlowStep<S, St, ReqB, ResB> {
-        let config = &self.config;
+        let config = Arc::clone(&self.config);
         let body = match body {
             Ok(body) => body,
-            // The rest of the body was not read: the connection cannot carry another request.
-            Err(problem) => return Step::Answer(Ok(close_connection(reject(config, &problem)))),
+            Err(problem) => {
+                // In JSON-RPC mode the answer is a JSON-RPC error, its `id` unknown.
+                let rpc = if config.json_rpc.enabled {
+                    Rpc::Call(None)
+                } else {
+                    Rpc::Plain
+                };
+                // The rest of the body was not read: the connection cannot carry another
+                // request.
+                let response = reject(&config, &problem, &rpc);
+                return Step::Answer(Ok(close_connection(response)));
+            }
         };
-        let keying = match plan::after_body(config, plan, &parts, &body) {
+        if config.json_rpc.enabled {
+            match jsonrpc::classify(&body, &config.json_rpc) {
+                Some(rpc) => self.rpc = rpc,
+                // A JSON-RPC message that calls nothing protected: untouched, no store call.
+                None => {
+                    return Step::Next(State::Ready {
+                        request: Request::from_parts(parts, RequestBody::full(body)),
+                        held: None,
+                    });
+                }
+            }
+        }
+        let keying = match plan::after_body(&config, plan, &parts, &body, &self.rpc) {
             Ok(Keying::Protect(key)) => {
                 config.observer.key(&key.storage);
                 let fingerprint = key.fingerprint;
@@ -150,7 +174,7 @@ where
             Ok(Claim::Completed { record, expires_in }) => {
                 let retry = Retry {
                     fingerprint: &keyed.fingerprint,
-                    body: &keyed.body,
+                    rpc: &self.rpc,
                     expires_in,
                     waited: self.waited,
                 };
@@ -232,7 +256,7 @@ where
         };
         let remaining = until.and_then(|until| until.checked_duration_since(now));
         let Some(remaining) = remaining.filter(|left| !left.is_zero()) else {
-            let output = Ok(reject(&config, &Problem::in_flight()));
+            let output = Ok(reject(&config, &Problem::in_flight(), &self.rpc));
             return match first {
                 Some(lease_op) => Step::Next(State::Finish { lease_op, output }),
                 None => Step::Answer(output),
@@ -333,7 +357,9 @@ where
         };
         let config = &self.config;
         let settled = match ran {
-            Ok(response) => capture::settle(response, lease, fingerprint, ttl, config, cx),
+            Ok(response) => {
+                capture::settle(response, lease, fingerprint, ttl, config, &self.rpc, cx)
+            }
             Err(error) => {
                 let lease_op = Box::pin(lease.release(RecordResult::HandlerError));
                 return Step::Next(State::Finish {
@@ -357,7 +383,7 @@ where
         let Some(held) = held else {
             std::panic::resume_unwind(panic)
         };
-        match capture::panicked(held.lease, &self.config) {
+        match capture::panicked(held.lease, &self.config, &self.rpc) {
             Settled::AfterStore { lease_op, response } => Step::Next(State::Finish {
                 lease_op,
                 output: Ok(response),
@@ -368,6 +394,6 @@ where
 
     /// A problem, answered at once.
     fn reject(&self, problem: &Problem) -> FlowStep<S, St, ReqB, ResB> {
-        Step::Answer(Ok(reject(&self.config, problem)))
+        Step::Answer(Ok(reject(&self.config, problem, &self.rpc)))
     }
 }
