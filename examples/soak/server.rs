@@ -141,6 +141,8 @@ pub async fn run() -> Result<ExitCode, BoxError> {
         .with_state(instance);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The port bound, which the kernel chose when `PORT=0`.
+    let addr = listener.local_addr()?;
     println!("soak server {name} listening on http://{addr}");
     axum::serve(listener, app).await?;
     Ok(ExitCode::SUCCESS)
