@@ -10,6 +10,9 @@
 //! the background for as long as the claim may still be live (the store keeps it for the
 //! lease from its last renewal), so a store that comes back within the lease gets the record
 //! and the retry its replay. Only then, or on any other failure, is the key released.
+//!
+//! A claim whose reply was lost is a lease too: the claimant chose its token, so it releases
+//! it, fenced and retried the same way ([`Lease::release_unanswered`]).
 
 use std::{
     future::Future,
@@ -237,6 +240,23 @@ impl<St: IdempotencyStore> Lease<St> {
     pub(crate) async fn release(mut self, why: RecordResult) {
         self.held = false;
         self.report(|o| o.record(why));
+        self.give_back().await;
+    }
+
+    /// Releases, in the background, a claim (or take-over) whose reply never came: it may
+    /// have landed, and would then block its key for a whole lease (and be reported as
+    /// abandoned after it) with nobody to end it. Fenced by its token, so it frees nothing but
+    /// that claim; a store that could not be reached is tried again while the claim may
+    /// last, as a completion is. The usual answer, that no such claim holds the key, is no
+    /// news.
+    pub(crate) fn release_unanswered(mut self) {
+        self.held = false;
+        spawn(self.give_back());
+    }
+
+    /// Releases the claim; a store that could not be reached is tried again (in the
+    /// background) while the claim lasts.
+    async fn give_back(self) {
         let release = self.store.release(&self.key, self.token);
         match self.store_op(Op::Release, release).await {
             Ok(()) => {}

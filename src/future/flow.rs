@@ -59,7 +59,7 @@ use crate::{
     plan::{Key, KeyPlan},
     problem::Problem,
     ready::Inner,
-    store::{Claim, IdempotencyStore},
+    store::{Claim, FenceToken, IdempotencyStore},
 };
 
 /// A store operation on its way (boxed: a store's futures borrow the store and the key).
@@ -87,7 +87,8 @@ pin_project! {
     #[project_replace = StateOwned]
     enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
-        Claim { claim: StoreOp<Claim>, sent: Instant, keyed: Keyed },
+        // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
+        Claim { claim: StoreOp<Claim>, token: FenceToken, sent: Instant, keyed: Keyed },
         Wait { wait: StoreOp<()>, keyed: Keyed },
         // `held: None` runs the handler unprotected (fail-open, or no key to protect).
         Ready { request: Request<RequestBody<ReqB>>, held: Option<Held<St>> },
@@ -255,9 +256,12 @@ where
                     },
                     Event::Read(read_body),
                 ) => ctx.read(parts, read_body.map(|()| read.concat()), plan),
-                (StateOwned::Claim { sent, keyed, .. }, Event::Claimed(claim)) => {
-                    ctx.claimed(keyed, sent, claim)
-                }
+                (
+                    StateOwned::Claim {
+                        token, sent, keyed, ..
+                    },
+                    Event::Claimed(claim),
+                ) => ctx.claimed(keyed, token, sent, claim),
                 (StateOwned::Wait { keyed, .. }, Event::Waited(Ok(()))) => {
                     Step::Next(ctx.claim(keyed))
                 }

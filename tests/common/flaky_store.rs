@@ -59,9 +59,10 @@ impl FlakyStore {
 }
 
 impl IdempotencyStore for FlakyStore {
-    async fn claim(
+    async fn claim_as(
         &self,
         key: &StorageKey,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
@@ -69,7 +70,7 @@ impl IdempotencyStore for FlakyStore {
         if self.slow_claims.load(Ordering::SeqCst) {
             tokio::time::sleep(SLOW).await;
         }
-        self.inner.claim(key, fingerprint, lease).await
+        self.inner.claim_as(key, token, fingerprint, lease).await
     }
 
     async fn complete(
@@ -123,16 +124,17 @@ impl IdempotencyStore for FlakyStore {
         self.inner.wait(key, timeout).await
     }
 
-    async fn take_over(
+    async fn take_over_as(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.check(&[])?;
         self.inner
-            .take_over(key, abandoned, fingerprint, lease)
+            .take_over_as(key, abandoned, token, fingerprint, lease)
             .await
     }
 

@@ -4,6 +4,7 @@
 pub mod conformance;
 pub mod deliveries;
 pub mod flaky_store;
+pub mod lossy_link;
 #[cfg(feature = "axum")]
 pub mod operations;
 pub mod panics;

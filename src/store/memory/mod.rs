@@ -6,10 +6,7 @@
 mod shard;
 mod store;
 
-use std::{
-    fmt,
-    sync::{Arc, atomic::AtomicU64},
-};
+use std::{fmt, sync::Arc};
 
 use tokio::time::Instant;
 
@@ -58,7 +55,6 @@ pub struct MemoryStore {
 struct Inner {
     records: RecordCache,
     shards: Arc<[Shard]>,
-    next_token: AtomicU64,
 }
 
 impl MemoryStore {
@@ -86,11 +82,7 @@ impl MemoryStore {
 
     fn with_records(records: RecordCache, shards: Arc<[Shard]>) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                records,
-                shards,
-                next_token: AtomicU64::new(1),
-            }),
+            inner: Arc::new(Inner { records, shards }),
         }
     }
 
