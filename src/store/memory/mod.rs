@@ -3,6 +3,7 @@
 //! `shard` holds the claims and the invariant that keeps them exactly-once; `store` the
 //! [`IdempotencyStore`](crate::IdempotencyStore) operations over them and the cache of records.
 
+mod list;
 mod shard;
 mod store;
 
@@ -10,7 +11,7 @@ use std::{fmt, sync::Arc};
 
 use tokio::time::Instant;
 
-use self::shard::{SHARDS, Shard, lock, new_shards};
+use self::shard::{Shard, lock, new_shards, shard_index};
 use super::{Claim, record_cache::RecordCache};
 use crate::key::StorageKey;
 
@@ -113,8 +114,7 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &StorageKey) -> &Shard {
-        // Keys are SHA-256 digests: any byte of them is uniformly spread.
-        &self.inner.shards[usize::from(key.as_bytes()[0]) % SHARDS]
+        &self.inner.shards[shard_index(key)]
     }
 
     fn completed(&self, key: &StorageKey) -> Option<Claim> {

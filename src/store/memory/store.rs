@@ -277,39 +277,7 @@ impl IdempotencyStore for MemoryStore {
         cursor: Option<ListCursor>,
         limit: usize,
     ) -> Result<ClaimPage, StoreError> {
-        // The cursor is the last key listed: claims are listed in key order.
-        let after = match &cursor {
-            Some(cursor) => Some(StorageKey::from_hex(cursor.as_str()).ok_or_else(|| {
-                StoreError::new(crate::StoreErrorKind::Other, "not a MemoryStore cursor")
-            })?),
-            None => None,
-        };
-        let (now, wall) = (Instant::now(), SystemTime::now());
-        let mut found = Vec::new();
-        for shard in self.inner.shards.iter() {
-            let claims = lock(&shard.claims);
-            found.extend(
-                claims
-                    .iter()
-                    .filter(|(key, _)| after.is_none_or(|after| **key > after))
-                    .filter_map(|(key, slot)| match slot {
-                        Slot::InFlight(claim) => Some((key, claim)),
-                        Slot::Completing { .. } => None,
-                    })
-                    .filter(|(_, claim)| {
-                        wall.duration_since(claim.claimed_at).unwrap_or_default() >= older_than
-                    })
-                    .map(|(key, claim)| claim_info(key, claim, now)),
-            );
-        }
-        found.sort_by_key(|claim| *claim.key());
-        let limit = limit.max(1);
-        let next = (found.len() > limit).then(|| ListCursor::new(found[limit - 1].key().to_hex()));
-        found.truncate(limit);
-        Ok(ClaimPage {
-            claims: found,
-            next,
-        })
+        self.list(older_than, cursor.as_ref(), limit)
     }
 
     const NAME: &'static str = "memory";
