@@ -14,7 +14,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use tower_idempotency::{IdempotencyLayer, ProblemKind, Recovery, RedisStore};
+use tower_idempotency::{
+    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, ProblemKind, Recovery, RedisStore,
+    StorageKey,
+};
 
 use common::{
     lossy_link::LossyLink,
@@ -31,8 +34,10 @@ const LEASE: Duration = Duration::from_secs(20);
 /// How long the link stays down after the lost reply: a release sent meanwhile fails.
 const DOWN: Duration = Duration::from_millis(1_200);
 
-/// Within this after the link is back, the lost claim must be released (a tenth of the lease).
-const RELEASED_WITHIN: Duration = Duration::from_secs(2);
+/// Within this after the link is back, the lost claim must be released: a quarter of the lease
+/// (the release's retries back off to one a second, and the client reconnects with a backoff
+/// of its own).
+const RELEASED_WITHIN: Duration = Duration::from_secs(5);
 
 async fn connect(url: &str) -> RedisStore {
     RedisStore::connect(url)
@@ -81,6 +86,35 @@ fn scripts_run(server: &RedisServer) -> u64 {
         .sum()
 }
 
+/// Starts `store`'s subscriber for notifications (a claim that finds a key in flight starts
+/// it) and waits until Redis counts it: what it says on connecting is not the reply a test
+/// means to lose.
+async fn subscribed(server: &RedisServer, store: &RedisStore) {
+    let key = StorageKey::from_bytes([0x5a; 32]);
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let Ok(Claim::Acquired(token)) = store.claim(&key, &fingerprint, LEASE).await else {
+        panic!("a fresh key is free");
+    };
+    let found = store.claim(&key, &fingerprint, LEASE).await;
+    assert!(matches!(found, Ok(Claim::InFlight { .. })), "{found:?}");
+    let started = Instant::now();
+    while !server
+        .cli(&["PUBSUB", "NUMSUB", "idempotency:notifications"])
+        .lines()
+        .any(|line| line.trim() == "1")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the store's subscriber never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store
+        .release(&key, token)
+        .await
+        .expect("the warm-up claim's release");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_reply_is_lost_is_released_long_before_its_lease_ends() {
     let server = RedisServer::start();
@@ -108,8 +142,9 @@ async fn a_claim_whose_reply_is_lost_is_released_long_before_its_lease_ends() {
     tokio::time::sleep(DOWN).await;
     link.up();
     let took = until_keys(&server, &record, RELEASED_WITHIN).await;
+    eprintln!("released {took:?} after the link came back");
     assert!(
-        started.elapsed() < LEASE / 4,
+        started.elapsed() < LEASE / 2,
         "released {took:?} after the link came back, {:?} after the claim",
         started.elapsed()
     );
@@ -145,9 +180,11 @@ async fn a_take_over_whose_reply_is_lost_is_released_long_before_its_lease_ends(
     // Instance B finds it abandoned and takes it over; the take-over's reply is lost.
     let link = LossyLink::to(server.port()).await;
     let hook_link = std::sync::Arc::new(link);
+    let b_store = connect(&hook_link.redis_url()).await;
+    subscribed(&server, &b_store).await;
     let b_handler = Handler::counting();
     let b = serve(
-        &IdempotencyLayer::new(connect(&hook_link.redis_url()).await)
+        &IdempotencyLayer::new(b_store)
             .with_lease(LEASE)
             .with_outcome_unknown({
                 let link = std::sync::Arc::clone(&hook_link);
@@ -177,8 +214,9 @@ async fn a_take_over_whose_reply_is_lost_is_released_long_before_its_lease_ends(
     tokio::time::sleep(DOWN).await;
     hook_link.up();
     let took = until_keys(&server, &[], RELEASED_WITHIN).await;
+    eprintln!("released {took:?} after the link came back");
     assert!(
-        started.elapsed() < LEASE / 4,
+        started.elapsed() < LEASE / 2,
         "released {took:?} after the link came back"
     );
 
