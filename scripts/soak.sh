@@ -146,7 +146,7 @@ for name in a b; do
     NAME=$name PORT=0 REDIS_URL=$redis_url "$bin" server >"$work/server-$name.log" 2>&1 &
     pids+=("$!")
     for _ in $(seq 100); do
-        grep -q listening "$work/server-$name.log" && break
+        grep -qs listening "$work/server-$name.log" && break
         kill -0 "${pids[-1]}" 2>/dev/null || die "instance $name exited: $(cat "$work/server-$name.log")"
         sleep 0.05
     done
