@@ -15,7 +15,7 @@ use crate::{
     capture::{self, Settled},
     catch_unwind::{self, CatchUnwind, Panic},
     config::{FailMode, WaitMode},
-    error::{BoxError, StoreError},
+    error::{BoxError, StoreError, StoreErrorKind},
     key::StorageKey,
     lease::{Lease, Renewal},
     observe::{Describe, Op, Outcome, RecordResult},
@@ -116,10 +116,14 @@ where
     ) -> FlowStep<S, St, ReqB, ResB> {
         let config = Arc::clone(&self.config);
         let observer = &config.observer;
-        if claim.is_err() {
+        if claim
+            .as_ref()
+            .is_err_and(|error| error.kind() != StoreErrorKind::Corrupt)
+        {
             // No answer is not a no: the claim may have landed with its reply lost. Released
             // by its token in the background, retried while its lease may last; when it did
-            // not land, the store says so and nothing changes.
+            // not land, the store says so and nothing changes. (A key holding bytes not ours,
+            // `Corrupt`, took no claim.)
             let lease = Lease::new(
                 self.store.clone(),
                 keyed.key.storage,
