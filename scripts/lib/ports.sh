@@ -14,25 +14,34 @@ _ports_given=" "
 
 # free_port NAME: sets the variable NAME to a loopback port outside the ephemeral range that
 # nothing listens on (a variable, not printed: a `$(…)` subshell would forget the port given).
+# Its locals are prefixed so that NAME, even a caller's local such as `port`, is the caller's.
 free_port() {
-    local name=$1 low=32768 high=60999 range port candidates
+    local _fp_low=32768 _fp_high=60999 _fp_draw _fp_port
     if [ -r /proc/sys/net/ipv4/ip_local_port_range ]; then
-        read -r low high </proc/sys/net/ipv4/ip_local_port_range
+        read -r _fp_low _fp_high </proc/sys/net/ipv4/ip_local_port_range
     fi
     # Candidates: 10000..low-1 and high+1..65535 (whichever exist).
-    local below=$((low > 10000 ? low - 10000 : 0)) above=$((high < 65535 ? 65535 - high : 0))
-    candidates=$((below + above))
-    [ "$candidates" -gt 0 ] || { echo "error: no port outside the ephemeral range $low-$high" >&2; return 1; }
+    local _fp_below=$((_fp_low > 10000 ? _fp_low - 10000 : 0))
+    local _fp_above=$((_fp_high < 65535 ? 65535 - _fp_high : 0))
+    local _fp_count=$((_fp_below + _fp_above))
+    if [ "$_fp_count" -le 0 ]; then
+        echo "error: no port outside the ephemeral range $_fp_low-$_fp_high" >&2
+        return 1
+    fi
     for _ in $(seq 200); do
-        range=$(((RANDOM * 32768 + RANDOM) % candidates))
-        if [ "$range" -lt "$below" ]; then port=$((10000 + range)); else port=$((high + 1 + range - below)); fi
-        case "$_ports_given" in *" $port "*) continue ;; esac
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            _ports_given="$_ports_given$port "
-            printf -v "$name" '%s' "$port"
+        _fp_draw=$(((RANDOM * 32768 + RANDOM) % _fp_count))
+        if [ "$_fp_draw" -lt "$_fp_below" ]; then
+            _fp_port=$((10000 + _fp_draw))
+        else
+            _fp_port=$((_fp_high + 1 + _fp_draw - _fp_below))
+        fi
+        case "$_ports_given" in *" $_fp_port "*) continue ;; esac
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$_fp_port") 2>/dev/null; then
+            _ports_given="$_ports_given$_fp_port "
+            printf -v "$1" '%s' "$_fp_port"
             return
         fi
     done
-    echo "error: no free loopback port found outside $low-$high" >&2
+    echo "error: no free loopback port found outside $_fp_low-$_fp_high" >&2
     return 1
 }
