@@ -45,7 +45,14 @@ impl MemoryStore {
         let limit = limit.clamp(1, MAX_PAGE);
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut index = after.as_ref().map_or(0, shard_index);
+        if after.is_some_and(|after| after == last_key_of(index)) {
+            // The previous page ended with this shard: the next one starts the page.
+            (index, after) = (index + 1, None);
+        }
         let mut claims = Vec::new();
+        if index == SHARDS {
+            return Ok(ClaimPage { claims, next: None });
+        }
         for _ in 0..SHARDS_PER_PAGE {
             let want = limit - claims.len();
             let more = self.shard_page(
@@ -157,6 +164,39 @@ mod tests {
             (255, SHARDS - 1),
         ] {
             assert_eq!(shard_index(&first_byte(byte)), index, "first byte {byte}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cursor_at_a_shard_boundary_resumes_at_the_next_shard() {
+        use crate::{fingerprint::Fingerprint, store::IdempotencyStore};
+        let store = MemoryStore::default();
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        // One claim at the start of shard 6, one at the end of shard 63.
+        let (first, last) = (first_byte(24), last_key_of(SHARDS - 1));
+        for key in [first, last] {
+            store
+                .claim(&key, &fingerprint, Duration::from_secs(30))
+                .await
+                .expect("a claim");
+        }
+        let listed = |cursor: StorageKey| {
+            let page = store.list(Duration::ZERO, Some(&ListCursor::new(cursor.to_hex())), 10);
+            page.map(|page| {
+                let keys: Vec<StorageKey> = page.claims.iter().map(|c| *c.key()).collect();
+                (keys, page.next.map(|next| next.as_str().to_owned()))
+            })
+        };
+        let cases = [
+            // After shard 5: shards 6 to 13, then a boundary cursor.
+            (last_key_of(5), vec![first], Some(last_key_of(13).to_hex())),
+            (first, vec![], Some(last_key_of(13).to_hex())),
+            (last_key_of(SHARDS - 2), vec![last], None),
+            // After the last shard: nothing more.
+            (last_key_of(SHARDS - 1), vec![], None),
+        ];
+        for (cursor, keys, next) in cases {
+            assert_eq!(listed(cursor).ok(), Some((keys, next)), "after {cursor:?}");
         }
     }
 
