@@ -101,23 +101,13 @@ cargo build --quiet --release --example bench_server "${features[@]}"
 server_bin=${CARGO_TARGET_DIR:-target}/release/examples/bench_server
 [ -x "$server_bin" ] || die "no $server_bin after the build"
 
-# A port nothing listens on (the server fails to start if one is taken in between).
-free_port() {
-    local port
-    for _ in $(seq 50); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-    die "no free loopback port found"
-}
+# Ports outside the ephemeral range (the server fails to start if one is taken in between).
+source scripts/lib/ports.sh
 
 redis_pid=
 redis_url=
 if $needs_redis; then
-    redis_port=$(free_port)
+    free_port redis_port || die "no free loopback port"
     mkdir "$work/redis"
     "${redis_cpu[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
         --appendonly no --daemonize no --dir "$work/redis" --logfile "$work/redis/log" &
@@ -163,7 +153,7 @@ declare -A server_pid server_port
 start_server() {
     local mode=$1 attempt port pid log=$work/server-$1.log
     for attempt in 1 2 3; do
-        port=$(free_port)
+        free_port port || die "no free loopback port"
         MODE=$mode PORT=$port REDIS_URL=$redis_url "${server_cpu[@]}" "$server_bin" >"$log" 2>&1 &
         pid=$!
         pids+=("$pid")

@@ -108,21 +108,13 @@ cargo build --quiet --release --example soak --features "redis axum"
 bin=${CARGO_TARGET_DIR:-target}/release/examples/soak
 [ -x "$bin" ] || die "no $bin after the build"
 
-free_port() {
-    local port
-    for _ in $(seq 50); do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-    die "no free loopback port found"
-}
+# Redis's port is outside the ephemeral range (scripts/lib/ports.sh): it is restarted on the
+# same port, and no outgoing connection may take it while it is down.
+source scripts/lib/ports.sh
 
 now_ms() { date +%s%3N; }
 
-redis_port=$(free_port)
+free_port redis_port || die "no free loopback port"
 mkdir "$work/redis"
 start_redis() {
     redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
@@ -149,15 +141,17 @@ redis_url="redis://127.0.0.1:$redis_port"
 
 declare -A port
 for name in a b; do
-    port[$name]=$(free_port)
-    NAME=$name PORT=${port[$name]} REDIS_URL=$redis_url "$bin" server >"$work/server-$name.log" 2>&1 &
+    # Each instance binds port 0 (the kernel picks a free one at the bind itself, no race) and
+    # says which port it got.
+    NAME=$name PORT=0 REDIS_URL=$redis_url "$bin" server >"$work/server-$name.log" 2>&1 &
     pids+=("$!")
     for _ in $(seq 100); do
-        grep -q listening "$work/server-$name.log" && break
+        grep -qs listening "$work/server-$name.log" && break
         kill -0 "${pids[-1]}" 2>/dev/null || die "instance $name exited: $(cat "$work/server-$name.log")"
         sleep 0.05
     done
-    grep -q listening "$work/server-$name.log" || die "instance $name did not start"
+    port[$name]=$(sed -nE 's#^.* listening on http://127\.0\.0\.1:([0-9]+)$#\1#p' "$work/server-$name.log" | head -n 1)
+    [ -n "${port[$name]}" ] || die "instance $name did not start: $(cat "$work/server-$name.log")"
 done
 
 events=$work/events

@@ -6,7 +6,15 @@
 //!
 //! Pure logic: no tower or tokio in here.
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    hash::{BuildHasher, Hasher, RandomState},
+    sync::{
+        LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use crate::{fingerprint::Fingerprint, record::Record};
 
@@ -46,13 +54,37 @@ pub enum Claim {
 }
 
 /// Names one claim of a key: the fencing token that fenced operations must present.
+///
+/// The claimant chooses it ([`generate`](Self::generate)) and sends it with the claim, so a
+/// claim whose reply was lost (the command may have landed) can still be released by its
+/// token.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FenceToken(u64);
 
+/// What [`FenceToken::generate`] hashes: a counter, keyed at random once per process.
+static TOKENS: LazyLock<(RandomState, AtomicU64)> =
+    LazyLock::new(|| (RandomState::new(), AtomicU64::new(0)));
+
 impl FenceToken {
-    /// Wraps a token a store issued.
+    /// Wraps a token value.
     pub fn new(token: u64) -> Self {
         Self(token)
+    }
+
+    /// A new token for a claim: a counter hashed with a key drawn at random once per
+    /// process, so tokens do not repeat (short of a 64-bit collision), neither within a
+    /// process nor between processes sharing a store, and cannot be guessed from one another.
+    ///
+    /// ```
+    /// use tower_idempotency::FenceToken;
+    ///
+    /// assert_ne!(FenceToken::generate(), FenceToken::generate());
+    /// ```
+    pub fn generate() -> Self {
+        let (seed, next) = &*TOKENS;
+        let mut hasher = seed.build_hasher();
+        hasher.write_u64(next.fetch_add(1, Ordering::Relaxed));
+        Self(hasher.finish())
     }
 
     /// The token's value.
@@ -64,5 +96,34 @@ impl FenceToken {
 impl fmt::Debug for FenceToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "FenceToken({:#x})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn generated_tokens_do_not_repeat_across_threads() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    (0..10_000)
+                        .map(|_| FenceToken::generate())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for thread in threads {
+            let Ok(tokens) = thread.join() else {
+                panic!("a thread panicked");
+            };
+            for token in tokens {
+                assert!(seen.insert(token), "{token:?} repeated");
+            }
+        }
     }
 }

@@ -10,6 +10,9 @@
 //! the background for as long as the claim may still be live (the store keeps it for the
 //! lease from its last renewal), so a store that comes back within the lease gets the record
 //! and the retry its replay. Only then, or on any other failure, is the key released.
+//!
+//! A claim whose reply was lost is a lease too: the claimant chose its token, so it releases
+//! it, fenced and retried the same way ([`Lease::release_unanswered`]).
 
 use std::{
     future::Future,
@@ -33,6 +36,15 @@ use crate::{
 /// [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(25);
 const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Whether the claim a release gives back is known to hold the key.
+#[derive(Clone, Copy)]
+enum Claimed {
+    /// It was acquired.
+    Known,
+    /// Its reply was lost: it may never have landed.
+    Unknown,
+}
 
 /// A claim held by this process.
 pub(crate) struct Lease<St: IdempotencyStore> {
@@ -237,6 +249,23 @@ impl<St: IdempotencyStore> Lease<St> {
     pub(crate) async fn release(mut self, why: RecordResult) {
         self.held = false;
         self.report(|o| o.record(why));
+        self.give_back(Claimed::Known).await;
+    }
+
+    /// Releases, in the background, a claim (or take-over) whose reply never came: it may
+    /// have landed, and would then block its key for a whole lease (and be reported as
+    /// abandoned after it) with nobody to end it. Fenced by its token, so it frees nothing but
+    /// that claim; a store that could not be reached is tried again while the claim may
+    /// last, as a completion is. The usual answer, that no such claim holds the key, is no
+    /// news.
+    pub(crate) fn release_unanswered(mut self) {
+        self.held = false;
+        spawn(self.give_back(Claimed::Unknown));
+    }
+
+    /// Releases the claim; a store that could not be reached is tried again (in the
+    /// background) while the claim lasts.
+    async fn give_back(self, claimed: Claimed) {
         let release = self.store.release(&self.key, self.token);
         match self.store_op(Op::Release, release).await {
             Ok(()) => {}
@@ -253,12 +282,23 @@ impl<St: IdempotencyStore> Lease<St> {
                     if let Err(error) = released
                         && error.kind() != StoreErrorKind::LeaseLost
                     {
-                        tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
+                        self.release_failed(&error, claimed);
                     }
                 });
             }
-            Err(error) => {
+            Err(error) => self.release_failed(&error, claimed),
+        }
+    }
+
+    fn release_failed(&self, error: &StoreError, claimed: Claimed) {
+        match claimed {
+            Claimed::Known => {
                 tracing::warn!(key = ?self.key, %error, "releasing an idempotency key failed; it frees itself when its lease ends");
+            }
+            // Most such claims never landed: one line each through a long outage would drown
+            // the ones that matter.
+            Claimed::Unknown => {
+                tracing::debug!(key = ?self.key, %error, "releasing a claim whose reply was lost failed; if it landed, it frees itself when its lease ends");
             }
         }
     }

@@ -48,14 +48,15 @@ impl Inner {
 }
 
 impl IdempotencyStore for Inner {
-    async fn claim(
+    async fn claim_as(
         &self,
         key: &StorageKey,
+        token: FenceToken,
         fp: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
-        let claim = self.store.claim(key, fp, lease).await?;
+        let claim = self.store.claim_as(key, token, fp, lease).await?;
         Ok(match claim {
             Claim::Completed { record, expires_in } if !self.report_expiry => {
                 let _ = expires_in;
@@ -90,14 +91,17 @@ impl IdempotencyStore for Inner {
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         self.store.wait(key, timeout).await
     }
-    async fn take_over(
+    async fn take_over_as(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
+        token: FenceToken,
         fp: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.store.take_over(key, abandoned, fp, lease).await
+        self.store
+            .take_over_as(key, abandoned, token, fp, lease)
+            .await
     }
     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
         self.store.inspect(key).await

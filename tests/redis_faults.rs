@@ -37,6 +37,29 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("the blocking step")
 }
 
+/// Ports the tests restart servers on are outside the kernel's ephemeral range: an outgoing
+/// connection's source port can never take one while its server is down. (Binding port 0,
+/// as `free_port` did, picks from inside the range.)
+#[test]
+fn test_servers_get_ports_outside_the_ephemeral_range_never_twice() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("Linux's ephemeral port range");
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .map(|bound| bound.parse().expect("a port"))
+        .collect();
+    let (low, high) = (bounds[0], bounds[1]);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let port = common::redis_server::free_port();
+        assert!(
+            !(low..=high).contains(&port),
+            "{port} is inside the ephemeral range {low}-{high}"
+        );
+        assert!(seen.insert(port), "{port} handed out twice");
+    }
+}
+
 /// Sends requests with fresh keys, `concurrency` at a time, until `stop` is set (at most
 /// `limit` in all), and returns every reply with how long it took.
 async fn load(

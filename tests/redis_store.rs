@@ -1006,7 +1006,7 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_that_gets_no_answer_times_out_and_a_claim_that_landed_is_released() {
+async fn a_command_that_gets_no_answer_times_out_and_its_claim_is_released_by_its_token() {
     let server = RedisServer::start();
     let store = connect(&server)
         .await
@@ -1016,7 +1016,8 @@ async fn a_command_that_gets_no_answer_times_out_and_a_claim_that_landed_is_rele
     // The server stops answering for a while; the claim is queued behind the pause.
     server.cli(&["CLIENT", "PAUSE", "1000", "ALL"]);
     let started = Instant::now();
-    let claim = store.claim(&key, &fingerprint("a"), LEASE).await;
+    let token = FenceToken::generate();
+    let claim = store.claim_as(&key, token, &fingerprint("a"), LEASE).await;
     assert_eq!(
         claim.map_err(|e| e.kind()),
         Err(StoreErrorKind::Unavailable)
@@ -1026,10 +1027,16 @@ async fn a_command_that_gets_no_answer_times_out_and_a_claim_that_landed_is_rele
         "failed after {:?}",
         started.elapsed()
     );
-    // Once the server answers again, the claim has run — and was released, rather than
-    // blocking the key for its 30 s lease.
+    // Once the server answers again, the claim has run: it holds the key under the token the
+    // caller chose, which releases it (the layer does, in the background) rather than leave
+    // the key blocked for its 30 s lease.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let other = connect(&server).await;
+    assert!(matches!(
+        other.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    store.release(&key, token).await.unwrap();
     acquired(other.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
 }
 

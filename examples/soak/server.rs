@@ -141,6 +141,8 @@ pub async fn run() -> Result<ExitCode, BoxError> {
         .with_state(instance);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The port bound, which the kernel chose when `PORT=0`.
+    let addr = listener.local_addr()?;
     println!("soak server {name} listening on http://{addr}");
     // Keyless requests are scoped by the client's address (the layer reads it with the `axum`
     // feature): without it, they would run unprotected.

@@ -69,7 +69,7 @@ use crate::{
     plan::{Key, KeyPlan},
     problem::{Problem, ProblemKind},
     ready::Inner,
-    store::{Claim, IdempotencyStore},
+    store::{Claim, FenceToken, IdempotencyStore},
 };
 
 /// A store operation on its way (boxed: a store's futures borrow the store and the key).
@@ -100,7 +100,8 @@ pin_project! {
         // No key, and a body that may be over the limit: boxed, so that it can be handed on,
         // the part read and the rest.
         ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
-        Claim { claim: StoreOp<Claim>, sent: Instant, keyed: Keyed },
+        // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
+        Claim { claim: StoreOp<Claim>, token: FenceToken, sent: Instant, keyed: Keyed },
         // The key claimed, under a rotated secret: its earlier addresses are looked at.
         Probe { probe: StoreOp<Option<Found>>, keyed: Keyed, lease: Lease<St>, renewal: Renewal },
         Wait { wait: StoreOp<()>, keyed: Keyed },
@@ -310,9 +311,12 @@ where
                 (StateOwned::ReadUnkeyed { parts, read, .. }, Event::Read(read_body)) => {
                     ctx.read(parts, read_body.map(|()| read.concat()), KeyPlan::Derived)
                 }
-                (StateOwned::Claim { sent, keyed, .. }, Event::Claimed(claim)) => {
-                    ctx.claimed(keyed, sent, claim)
-                }
+                (
+                    StateOwned::Claim {
+                        token, sent, keyed, ..
+                    },
+                    Event::Claimed(claim),
+                ) => ctx.claimed(keyed, token, sent, claim),
                 (StateOwned::Probe { keyed, lease, .. }, Event::Probed(found)) => {
                     ctx.probed(keyed, lease, found)
                 }

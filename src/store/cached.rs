@@ -167,16 +167,17 @@ impl<St: fmt::Debug> fmt::Debug for CachedStore<St> {
 }
 
 impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
-    async fn claim(
+    async fn claim_as(
         &self,
         key: &StorageKey,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         if let Some(completed) = self.cached(key) {
             return Ok(completed);
         }
-        let claim = self.inner.claim(key, fingerprint, lease).await?;
+        let claim = self.inner.claim_as(key, token, fingerprint, lease).await?;
         self.learn(key, &claim);
         Ok(claim)
     }
@@ -219,16 +220,17 @@ impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
 
     // Take-over and the operator's tools go to the inner store, the one that is shared.
 
-    async fn take_over(
+    async fn take_over_as(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let claim = self
             .inner
-            .take_over(key, abandoned, fingerprint, lease)
+            .take_over_as(key, abandoned, token, fingerprint, lease)
             .await?;
         self.learn(key, &claim);
         Ok(claim)

@@ -27,7 +27,6 @@
 //! #[derive(Clone, Default)]
 //! struct MapStore {
 //!     entries: Arc<Mutex<HashMap<StorageKey, Entry>>>,
-//!     next_token: Arc<Mutex<u64>>,
 //! }
 //!
 //! impl MapStore {
@@ -51,15 +50,12 @@
 //! }
 //!
 //! impl IdempotencyStore for MapStore {
-//!     async fn claim(&self, key: &StorageKey, fingerprint: &Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
+//!     async fn claim_as(&self, key: &StorageKey, token: FenceToken, fingerprint: &Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
 //!         let mut entries = self.entries.lock().unwrap();
 //!         Ok(match entries.get(key) {
 //!             Some(Entry::Done(record)) => Claim::Completed { record: record.clone(), expires_in: None },
 //!             Some(Entry::InFlight { fingerprint, .. }) => Claim::InFlight { fingerprint: *fingerprint },
 //!             None => {
-//!                 let mut next = self.next_token.lock().unwrap();
-//!                 *next += 1;
-//!                 let token = FenceToken::new(*next);
 //!                 let claimed_at = SystemTime::now();
 //!                 entries.insert(*key, Entry::InFlight { token, fingerprint: *fingerprint, claimed_at });
 //!                 Claim::Acquired(token)
@@ -85,9 +81,9 @@
 //!         Ok(())
 //!     }
 //!
-//!     async fn take_over(&self, key: &StorageKey, _abandoned: FenceToken, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+//!     async fn take_over_as(&self, key: &StorageKey, _abandoned: FenceToken, token: FenceToken, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
 //!         // Claims never expire here, so none is ever abandoned: this is a plain claim.
-//!         self.claim(key, fingerprint, lease).await
+//!         self.claim_as(key, token, fingerprint, lease).await
 //!     }
 //!
 //!     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
@@ -156,7 +152,7 @@ pub mod redis;
 /// A backend for idempotency records: atomic primitives over one key each.
 ///
 /// Every operation that changes a claimed key is *fenced*: it names the [`FenceToken`]
-/// returned by [`claim`](IdempotencyStore::claim) and is refused with
+/// the claim was made with ([`claim_as`](IdempotencyStore::claim_as)) and is refused with
 /// [`StoreErrorKind::LeaseLost`](crate::StoreErrorKind::LeaseLost) unless that claim is
 /// still the live one, so an owner whose lease expired cannot overwrite a newer owner's work.
 ///
@@ -167,13 +163,32 @@ pub mod redis;
 /// bounds, so that no deadline overflows (and Redis never refuses an expiry).
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Atomically: if `key` is free (absent, or its claim's lease has expired), claims it for
-    /// `lease` and returns [`Claim::Acquired`]; otherwise returns what holds it.
+    /// `lease` as `token` and returns [`Claim::Acquired`] with it; otherwise returns what
+    /// holds it.
+    ///
+    /// The caller chooses the token ([`FenceToken::generate`]): when the reply is lost (a
+    /// timeout, a dropped connection) the claim may have landed all the same, and the layer
+    /// then releases it, fenced by that token, rather than leave the key blocked for the
+    /// lease.
+    fn claim_as(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// [`claim_as`](IdempotencyStore::claim_as) with a new token
+    /// ([`FenceToken::generate`]), for callers that never need to release a claim whose
+    /// reply was lost (tests, tools). Not meant to be overridden.
     fn claim(
         &self,
         key: &StorageKey,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        self.claim_as(key, FenceToken::generate(), fingerprint, lease)
+    }
 
     /// Replaces the live claim `token` with `record`, kept for `ttl`, and wakes waiters.
     fn complete(
@@ -209,19 +224,33 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Atomically: if `key` still holds the claim `abandoned` and that claim's lease has
-    /// ended, replaces it with a new claim for `lease` and returns [`Claim::Acquired`];
-    /// otherwise changes nothing and returns what holds the key, as
-    /// [`claim`](IdempotencyStore::claim) would (a free key is claimed).
+    /// ended, replaces it with a new claim `token` for `lease` and returns
+    /// [`Claim::Acquired`]; otherwise changes nothing and returns what holds the key, as
+    /// [`claim_as`](IdempotencyStore::claim_as) would (a free key is claimed as `token`).
     ///
-    /// The layer calls it after [`claim`](IdempotencyStore::claim) reported
-    /// [`Claim::Abandoned`] and the application chose to run the request again.
+    /// The layer calls it after a claim reported [`Claim::Abandoned`] and the application
+    /// chose to run the request again. Like a claim, it may land with its reply lost: the
+    /// layer then releases `token`.
+    fn take_over_as(
+        &self,
+        key: &StorageKey,
+        abandoned: FenceToken,
+        token: FenceToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// [`take_over_as`](IdempotencyStore::take_over_as) with a new token
+    /// ([`FenceToken::generate`]). Not meant to be overridden.
     fn take_over(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        self.take_over_as(key, abandoned, FenceToken::generate(), fingerprint, lease)
+    }
 
     /// Read-only: what `key` holds, `None` when it is free. An expired record is free.
     fn inspect(

@@ -18,7 +18,8 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use tower_idempotency::{
-    Claim, ClaimInfo, Fingerprint, IdempotencyStore, Inspection, Record, StorageKey, StoreErrorKind,
+    Claim, ClaimInfo, FenceToken, Fingerprint, IdempotencyStore, Inspection, Record, StorageKey,
+    StoreErrorKind,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -243,6 +244,57 @@ pub async fn a_released_key_can_be_claimed_again_with_a_new_token<S: Idempotency
         Claim::InFlight { .. }
     ));
     store.release(&key, second).await.unwrap();
+}
+
+/// The caller chooses a claim's token, so that a claim whose reply is lost can be released by
+/// it: a store acquires under that token, and a release by a token that never claimed the key
+/// (the claim did not land) changes nothing.
+pub async fn a_claim_is_acquired_under_the_token_the_caller_chose<S: IdempotencyStore>(store: &S) {
+    let key = fresh_key();
+    let chosen = FenceToken::generate();
+    assert_eq!(
+        store
+            .claim_as(&key, chosen, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+        Claim::Acquired(chosen)
+    );
+    let never_landed = FenceToken::generate();
+    assert_eq!(
+        store
+            .release(&key, never_landed)
+            .await
+            .map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost),
+        "a release by a token that never claimed the key is refused"
+    );
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    store.release(&key, chosen).await.unwrap();
+    // The same for a take-over of an abandoned claim.
+    let lease = Duration::from_millis(300);
+    let abandoned = acquired(store.claim(&key, &fingerprint("a"), lease).await.unwrap());
+    tokio::time::sleep(lease * 2).await;
+    let Claim::Abandoned { token, .. } = store.claim(&key, &fingerprint("a"), LEASE).await.unwrap()
+    else {
+        panic!("the claim is abandoned once its lease ended");
+    };
+    assert_eq!(token, abandoned);
+    let taker = FenceToken::generate();
+    assert_eq!(
+        store
+            .take_over_as(&key, abandoned, taker, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+        Claim::Acquired(taker)
+    );
+    assert_eq!(
+        store.release(&key, abandoned).await.map_err(|e| e.kind()),
+        Err(StoreErrorKind::LeaseLost)
+    );
+    store.release(&key, taker).await.unwrap();
 }
 
 pub async fn an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out<
@@ -781,6 +833,7 @@ macro_rules! conformance_suite {
             large_records_round_trip,
             completion_is_fenced_by_the_token,
             a_released_key_can_be_claimed_again_with_a_new_token,
+            a_claim_is_acquired_under_the_token_the_caller_chose,
             an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out,
             renewal_keeps_a_claim_past_its_first_lease,
             an_expired_lease_cannot_be_renewed,
@@ -813,6 +866,7 @@ macro_rules! conformance_suite {
             large_records_round_trip,
             completion_is_fenced_by_the_token,
             a_released_key_can_be_claimed_again_with_a_new_token,
+            a_claim_is_acquired_under_the_token_the_caller_chose,
             an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out,
             renewal_keeps_a_claim_past_its_first_lease,
             an_expired_lease_cannot_be_renewed,
@@ -841,6 +895,7 @@ pub async fn run_all<S: IdempotencyStore>(store: &S) {
     large_records_round_trip(store).await;
     completion_is_fenced_by_the_token(store).await;
     a_released_key_can_be_claimed_again_with_a_new_token(store).await;
+    a_claim_is_acquired_under_the_token_the_caller_chose(store).await;
     an_abandoned_claim_expires_after_its_lease_and_its_owner_is_fenced_out(store).await;
     renewal_keeps_a_claim_past_its_first_lease(store).await;
     an_expired_lease_cannot_be_renewed(store).await;

@@ -29,6 +29,8 @@ pub struct FlakyStore {
     pub slow_completions: Arc<AtomicBool>,
     /// Claims land only after a while, as a remote store's do.
     pub slow_claims: Arc<AtomicBool>,
+    /// Claims and take-overs land, but their replies are lost: they fail as unavailable.
+    pub claim_replies_lost: Arc<AtomicBool>,
     /// `complete` is refused with an error that retrying cannot fix (not an outage).
     pub completions_refused: Arc<AtomicBool>,
     /// How long a renewal takes to answer, if set.
@@ -48,6 +50,14 @@ impl FlakyStore {
         }
     }
 
+    /// A claim's reply, or its loss.
+    fn reply(&self, claim: Result<Claim, StoreError>) -> Result<Claim, StoreError> {
+        if self.claim_replies_lost.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("simulated lost reply"));
+        }
+        claim
+    }
+
     fn check(&self, switches: &[&AtomicBool]) -> Result<(), StoreError> {
         let failing = self.down.load(Ordering::SeqCst)
             || switches.iter().any(|switch| switch.load(Ordering::SeqCst));
@@ -59,9 +69,10 @@ impl FlakyStore {
 }
 
 impl IdempotencyStore for FlakyStore {
-    async fn claim(
+    async fn claim_as(
         &self,
         key: &StorageKey,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
@@ -69,7 +80,8 @@ impl IdempotencyStore for FlakyStore {
         if self.slow_claims.load(Ordering::SeqCst) {
             tokio::time::sleep(SLOW).await;
         }
-        self.inner.claim(key, fingerprint, lease).await
+        let claim = self.inner.claim_as(key, token, fingerprint, lease).await;
+        self.reply(claim)
     }
 
     async fn complete(
@@ -123,17 +135,20 @@ impl IdempotencyStore for FlakyStore {
         self.inner.wait(key, timeout).await
     }
 
-    async fn take_over(
+    async fn take_over_as(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.check(&[])?;
-        self.inner
-            .take_over(key, abandoned, fingerprint, lease)
-            .await
+        let claim = self
+            .inner
+            .take_over_as(key, abandoned, token, fingerprint, lease)
+            .await;
+        self.reply(claim)
     }
 
     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {

@@ -5,6 +5,7 @@ pub mod conformance;
 pub mod deliveries;
 pub mod flaky_store;
 pub mod json_rpc;
+pub mod lossy_link;
 #[cfg(feature = "axum")]
 pub mod operations;
 pub mod panics;

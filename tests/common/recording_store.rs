@@ -35,9 +35,10 @@ impl<St> Recording<St> {
 }
 
 impl<St: IdempotencyStore> IdempotencyStore for Recording<St> {
-    async fn claim(
+    async fn claim_as(
         &self,
         key: &StorageKey,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
@@ -45,7 +46,7 @@ impl<St: IdempotencyStore> IdempotencyStore for Recording<St> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((*key, *fingerprint));
-        self.inner.claim(key, fingerprint, lease).await
+        self.inner.claim_as(key, token, fingerprint, lease).await
     }
 
     async fn complete(
@@ -75,15 +76,16 @@ impl<St: IdempotencyStore> IdempotencyStore for Recording<St> {
         self.inner.wait(key, timeout).await
     }
 
-    async fn take_over(
+    async fn take_over_as(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.inner
-            .take_over(key, abandoned, fingerprint, lease)
+            .take_over_as(key, abandoned, token, fingerprint, lease)
             .await
     }
 

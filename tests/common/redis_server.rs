@@ -1,5 +1,6 @@
-//! Real `redis-server` processes for the Redis tests: started on free loopback ports in a
-//! temporary directory, without persistence, and stopped when dropped.
+//! Real `redis-server` processes for the Redis tests: started on free loopback ports (outside
+//! the ephemeral range, see [`free_port`]) in a temporary directory, without persistence, and
+//! stopped when dropped.
 //!
 //! Each server runs under a small `sh` watchdog that reads its standard input: when the test
 //! process ends in any way (even killed, or a server kept in a `static` that is never
@@ -45,10 +46,64 @@ pub fn installed() -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A free TCP port on the loopback interface (free when asked; taken by the server soon after).
+/// A free TCP port on the loopback interface, outside the kernel's ephemeral port range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), and never handed out before by this process.
+///
+/// The one place the tests choose a port (the shell scripts' twin is `scripts/lib/ports.sh`).
+/// Linux gives ports in the ephemeral range to outgoing connections as their source port, so
+/// a port found free there (binding port 0 picks one) can be taken by any connection before a
+/// server binds it, or while a server is down between a `stop` and its `restart` on the same
+/// port. Outside the range only a program that binds that very port can take it.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
-    listener.local_addr().expect("a bound address").port()
+    use std::{
+        collections::HashSet,
+        hash::{BuildHasher, RandomState},
+        sync::Mutex,
+    };
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let (low, high) = ephemeral_range();
+    // 10000..low and high+1..=65535: whichever exist.
+    let below = u32::from(low.saturating_sub(10_000));
+    let above = u32::from(u16::MAX.saturating_sub(high));
+    assert!(
+        below + above > 0,
+        "no port outside the ephemeral range {low}-{high}"
+    );
+    let seed = RandomState::new();
+    for attempt in 0..1_000u32 {
+        let draw =
+            u32::try_from(seed.hash_one((std::process::id(), attempt)) % u64::from(below + above))
+                .expect("below 65536");
+        let port = if draw < below {
+            10_000 + draw
+        } else {
+            u32::from(high) + 1 + draw - below
+        };
+        let port = u16::try_from(port).expect("at most 65535");
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let given = given.get_or_insert_with(HashSet::new);
+        if given.contains(&port) || TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err() {
+            continue;
+        }
+        given.insert(port);
+        return port;
+    }
+    panic!("no free loopback port outside the ephemeral range {low}-{high}");
+}
+
+/// The kernel's ephemeral port range: Linux's default when it cannot be read.
+fn ephemeral_range() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let parsed = range.as_deref().and_then(|range| {
+        let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+        match (bounds.next(), bounds.next()) {
+            (Some(Ok(low)), Some(Ok(high))) if low <= high => Some((low, high)),
+            _ => None,
+        }
+    });
+    parsed.unwrap_or((32_768, 60_999))
 }
 
 fn temp_dir(what: &str) -> PathBuf {

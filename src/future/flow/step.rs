@@ -15,7 +15,7 @@ use crate::{
     capture::{self, Settled},
     catch_unwind::{self, CatchUnwind, Panic},
     config::{FailMode, WaitMode},
-    error::{BoxError, StoreError},
+    error::{BoxError, StoreError, StoreErrorKind},
     jsonrpc::{self, Rpc},
     key::StorageKey,
     lease::{Lease, Renewal},
@@ -25,7 +25,7 @@ use crate::{
     recovery::on_abandoned,
     reject::{close_connection, nobody_listens, reject},
     replay::{Retry, replay},
-    store::{Claim, IdempotencyStore},
+    store::{Claim, FenceToken, IdempotencyStore},
 };
 
 pub(super) type FlowStep<S, St, ReqB, ResB> = Step<
@@ -122,14 +122,20 @@ where
         })
     }
 
-    /// Sends the claim on the key.
+    /// Sends the claim on the key, under a token of its own.
     pub(super) fn claim(&self, keyed: Keyed) -> State<S::Future, ReqB, St, ResB, S::Error> {
         let (fingerprint, lease) = (keyed.fingerprint, self.config.lease);
+        let token = FenceToken::generate();
         let claim = self.store_op(Op::Claim, &keyed, move |store, key| async move {
-            store.claim(&key, &fingerprint, lease).await
+            store.claim_as(&key, token, &fingerprint, lease).await
         });
         let sent = Instant::now();
-        State::Claim { claim, sent, keyed }
+        State::Claim {
+            claim,
+            token,
+            sent,
+            keyed,
+        }
     }
 
     /// Sends `op` on `keyed`'s key, observed.
@@ -144,19 +150,38 @@ where
         Box::pin(async move { observer.store_op(St::NAME, op, operation).await })
     }
 
-    /// The store answered the claim (or take-over) sent at `sent`.
+    /// The store answered the claim (or take-over) sent at `sent` as `token`.
     pub(super) fn claimed(
         &mut self,
         keyed: Keyed,
+        token: FenceToken,
         sent: Instant,
         claim: Result<Claim, StoreError>,
     ) -> FlowStep<S, St, ReqB, ResB> {
         let config = Arc::clone(&self.config);
         let observer = &config.observer;
+        if claim
+            .as_ref()
+            .is_err_and(|error| error.kind() != StoreErrorKind::Corrupt)
+        {
+            // No answer is not a no: the claim may have landed with its reply lost. Released
+            // by its token in the background, retried while its lease may last; when it did
+            // not land, the store says so and nothing changes. (A key holding bytes not ours,
+            // `Corrupt`, took no claim.)
+            let lease = Lease::new(
+                self.store.clone(),
+                keyed.key.storage,
+                token,
+                config.lease,
+                sent,
+            );
+            lease.observed(observer.clone()).release_unanswered();
+        }
         if self.gone && !matches!(claim, Ok(Claim::Acquired(_))) {
             return Step::Answer(Ok(nobody_listens()));
         }
         match claim {
+            // The store's word for the token, which the contract says is the one sent.
             Ok(Claim::Acquired(token)) => {
                 let lease = Lease::new(
                     self.store.clone(),
@@ -183,18 +208,28 @@ where
                     Err(problem) => self.reject(&problem),
                 }
             }
-            Ok(Claim::Abandoned { token, fingerprint }) => {
+            Ok(Claim::Abandoned {
+                token: abandoned,
+                fingerprint,
+            }) => {
                 let held = &fingerprint;
                 if let Err(problem) = on_abandoned(&config, &keyed.parts, held, &keyed.fingerprint)
                 {
                     return self.reject(&problem);
                 }
-                let lease = config.lease;
+                let (lease, token) = (config.lease, FenceToken::generate());
                 let claim = self.store_op(Op::TakeOver, &keyed, move |store, key| async move {
-                    store.take_over(&key, token, &fingerprint, lease).await
+                    store
+                        .take_over_as(&key, abandoned, token, &fingerprint, lease)
+                        .await
                 });
                 let sent = Instant::now();
-                Step::Next(State::Claim { claim, sent, keyed })
+                Step::Next(State::Claim {
+                    claim,
+                    token,
+                    sent,
+                    keyed,
+                })
             }
             Ok(Claim::InFlight { fingerprint }) => {
                 if fingerprint != keyed.fingerprint {

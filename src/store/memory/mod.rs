@@ -3,17 +3,15 @@
 //! `shard` holds the claims and the invariant that keeps them exactly-once; `store` the
 //! [`IdempotencyStore`](crate::IdempotencyStore) operations over them and the cache of records.
 
+mod list;
 mod shard;
 mod store;
 
-use std::{
-    fmt,
-    sync::{Arc, atomic::AtomicU64},
-};
+use std::{fmt, sync::Arc};
 
 use tokio::time::Instant;
 
-use self::shard::{SHARDS, Shard, lock, new_shards};
+use self::shard::{Shard, lock, new_shards, shard_index};
 use super::{Claim, record_cache::RecordCache};
 use crate::key::StorageKey;
 
@@ -59,7 +57,6 @@ pub struct MemoryStore {
 struct Inner {
     records: RecordCache,
     shards: Arc<[Shard]>,
-    next_token: AtomicU64,
 }
 
 impl MemoryStore {
@@ -87,11 +84,7 @@ impl MemoryStore {
 
     fn with_records(records: RecordCache, shards: Arc<[Shard]>) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                records,
-                shards,
-                next_token: AtomicU64::new(1),
-            }),
+            inner: Arc::new(Inner { records, shards }),
         }
     }
 
@@ -122,8 +115,7 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &StorageKey) -> &Shard {
-        // Keys are SHA-256 digests: any byte of them is uniformly spread.
-        &self.inner.shards[usize::from(key.as_bytes()[0]) % SHARDS]
+        &self.inner.shards[shard_index(key)]
     }
 
     fn completed(&self, key: &StorageKey) -> Option<Claim> {

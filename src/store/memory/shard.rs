@@ -23,6 +23,14 @@ use crate::{
 /// Claims are spread over this many independently locked maps, so requests for different
 /// keys do not contend.
 pub(super) const SHARDS: usize = 64;
+/// How many values of a key's first byte each shard holds.
+pub(super) const BYTES_PER_SHARD: usize = 256 / SHARDS;
+
+/// The shard of `key`: a range of first bytes, so shards in order hold keys in order (for
+/// listing). Keys are SHA-256 digests: their first byte is uniformly spread.
+pub(super) fn shard_index(key: &StorageKey) -> usize {
+    usize::from(key.as_bytes()[0]) / BYTES_PER_SHARD
+}
 
 // How claims and completions stay exactly-once without a moka call under a lock
 // ---------------------------------------------------------------------------

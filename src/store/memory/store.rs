@@ -29,17 +29,16 @@ use crate::{
 const ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl MemoryStore {
-    /// Claims `key` (free, or held by a claim being taken over) in the shard `claims` holds
-    /// locked.
+    /// Claims `key` as `token` (free, or held by a claim being taken over) in the shard
+    /// `claims` holds locked.
     fn acquire(
-        &self,
         mut claims: MutexGuard<'_, Claims>,
         key: &StorageKey,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
         now: Instant,
     ) -> Claim {
-        let token = FenceToken::new(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
         let replaced = claims.insert(
             *key,
             Slot::InFlight(InFlight {
@@ -67,9 +66,10 @@ impl MemoryStore {
 }
 
 impl IdempotencyStore for MemoryStore {
-    async fn claim(
+    async fn claim_as(
         &self,
         key: &StorageKey,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
@@ -89,7 +89,7 @@ impl IdempotencyStore for MemoryStore {
                 // A completion settled since the look in the cache: look again.
                 continue;
             }
-            return Ok(self.acquire(claims, key, fingerprint, lease, now));
+            return Ok(Self::acquire(claims, key, token, fingerprint, lease, now));
         }
     }
 
@@ -198,10 +198,11 @@ impl IdempotencyStore for MemoryStore {
 
     // Take-over and the operator's tools: each runs under the key's shard lock, as one step.
 
-    async fn take_over(
+    async fn take_over_as(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
@@ -210,7 +211,7 @@ impl IdempotencyStore for MemoryStore {
             let claims = lock(&self.shard(key).claims);
             match claims.get(key) {
                 Some(Slot::InFlight(claim)) if claim.token == abandoned && !claim.is_live(now) => {
-                    return Ok(self.acquire(claims, key, fingerprint, lease, now));
+                    return Ok(Self::acquire(claims, key, token, fingerprint, lease, now));
                 }
                 Some(slot) => return Ok(held(slot, now)),
                 None => {}
@@ -218,7 +219,7 @@ impl IdempotencyStore for MemoryStore {
         }
         // Broken or released meanwhile: the key is free, or completed by another claim; an
         // ordinary claim tells which, without missing a record on its way.
-        self.claim(key, fingerprint, lease).await
+        self.claim_as(key, token, fingerprint, lease).await
     }
 
     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
@@ -276,39 +277,7 @@ impl IdempotencyStore for MemoryStore {
         cursor: Option<ListCursor>,
         limit: usize,
     ) -> Result<ClaimPage, StoreError> {
-        // The cursor is the last key listed: claims are listed in key order.
-        let after = match &cursor {
-            Some(cursor) => Some(StorageKey::from_hex(cursor.as_str()).ok_or_else(|| {
-                StoreError::new(crate::StoreErrorKind::Other, "not a MemoryStore cursor")
-            })?),
-            None => None,
-        };
-        let (now, wall) = (Instant::now(), SystemTime::now());
-        let mut found = Vec::new();
-        for shard in self.inner.shards.iter() {
-            let claims = lock(&shard.claims);
-            found.extend(
-                claims
-                    .iter()
-                    .filter(|(key, _)| after.is_none_or(|after| **key > after))
-                    .filter_map(|(key, slot)| match slot {
-                        Slot::InFlight(claim) => Some((key, claim)),
-                        Slot::Completing { .. } => None,
-                    })
-                    .filter(|(_, claim)| {
-                        wall.duration_since(claim.claimed_at).unwrap_or_default() >= older_than
-                    })
-                    .map(|(key, claim)| claim_info(key, claim, now)),
-            );
-        }
-        found.sort_by_key(|claim| *claim.key());
-        let limit = limit.max(1);
-        let next = (found.len() > limit).then(|| ListCursor::new(found[limit - 1].key().to_hex()));
-        found.truncate(limit);
-        Ok(ClaimPage {
-            claims: found,
-            next,
-        })
+        self.list(older_than, cursor.as_ref(), limit)
     }
 
     const NAME: &'static str = "memory";

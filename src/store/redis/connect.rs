@@ -1,16 +1,7 @@
 //! [`RedisStore`] itself and making one: connecting, its settings, and bounding each exchange
 //! with Redis.
 
-use std::{
-    collections::hash_map::RandomState,
-    fmt,
-    hash::{BuildHasher, Hasher},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{fmt, sync::Arc, time::Duration};
 
 use ::redis::{
     Client, RedisError,
@@ -23,7 +14,7 @@ use super::{
     error::{store_error, timed_out},
     notify::Notifier,
 };
-use crate::{config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey, store::FenceToken};
+use crate::{config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey};
 
 /// The default key prefix: `idempotency:`.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
@@ -39,7 +30,6 @@ pub const DEFAULT_ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 60 * 
 pub(super) struct Shared {
     pub(super) settings: Settings,
     pub(super) notifier: Notifier,
-    pub(super) tokens: Tokens,
 }
 
 #[derive(Clone)]
@@ -62,32 +52,7 @@ impl Shared {
                 settings.poll_interval,
             ),
             settings,
-            tokens: Tokens::default(),
         }
-    }
-}
-
-/// Fence tokens unique to this store: a counter, hashed with a key drawn at random, so tokens
-/// from different processes do not collide and cannot be guessed from one another.
-pub(super) struct Tokens {
-    seed: RandomState,
-    next: AtomicU64,
-}
-
-impl Default for Tokens {
-    fn default() -> Self {
-        Self {
-            seed: RandomState::new(),
-            next: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Tokens {
-    pub(super) fn next(&self) -> FenceToken {
-        let mut hasher = self.seed.build_hasher();
-        hasher.write_u64(self.next.fetch_add(1, Ordering::Relaxed));
-        FenceToken::new(hasher.finish())
     }
 }
 
@@ -377,21 +342,5 @@ impl<C> fmt::Debug for RedisStore<C> {
             .field("poll_interval", &settings.poll_interval)
             .field("abandoned_retention", &settings.abandoned_retention)
             .finish_non_exhaustive()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_do_not_repeat() {
-        let tokens = Tokens::default();
-        let other = Tokens::default();
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..10_000 {
-            assert!(seen.insert(tokens.next()));
-            assert!(seen.insert(other.next()));
-        }
     }
 }

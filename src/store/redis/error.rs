@@ -63,6 +63,8 @@ pub(super) enum Unexpected {
     Foreign,
     /// A reply of a shape the script does not return.
     Reply,
+    /// A stored or reported time out of any clock's range.
+    Time,
 }
 
 impl fmt::Display for Unexpected {
@@ -70,6 +72,7 @@ impl fmt::Display for Unexpected {
         f.write_str(match self {
             Self::Foreign => "the key holds a value that is not an idempotency record or claim",
             Self::Reply => "unexpected reply from redis",
+            Self::Time => "a time out of range in an idempotency record, claim or reply",
         })
     }
 }

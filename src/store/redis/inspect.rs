@@ -44,14 +44,52 @@ fn unexpected() -> StoreError {
     StoreError::new(StoreErrorKind::Other, Unexpected::Reply)
 }
 
-fn unix_ms(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+/// The latest time a stored value or a reply may name: the end of the year 9999, in Unix ms.
+/// No clock writes a later one; past it, some platforms cannot represent the time at all.
+const LATEST_UNIX_MS: u64 = 253_402_300_799_999;
+
+/// A time out of range: corrupt (bytes written by something else, or a reply Redis never
+/// gives), never a panic.
+fn bad_time() -> StoreError {
+    StoreError::corrupt(Unexpected::Time)
 }
 
-/// `at` moved by `ms` (negative: back).
-fn offset(at: SystemTime, ms: i64) -> SystemTime {
-    let by = Duration::from_millis(ms.unsigned_abs());
-    if ms >= 0 { at + by } else { at - by }
+/// `ms` since the Unix epoch as a time; past [`LATEST_UNIX_MS`], corrupt.
+fn unix_ms(ms: u64) -> Result<SystemTime, StoreError> {
+    if ms > LATEST_UNIX_MS {
+        return Err(bad_time());
+    }
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .ok_or_else(bad_time)
+}
+
+/// `at` moved by `ms` (negative: back); before the epoch or past [`LATEST_UNIX_MS`], corrupt.
+fn offset(at: SystemTime, ms: i64) -> Result<SystemTime, StoreError> {
+    let at = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| bad_time())?;
+    let moved = i128::try_from(at.as_millis())
+        .map_err(|_| bad_time())?
+        .checked_add(i128::from(ms))
+        .ok_or_else(bad_time)?;
+    unix_ms(u64::try_from(moved).map_err(|_| bad_time())?)
+}
+
+/// The time in Redis's `TIME` reply: whole seconds and microseconds, as decimal digits.
+fn redis_time(seconds: &[u8], micros: &[u8]) -> Result<SystemTime, StoreError> {
+    let number = |digits: &[u8]| {
+        std::str::from_utf8(digits)
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok())
+            .ok_or_else(unexpected)
+    };
+    let (seconds, micros) = (number(seconds)?, number(micros)?);
+    let ms = seconds
+        .checked_mul(1_000)
+        .and_then(|ms| ms.checked_add(micros / 1_000))
+        .ok_or_else(bad_time)?;
+    Ok(unix_ms(ms)? + Duration::from_micros(micros % 1_000))
 }
 
 impl<C> RedisStore<C>
@@ -77,28 +115,20 @@ where
                 ) => (value, pttl, seconds, micros),
                 _ => return Err(unexpected()),
             };
-        let number = |digits: &[u8]| {
-            std::str::from_utf8(digits)
-                .ok()
-                .and_then(|text| text.parse::<u64>().ok())
-                .ok_or_else(unexpected)
-        };
-        let redis_now = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(number(&seconds)?)
-            + Duration::from_micros(number(&micros)?);
+        let redis_now = redis_time(&seconds, &micros)?;
         if value.starts_with(MARKER_MAGIC) {
             let marker = Marker::decode(&value)?;
             return Ok(Some(Inspection::InFlight(claim_info(
                 *key, &marker, pttl, redis_now,
-            ))));
+            )?)));
         }
         if value.starts_with(ENVELOPE_MAGIC) {
             let completed = Completed::decode(Bytes::from(value))?;
             let created = completed.expires_at.saturating_sub(completed.ttl);
             return Ok(Some(Inspection::Completed(RecordInfo::of(
                 &completed.record,
-                Some(unix_ms(created)),
-                Some(unix_ms(completed.expires_at)),
+                Some(unix_ms(created)?),
+                Some(unix_ms(completed.expires_at)?),
             ))));
         }
         Err(StoreError::corrupt(Unexpected::Foreign))
@@ -200,10 +230,13 @@ where
             if !head.starts_with(MARKER_MAGIC) || *pttl < 0 {
                 continue;
             }
-            let Ok(marker) = Marker::decode(head) else {
+            // A marker that does not decode, or names a time out of range, is not listed.
+            let Ok(claim) = Marker::decode(head)
+                .map_err(StoreError::from)
+                .and_then(|marker| claim_info(*key, &marker, *pttl, now))
+            else {
                 continue;
             };
-            let claim = claim_info(*key, &marker, *pttl, now);
             if claim.age(now).is_none_or(|age| age >= older_than) {
                 found.push(claim);
             }
@@ -271,17 +304,26 @@ where
 }
 
 /// A claim as listed or inspected: its lease ends when the key's `pttl` is down to the
-/// marker's retention, measured from `now`.
-fn claim_info(key: StorageKey, marker: &Marker, pttl: i64, now: SystemTime) -> ClaimInfo {
+/// marker's retention, measured from `now`. A time out of range is corrupt.
+fn claim_info(
+    key: StorageKey,
+    marker: &Marker,
+    pttl: i64,
+    now: SystemTime,
+) -> Result<ClaimInfo, StoreError> {
     let retention = i64::try_from(marker.retention).unwrap_or(i64::MAX);
     let lease_left = pttl.saturating_sub(retention);
-    ClaimInfo::new(
+    let claimed_at = match marker.claimed_at {
+        0 => None,
+        at => Some(unix_ms(at)?),
+    };
+    Ok(ClaimInfo::new(
         key,
         marker.token,
         marker.fingerprint,
-        (marker.claimed_at > 0).then(|| unix_ms(marker.claimed_at)),
-        offset(now, lease_left),
-    )
+        claimed_at,
+        offset(now, lease_left)?,
+    ))
 }
 
 /// `{node}:{scan cursor}`.
@@ -375,22 +417,98 @@ mod tests {
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 
-    #[test]
-    fn a_lease_ends_when_the_key_is_down_to_its_retention() {
-        let now = unix_ms(1_000_000);
-        let marker = Marker {
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn marker(claimed_at: u64, retention: u64) -> Marker {
+        Marker {
             token: crate::store::FenceToken::new(1),
             fingerprint: crate::fingerprint::Fingerprint::from_bytes([0; 32]),
-            claimed_at: 990_000,
-            retention: 60_000,
-        };
+            claimed_at,
+            retention,
+        }
+    }
+
+    #[test]
+    fn a_lease_ends_when_the_key_is_down_to_its_retention() -> Result<(), StoreError> {
+        let now = at(1_000_000);
+        let marker = marker(990_000, 60_000);
         let key = StorageKey::from_bytes([0; 32]);
-        let live = claim_info(key, &marker, 70_000, now);
-        assert_eq!(live.lease_expires_at(), unix_ms(1_010_000));
+        let live = claim_info(key, &marker, 70_000, now)?;
+        assert_eq!(live.lease_expires_at(), at(1_010_000));
         assert!(!live.is_abandoned(now));
-        let abandoned = claim_info(key, &marker, 50_000, now);
-        assert_eq!(abandoned.lease_expires_at(), unix_ms(990_000));
+        let abandoned = claim_info(key, &marker, 50_000, now)?;
+        assert_eq!(abandoned.lease_expires_at(), at(990_000));
         assert!(abandoned.is_abandoned(now));
         assert_eq!(abandoned.age(now), Some(Duration::from_secs(10)));
+        Ok(())
+    }
+
+    #[test]
+    fn times_out_of_range_are_corrupt_never_a_panic() {
+        let kind = |result: Result<SystemTime, StoreError>| result.map_err(|e| e.kind());
+        let corrupt = Err(StoreErrorKind::Corrupt);
+        // Unix ms, as stored in markers and envelopes.
+        for (ms, expected) in [
+            (0, Ok(at(0))),
+            (LATEST_UNIX_MS, Ok(at(LATEST_UNIX_MS))),
+            (LATEST_UNIX_MS + 1, corrupt),
+            (u64::MAX, corrupt),
+        ] {
+            assert_eq!(kind(unix_ms(ms)), expected, "{ms} ms");
+        }
+        // A time moved by what a key says is left of its lease.
+        for (from, by, expected) in [
+            (at(5_000), -5_000, Ok(at(0))),
+            (at(5_000), -5_001, corrupt),
+            (at(5_000), i64::MIN, corrupt),
+            (at(5_000), i64::MAX, corrupt),
+            (at(LATEST_UNIX_MS - 1), 1, Ok(at(LATEST_UNIX_MS))),
+            (at(LATEST_UNIX_MS), 1, corrupt),
+            (SystemTime::UNIX_EPOCH - Duration::from_secs(1), 0, corrupt),
+        ] {
+            assert_eq!(kind(offset(from, by)), expected, "{from:?} by {by} ms");
+        }
+        // Redis's TIME reply.
+        let unexpected = Err(StoreErrorKind::Other);
+        let max = u64::MAX.to_string();
+        let cases: [(&[u8], &[u8], _); 7] = [
+            (
+                b"1700000000",
+                b"123456",
+                Ok(at(1_700_000_000_123) + Duration::from_micros(456)),
+            ),
+            (b"0", b"0", Ok(at(0))),
+            (max.as_bytes(), b"0", corrupt),
+            (b"18446744073709551", b"999999", corrupt),
+            (b"1700000000", max.as_bytes(), corrupt),
+            (b"-1", b"0", unexpected),
+            (b"1700000000", b"x", unexpected),
+        ];
+        for (seconds, micros, expected) in cases {
+            assert_eq!(
+                kind(redis_time(seconds, micros)),
+                expected,
+                "TIME {seconds:?} {micros:?}"
+            );
+        }
+        // Claims whose stored times are out of range.
+        let key = StorageKey::from_bytes([0; 32]);
+        let now = at(1_700_000_000_000);
+        for (marker, pttl) in [
+            (marker(u64::MAX, 60_000), 70_000),
+            (marker(LATEST_UNIX_MS + 1, 60_000), 70_000),
+            (marker(1, u64::MAX), 70_000),
+            (marker(1, 0), i64::MAX),
+        ] {
+            assert_eq!(
+                claim_info(key, &marker, pttl, now)
+                    .map(|_| ())
+                    .map_err(|e| e.kind()),
+                Err(StoreErrorKind::Corrupt),
+                "{marker:?} with {pttl} ms left"
+            );
+        }
     }
 }

@@ -29,14 +29,14 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A new claim's token, its marker, and the key's expiry in ms (the lease, then the
+    /// The marker of a new claim `token`, and the key's expiry in ms (the lease, then the
     /// retention of an abandoned claim).
     fn new_claim(
         &self,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> (FenceToken, [u8; MARKER_LEN], String) {
-        let token = self.shared.tokens.next();
+    ) -> ([u8; MARKER_LEN], String) {
         let retention = self.shared.settings.abandoned_retention;
         let claimed_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -51,11 +51,7 @@ where
         }
         .encode();
         let expiry = lease.min(MAX_LEASE).saturating_add(retention);
-        (
-            token,
-            marker,
-            millis(expiry, MAX_LEASE.saturating_add(MAX_TTL)),
-        )
+        (marker, millis(expiry, MAX_LEASE.saturating_add(MAX_TTL)))
     }
 
     /// Claims a key that a claim held a moment ago, taking over the abandoned claim
@@ -126,13 +122,14 @@ impl<C> IdempotencyStore for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    async fn claim(
+    async fn claim_as(
         &self,
         key: &StorageKey,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let (token, marker, expiry) = self.new_claim(fingerprint, lease);
+        let (marker, expiry) = self.new_claim(token, fingerprint, lease);
         let mut claim = Cmd::new();
         claim
             .arg("SET")
@@ -143,32 +140,19 @@ where
             .arg(expiry.as_bytes())
             .arg("GET");
         let mut connection = self.connection.clone();
+        // A reply lost on its way (the claim may have landed all the same) is an error here;
+        // the layer releases the claim by its token.
         let reply = self
             .bounded(claim.query_async::<Value>(&mut connection), claim_error)
-            .await;
-        let reply = match reply {
-            Ok(Value::Nil) => Ok(Claim::Acquired(token)),
+            .await?;
+        match reply {
+            Value::Nil => Ok(Claim::Acquired(token)),
             // A claim holds the key: whether its lease has ended is for Redis's clock to say.
-            Ok(Value::BulkString(held)) if held.starts_with(MARKER_MAGIC) => {
+            Value::BulkString(held) if held.starts_with(MARKER_MAGIC) => {
                 self.claim_held(key, None, token, &marker, &expiry).await
             }
-            Ok(Value::BulkString(held)) => held_by(held, SystemTime::now()),
-            Ok(_) => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
-            Err(error) => Err(error),
-        };
-        match reply {
-            Err(error) => {
-                if error.kind() == StoreErrorKind::Unavailable {
-                    // The claim may have landed without its reply reaching us. Its token is
-                    // ours: releasing it frees the key now rather than at the lease's end.
-                    let (store, key) = (self.clone(), *key);
-                    tokio::spawn(async move {
-                        let _ = store.release(&key, token).await;
-                    });
-                }
-                Err(error)
-            }
-            claim => claim,
+            Value::BulkString(held) => held_by(held, SystemTime::now()),
+            _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
         }
     }
 
@@ -214,14 +198,15 @@ where
         self.fenced(&RENEW, key, &args).await
     }
 
-    async fn take_over(
+    async fn take_over_as(
         &self,
         key: &StorageKey,
         abandoned: FenceToken,
+        token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let (token, marker, expiry) = self.new_claim(fingerprint, lease);
+        let (marker, expiry) = self.new_claim(token, fingerprint, lease);
         self.claim_held(key, Some(abandoned), token, &marker, &expiry)
             .await
     }
