@@ -146,6 +146,8 @@ use crate::{
 pub mod cached;
 #[cfg(feature = "moka")]
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "moka")]
 mod recent;
 #[cfg(feature = "moka")]

@@ -7,6 +7,7 @@ pub mod flaky_store;
 #[cfg(feature = "axum")]
 pub mod operations;
 pub mod panics;
+pub mod postgres_server;
 pub mod recording_store;
 pub mod redis_server;
 pub mod scenarios;
