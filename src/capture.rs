@@ -26,7 +26,7 @@ use crate::{
     error::BoxError,
     expiry,
     fingerprint::Fingerprint,
-    lease::Lease,
+    lease::{Kept, Lease},
     observe::RecordResult,
     problem::Problem,
     record::Record,
@@ -39,7 +39,7 @@ use crate::{
 pub(crate) enum Settled<B> {
     /// Answered once the record is stored or the key released (`lease_op`).
     AfterStore {
-        lease_op: Pin<Box<dyn Future<Output = ()> + Send>>,
+        lease_op: Pin<Box<dyn Future<Output = Kept> + Send>>,
         response: Response<ResponseBody<B>>,
     },
     /// Answered now: a task of its own captures the body still being produced.
@@ -67,7 +67,7 @@ where
     let Ok(taken) = catch_unwind::catching(|| take_ready(response, config, cx)) else {
         return panicked(lease, config);
     };
-    let (lease_op, response): (Pin<Box<dyn Future<Output = ()> + Send>>, _) = match taken {
+    let (lease_op, response): (Pin<Box<dyn Future<Output = Kept> + Send>>, _) = match taken {
         Ran::NotStored(response) => {
             tracing::debug!(status = %response.status(), "response not stored; key released");
             (Box::pin(lease.release(RecordResult::Predicate)), response)
@@ -93,6 +93,19 @@ where
             let response = Response::from_parts(head, ResponseBody::full(body, trailers));
             let response = expiry::on_first_execution(config, ttl, response);
             (Box::pin(lease.complete(record, ttl)), response)
+        }
+        Ran::Streaming { pump, .. } if lease.in_transaction() => {
+            // The record is written in the handler's transaction, which commits before the
+            // response is answered: a body still being produced cannot be part of it. The
+            // transaction is rolled back with the release.
+            drop(pump);
+            tracing::error!(
+                "a handler completing in its own transaction returned a streamed body; refused and rolled back"
+            );
+            return Settled::AfterStore {
+                lease_op: Box::pin(lease.release(RecordResult::BodyError)),
+                response: reject(config, &Problem::handler_failed()),
+            };
         }
         Ran::Streaming { head, pump } => {
             let (tx, rx) = stream::channel();
@@ -244,18 +257,18 @@ where
                     body,
                     trailers.as_ref(),
                 );
-                lease.complete(record, of.ttl).await;
+                let _ = lease.complete(record, of.ttl).await;
                 tx.push(Chunk::End);
             }
             Captured::OverLimit(rest) => {
                 // The key is spent whatever the rest of the body does: the handler ran.
                 let record = Record::not_replayable(of.fingerprint, of.status);
-                lease.complete(record, of.ttl).await;
+                let _ = lease.complete(record, of.ttl).await;
                 forward_rest(rest, &tx).await;
             }
             Captured::Failed(error) => {
                 // Released before the client sees the error, so its retry at once executes.
-                lease.release(RecordResult::BodyError).await;
+                let _ = lease.release(RecordResult::BodyError).await;
                 tx.push(Chunk::Error(error));
             }
         }

@@ -375,3 +375,117 @@ async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     }
     out
 }
+
+/// Stops or restarts `server` off the async workers (it waits for the process).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("the blocking step")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_gives_503s_and_the_same_instance_recovers_after_its_restart() {
+    let mut server = PostgresServer::start();
+    let store = PostgresStore::new(pool(&server)).with_response_timeout(Duration::from_millis(500));
+    store.migrate().await.unwrap();
+    let handler = Handler::counting();
+    let instance = serve(&IdempotencyLayer::new(store), &handler);
+    let first = send(&instance, keyed_post("/charges", "before", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    server = blocking(move || {
+        server.kill();
+        server
+    })
+    .await;
+    for n in 0..3 {
+        let started = Instant::now();
+        let reply = send(
+            &instance,
+            keyed_post("/charges", &format!("down-{n}"), "{}"),
+        )
+        .await;
+        reply.assert_problem(
+            ProblemKind::StoreUnavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+        reply.assert_retry_after();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a 503, not a hang: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(handler.calls(), 1, "nothing ran unprotected");
+
+    server = blocking(move || {
+        server.restart();
+        server
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let recovered = loop {
+        let reply = send(&instance, keyed_post("/charges", "after", "{}")).await;
+        if reply.status == StatusCode::CREATED {
+            break reply;
+        }
+        reply.assert_problem(
+            ProblemKind::StoreUnavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+        assert!(Instant::now() < deadline, "the instance did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let retry = send(&instance, keyed_post("/charges", "after", "{}")).await;
+    assert!(retry.replayed(), "records are kept again");
+    assert_eq!(retry.body, recovered.body);
+    // The record stored before the crash survived it.
+    let before = send(&instance, keyed_post("/charges", "before", "{}")).await;
+    assert!(before.replayed());
+    assert_eq!(before.body, first.body);
+    assert_eq!(handler.calls(), 2);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_wakes_by_notification_after_the_listener_reconnects() {
+    let mut server = PostgresServer::start();
+    // A poll interval far past the test: only a notification (or the reconnection) wakes it.
+    let store = PostgresStore::new(pool(&server)).with_poll_interval(Duration::from_secs(600));
+    store.migrate().await.unwrap();
+    let key = fresh_key();
+    // The listener is up once a first wait has run.
+    store.wait(&key, Duration::from_millis(10)).await.unwrap();
+    server = blocking(move || {
+        server.kill();
+        server.restart();
+        server
+    })
+    .await;
+    let token = loop {
+        match store.claim(&key, &fingerprint("a"), LEASE).await {
+            Ok(claim) => break acquired(claim),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    // Give the listener time to reconnect, then wait: the end must be notified.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            store.wait(&key, Duration::from_secs(60)).await.unwrap();
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Completed by another store (another instance): only NOTIFY tells this one.
+    let other = PostgresStore::new(pool(&server));
+    other
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    let waited = common::service::within(waiter).await.unwrap();
+    assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
+    drop(server);
+}

@@ -120,8 +120,9 @@ where
                     key,
                     fingerprint,
                 } = keyed;
-                let lease = Lease::new(self.store.clone(), key.storage, token, config.lease, sent)
-                    .observed(observer.clone());
+                let mut lease =
+                    Lease::new(self.store.clone(), key.storage, token, config.lease, sent)
+                        .observed(observer.clone());
                 if self.gone {
                     // Nobody is left to answer: the handler is not started for nobody.
                     let lease_op = Box::pin(lease.release(RecordResult::ClientGone));
@@ -132,6 +133,7 @@ where
                 if let Some(client_key) = key.client {
                     request.extensions_mut().insert(client_key);
                 }
+                lease.prepare_handler(request.extensions_mut());
                 let held = Held {
                     lease,
                     renewal: Renewal::default(),
@@ -309,6 +311,12 @@ where
             }),
             Settled::Now(response) => Step::Answer(Ok(response)),
         }
+    }
+
+    /// The record was to commit in the handler's own transaction, which was rolled back:
+    /// the key is freed and a 503 answers in place of the handler's response.
+    pub(super) fn voided(&self) -> FlowStep<S, St, ReqB, ResB> {
+        self.reject(&Problem::store_unavailable())
     }
 
     /// A problem, answered at once.

@@ -19,6 +19,7 @@ use super::{
     error::{store_error, timed_out},
     notify::Notifier,
     schema::{self, DEFAULT_TABLE, Statements, Table},
+    transaction::Transactions,
 };
 use crate::{error::StoreError, store::FenceToken};
 
@@ -36,6 +37,7 @@ pub(super) struct Shared {
     pub(super) statements: Statements,
     pub(super) notifier: Notifier,
     pub(super) tokens: Tokens,
+    pub(super) transactions: Transactions,
 }
 
 #[derive(Clone)]
@@ -44,6 +46,7 @@ pub(super) struct Settings {
     pub(super) response_timeout: Duration,
     pub(super) poll_interval: Duration,
     pub(super) abandoned_retention: Duration,
+    pub(super) in_handler_transaction: bool,
 }
 
 impl Shared {
@@ -57,6 +60,7 @@ impl Shared {
             ),
             settings,
             tokens: Tokens::default(),
+            transactions: Transactions::default(),
         }
     }
 }
@@ -138,6 +142,7 @@ impl PostgresStore {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             abandoned_retention: DEFAULT_ABANDONED_RETENTION,
+            in_handler_transaction: false,
         };
         let shared = Arc::new(Shared::new(settings, &pool));
         Self { pool, shared }
@@ -237,6 +242,43 @@ impl PostgresStore {
         self.reconfigured(|settings| settings.abandoned_retention = retention)
     }
 
+    /// Writes each record in its handler's own transaction. Off by default; on, for every
+    /// layer given this store (or its clones): make one store per mode.
+    ///
+    /// The handler takes a [`HandlerTransaction`](super::HandlerTransaction) (an axum
+    /// extractor with the feature `axum`; from the request's extensions otherwise), writes in
+    /// it and returns its response, without committing. The layer then writes the record in
+    /// that transaction, fenced by the claim's token, and commits, before it answers:
+    ///
+    /// - the handler's writes and the record commit together, or neither does;
+    /// - a crash or panic before the commit rolls both back: the claim is known to have had
+    ///   no effect, so a claim whose lease ended is taken over by the next request at once
+    ///   (no [`Claim::Abandoned`](crate::Claim::Abandoned), no "outcome unknown");
+    /// - a lost lease fails the fenced write: the transaction rolls back and the client gets
+    ///   a 503 problem, never a second committed effect;
+    /// - a failed commit answers a 503 problem and frees the key;
+    /// - the response must be whole when the handler returns: a streamed body (one not ready
+    ///   at once) is refused with a 500 problem and the transaction rolled back.
+    ///
+    /// A handler that never begins its transaction is completed as without this setting.
+    ///
+    /// # Warning
+    ///
+    /// Only what the handler writes in the transaction is covered. An effect outside the
+    /// database (a call to a card network, an email) is not rolled back by a crash, and with
+    /// this setting a crashed claim is taken over without asking: keep such handlers on a
+    /// store without it, where [`Recovery`](crate::Recovery) decides what a retry of an
+    /// abandoned claim does.
+    ///
+    /// ```
+    /// # fn f(store: tower_idempotency::PostgresStore) -> tower_idempotency::PostgresStore {
+    /// store.in_handler_transaction()
+    /// # }
+    /// ```
+    pub fn in_handler_transaction(self) -> Self {
+        self.reconfigured(|settings| settings.in_handler_transaction = true)
+    }
+
     /// The SQL that creates the store's table and indexes if they are missing: what
     /// [`migrate`](Self::migrate) runs, for applications that keep their own migrations.
     ///
@@ -292,6 +334,7 @@ impl fmt::Debug for PostgresStore {
             .field("response_timeout", &settings.response_timeout)
             .field("poll_interval", &settings.poll_interval)
             .field("abandoned_retention", &settings.abandoned_retention)
+            .field("in_handler_transaction", &settings.in_handler_transaction)
             .finish_non_exhaustive()
     }
 }

@@ -49,12 +49,17 @@
 //! opened on its first wait. A wait looks at the claim (one statement), then sleeps until a
 //! notification, the claim's lease's end, or the poll interval.
 //!
+//! # Completion in the handler's transaction
+//!
+//! With [`PostgresStore::in_handler_transaction`], the handler writes in a
+//! [`HandlerTransaction`] and the layer writes the record in it and commits (`transaction.rs`).
+//!
 //! # Files
 //!
 //! `connect.rs` the struct, its settings and `migrate`; `schema.rs` the table and every
 //! statement; `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) implementation;
-//! `notify.rs` the listener; `inspect.rs` look-ups, listings and purging; `error.rs` sqlx
-//! errors as [`StoreError`](crate::StoreError)s.
+//! `notify.rs` the listener; `inspect.rs` look-ups, listings and purging; `transaction.rs`
+//! the handlers' transactions; `error.rs` sqlx errors as [`StoreError`](crate::StoreError)s.
 
 mod connect;
 mod error;
@@ -62,6 +67,7 @@ mod inspect;
 mod notify;
 mod schema;
 mod store;
+mod transaction;
 
 pub use self::{
     connect::{
@@ -69,4 +75,5 @@ pub use self::{
     },
     inspect::{MAX_PURGE_BATCH, Purger},
     schema::DEFAULT_TABLE,
+    transaction::{HandlerTransaction, TransactionGuard},
 };

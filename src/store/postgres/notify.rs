@@ -5,8 +5,8 @@
 //! commits). The listener wakes the waiters of that key. Waiters on the instance that ended
 //! the claim are also woken at once, without the message.
 //!
-//! A notification can be lost while the listener reconnects; once it listens again, every
-//! waiter is woken to look at its claim again. A waiter also looks when the claim's
+//! A notification can be lost while the listener reconnects; once it listens again, it
+//! announces it (an epoch), and every waiter looks at its claim again. A waiter also looks when the claim's
 //! lease runs out and after a bounded poll interval.
 
 use std::{
@@ -38,13 +38,6 @@ impl Waiters {
             notify.notify_waiters();
         }
     }
-
-    fn wake_all(&self) {
-        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        for (notify, _) in keys.values() {
-            notify.notify_waiters();
-        }
-    }
 }
 
 pub(super) struct Notifier {
@@ -62,6 +55,8 @@ pub(super) struct Watch {
     waiters: Arc<Waiters>,
     key: StorageKey,
     pub(super) notify: Arc<Notify>,
+    /// Changes when the listener is (re-)established: ends of claims may have been missed.
+    pub(super) epoch: watch::Receiver<u64>,
 }
 
 impl Notifier {
@@ -95,10 +90,12 @@ impl Notifier {
         // Not listening yet: the first wait of this store waits for the listener (bounded;
         // the poll covers a listener that cannot connect).
         let _ = tokio::time::timeout(bound, epoch.wait_for(|epoch| *epoch > 0)).await;
+        epoch.mark_unchanged();
         Watch {
             waiters: Arc::clone(&self.waiters),
             key,
             notify,
+            epoch,
         }
     }
 
@@ -187,9 +184,8 @@ async fn listen(
             }
         };
         pause = RECONNECT_FIRST;
-        epoch.send_modify(|epoch| *epoch += 1);
         // Ends of claims missed while the listener was away: waiters look again.
-        waiters.wake_all();
+        epoch.send_modify(|epoch| *epoch += 1);
         // `try_recv` reports a lost connection as `Ok(None)`; the loop then connects anew.
         while let Ok(Some(notification)) = listener.try_recv().await {
             if let Some(key) = StorageKey::from_hex(notification.payload()) {

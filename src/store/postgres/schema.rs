@@ -101,7 +101,9 @@ macro_rules! epoch_ms {
 #[derive(Debug)]
 pub(super) struct Statements {
     /// `$1` key, `$2` token, `$3` fingerprint, `$4` lease (ms), `$5` retention of an abandoned
-    /// claim (ms), `$6` the abandoned claim's token to take over, or NULL.
+    /// claim (ms), `$6` the abandoned claim's token to take over, or NULL, `$7` whether any
+    /// claim whose lease ended is taken over (completion in the handler's transaction: such a
+    /// claim had no effect).
     ///
     /// Returns one row: `state` 0 when the key is now claimed with `$2`; otherwise what holds
     /// it: 1 a record (`record`, `left_ms` of its TTL), 2 a live claim (`left_ms` of its
@@ -143,7 +145,8 @@ impl Statements {
         claimed_at = excluded.claimed_at, lease_until = excluded.lease_until,
         expires_at = excluded.expires_at, completed_at = NULL, record = NULL
     WHERE held.expires_at <= statement_timestamp()
-       OR (held.record IS NULL AND held.token = $6 AND held.lease_until <= statement_timestamp())
+       OR (held.record IS NULL AND (held.token = $6 OR $7)
+           AND held.lease_until <= statement_timestamp())
     RETURNING 0
 )
 SELECT 0::int4 AS state, NULL::bigint AS token, NULL::bytea AS fingerprint,

@@ -30,6 +30,11 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(5);
 /// meanwhile, so more is a sign of something else.
 const CLAIM_ATTEMPTS: usize = 3;
 
+/// A failure of a completion in the handler's transaction: the transaction is rolled back.
+fn rolled_back(source: StoreError) -> StoreError {
+    StoreError::new(StoreErrorKind::RolledBack, source)
+}
+
 /// A token as PostgreSQL's `bigint` (the same 64 bits).
 pub(super) fn token_sql(token: FenceToken) -> i64 {
     i64::from_be_bytes(token.get().to_be_bytes())
@@ -75,7 +80,8 @@ impl PostgresStore {
                 .bind(&fingerprint.as_bytes()[..])
                 .bind(lease)
                 .bind(retention)
-                .bind(abandoned.map(token_sql));
+                .bind(abandoned.map(token_sql))
+                .bind(self.shared.settings.in_handler_transaction);
             let row = match self.bounded(query.fetch_optional(&self.pool)).await {
                 Ok(Some(row)) => row,
                 // Another claim committed between the insert's look at the key and the
@@ -108,6 +114,28 @@ impl PostgresStore {
             Some(_) => Ok(()),
             None => Err(StoreError::lease_lost()),
         }
+    }
+
+    /// Writes the record in the handler's transaction `tx`, fenced by `token`, and commits:
+    /// any failure rolls the handler's writes back with it
+    /// ([`StoreErrorKind::RolledBack`]).
+    async fn complete_in(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        key: &StorageKey,
+        token: FenceToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let query = self.completion(key, token, record.encode(), ttl);
+        match self.bounded(query.fetch_optional(&mut *tx)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(rolled_back(StoreError::lease_lost())),
+            Err(error) => return Err(rolled_back(error)),
+        }
+        self.bounded(tx.commit()).await.map_err(rolled_back)?;
+        self.shared.notifier.wake(key);
+        Ok(())
     }
 
     /// The statement that replaces the live claim `token` with `record`.
@@ -172,6 +200,11 @@ impl IdempotencyStore for PostgresStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        if self.shared.settings.in_handler_transaction
+            && let Some(Some(tx)) = self.shared.transactions.take(*key, token).await
+        {
+            return self.complete_in(tx, key, token, &record, ttl).await;
+        }
         let query = self.completion(key, token, record.encode(), ttl);
         self.fenced(query).await?;
         self.shared.notifier.wake(key);
@@ -179,6 +212,13 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        if self.shared.settings.in_handler_transaction
+            && let Some(Some(tx)) = self.shared.transactions.take(*key, token).await
+        {
+            // The handler's writes are undone; a rollback that does not arrive is the
+            // server's, when the connection closes.
+            let _ = self.bounded(tx.rollback()).await;
+        }
         let query = sqlx::query(&self.shared.statements.release)
             .bind(&key.as_bytes()[..])
             .bind(token_sql(token))
@@ -205,7 +245,7 @@ impl IdempotencyStore for PostgresStore {
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
         let deadline = Instant::now() + timeout.min(MAX_TTL);
         let poll = self.shared.settings.poll_interval;
-        let watch = self
+        let mut watch = self
             .shared
             .notifier
             .watch(*key, self.shared.settings.response_timeout.min(poll))
@@ -228,6 +268,8 @@ impl IdempotencyStore for PostgresStore {
                 .fold(deadline, Instant::min);
             tokio::select! {
                 () = notified => return Ok(()),
+                // The listener is back: an end may have been missed, look again.
+                Ok(()) = watch.epoch.changed() => {}
                 () = tokio::time::sleep_until(wake_at) => {}
             }
             if Instant::now() >= deadline {
@@ -281,6 +323,19 @@ impl IdempotencyStore for PostgresStore {
         limit: usize,
     ) -> Result<ClaimPage, StoreError> {
         self.list(older_than, cursor, limit).await
+    }
+
+    fn prepare_handler(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        extensions: &mut http::Extensions,
+    ) -> bool {
+        if !self.shared.settings.in_handler_transaction {
+            return false;
+        }
+        extensions.insert(self.shared.transactions.prepare(&self.pool, *key, token));
+        true
     }
 
     const NAME: &'static str = "postgres";
