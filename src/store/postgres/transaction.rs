@@ -1,4 +1,5 @@
-//! Completion in the handler's own transaction ([`PostgresStore::in_handler_transaction`]):
+//! Completion in the handler's own transaction
+//! ([`PostgresStore::in_handler_transaction`](crate::PostgresStore::in_handler_transaction)):
 //! the transaction the handler writes in, and the store's table of the ones open.
 //!
 //! Once a request holds its claim, the layer asks the store to prepare its handler
@@ -28,8 +29,9 @@ type Open = AsyncMutex<Option<Transaction<'static, Postgres>>>;
 /// the request's extensions (or, with the feature `axum`, as an extractor), begun on first
 /// use, committed by the layer together with the record once the handler has returned.
 ///
-/// Only on a layer whose store is [`PostgresStore::in_handler_transaction`]; a request the
-/// layer does not protect (no key, a method not protected) has none.
+/// Only on a layer whose store is
+/// [`PostgresStore::in_handler_transaction`](crate::PostgresStore::in_handler_transaction); a
+/// request the layer does not protect (no key, a method not protected) has none.
 ///
 /// ```
 /// use axum::{http::StatusCode, response::IntoResponse};
