@@ -118,6 +118,23 @@ async fn the_transfer_and_its_record_commit_together_and_the_retry_is_replayed()
     assert_eq!(balances(&pool).await, (750, 250, 1));
 }
 
+#[cfg(feature = "moka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_store_over_it_hands_the_transaction_on_and_replays_from_memory() {
+    use tower_idempotency::CachedStore;
+    let pool = pool_at(&database("tx_cached").await);
+    let store = CachedStore::new(
+        PostgresStore::new(pool.clone()).in_handler_transaction(),
+        1 << 20,
+    );
+    let app = example::routes(pool.clone()).layer(IdempotencyLayer::new(store));
+    let first = call(&app, transfer("t-cached", 40)).await;
+    assert_eq!(first.0, StatusCode::CREATED, "{first:?}");
+    let retry = call(&app, transfer("t-cached", 40)).await;
+    assert!(retry.1, "replayed: {retry:?}");
+    assert_eq!(balances(&pool).await, (960, 40, 1));
+}
+
 /// The example's routes with `around` between the layer and the handler.
 fn app_with(pool: &PgPool, store: PostgresStore, around: Router) -> Router {
     let _ = pool;
