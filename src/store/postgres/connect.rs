@@ -262,6 +262,11 @@ impl PostgresStore {
     ///
     /// A handler that never begins its transaction is completed as without this setting.
     ///
+    /// Each running handler holds a connection of the pool for its transaction; the store's
+    /// own statements (claims, renewals) need others. Size the pool for both: a pool held
+    /// entirely by handlers makes claims wait, and fail with a 503 after the response
+    /// timeout.
+    ///
     /// # Warning
     ///
     /// Only what the handler writes in the transaction is covered. An effect outside the
