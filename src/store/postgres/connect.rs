@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use super::{
     error::{store_error, timed_out},
     notify::Notifier,
-    schema::{self, DEFAULT_TABLE, Statements, Table},
+    schema::{self, Statements, Table},
     transaction::Transactions,
 };
 use crate::{error::StoreError, store::FenceToken};
@@ -92,7 +92,7 @@ impl Tokens {
 /// A store in PostgreSQL: the records live in the database the application already trusts,
 /// shared by every instance of a service.
 ///
-/// - **One table**, [`DEFAULT_TABLE`] unless [`with_table`](Self::with_table) names another,
+/// - **One table**, [`DEFAULT_TABLE`](super::DEFAULT_TABLE) unless [`with_table`](Self::with_table) names another,
 ///   created by [`migrate`](Self::migrate) (or by the SQL [`migration`](Self::migration)
 ///   returns, for applications that run their own migrations).
 /// - **One statement per operation**, atomic by itself: the claim is an
@@ -134,11 +134,11 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// A store on the application's pool, in the table [`DEFAULT_TABLE`]. Nothing is sent to
+    /// A store on the application's pool, in the table [`DEFAULT_TABLE`](super::DEFAULT_TABLE). Nothing is sent to
     /// the database until the first request (or [`migrate`](Self::migrate)).
     pub fn new(pool: PgPool) -> Self {
         let settings = Settings {
-            table: Table::parse(DEFAULT_TABLE).unwrap_or_else(|| unreachable!()),
+            table: Table::default(),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             abandoned_retention: DEFAULT_ABANDONED_RETENTION,
@@ -159,7 +159,7 @@ impl PostgresStore {
     }
 
     /// The table that holds the records and claims. Default: `idempotency_records`
-    /// ([`DEFAULT_TABLE`]).
+    /// ([`DEFAULT_TABLE`](super::DEFAULT_TABLE)).
     ///
     /// ```
     /// # fn f(store: tower_idempotency::PostgresStore) -> tower_idempotency::PostgresStore {

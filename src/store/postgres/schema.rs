@@ -50,6 +50,13 @@ impl Table {
     }
 }
 
+impl Default for Table {
+    /// [`DEFAULT_TABLE`], which [`Table::parse`] accepts (a test says so).
+    fn default() -> Self {
+        Self(DEFAULT_TABLE.to_owned())
+    }
+}
+
 impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -263,6 +270,11 @@ mod tests {
         for (name, ok) in cases {
             assert_eq!(Table::parse(name).is_some(), ok, "{name:?}");
         }
+    }
+
+    #[test]
+    fn the_default_table_is_a_valid_name() {
+        assert_eq!(Table::parse(DEFAULT_TABLE), Some(Table::default()));
     }
 
     #[test]
