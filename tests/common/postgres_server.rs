@@ -253,12 +253,14 @@ wait"#
                 self.running = Some(running);
                 return Ok(());
             }
-            // Only what this start logged: an earlier crash leaves FATAL lines behind.
-            if self
-                .log()
-                .get(logged..)
-                .is_some_and(|log| log.contains("FATAL"))
-            {
+            // Only what this start logged (an earlier crash leaves FATAL lines behind), and
+            // not a client turned away while the server recovers ("the database system is
+            // not yet accepting connections"): the server's own failure.
+            let failed = self.log().get(logged..).is_some_and(|log| {
+                log.lines()
+                    .any(|line| line.contains("FATAL") && !line.contains("the database system is"))
+            });
+            if failed {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
