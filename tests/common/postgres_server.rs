@@ -7,7 +7,7 @@
 //!
 //! Each server runs under a small `sh` watchdog that reads its standard input: when the test
 //! process ends in any way (even killed), the pipe closes and the watchdog stops the server
-//! (`pg_ctl stop -m immediate`). No server outlives its tests.
+//! (`pg_ctl stop -m immediate`) and removes its directory. No server outlives its tests.
 //!
 //! `kill` SIGKILLs the postmaster and its backends (a crash: nothing is shut down cleanly);
 //! `restart` starts the server again on the same port and data directory, which then recovers
@@ -224,12 +224,14 @@ impl PostgresServer {
   -c shared_preload_libraries=pg_stat_statements -c log_min_messages=warning \
   </dev/null >>"$3/postgres.log" 2>&1 &
 pid=$!
-read _
+read keep
 # Until the server is gone: a postmaster that has not written its pid file yet is asked again.
 while kill -0 "$pid" 2>/dev/null; do
   {stop} "$4" stop -D "$1" -m immediate -w -t 10 >/dev/null 2>&1 || sleep 0.1
 done
-wait"#
+wait
+# The test process ended (a server kept in a `static` is never dropped): nothing is left.
+[ "$keep" = keep ] || rm -rf "$3""#
         );
         let mut watchdog = Command::new("sh")
             .arg("-c")
@@ -314,7 +316,7 @@ wait"#
         else {
             return;
         };
-        drop(stdin);
+        keep(stdin);
         wait_bounded(&mut watchdog, "the watchdog");
         self.wait_port_closed();
     }
@@ -329,7 +331,7 @@ wait"#
             return;
         };
         assert!(self.kill_postmaster(), "postgres survived SIGKILL");
-        drop(stdin);
+        keep(stdin);
         wait_bounded(&mut watchdog, "the watchdog");
         self.wait_port_closed();
     }
@@ -379,6 +381,12 @@ wait"#
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Tells the watchdog to stop the server and keep its directory (for a restart).
+fn keep(mut stdin: ChildStdin) {
+    use std::io::Write;
+    let _ = stdin.write_all(b"keep\n");
 }
 
 fn wait_bounded(child: &mut Child, what: &str) {
