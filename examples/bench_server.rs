@@ -11,6 +11,8 @@
 //!   `REDIS_URL`. Default `memory`. Two more modes are **naive baselines**, measured only to
 //!   put the layer's cost in context (see [`naive`]): `naive-moka` (a moka cache of responses)
 //!   and `naive-redis` (the same over Redis: needs the `redis` feature and `REDIS_URL`).
+//! - `MODE=postgres`: `PostgresStore` (the `postgres` feature and `DATABASE_URL`; the table is
+//!   created if missing).
 //! - `PORT`: the loopback port to listen on. Default 3000.
 //!
 //! Routes (the same in every mode):
@@ -66,6 +68,18 @@ async fn redis_store() -> Result<tower_idempotency::RedisStore, Box<dyn std::err
     Ok(tower_idempotency::RedisStore::connect(&url).await?)
 }
 
+#[cfg(feature = "postgres")]
+async fn postgres_store() -> Result<tower_idempotency::PostgresStore, Box<dyn std::error::Error>> {
+    let url = std::env::var("DATABASE_URL").map_err(|_| "MODE=postgres needs DATABASE_URL")?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(32)
+        .connect(&url)
+        .await?;
+    let store = tower_idempotency::PostgresStore::new(pool);
+    store.migrate().await?;
+    Ok(store)
+}
+
 async fn app(mode: &str) -> Result<Router, Box<dyn std::error::Error>> {
     Ok(match mode {
         "bare" => charges().merge(derived()),
@@ -77,6 +91,10 @@ async fn app(mode: &str) -> Result<Router, Box<dyn std::error::Error>> {
             redis_store().await?,
             64 * 1024 * 1024,
         )),
+        #[cfg(feature = "postgres")]
+        "postgres" => protected(postgres_store().await?),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => return Err("MODE=postgres needs the `postgres` feature".into()),
         "naive-moka" => naive::moka(charges().merge(derived())),
         #[cfg(feature = "redis")]
         "naive-redis" => naive::redis(charges().merge(derived())).await?,
@@ -86,7 +104,7 @@ async fn app(mode: &str) -> Result<Router, Box<dyn std::error::Error>> {
         }
         other => {
             return Err(format!(
-                "unknown MODE {other:?}: bare, memory, redis, cached, naive-moka or naive-redis"
+                "unknown MODE {other:?}: bare, memory, redis, cached, postgres, naive-moka or naive-redis"
             )
             .into());
         }

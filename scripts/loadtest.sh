@@ -21,7 +21,9 @@
 #   CONNECTIONS=16 wrk connections              THREADS=1       wrk threads
 #   MODES="naive-moka memory naive-redis redis cached"  layered modes (naive-redis, redis
 #                  and cached need redis-server; without it, the default is
-#                  "naive-moka memory")
+#                  "naive-moka memory"); `postgres` (not in the default) measures
+#                  PostgresStore on a PostgreSQL the script starts (Debian's postgresql
+#                  package; default settings, fsync on; run as the postgres user when root)
 #   SCENARIOS="get nokey unique replay derived"
 #   CARGO_TARGET_DIR  where the server is built (default target/)
 #
@@ -56,11 +58,13 @@ if [ -z "${MODES:-}" ]; then
     fi
 fi
 needs_redis=false
+needs_postgres=false
 for mode in $MODES; do
     case "$mode" in
         memory | naive-moka) ;;
         redis | cached | naive-redis) needs_redis=true ;;
-        *) die "unknown mode $mode (naive-moka, memory, naive-redis, redis, cached)" ;;
+        postgres) needs_postgres=true ;;
+        *) die "unknown mode $mode (naive-moka, memory, naive-redis, redis, cached, postgres)" ;;
     esac
 done
 for scenario in $SCENARIOS; do
@@ -96,6 +100,7 @@ fi
 
 features=()
 if $needs_redis; then features=(--features redis); fi
+if $needs_postgres; then features=(--features redis,postgres); fi
 echo "building the server (release)…"
 cargo build --quiet --release --example bench_server "${features[@]}"
 server_bin=${CARGO_TARGET_DIR:-target}/release/examples/bench_server
@@ -122,6 +127,32 @@ if $needs_redis; then
     done
     redis-cli -h 127.0.0.1 -p "$redis_port" ping | grep -q PONG || die "redis-server did not start"
     redis_url="redis://127.0.0.1:$redis_port"
+fi
+
+database_url=
+if $needs_postgres; then
+    pg_bin=$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] ||
+        die "PostgreSQL's initdb was not found (Debian: apt-get install postgresql)"
+    as_pg=()
+    mkdir "$work/pg"
+    if [ "$(id -u)" -eq 0 ]; then
+        # PostgreSQL refuses to run as root.
+        as_pg=(runuser -u postgres --)
+        chown postgres "$work" "$work/pg"
+    fi
+    "${as_pg[@]}" "$pg_bin/initdb" -D "$work/pg/data" -A trust -U postgres >"$work/pg/initdb.log" 2>&1 ||
+        die "initdb failed: $(cat "$work/pg/initdb.log")"
+    free_port pg_port || die "no free loopback port"
+    "${redis_cpu[@]}" "${as_pg[@]}" "$pg_bin/postgres" -D "$work/pg/data" -p "$pg_port" \
+        -h 127.0.0.1 -k "$work/pg" -c max_connections=200 >"$work/pg/log" 2>&1 &
+    pids+=("$!")
+    for _ in $(seq 300); do
+        "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
+        sleep 0.1
+    done
+    "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || die "postgres did not start: $(cat "$work/pg/log")"
+    database_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
 fi
 
 clk_tck=$(getconf CLK_TCK)
@@ -154,7 +185,8 @@ start_server() {
     local mode=$1 attempt port pid log=$work/server-$1.log
     for attempt in 1 2 3; do
         free_port port || die "no free loopback port"
-        MODE=$mode PORT=$port REDIS_URL=$redis_url "${server_cpu[@]}" "$server_bin" >"$log" 2>&1 &
+        MODE=$mode PORT=$port REDIS_URL=$redis_url DATABASE_URL=$database_url \
+            "${server_cpu[@]}" "$server_bin" >"$log" 2>&1 &
         pid=$!
         pids+=("$pid")
         for _ in $(seq 100); do

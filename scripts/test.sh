@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole check: formatting, lints, every test (Redis ones start their own redis-server),
-# docs with warnings denied, benches compile, the load script runs, the memory flood (in
-# release), a 20 s soak with redis-server killed twice, and the declared minimum Rust
+# The whole check: formatting, lints, every test (Redis and Postgres ones start their own
+# servers), docs with warnings denied, benches compile, the load script runs, the memory flood
+# (in release), a 20 s soak with redis-server killed twice, and the declared minimum Rust
 # version builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,12 @@ for tool in redis-server redis-cli wrk; do
         exit 1
     fi
 done
+# The Postgres tests start their own server from Debian's binaries, which are not on PATH.
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! command -v initdb >/dev/null 2>&1; then
+    echo "error: PostgreSQL's initdb was not found; the Postgres tests need it." >&2
+    echo "       install Debian's package: sudo apt-get install postgresql" >&2
+    exit 1
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

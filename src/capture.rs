@@ -32,7 +32,7 @@ use crate::{
     expiry,
     fingerprint::Fingerprint,
     jsonrpc::{self, Rpc},
-    lease::Lease,
+    lease::{Kept, Lease},
     observe::RecordResult,
     problem::Problem,
     record::Record,
@@ -46,7 +46,7 @@ use crate::{
 pub(crate) enum Settled<B> {
     /// Answered once the record is stored or the key released (`lease_op`).
     AfterStore {
-        lease_op: Pin<Box<dyn Future<Output = ()> + Send>>,
+        lease_op: Pin<Box<dyn Future<Output = Kept> + Send>>,
         response: Response<ResponseBody<B>>,
     },
     /// Answered now: a task of its own captures the body still being produced.
@@ -75,7 +75,7 @@ where
     let Ok(taken) = catch_unwind::catching(|| take_ready(response, config, cx)) else {
         return panicked(lease, config, rpc);
     };
-    let (lease_op, response): (Pin<Box<dyn Future<Output = ()> + Send>>, _) = match taken {
+    let (lease_op, response): (Pin<Box<dyn Future<Output = Kept> + Send>>, _) = match taken {
         Ran::NotStored(response) => {
             tracing::debug!(status = %response.status(), "response not stored; key released");
             (Box::pin(lease.release(RecordResult::Predicate)), response)
@@ -110,6 +110,19 @@ where
             let response = Response::from_parts(head, ResponseBody::full(body, trailers));
             let response = expiry::on_first_execution(config, ttl, response);
             (Box::pin(lease.complete(record, ttl)), response)
+        }
+        Ran::Streaming { body, .. } if lease.in_transaction() => {
+            // The record is written in the handler's transaction, which commits before the
+            // response is answered: a body still being produced cannot be part of it. The
+            // transaction is rolled back with the release.
+            drop(body);
+            tracing::error!(
+                "a handler completing in its own transaction returned a streamed body; refused and rolled back"
+            );
+            return Settled::AfterStore {
+                lease_op: Box::pin(lease.release(RecordResult::BodyError)),
+                response: reject(config, &Problem::handler_failed(), rpc),
+            };
         }
         Ran::Streaming {
             head,
@@ -302,7 +315,7 @@ where
                 let body = self.tx.captured();
                 if !kept(&of.rpc, of.store_errors, &of.headers, &body) {
                     tracing::debug!("no JSON-RPC answer to keep; key released");
-                    lease.release(RecordResult::Predicate).await;
+                    let _ = lease.release(RecordResult::Predicate).await;
                     self.tx.end();
                     return;
                 }
@@ -313,13 +326,13 @@ where
                     body,
                     self.trailers.as_ref(),
                 );
-                lease.complete(record, of.ttl).await;
+                let _ = lease.complete(record, of.ttl).await;
                 self.tx.end();
             }
             Captured::OverLimit(frame) => {
                 // The key is spent whatever the rest of the body does: the handler ran.
                 let record = Record::not_replayable(of.fingerprint, of.status);
-                lease.complete(record, of.ttl).await;
+                let _ = lease.complete(record, of.ttl).await;
                 self.forward_rest(frame).await;
             }
             Captured::CutShort => {
@@ -332,11 +345,11 @@ where
                      end in time; the body is dropped and the key spent (not replayable)"
                 );
                 let record = Record::not_replayable(of.fingerprint, of.status);
-                lease.complete(record, of.ttl).await;
+                let _ = lease.complete(record, of.ttl).await;
             }
             Captured::Failed(error) => {
                 // Released before the client sees the error, so its retry at once executes.
-                lease.release(RecordResult::BodyError).await;
+                let _ = lease.release(RecordResult::BodyError).await;
                 self.tx.fail(error);
             }
         }

@@ -28,6 +28,11 @@ pub enum StoreErrorKind {
     LeaseLost,
     /// Any other failure the backend reported.
     Other,
+    /// The record was to be written in the handler's own transaction, and that transaction
+    /// did not commit (the fenced write found the lease lost, or the commit failed): the
+    /// handler's writes are undone with it. The layer answers a 503 problem in place of the
+    /// handler's response and frees the key, so a retry executes again.
+    RolledBack,
 }
 
 impl StoreError {
@@ -70,6 +75,9 @@ impl fmt::Display for StoreError {
             StoreErrorKind::Corrupt => "idempotency store returned a corrupt record",
             StoreErrorKind::LeaseLost => "idempotency lease lost",
             StoreErrorKind::Other => "idempotency store error",
+            StoreErrorKind::RolledBack => {
+                "the handler's transaction did not commit; its writes and record were rolled back"
+            }
         };
         match &self.source {
             Some(source) => write!(f, "{what}: {source}"),

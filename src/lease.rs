@@ -37,6 +37,17 @@ use crate::{
 const RETRY_FIRST: Duration = Duration::from_millis(25);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// Whether the handler's response still stands once its claim is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub(crate) enum Kept {
+    /// It does: answer it.
+    Response,
+    /// It does not: it was written in the handler's own transaction, which was rolled back
+    /// ([`StoreErrorKind::RolledBack`]); the key is freed, the client gets a problem.
+    Void,
+}
+
 /// Whether the claim a release gives back is known to hold the key.
 #[derive(Clone, Copy)]
 enum Claimed {
@@ -56,6 +67,9 @@ pub(crate) struct Lease<St: IdempotencyStore> {
     /// from when the claim, or its last successful renewal, was sent.
     live_until: Instant,
     held: bool,
+    /// The store writes the record in the handler's own transaction
+    /// ([`IdempotencyStore::prepare_handler`]): the response must be whole before it.
+    in_transaction: bool,
     observer: Option<Observer>,
 }
 
@@ -89,6 +103,7 @@ impl<St: IdempotencyStore> Lease<St> {
             duration,
             live_until: claimed_at + duration,
             held: true,
+            in_transaction: false,
             observer: None,
         }
     }
@@ -97,6 +112,20 @@ impl<St: IdempotencyStore> Lease<St> {
     pub(crate) fn observed(mut self, observer: Observer) -> Self {
         self.observer = Some(observer);
         self
+    }
+
+    /// Hands the claim to the store before the handler runs, with the request's extensions
+    /// ([`IdempotencyStore::prepare_handler`]).
+    pub(crate) fn prepare_handler(&mut self, extensions: &mut http::Extensions) {
+        self.in_transaction = self
+            .store
+            .prepare_handler(&self.key, self.token, extensions);
+    }
+
+    /// Whether the record is written in the handler's own transaction: the response must be
+    /// whole when the handler returns.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.in_transaction
     }
 
     async fn store_op<F>(&self, op: Op, operation: F) -> F::Output
@@ -173,8 +202,9 @@ impl<St: IdempotencyStore> Lease<St> {
     /// Returns once the record is stored, or once a first attempt failed: a store that could
     /// not be reached is tried again in the background while the claim may still be live; any
     /// other failure releases the claim, so a retry executes again rather than waiting out
-    /// the lease.
-    pub(crate) async fn complete(mut self, record: Record, ttl: Duration) {
+    /// the lease. A completion in the handler's own transaction that was rolled back frees the
+    /// key and voids the response.
+    pub(crate) async fn complete(mut self, record: Record, ttl: Duration) -> Kept {
         self.held = false;
         let stored = if record.is_replayable() {
             RecordResult::Stored
@@ -186,8 +216,16 @@ impl<St: IdempotencyStore> Lease<St> {
             .complete(&self.key, self.token, record.clone(), ttl);
         match self.store_op(Op::Complete, completion).await {
             Ok(()) => self.report(|o| o.record(stored)),
+            Err(error) if error.kind() == StoreErrorKind::RolledBack => {
+                tracing::warn!(key = ?self.key, %error, "the handler's transaction was rolled back; its response is void and the key released");
+                // Never retried: a retry outside the transaction would store a record
+                // whose writes were undone.
+                let _ = self.release(RecordResult::StoreError).await;
+                return Kept::Void;
+            }
             Err(error) => self.completion_failed(error, record, ttl, stored),
         }
+        Kept::Response
     }
 
     fn completion_failed(
@@ -224,13 +262,17 @@ impl<St: IdempotencyStore> Lease<St> {
                             );
                             self.report(|o| o.record(RecordResult::StoreError));
                         }
-                        Err(_) => self.release(RecordResult::StoreError).await,
+                        Err(_) => {
+                            let _ = self.release(RecordResult::StoreError).await;
+                        }
                     }
                 });
             }
             _ => {
                 tracing::warn!(key = ?self.key, %error, "storing an idempotency record failed; releasing the key");
-                spawn(self.release(RecordResult::StoreError));
+                spawn(async move {
+                    let _ = self.release(RecordResult::StoreError).await;
+                });
             }
         }
     }
@@ -245,11 +287,12 @@ impl<St: IdempotencyStore> Lease<St> {
 
     /// Gives the key back, the response not stored for this reason (`why`): the next request
     /// with the key executes. A store that could not be reached is tried again while the
-    /// claim lasts.
-    pub(crate) async fn release(mut self, why: RecordResult) {
+    /// claim lasts. The response stands.
+    pub(crate) async fn release(mut self, why: RecordResult) -> Kept {
         self.held = false;
         self.report(|o| o.record(why));
         self.give_back(Claimed::Known).await;
+        Kept::Response
     }
 
     /// Releases, in the background, a claim (or take-over) whose reply never came: it may

@@ -61,6 +61,8 @@ pub use crate::{
     store::IdempotencyStore,
 };
 
+#[cfg(feature = "postgres")]
+pub use crate::store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 pub use crate::store::redis::RedisStore;
 #[cfg(feature = "moka")]

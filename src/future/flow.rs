@@ -64,7 +64,7 @@ use crate::{
     error::{BoxError, StoreError},
     fingerprint::Fingerprint,
     jsonrpc::Rpc,
-    lease::{Lease, Renewal},
+    lease::{Kept, Lease, Renewal},
     observe::WaitClock,
     plan::{Key, KeyPlan},
     problem::{Problem, ProblemKind},
@@ -76,7 +76,7 @@ use crate::{
 type StoreOp<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 
 /// Storing a record or releasing a key: the lease deals with a failure.
-type LeaseOp = Pin<Box<dyn Future<Output = ()> + Send>>;
+type LeaseOp = Pin<Box<dyn Future<Output = Kept> + Send>>;
 
 pin_project! {
     /// The flow of one protected request (see the module docs).
@@ -147,7 +147,7 @@ enum Event<ResB, E> {
     Waited(Result<(), StoreError>),
     Ready(Result<(), E>),
     Ran(Result<Result<Response<ResB>, E>, Panic>),
-    Finished,
+    Finished(Kept),
 }
 
 /// The next state, or the answer.
@@ -290,8 +290,7 @@ where
                     }
                 },
                 StateProj::Finish { lease_op, .. } => {
-                    ready!(lease_op.as_mut().poll(cx));
-                    Event::Finished
+                    Event::Finished(ready!(lease_op.as_mut().poll(cx)))
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             };
@@ -330,7 +329,10 @@ where
                     ctx.run(request, held, ready)
                 }
                 (StateOwned::Run { held, .. }, Event::Ran(ran)) => ctx.ran(held, ran, cx),
-                (StateOwned::Finish { output, .. }, Event::Finished) => Step::Answer(output),
+                (StateOwned::Finish { output, .. }, Event::Finished(Kept::Response)) => {
+                    Step::Answer(output)
+                }
+                (StateOwned::Finish { .. }, Event::Finished(Kept::Void)) => ctx.voided(),
                 // Each event comes from the state it was polled in, just above.
                 _ => unreachable!("a flow event paired with another state"),
             };

@@ -88,7 +88,13 @@ impl Scope {
 
     /// Adds the scope of `parts` to a storage key: its credentials (and, with `session`, its
     /// MCP session), or for a derived key without any, its peer's address.
-    pub(crate) fn hash(&self, parts: &Parts, derived: bool, session: bool, hasher: &mut FieldHasher) {
+    pub(crate) fn hash(
+        &self,
+        parts: &Parts,
+        derived: bool,
+        session: bool,
+        hasher: &mut FieldHasher,
+    ) {
         match self {
             Self::Credentials => {
                 let mut named = false;

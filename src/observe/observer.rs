@@ -275,6 +275,7 @@ fn error_word(error: &StoreError) -> &'static str {
         StoreErrorKind::LeaseLost => "lease_lost",
         StoreErrorKind::Unavailable => "unavailable",
         StoreErrorKind::Corrupt => "corrupt",
+        StoreErrorKind::RolledBack => "rolled_back",
         _ => "error",
     }
 }

@@ -262,5 +262,14 @@ impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
         self.inner.list_claims(older_than, cursor, limit).await
     }
 
+    fn prepare_handler(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        extensions: &mut http::Extensions,
+    ) -> bool {
+        self.inner.prepare_handler(key, token, extensions)
+    }
+
     const NAME: &'static str = "cached";
 }

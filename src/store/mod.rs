@@ -142,6 +142,8 @@ use crate::{
 pub mod cached;
 #[cfg(feature = "moka")]
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "moka")]
 mod recent;
 #[cfg(feature = "moka")]
@@ -284,6 +286,24 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         cursor: Option<ListCursor>,
         limit: usize,
     ) -> impl Future<Output = Result<ClaimPage, StoreError>> + Send;
+
+    /// Called once a request holds the claim `token` on `key`, just before its handler runs,
+    /// with the request's extensions. A store that writes records in the handler's own
+    /// transaction puts there what the handler opens it with, and returns `true`: the
+    /// handler's response must then be whole when the handler returns, since the record is
+    /// written (and the transaction committed) before the response is answered. Not an
+    /// operation on the store: nothing is sent, nothing waits.
+    ///
+    /// Default: does nothing and returns `false`.
+    fn prepare_handler(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        extensions: &mut http::Extensions,
+    ) -> bool {
+        let _ = (key, token, extensions);
+        false
+    }
 
     /// The store's name in metrics (`store` label) and logs. Default: `custom`.
     const NAME: &'static str = "custom";

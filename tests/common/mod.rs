@@ -9,6 +9,7 @@ pub mod lossy_link;
 #[cfg(feature = "axum")]
 pub mod operations;
 pub mod panics;
+pub mod postgres_server;
 pub mod recording_store;
 pub mod redis_server;
 pub mod rotation;

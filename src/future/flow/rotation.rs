@@ -57,7 +57,11 @@ where
         lease: Lease<St>,
     ) -> State<S::Future, ReqB, St, ResB, S::Error> {
         let config = &self.config;
-        let client = keyed.key.client.as_ref().map(|key| (key, keyed.key.delivery));
+        let client = keyed
+            .key
+            .client
+            .as_ref()
+            .map(|key| (key, keyed.key.delivery));
         let earlier = config.previous_addresses(&keyed.parts, &keyed.body, client, &self.rpc);
         let (store, observer, lease_for) =
             (self.store.clone(), config.observer.clone(), config.lease);

@@ -244,7 +244,11 @@ where
 
     /// The key is claimed, under `lease`: the handler runs, once the inner service is ready
     /// (unless the client has gone: the key is given back).
-    pub(super) fn hold(&mut self, keyed: Keyed, lease: Lease<St>) -> FlowStep<S, St, ReqB, ResB> {
+    pub(super) fn hold(
+        &mut self,
+        keyed: Keyed,
+        mut lease: Lease<St>,
+    ) -> FlowStep<S, St, ReqB, ResB> {
         let Keyed {
             parts,
             body,
@@ -261,6 +265,7 @@ where
         if let Some(client_key) = key.client {
             request.extensions_mut().insert(client_key);
         }
+        lease.prepare_handler(request.extensions_mut());
         let held = Held {
             lease,
             renewal: Renewal::default(),
@@ -307,7 +312,8 @@ where
         let (store, observer) = (self.store.clone(), config.observer.clone());
         let wait = Box::pin(async move {
             if let Some(give_back) = first {
-                give_back.await;
+                // A claim given back before a wait answers nobody: what stands is moot.
+                let _ = give_back.await;
             }
             let wait = store.wait(&on, remaining);
             observer.store_op(St::NAME, Op::Wait, wait).await
@@ -425,6 +431,12 @@ where
             }),
             Settled::Now(response) => Step::Answer(Ok(response)),
         }
+    }
+
+    /// The record was to commit in the handler's own transaction, which was rolled back:
+    /// the key is freed and a 503 answers in place of the handler's response.
+    pub(super) fn voided(&self) -> FlowStep<S, St, ReqB, ResB> {
+        self.reject(&Problem::store_unavailable())
     }
 
     /// A problem, answered at once.
