@@ -60,6 +60,6 @@ pub use crate::{
 };
 
 #[cfg(feature = "redis")]
-pub use crate::store::redis::RedisStore;
+pub use crate::store::redis::{Durability, RedisStore};
 #[cfg(feature = "moka")]
 pub use crate::store::{cached::CachedStore, memory::MemoryStore};

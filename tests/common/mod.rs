@@ -8,6 +8,7 @@ pub mod flaky_store;
 pub mod operations;
 pub mod panics;
 pub mod recording_store;
+pub mod redis_ha;
 pub mod redis_server;
 pub mod scenarios;
 pub mod service;

@@ -20,10 +20,14 @@ use ::redis::{
 };
 
 use super::{
+    durability::Durability,
     error::{store_error, timed_out},
     notify::Notifier,
 };
-use crate::{config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey, store::FenceToken};
+use crate::{
+    config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey, observe::ShortfallCounter,
+    store::FenceToken,
+};
 
 /// The default key prefix: `idempotency:`.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
@@ -40,6 +44,7 @@ pub(super) struct Shared {
     pub(super) settings: Settings,
     pub(super) notifier: Notifier,
     pub(super) tokens: Tokens,
+    pub(super) shortfalls: ShortfallCounter,
 }
 
 #[derive(Clone)]
@@ -48,6 +53,7 @@ pub(super) struct Settings {
     pub(super) response_timeout: Duration,
     pub(super) poll_interval: Duration,
     pub(super) abandoned_retention: Duration,
+    pub(super) durability: Durability,
 }
 
 impl Shared {
@@ -63,6 +69,7 @@ impl Shared {
             ),
             settings,
             tokens: Tokens::default(),
+            shortfalls: ShortfallCounter::new("redis"),
         }
     }
 }
@@ -234,6 +241,7 @@ where
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             abandoned_retention: DEFAULT_ABANDONED_RETENTION,
+            durability: Durability::none(),
         };
         Self {
             connection,
@@ -331,6 +339,21 @@ where
         self.reconfigured(|settings| settings.abandoned_retention = retention)
     }
 
+    /// How many copies of a claim and of a completion Redis confirms before the store reports
+    /// them: see [`Durability`] for what is sent (in the same round trip as the write) and
+    /// what happens when fewer replicas acknowledge in time. Default: [`Durability::none`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// use tower_idempotency::{Durability, RedisStore};
+    /// let store = RedisStore::connect("redis://127.0.0.1").await?
+    ///     .with_durability(Durability::replicas(1));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_durability(self, durability: Durability) -> Self {
+        self.reconfigured(|settings| settings.durability = durability)
+    }
+
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.shared.settings.prefix
@@ -360,7 +383,18 @@ where
         exchange: impl Future<Output = Result<T, RedisError>>,
         error: fn(RedisError) -> StoreError,
     ) -> Result<T, StoreError> {
-        let timeout = self.shared.settings.response_timeout;
+        self.bounded_longer(Duration::ZERO, exchange, error).await
+    }
+
+    /// As [`bounded`](Self::bounded), the response timeout lengthened by `extra` (the time
+    /// the write's acknowledgement may take).
+    pub(super) async fn bounded_longer<T>(
+        &self,
+        extra: Duration,
+        exchange: impl Future<Output = Result<T, RedisError>>,
+        error: fn(RedisError) -> StoreError,
+    ) -> Result<T, StoreError> {
+        let timeout = self.shared.settings.response_timeout.saturating_add(extra);
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| timed_out(timeout))?
@@ -376,6 +410,7 @@ impl<C> fmt::Debug for RedisStore<C> {
             .field("response_timeout", &settings.response_timeout)
             .field("poll_interval", &settings.poll_interval)
             .field("abandoned_retention", &settings.abandoned_retention)
+            .field("durability", &settings.durability)
             .finish_non_exhaustive()
     }
 }

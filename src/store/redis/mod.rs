@@ -77,8 +77,10 @@
 //! `notify.rs` waiting and pub/sub wake-ups; `error.rs` Redis errors as
 //! [`StoreError`](crate::StoreError)s; `inspect.rs` the operator's look-ups and listings.
 
+mod acknowledge;
 mod codec;
 mod connect;
+mod durability;
 mod error;
 mod inspect;
 mod notify;
@@ -91,3 +93,4 @@ pub use self::connect::{
     DEFAULT_ABANDONED_RETENTION, DEFAULT_POLL_INTERVAL, DEFAULT_PREFIX, DEFAULT_RESPONSE_TIMEOUT,
     RedisStore,
 };
+pub use self::durability::{DEFAULT_ACK_TIMEOUT, Durability};
