@@ -158,6 +158,11 @@ impl RedisStore<ConnectionManager> {
     /// opened when a claim first finds its key in flight (or on the first wait), for
     /// notifications.
     ///
+    /// Reads the server's `maxmemory-policy`, and logs a warning if Redis may evict the
+    /// store's claims and records under memory pressure (any policy but `noeviction`, with a
+    /// `maxmemory` set), or if `CONFIG GET` is refused and the check was skipped; neither
+    /// fails the connection.
+    ///
     /// Fails if the URL is invalid or the server cannot be reached within the default
     /// response timeout. To start while Redis may be down, give [`new`](Self::new) a
     /// connection made with [`ConnectionManager::new_lazy_with_config`].
@@ -175,13 +180,16 @@ impl RedisStore<ConnectionManager> {
             .await
             .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
             .map_err(store_error)?;
-        Ok(Self::new(connection, client))
+        let store = Self::new(connection, client);
+        store.warn_if_evicting().await;
+        Ok(store)
     }
 }
 
 impl RedisStore<ClusterConnection> {
     /// Connects to the Redis Cluster that `nodes` (URLs of some of its nodes) belong to.
     /// Notifications are received through one of these nodes, the next one if it fails.
+    /// The eviction policy is checked as [`connect`](RedisStore::connect) does, on one node.
     pub async fn connect_cluster<I, U>(nodes: I) -> Result<Self, StoreError>
     where
         I: IntoIterator<Item = U>,
@@ -207,7 +215,9 @@ impl RedisStore<ClusterConnection> {
                 .await
                 .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
                 .map_err(store_error)?;
-        Ok(Self::with_subscribers(connection, clients))
+        let store = Self::with_subscribers(connection, clients);
+        store.warn_if_evicting().await;
+        Ok(store)
     }
 }
 

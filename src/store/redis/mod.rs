@@ -82,6 +82,7 @@ mod codec;
 mod connect;
 mod durability;
 mod error;
+mod eviction;
 mod inspect;
 mod notify;
 mod script;
