@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod deliveries;
+pub mod failover;
 pub mod flaky_store;
 #[cfg(feature = "axum")]
 pub mod operations;

@@ -60,6 +60,7 @@ fn temp_dir(what: &str) -> PathBuf {
 pub struct Node {
     port: u16,
     dir: PathBuf,
+    args: Vec<String>,
     running: Option<(Child, ChildStdin, u32)>,
 }
 
@@ -122,7 +123,7 @@ impl Node {
                      dir {dir}\n\
                      sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n\
                      sentinel down-after-milliseconds {SERVICE} {down}\n\
-                     sentinel failover-timeout {SERVICE} 10000\n\
+                     sentinel failover-timeout {SERVICE} 3000\n\
                      sentinel parallel-syncs {SERVICE} 1\n",
                     dir = dir.display(),
                     down = down_after.as_millis(),
@@ -136,6 +137,23 @@ impl Node {
             }
         }
         panic!("redis-server --sentinel did not start: {last}; {INSTALL_SENTINEL}");
+    }
+
+    /// Starts it again (after [`kill`](Self::kill) or [`stop`](Self::stop)), on the same
+    /// port, with the same arguments and directory, as a supervisor restarting a crashed
+    /// process would: without persistence it comes back empty, a primary until Sentinel or
+    /// the cluster makes it a replica.
+    pub fn restart(&mut self) {
+        assert!(self.running.is_none(), "the node is running");
+        let (port, dir, args) = (self.port, self.dir.clone(), self.args.clone());
+        match Self::spawn(port, dir, &args) {
+            Ok(mut node) => {
+                self.running = node.running.take();
+                // The directory is ours: the temporary must not remove it when dropped.
+                node.dir = PathBuf::new();
+            }
+            Err(error) => panic!("redis-server did not restart on port {port}: {error}"),
+        }
     }
 
     fn spawn(port: u16, dir: PathBuf, args: &[String]) -> Result<Self, String> {
@@ -170,6 +188,7 @@ wait "$pid""#;
         let mut node = Self {
             port,
             dir,
+            args: args.to_vec(),
             running: Some((watchdog, stdin, pid)),
         };
         let deadline = Instant::now() + Duration::from_secs(10);

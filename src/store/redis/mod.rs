@@ -86,6 +86,7 @@ mod eviction;
 mod inspect;
 mod notify;
 mod script;
+mod sentinel;
 mod store;
 
 #[cfg(any(test, fuzzing))]
@@ -95,3 +96,4 @@ pub use self::connect::{
     RedisStore,
 };
 pub use self::durability::{DEFAULT_ACK_TIMEOUT, Durability};
+pub use self::sentinel::SentinelConnection;
