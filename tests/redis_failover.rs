@@ -121,18 +121,7 @@ async fn sentinel_failover(durability: Durability) -> (Outcome, Duration, Timeli
             .with_response_timeout(RESPONSE_TIMEOUT)
     };
     let (first, second) = (connect().await, connect().await);
-    // A waiter subscribed before the failover, woken only by notifications (or in 30 s).
-    let waiter = connect().await.with_poll_interval(Duration::from_secs(30));
-    waiter
-        .wait(&fresh_key(), Duration::from_millis(10))
-        .await
-        .expect("the subscriber starts");
-
-    let load = Load::start(
-        [layer(first.clone()), layer(second)],
-        CONCURRENCY,
-        "sentinel",
-    );
+    let load = Load::start([layer(first), layer(second)], CONCURRENCY, "sentinel");
     tokio::time::sleep(BEFORE).await;
     let (replica_port, mut group) = (group.replica.port(), group);
     let killed = Instant::now();
@@ -170,44 +159,6 @@ async fn sentinel_failover(durability: Durability) -> (Outcome, Duration, Timeli
     tokio::time::sleep(AFTER).await;
     let outcome = load.finish(killed).await;
 
-    // The waiter's subscription followed the promotion: a completion on the new primary
-    // wakes it at once. (The waiter's own connection to the old primary fails the first
-    // command it carries after the failover: a failed command is not resent.)
-    let _ = waiter.inspect(&fresh_key()).await;
-    let key = fresh_key();
-    let Claim::Acquired(token) = first
-        .claim(&key, &fingerprint("a"), Duration::from_secs(30))
-        .await
-        .expect("a claim on the new primary")
-    else {
-        panic!("a fresh key is free");
-    };
-    let waiting = tokio::spawn(async move {
-        let started = Instant::now();
-        waiter
-            .wait(&key, Duration::from_secs(20))
-            .await
-            .map(|()| started.elapsed())
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    first
-        .complete(
-            &key,
-            token,
-            sample_record(fingerprint("a")),
-            Duration::from_secs(60),
-        )
-        .await
-        .expect("a completion on the new primary");
-    let waited = tokio::time::timeout(Duration::from_secs(25), waiting)
-        .await
-        .expect("the wait ends")
-        .expect("the wait task")
-        .expect("the wait");
-    assert!(
-        waited < Duration::from_millis(2_500),
-        "the waiter was woken by the new primary's notification, after {waited:?}"
-    );
     assert_eq!(group.replica.role(), "master");
     drop(group);
     (
@@ -247,25 +198,36 @@ async fn without_durability_a_sentinel_failover_is_survived_and_what_it_lost_is_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_through_sentinel_reports_unavailable_while_no_primary_is_named() {
-    let group = blocking(|| SentinelGroup::start(Duration::from_millis(60_000))).await;
-    let store = RedisStore::connect_sentinel(group.sentinel_urls(), SERVICE)
+async fn through_sentinel_a_store_fails_fast_in_a_failover_then_follows_the_promotion_waiters_too()
+{
+    let group = blocking(|| SentinelGroup::start(Duration::from_millis(1_000))).await;
+    let connect = || async {
+        RedisStore::connect_sentinel(group.sentinel_urls(), SERVICE)
+            .await
+            .expect("connect through the Sentinels")
+            .with_response_timeout(RESPONSE_TIMEOUT)
+    };
+    let store = connect().await;
+    // A waiter subscribed before the failover, woken only by notifications (or in 30 s).
+    let waiter = connect().await.with_poll_interval(Duration::from_secs(30));
+    waiter
+        .wait(&fresh_key(), Duration::from_millis(10))
         .await
-        .expect("connect through the Sentinels")
-        .with_response_timeout(RESPONSE_TIMEOUT);
+        .expect("the subscriber starts");
     store
         .claim(&fresh_key(), &fingerprint("a"), LEASE)
         .await
         .expect("a claim");
-    let mut group = group;
+
+    let (replica_port, mut group) = (group.replica.port(), group);
     group = blocking(move || {
         group.primary.kill();
         group
     })
     .await;
-    // The Sentinels wait a minute before judging the primary down: until then, every
-    // command fails fast as unavailable (503), none hangs.
-    for _ in 0..5 {
+    let killed = Instant::now();
+    // Until a replica is promoted, every command fails fast as unavailable (503), none hangs.
+    for _ in 0..3 {
         let started = Instant::now();
         let error = store
             .claim(&fresh_key(), &fingerprint("a"), LEASE)
@@ -274,6 +236,73 @@ async fn a_store_through_sentinel_reports_unavailable_while_no_primary_is_named(
         assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error}");
         assert!(started.elapsed() < RESPONSE_TIMEOUT * 3);
     }
+    group = blocking(move || {
+        eventually_sync(
+            "the Sentinels promote the replica",
+            Duration::from_secs(30),
+            || group.primary_port_by_sentinels() == Some(replica_port),
+        );
+        group
+    })
+    .await;
+    let promoted = killed.elapsed();
+    // The same store claims on the promoted replica, without a restart. (The old primary
+    // stays down: nothing but following the Sentinels reaches the new one.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.claim(&fresh_key(), &fingerprint("a"), LEASE).await {
+            Ok(Claim::Acquired(_)) => break,
+            Ok(other) => panic!("a fresh key is free: {other:?}"),
+            Err(error) => {
+                assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error}");
+                assert!(Instant::now() < deadline, "no claim after the promotion");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    report(&format!(
+        "sentinel: promoted {promoted:?} after the kill, the store claimed again {:?} after it",
+        killed.elapsed()
+    ));
+
+    // The waiter's subscription followed too: a completion on the new primary wakes it at
+    // once. (Its own connection to the old primary fails the first command it carries after
+    // the failover: a failed command is never resent.)
+    let _ = waiter.inspect(&fresh_key()).await;
+    let key = fresh_key();
+    let Claim::Acquired(token) = store
+        .claim(&key, &fingerprint("a"), Duration::from_secs(30))
+        .await
+        .expect("a claim on the new primary")
+    else {
+        panic!("a fresh key is free");
+    };
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        waiter
+            .wait(&key, Duration::from_secs(20))
+            .await
+            .map(|()| started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store
+        .complete(
+            &key,
+            token,
+            sample_record(fingerprint("a")),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("a completion on the new primary");
+    let waited = tokio::time::timeout(Duration::from_secs(25), waiting)
+        .await
+        .expect("the wait ends")
+        .expect("the wait task")
+        .expect("the wait");
+    assert!(
+        waited < Duration::from_millis(2_500),
+        "the waiter was woken by the new primary's notification, after {waited:?}"
+    );
     drop(group);
 }
 

@@ -47,8 +47,21 @@ impl Resolver {
     }
 
     /// A client for the node the Sentinels name primary now (checked with `ROLE`).
+    ///
+    /// In a failover the Sentinels may name no primary for a moment: that is an I/O error
+    /// here (the store's [`Unavailable`](crate::StoreErrorKind::Unavailable)), not a
+    /// misconfiguration.
     pub(super) async fn primary(&self) -> RedisResult<Client> {
-        self.sentinel.lock().await.async_get_client().await
+        let client = self.sentinel.lock().await.async_get_client().await;
+        client.map_err(|error| match error.kind() {
+            ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel => {
+                RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    format!("the Sentinels name no reachable primary: {error}"),
+                ))
+            }
+            _ => error,
+        })
     }
 }
 
