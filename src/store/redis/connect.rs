@@ -109,6 +109,12 @@ impl Tokens {
 ///   lease expired is refused ([`StoreErrorKind::LeaseLost`](crate::StoreErrorKind::LeaseLost)) and cannot overwrite the
 ///   newer owner's record.
 /// - **Redis Cluster**: a record is one key. Use [`connect_cluster`](Self::connect_cluster).
+/// - **Sentinel and failover**: [`connect_sentinel`](RedisStore::connect_sentinel) follows a
+///   promotion without a restart; [`with_durability`](Self::with_durability) has replicas
+///   acknowledge each claim and completion (`WAIT`, in the same round trip), so that a
+///   failover loses neither.
+/// - **Eviction guard**: the `connect*` constructors warn if Redis's `maxmemory-policy` may
+///   evict claims and records.
 /// - **Waiting by notification** across instances (pub/sub, one subscriber connection per
 ///   store), bounded by the claim's lease so a crashed owner's claim ends a wait when it
 ///   expires. A duplicate held while another instance runs its request takes three round
