@@ -94,7 +94,8 @@
 //! [`StoreError`](crate::StoreError)s; `inspect.rs` the operator's look-ups and listings;
 //! `durability.rs` the [`Durability`] setting and the verdict on `WAIT`'s replies;
 //! `acknowledge.rs` sending a write with its `WAIT` and acting on the verdict;
-//! `eviction.rs` the eviction guard; `sentinel.rs` [`SentinelConnection`].
+//! `eviction.rs` the eviction guard; `sentinel.rs` [`SentinelConnection`] and the
+//! constructors that make one.
 
 mod acknowledge;
 mod codec;

@@ -12,6 +12,8 @@
 //! is never resent: a write may have reached the old primary.
 //!
 //! The store's notification subscriber asks the same Sentinels whenever it subscribes again.
+//! The constructors, [`RedisStore::connect_sentinel`] and [`RedisStore::from_sentinel`], are
+//! here too.
 
 use std::{
     fmt,
@@ -26,12 +28,76 @@ use ::redis::{
     AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
     ServerErrorKind, Value,
     aio::{ConnectionLike, MultiplexedConnection},
-    sentinel::SentinelClient,
+    sentinel::{SentinelClient, SentinelServerType},
 };
+
+use super::{
+    connect::{DEFAULT_RESPONSE_TIMEOUT, RedisStore},
+    error::{store_error, timed_out},
+    notify::Subscribers,
+};
+use crate::error::StoreError;
 
 /// After a failed look-up, commands fail at once for this long rather than each asking the
 /// Sentinels again (a failover takes seconds; requests arrive by the thousand).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(50);
+
+impl RedisStore<SentinelConnection> {
+    /// Connects to the primary that the Redis Sentinels at `sentinels` (their URLs) know as
+    /// `service` (the name in their `sentinel monitor` line), and follows it: after a
+    /// failover, the store reaches the promoted replica without a restart, and so does its
+    /// notification subscriber. Commands fail ([`StoreErrorKind::Unavailable`](crate::StoreErrorKind::Unavailable): 503)
+    /// between the primary's failure and the promotion. See [`SentinelConnection`].
+    ///
+    /// The eviction policy is checked as [`connect`](RedisStore::connect) does. To reach
+    /// Sentinels or a primary that need credentials or TLS, build the
+    /// [`SentinelClient`] yourself (`redis::sentinel::SentinelClientBuilder`) and use
+    /// [`from_sentinel`](Self::from_sentinel).
+    ///
+    /// Fails if a URL is invalid, or if no Sentinel names a primary that can be reached
+    /// within the default response timeout.
+    ///
+    /// ```no_run
+    /// use tower_idempotency::{Durability, RedisStore};
+    ///
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let sentinels = ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"];
+    /// let store = RedisStore::connect_sentinel(sentinels, "mymaster")
+    ///     .await?
+    ///     .with_durability(Durability::replicas(1));
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_sentinel<I, U>(sentinels: I, service: &str) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: AsRef<str>,
+    {
+        let urls: Vec<String> = sentinels
+            .into_iter()
+            .map(|url| url.as_ref().to_owned())
+            .collect();
+        let sentinel =
+            SentinelClient::build(urls, service.to_owned(), None, SentinelServerType::Master)
+                .map_err(store_error)?;
+        Self::from_sentinel(sentinel).await
+    }
+
+    /// As [`connect_sentinel`](Self::connect_sentinel), with a [`SentinelClient`] built by
+    /// the application (credentials, TLS, database); it must ask for the primary
+    /// (`SentinelServerType::Master`).
+    pub async fn from_sentinel(sentinel: SentinelClient) -> Result<Self, StoreError> {
+        let resolver = Arc::new(Resolver::new(sentinel));
+        let connecting =
+            SentinelConnection::connect(Arc::clone(&resolver), DEFAULT_RESPONSE_TIMEOUT);
+        let connection = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, connecting)
+            .await
+            .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
+            .map_err(store_error)?;
+        let store = Self::with_subscribers(connection, Subscribers::Sentinel(resolver));
+        store.warn_if_evicting().await;
+        Ok(store)
+    }
+}
 
 /// Where the primary is, as the Sentinels say: shared by the store's connection and its
 /// notification subscriber.
