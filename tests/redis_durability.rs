@@ -111,7 +111,12 @@ async fn a_durable_claim_and_completion_send_their_wait_in_the_same_pipeline() {
     })
     .await;
     let mut counts = Vec::new();
-    for durability in [Durability::none(), Durability::replicas(1)] {
+    // A generous timeout: a replica on a loaded machine may take a while to acknowledge.
+    let slow = Duration::from_secs(2);
+    for durability in [
+        Durability::none(),
+        Durability::replicas(1).with_timeout(slow),
+    ] {
         let store = connect(&primary, durability).await;
         // The first completion also loads the script (`EVAL`); count from the second.
         claim_and_complete(&store).await;
@@ -202,9 +207,10 @@ async fn a_completion_no_replica_acknowledges_is_kept_counted_and_replayed() {
         move || Node::replica_of(port, &[])
     })
     .await;
+    // Long enough for a replica on a loaded machine to acknowledge the claim.
     let store = connect(
         &primary,
-        Durability::replicas(1).with_timeout(Duration::from_millis(100)),
+        Durability::replicas(1).with_timeout(Duration::from_secs(1)),
     )
     .await;
     let key = fresh_key();

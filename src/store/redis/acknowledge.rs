@@ -80,9 +80,10 @@ where
                 _ => Ok(replies),
             }
         };
-        let replies = self
-            .bounded_longer(self.durability().extra_time(), exchange, store_error)
-            .await?;
+        // Twice: a server that did not know the script has waited for the first pipeline's
+        // acknowledgement too.
+        let extra = self.durability().extra_time().saturating_mul(2);
+        let replies = self.bounded_longer(extra, exchange, store_error).await?;
         self.split(replies, store_error)
     }
 

@@ -99,7 +99,8 @@ impl Durability {
 
     /// How long each of `WAIT` and `WAITAOF` may block. Default: 500 ms
     /// ([`DEFAULT_ACK_TIMEOUT`]). A write that waits is bounded by the store's response
-    /// timeout plus this, once for each of the two commands sent.
+    /// timeout plus this, once for each of the two commands sent (twice for a script the
+    /// server did not know yet: it is sent again with its code).
     ///
     /// ```
     /// # use std::time::Duration;
