@@ -250,7 +250,17 @@ for i in $(seq "$outages"); do
             sleep 0.02
         done
         echo "up $(now_ms)" >>"$events"
-        # A supervisor restarts the crashed primary; the Sentinels make it a replica.
+        # A supervisor restarts the crashed primary once every Sentinel names the new one (an
+        # empty primary back before may be named by a Sentinel not yet told, and written to);
+        # the Sentinels make it a replica.
+        for sentinel in "${sentinels[@]}"; do
+            sport=${sentinel##*:}
+            until redis-cli -h 127.0.0.1 -p "$sport" sentinel get-master-addr-by-name mymaster |
+                grep -qx "$replica_port"; do
+                [ "$SECONDS" -lt "$deadline" ] || die "a Sentinel did not learn of the promotion"
+                sleep 0.02
+            done
+        done
         start_redis
         wait_for_redis >/dev/null
         echo "failover: replica promoted; old primary restarted (empty), to rejoin as a replica"

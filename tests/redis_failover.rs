@@ -31,9 +31,11 @@ const CONCURRENCY: usize = 16;
 /// replica before the lease ends (a lease that ends first is an abandoned claim, which the
 /// default recovery runs again); short enough that a claim left behind by a request that got
 /// a 503 ends within the test.
-const LEASE: Duration = Duration::from_secs(8);
+const LEASE: Duration = Duration::from_secs(12);
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
-const ACK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Short: writes sent before the store learns that no replica answers (its breaker) each hold
+/// the connection this long, one after another, and delay the completions behind them.
+const ACK_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Runs blocking process work off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -141,10 +143,16 @@ async fn sentinel_failover(durability: Durability) -> (Outcome, Duration, Timeli
     })
     .await;
     let promoted = killed.elapsed();
-    // A supervisor restarts the crashed process (after the promotion: an empty primary
-    // back before it would be kept as primary); the Sentinels make it a replica of the new
-    // primary, which a durable write needs again.
+    // A supervisor restarts the crashed process, once every Sentinel names the new primary:
+    // an empty primary back before that may be named by a Sentinel that has not heard of the
+    // promotion yet (and so be written to), or kept as primary. The Sentinels make it a
+    // replica of the new primary, which a durable write needs again.
     group = blocking(move || {
+        eventually_sync(
+            "every Sentinel names the new primary",
+            Duration::from_secs(30),
+            || group.all_name_primary(replica_port),
+        );
         group.primary.restart();
         group
     })
@@ -346,9 +354,9 @@ async fn cluster_failover(durability: Durability) -> (Outcome, Duration, Timelin
     })
     .await;
     let promoted = killed.elapsed();
-    // A supervisor restarts the crashed node: it rejoins as a replica of the promoted one.
+    // The crashed node is replaced by a fresh one, a replica of the promoted one.
     cluster = blocking(move || {
-        cluster.nodes[victim].restart();
+        cluster.add_replica_of(replica_of_victim, Duration::from_millis(1_000));
         cluster
     })
     .await;

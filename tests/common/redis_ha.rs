@@ -349,7 +349,19 @@ impl SentinelGroup {
         self.sentinels.iter().map(Node::url).collect()
     }
 
-    /// The port of the primary the Sentinels name now.
+    /// Whether every Sentinel names the primary on `port`.
+    pub fn all_name_primary(&self, port: u16) -> bool {
+        self.sentinels.iter().all(|sentinel| {
+            let reply = sentinel.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE]);
+            reply
+                .lines()
+                .nth(1)
+                .and_then(|line| line.trim().parse().ok())
+                == Some(port)
+        })
+    }
+
+    /// The port of the primary the first Sentinel names now.
     pub fn primary_port_by_sentinels(&self) -> Option<u16> {
         let reply = self.sentinels[0].cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE]);
         reply.lines().nth(1)?.trim().parse().ok()
@@ -403,6 +415,50 @@ impl ReplicatedCluster {
     /// The URLs of its nodes.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(Node::url).collect()
+    }
+
+    /// Adds a fresh, empty node as a replica of `nodes[primary]` (as an operator replaces a
+    /// crashed node: a node restarted with its old `nodes.conf` would claim its old slots,
+    /// empty, until the cluster tells it otherwise), and waits (bounded) for its link.
+    pub fn add_replica_of(&mut self, primary: usize, node_timeout: Duration) {
+        let timeout = node_timeout.as_millis().to_string();
+        let bus = ha_port().to_string();
+        let node = Node::server(&[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &timeout,
+            "--cluster-port",
+            &bus,
+        ]);
+        let target = &self.nodes[primary];
+        let target_bus = target
+            .args
+            .iter()
+            .skip_while(|arg| *arg != "--cluster-port")
+            .nth(1)
+            .cloned()
+            .expect("the cluster bus port of the primary");
+        let id = target.cli(&["CLUSTER", "MYID"]).trim().to_owned();
+        node.cli(&[
+            "CLUSTER",
+            "MEET",
+            "127.0.0.1",
+            &target.port().to_string(),
+            &target_bus,
+        ]);
+        eventually_sync(
+            "the new node knows the primary",
+            Duration::from_secs(30),
+            || node.cli(&["CLUSTER", "NODES"]).contains(&id),
+        );
+        eventually_sync("the new node replicates", Duration::from_secs(30), || {
+            node.cli(&["CLUSTER", "REPLICATE", &id]).contains("OK")
+        });
+        node.await_link();
+        self.nodes.push(node);
     }
 }
 

@@ -5,11 +5,13 @@
 //! On a Redis Cluster the pipeline goes to the node that owns the key (`WAIT` and `WAITAOF`
 //! name no key), so the acknowledgement is that of the write's own shard.
 
+use std::time::Instant;
+
 use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value, aio::ConnectionLike};
 
 use super::{
     connect::RedisStore,
-    durability::{Durability, Shortfall},
+    durability::{Durability, Gate, Shortfall, Write},
     error::store_error,
     script::Script,
 };
@@ -30,19 +32,40 @@ where
         &self.shared.settings.durability
     }
 
-    /// Sends `command`, followed by the acknowledgement commands if the store waits for any,
-    /// in one round trip. `error` turns the command's own error into a [`StoreError`].
+    /// Whether to send `write` with its acknowledgement commands (not while the replicas
+    /// are short, but for one probing claim per timeout).
+    fn asks(&self, write: Write) -> bool {
+        self.durability().waits()
+            && self
+                .shared
+                .replicas
+                .gate(write, Instant::now(), self.durability().timeout())
+                == Gate::Wait
+    }
+
+    /// The verdict on a write sent without its acknowledgement.
+    fn unasked(&self) -> Result<(), Shortfall> {
+        if self.durability().waits() {
+            Err(Shortfall::Lagging)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sends `command` (a claim), followed by the acknowledgement commands if the store waits
+    /// for any, in one round trip. `error` turns the command's own error into a
+    /// [`StoreError`].
     pub(super) async fn send_acknowledged(
         &self,
         command: &Cmd,
         error: fn(RedisError) -> StoreError,
     ) -> Result<Acknowledged, StoreError> {
         let mut connection = self.connection.clone();
-        if !self.durability().waits() {
+        if !self.asks(Write::Claim) {
             let reply = self
                 .bounded(command.query_async::<Value>(&mut connection), error)
                 .await?;
-            return Ok((reply, Ok(())));
+            return Ok((reply, self.unasked()));
         }
         let exchange = self.pipelined(&mut connection, command);
         let replies = self
@@ -56,12 +79,13 @@ where
     /// round trip once the server knows the script.
     pub(super) async fn run_acknowledged(
         &self,
+        write: Write,
         script: &Script,
         key: &StorageKey,
         args: &[&[u8]],
     ) -> Result<Acknowledged, StoreError> {
-        if !self.durability().waits() {
-            return Ok((self.run(script, key, args).await?, Ok(())));
+        if !self.asks(write) {
+            return Ok((self.run(script, key, args).await?, self.unasked()));
         }
         let redis_key = self.redis_key(key);
         let mut connection = self.connection.clone();
@@ -115,7 +139,9 @@ where
             }
         };
         let acknowledgements: Vec<Value> = replies.collect();
-        Ok((reply, self.durability().judge(&acknowledgements)))
+        let verdict = self.durability().judge(&acknowledgements);
+        self.shared.replicas.record(verdict.is_ok(), Instant::now());
+        Ok((reply, verdict))
     }
 
     /// A claim that took the key, if it was acknowledged. Otherwise it is refused as

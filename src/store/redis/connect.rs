@@ -20,7 +20,7 @@ use ::redis::{
 };
 
 use super::{
-    durability::Durability,
+    durability::{Durability, Replicas},
     error::{store_error, timed_out},
     notify::{Notifier, Subscribers},
 };
@@ -45,6 +45,7 @@ pub(super) struct Shared {
     pub(super) notifier: Notifier,
     pub(super) tokens: Tokens,
     pub(super) shortfalls: ShortfallCounter,
+    pub(super) replicas: Replicas,
 }
 
 #[derive(Clone)]
@@ -70,6 +71,7 @@ impl Shared {
             settings,
             tokens: Tokens::default(),
             shortfalls: ShortfallCounter::new("redis"),
+            replicas: Replicas::default(),
         }
     }
 }

@@ -1,10 +1,15 @@
 //! [`Durability`]: how many copies of a claim or a completion Redis confirms before the store
 //! reports it, and judging what `WAIT` and `WAITAOF` answered.
 //!
-//! Pure: the commands to send after a write and the verdict on their replies. Sending them,
-//! in the same pipeline as the write, is `acknowledge.rs`'s job.
+//! Pure: the commands to send after a write, the verdict on their replies, and the breaker
+//! that stops asking replicas that just fell short ([`Replicas`]). Sending them, in the same
+//! pipeline as the write, is `acknowledge.rs`'s job.
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use ::redis::{Cmd, Value};
 
@@ -29,6 +34,13 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(500);
 ///   run it again, the very thing a failover was feared for. It is counted
 ///   (`idempotency_store_acknowledgement_shortfalls_total{store="redis",op="complete"}` with
 ///   the `metrics` feature) and logged as a warning.
+///
+/// While the replicas fall short (a `WAIT` came back short), the store stops asking them
+/// for a moment: one claim per timeout asks again, the other writes are sent alone and
+/// judged unacknowledged (a claim that takes its key is refused, a completion kept, a claim
+/// that finds a record replays it). Redis runs a connection's commands in order and a `WAIT`
+/// holds those behind it, so this keeps a replica outage to refused claims rather than a
+/// connection held up by one timeout after another.
 ///
 /// Releases and renewals are not waited for: a lost release leaves the claim to end with its
 /// lease, and a lost renewal shortens a lease that is renewed long before it ends.
@@ -193,6 +205,61 @@ impl Durability {
     }
 }
 
+/// Which write is about to be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Write {
+    Claim,
+    Completion,
+}
+
+/// What to do with a write, given how the replicas fared lately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Gate {
+    /// Send it with its acknowledgement commands.
+    Wait,
+    /// Send it alone, judged unacknowledged: while the replicas are short, a claim that takes
+    /// its key is refused (and released), and a completion is kept (as it would be anyway);
+    /// a claim that finds a record still replays it.
+    Unasked,
+}
+
+/// Whether the replicas fell short lately: a breaker, so that while they cannot acknowledge
+/// (a failover, a replica down) the connection is not held up by one `WAIT` timeout after
+/// another (Redis runs a connection's commands in order, and a `WAIT` holds those behind
+/// it). While they are short, one claim per timeout asks them again (the probe); the other
+/// writes are sent without asking ([`Gate::Unasked`]).
+#[derive(Debug, Default)]
+pub(super) struct Replicas {
+    /// When the last probe was let through, while the replicas are short.
+    short: Mutex<Option<Instant>>,
+}
+
+impl Replicas {
+    /// What to do with `write` at `now`, waiting at most `timeout` for acknowledgements.
+    pub(super) fn gate(&self, write: Write, now: Instant, timeout: Duration) -> Gate {
+        let mut short = self.short.lock().unwrap_or_else(PoisonError::into_inner);
+        match (*short, write) {
+            (None, _) => Gate::Wait,
+            (Some(_), Write::Completion) => Gate::Unasked,
+            (Some(probed), Write::Claim) if now.saturating_duration_since(probed) >= timeout => {
+                *short = Some(now);
+                Gate::Wait
+            }
+            (Some(_), Write::Claim) => Gate::Unasked,
+        }
+    }
+
+    /// Records what a write's acknowledgement said at `now`.
+    pub(super) fn record(&self, acknowledged: bool, now: Instant) {
+        let mut short = self.short.lock().unwrap_or_else(PoisonError::into_inner);
+        match (acknowledged, *short) {
+            (true, _) => *short = None,
+            (false, None) => *short = Some(now),
+            (false, Some(_)) => {}
+        }
+    }
+}
+
 /// A write that was not acknowledged as its [`Durability`] asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Shortfall {
@@ -205,6 +272,8 @@ pub(super) enum Shortfall {
         command: &'static str,
         detail: String,
     },
+    /// The replicas fell short a moment ago: not asked again until the timeout has passed.
+    Lagging,
 }
 
 impl Shortfall {
@@ -229,6 +298,9 @@ impl fmt::Display for Shortfall {
             Self::Refused { command, detail } => write!(
                 f,
                 "redis refused {command} ({detail}); WAITAOF needs Redis 7.2 and appendonly yes"
+            ),
+            Self::Lagging => f.write_str(
+                "the replicas did not acknowledge a write a moment ago: not asked again yet",
             ),
         }
     }
@@ -361,6 +433,34 @@ mod tests {
                 expected,
                 "{durability:?} {replies:?}"
             );
+        }
+    }
+
+    #[test]
+    fn while_the_replicas_are_short_one_claim_per_timeout_asks_them_again() {
+        let replicas = Replicas::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let timeout = ms(100);
+        // (write, at, acknowledged if sent, expected)
+        let steps = [
+            (Write::Claim, ms(0), Some(true), Gate::Wait),
+            (Write::Completion, ms(1), Some(false), Gate::Wait),
+            (Write::Claim, ms(2), None, Gate::Unasked),
+            (Write::Completion, ms(3), None, Gate::Unasked),
+            (Write::Claim, ms(100), None, Gate::Unasked),
+            (Write::Claim, ms(101), Some(false), Gate::Wait),
+            (Write::Claim, ms(150), None, Gate::Unasked),
+            (Write::Claim, ms(201), Some(true), Gate::Wait),
+            (Write::Claim, ms(202), Some(true), Gate::Wait),
+            (Write::Completion, ms(203), Some(true), Gate::Wait),
+        ];
+        for (n, (write, at, acknowledged, expected)) in steps.into_iter().enumerate() {
+            let now = t0 + at;
+            assert_eq!(replicas.gate(write, now, timeout), expected, "step {n}");
+            if let Some(acknowledged) = acknowledged {
+                replicas.record(acknowledged, now);
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::{
     codec::{MARKER_LEN, MARKER_MAGIC, Marker, held_by},
     connect::RedisStore,
+    durability::Write,
     error::{Unexpected, claim_error},
     script::{BREAK, COMPLETE, FORGET, HELD, RELEASE, RENEW, Script, WATCH},
 };
@@ -79,7 +80,10 @@ where
         // Registered before the script flags the claim: its end, published from then on,
         // reaches the wait that follows however soon it comes.
         let watch = self.shared.notifier.watch(*key);
-        let (Value::Array(reply), verdict) = self.run_acknowledged(&HELD, key, &args).await? else {
+        let (Value::Array(reply), verdict) = self
+            .run_acknowledged(Write::Claim, &HELD, key, &args)
+            .await?
+        else {
             return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply));
         };
         let mut reply = reply.into_iter();
@@ -192,7 +196,9 @@ where
             self.shared.notifier.channel(),
             key.as_bytes(),
         ];
-        let (reply, verdict) = self.run_acknowledged(&COMPLETE, key, &args).await?;
+        let (reply, verdict) = self
+            .run_acknowledged(Write::Completion, &COMPLETE, key, &args)
+            .await?;
         fenced_reply(reply)?;
         self.completed_acknowledged_or_not(verdict);
         self.shared.notifier.wake(key);
