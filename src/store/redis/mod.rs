@@ -95,7 +95,7 @@
 //! `durability.rs` the [`Durability`] setting and the verdict on `WAIT`'s replies;
 //! `acknowledge.rs` sending a write with its `WAIT` and acting on the verdict;
 //! `eviction.rs` the eviction guard; `sentinel.rs` [`SentinelConnection`] and the
-//! constructors that make one.
+//! constructors that make one; `resolver.rs` asking the Sentinels for the primary.
 
 mod acknowledge;
 mod codec;
@@ -105,6 +105,7 @@ mod error;
 mod eviction;
 mod inspect;
 mod notify;
+mod resolver;
 mod script;
 mod sentinel;
 mod store;

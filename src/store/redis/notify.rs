@@ -29,7 +29,7 @@ use ::redis::{Client, Value, aio::PubSubStream};
 use futures_core::Stream;
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
-use super::sentinel::Resolver;
+use super::resolver::Resolver;
 use crate::key::StorageKey;
 
 /// How long the subscriber waits before connecting again, at first and at most.

@@ -25,7 +25,7 @@ use std::{
 };
 
 use ::redis::{
-    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
+    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
     ServerErrorKind, Value,
     aio::{ConnectionLike, MultiplexedConnection},
     sentinel::{SentinelClient, SentinelServerType},
@@ -35,6 +35,7 @@ use super::{
     connect::{DEFAULT_RESPONSE_TIMEOUT, RedisStore},
     error::{store_error, timed_out},
     notify::Subscribers,
+    resolver::Resolver,
 };
 use crate::error::StoreError;
 
@@ -96,38 +97,6 @@ impl RedisStore<SentinelConnection> {
         let store = Self::with_subscribers(connection, Subscribers::Sentinel(resolver));
         store.warn_if_evicting().await;
         Ok(store)
-    }
-}
-
-/// Where the primary is, as the Sentinels say: shared by the store's connection and its
-/// notification subscriber.
-pub(super) struct Resolver {
-    sentinel: tokio::sync::Mutex<SentinelClient>,
-}
-
-impl Resolver {
-    pub(super) fn new(sentinel: SentinelClient) -> Self {
-        Self {
-            sentinel: tokio::sync::Mutex::new(sentinel),
-        }
-    }
-
-    /// A client for the node the Sentinels name primary now (checked with `ROLE`).
-    ///
-    /// In a failover the Sentinels may name no primary for a moment: that is an I/O error
-    /// here (the store's [`Unavailable`](crate::StoreErrorKind::Unavailable)), not a
-    /// misconfiguration.
-    pub(super) async fn primary(&self) -> RedisResult<Client> {
-        let client = self.sentinel.lock().await.async_get_client().await;
-        client.map_err(|error| match error.kind() {
-            ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel => {
-                RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    format!("the Sentinels name no reachable primary: {error}"),
-                ))
-            }
-            _ => error,
-        })
     }
 }
 
