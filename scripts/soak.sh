@@ -48,11 +48,21 @@
 # kill until the instance recovered) and the recovery time: from redis-server answering
 # PING again to the first answer other than 503 to a protected request sent after the kill.
 #
+# MODE=failover: instead, a primary (no persistence), one replica and three Sentinels; the
+# instances connect through the Sentinels (`RedisStore::connect_sentinel`), with
+# `Durability::replicas($DURABILITY)`. At about 1/2 of the run the primary is SIGKILLed; once
+# the Sentinels have promoted the replica (the "up" time the recovery is measured from), the
+# old primary is restarted, empty, and the Sentinels make it a replica of the new one (a
+# durable write needs one again). The same invariants are checked; without DURABILITY they
+# can fail: that is what a failover loses without `WAIT`.
+#
 # Usage: scripts/soak.sh
 # Environment:
 #   DURATION=300   the load, in seconds (`20s` and `5m` work too)
 #   DOWN=2         seconds redis-server stays down at each kill
 #   WORKERS=16     concurrent clients            SEED=<time>  the client's random seed
+#   MODE=restart   `restart` (above) or `failover` (Sentinel)
+#   DURABILITY=0   in failover mode, the replicas that must acknowledge each write
 #   CARGO_TARGET_DIR  where the programs are built (default target/)
 #
 # Exit status: 0 every invariant holds; 1 an invariant failed; 2 the run itself failed.
@@ -62,6 +72,8 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-300}
 DOWN=${DOWN:-2}
 WORKERS=${WORKERS:-16}
+MODE=${MODE:-restart}
+DURABILITY=${DURABILITY:-0}
 for arg in "$@"; do
     case "$arg" in
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -85,13 +97,14 @@ done
 work=$(mktemp -d)
 pids=()
 redis_pid=
+ha_pids=()
 keep_logs=false
 cleanup() {
     local pid
-    for pid in "${pids[@]}" $redis_pid; do
+    for pid in "${pids[@]}" $redis_pid "${ha_pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
-    for pid in "${pids[@]}" $redis_pid; do
+    for pid in "${pids[@]}" $redis_pid "${ha_pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
     if $keep_logs; then
@@ -117,9 +130,14 @@ now_ms() { date +%s%3N; }
 free_port redis_port || die "no free loopback port"
 mkdir "$work/redis"
 start_redis() {
-    redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
-        --appendonly yes --appendfsync always --daemonize no \
-        --dir "$work/redis" --logfile "$work/redis/log" &
+    if [ "$MODE" = failover ]; then
+        redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+            --daemonize no --dir "$work/redis" --logfile "$work/redis/log" &
+    else
+        redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
+            --appendonly yes --appendfsync always --daemonize no \
+            --dir "$work/redis" --logfile "$work/redis/log" &
+    fi
     redis_pid=$!
 }
 # Waits (bounded) until redis-server answers PING; prints when, in Unix ms.
@@ -138,12 +156,52 @@ wait_for_redis() {
 start_redis
 wait_for_redis >/dev/null
 redis_url="redis://127.0.0.1:$redis_port"
+instance_env=(REDIS_URL="$redis_url")
+outages=2
+case "$MODE" in
+    restart) ;;
+    failover)
+        outages=1
+        free_port replica_port || die "no free loopback port"
+        mkdir "$work/replica"
+        redis-server --port "$replica_port" --bind 127.0.0.1 --save "" --appendonly no \
+            --replicaof 127.0.0.1 "$redis_port" --daemonize no --dir "$work/replica" \
+            --logfile "$work/replica/log" &
+        ha_pids+=("$!")
+        sentinels=()
+        for i in 1 2 3; do
+            free_port sport || die "no free loopback port"
+            mkdir "$work/sentinel-$i"
+            printf '%s\n' "port $sport" "bind 127.0.0.1" "daemonize no" \
+                "dir $work/sentinel-$i" "logfile $work/sentinel-$i/log" \
+                "sentinel monitor mymaster 127.0.0.1 $redis_port 2" \
+                "sentinel down-after-milliseconds mymaster 1000" \
+                "sentinel failover-timeout mymaster 3000" >"$work/sentinel-$i/sentinel.conf"
+            redis-server "$work/sentinel-$i/sentinel.conf" --sentinel &
+            ha_pids+=("$!")
+            sentinels+=("redis://127.0.0.1:$sport")
+            sentinel_port=$sport
+        done
+        deadline=$((SECONDS + 30))
+        until redis-cli -h 127.0.0.1 -p "$sentinel_port" sentinel master mymaster 2>/dev/null |
+            grep -A1 -x num-other-sentinels | tail -n1 | grep -qx 2 &&
+            redis-cli -h 127.0.0.1 -p "$sentinel_port" sentinel master mymaster |
+            grep -A1 -x num-slaves | tail -n1 | grep -qx 1; do
+            [ "$SECONDS" -lt "$deadline" ] || die "the Sentinels did not find each other and the replica"
+            sleep 0.2
+        done
+        # The client checks Redis through the replica, which is the primary after the failover.
+        redis_url="redis://127.0.0.1:$replica_port"
+        instance_env=(SENTINELS="$(IFS=,; echo "${sentinels[*]}")" SERVICE=mymaster DURABILITY="$DURABILITY")
+        ;;
+    *) die "MODE=$MODE: restart or failover" ;;
+esac
 
 declare -A port
 for name in a b; do
     # Each instance binds port 0 (the kernel picks a free one at the bind itself, no race) and
     # says which port it got.
-    NAME=$name PORT=0 REDIS_URL=$redis_url "$bin" server >"$work/server-$name.log" 2>&1 &
+    env NAME=$name PORT=0 "${instance_env[@]}" "$bin" server >"$work/server-$name.log" 2>&1 &
     pids+=("$!")
     for _ in $(seq 100); do
         grep -qs listening "$work/server-$name.log" && break
@@ -156,16 +214,21 @@ done
 
 events=$work/events
 : >"$events"
-echo "soak: ${seconds} s of load, redis-server SIGKILLed at ~1/3 and ~2/3 for ${DOWN} s;" \
-    "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "$MODE" = failover ]; then
+    echo "soak: ${seconds} s of load through Sentinel, Durability::replicas($DURABILITY)," \
+        "the primary SIGKILLed at ~1/2; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+else
+    echo "soak: ${seconds} s of load, redis-server SIGKILLed at ~1/3 and ~2/3 for ${DOWN} s;" \
+        "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
 TARGETS="a=127.0.0.1:${port[a]},b=127.0.0.1:${port[b]}" REDIS_URL=$redis_url EVENTS=$events \
-    DURATION_MS=$((seconds * 1000)) WORKERS=$WORKERS OUTAGES=2 "$bin" client &
+    DURATION_MS=$((seconds * 1000)) WORKERS=$WORKERS OUTAGES=$outages "$bin" client &
 client_pid=$!
 pids+=("$client_pid")
 start=$(now_ms)
 
-for i in 1 2; do
-    at=$((start + seconds * 1000 * i / 3))
+for i in $(seq "$outages"); do
+    at=$((start + seconds * 1000 * i / (outages + 1)))
     while [ "$(now_ms)" -lt "$at" ]; do
         kill -0 "$client_pid" 2>/dev/null || break 2
         sleep 0.05
@@ -173,9 +236,33 @@ for i in 1 2; do
     echo "kill $(now_ms)" >>"$events"
     kill -KILL "$redis_pid"
     wait "$redis_pid" 2>/dev/null || true
-    sleep "$DOWN"
-    start_redis
-    echo "up $(wait_for_redis)" >>"$events"
+    if [ "$MODE" = failover ]; then
+        deadline=$((SECONDS + 60))
+        until redis-cli -h 127.0.0.1 -p "$sentinel_port" sentinel get-master-addr-by-name mymaster |
+            grep -qx "$replica_port"; do
+            [ "$SECONDS" -lt "$deadline" ] || die "the Sentinels did not promote the replica within 60 s"
+            sleep 0.02
+        done
+        echo "up $(now_ms)" >>"$events"
+        # A supervisor restarts the crashed primary once every Sentinel names the new one (an
+        # empty primary back before may be named by a Sentinel not yet told, and written to);
+        # the Sentinels make it a replica.
+        for sentinel in "${sentinels[@]}"; do
+            sport=${sentinel##*:}
+            until redis-cli -h 127.0.0.1 -p "$sport" sentinel get-master-addr-by-name mymaster |
+                grep -qx "$replica_port"; do
+                [ "$SECONDS" -lt "$deadline" ] || die "a Sentinel did not learn of the promotion"
+                sleep 0.02
+            done
+        done
+        start_redis
+        wait_for_redis >/dev/null
+        echo "failover: replica promoted; old primary restarted (empty), to rejoin as a replica"
+    else
+        sleep "$DOWN"
+        start_redis
+        echo "up $(wait_for_redis)" >>"$events"
+    fi
 done
 
 status=0

@@ -64,6 +64,6 @@ pub use crate::{
 #[cfg(feature = "postgres")]
 pub use crate::store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
-pub use crate::store::redis::RedisStore;
+pub use crate::store::redis::{Durability, RedisStore};
 #[cfg(feature = "moka")]
 pub use crate::store::{cached::CachedStore, memory::MemoryStore};

@@ -19,7 +19,7 @@ use axum::{
 };
 use bytes::Bytes;
 use serde::Deserialize;
-use tower_idempotency::{IdempotencyLayer, MissingKey, RedisStore};
+use tower_idempotency::{Durability, IdempotencyLayer, MissingKey, RedisStore};
 
 use crate::{BoxError, env, env_or};
 
@@ -128,14 +128,25 @@ pub async fn run() -> Result<ExitCode, BoxError> {
         .init();
     let name = env("NAME")?;
     let port: u16 = env_or("PORT", 3001)?;
-    let store = RedisStore::connect(&env("REDIS_URL")?).await?;
     let instance = Instance {
         name: HeaderValue::from_str(&name)?,
         ledger: Arc::default(),
     };
-    let protected = Router::new().route("/charges", post(charge)).layer(
-        IdempotencyLayer::new(store).with_missing_key(MissingKey::Fingerprint(DERIVED_WINDOW)),
-    );
+    let replicas: u32 = env_or("DURABILITY", 0)?;
+    let durability = Durability::replicas(replicas);
+    // Through Sentinel (the failover mode of scripts/soak.sh), or one redis-server.
+    let protected = match std::env::var("SENTINELS") {
+        Ok(sentinels) => protected(
+            RedisStore::connect_sentinel(sentinels.split(','), &env("SERVICE")?)
+                .await?
+                .with_durability(durability),
+        ),
+        Err(_) => protected(
+            RedisStore::connect(&env("REDIS_URL")?)
+                .await?
+                .with_durability(durability),
+        ),
+    };
     let app = protected
         .merge(Router::new().route("/executions", get(executions)))
         .with_state(instance);
@@ -149,4 +160,14 @@ pub async fn run() -> Result<ExitCode, BoxError> {
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The payments route behind the layer, on `store`.
+fn protected<C>(store: RedisStore<C>) -> Router<Instance>
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    Router::new().route("/charges", post(charge)).layer(
+        IdempotencyLayer::new(store).with_missing_key(MissingKey::Fingerprint(DERIVED_WINDOW)),
+    )
 }

@@ -7,6 +7,8 @@
 //! application installed its recorder), with `&'static str` labels: recording costs an
 //! atomic operation and no allocation.
 
+#[cfg(feature = "redis")]
+mod acknowledgement;
 #[cfg(feature = "moka")]
 mod eviction;
 #[cfg(feature = "metrics")]
@@ -14,6 +16,8 @@ mod metrics;
 mod observer;
 mod outcome;
 
+#[cfg(feature = "redis")]
+pub(crate) use self::acknowledgement::ShortfallCounter;
 #[cfg(feature = "moka")]
 pub(crate) use self::eviction::EvictionCounter;
 pub(crate) use self::{

@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod deliveries;
+pub mod failover;
 pub mod flaky_store;
 pub mod json_rpc;
 pub mod lossy_link;
@@ -11,6 +12,7 @@ pub mod operations;
 pub mod panics;
 pub mod postgres_server;
 pub mod recording_store;
+pub mod redis_ha;
 pub mod redis_server;
 pub mod rotation;
 pub mod scenarios;

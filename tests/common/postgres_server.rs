@@ -53,39 +53,10 @@ pub fn bin_dir() -> PathBuf {
     on_path.unwrap_or_else(|| panic!("`initdb` and `pg_ctl` were not found: {INSTALL}"))
 }
 
-/// A loopback port that is free now and outside the kernel's ephemeral range
-/// (`/proc/sys/net/ipv4/ip_local_port_range`), so that no outgoing connection of this or
-/// another process takes it between now and the server's `bind`, nor while it is stopped.
+/// A loopback port that is free now and outside the kernel's ephemeral range: the tests'
+/// one port picker ([`free_port`](super::redis_server::free_port)).
 pub fn free_port() -> u16 {
-    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| {
-            let mut parts = range.split_whitespace().map(str::parse::<u16>);
-            Some((parts.next()?.ok()?, parts.next()?.ok()?))
-        })
-        .unwrap_or((32768, 60999));
-    // Ports from 10000 below the range, or above it when the range starts too low.
-    let candidates: Vec<u16> = if low > 11_000 {
-        (10_000..low).collect()
-    } else {
-        (high.saturating_add(1)..=65_535).collect()
-    };
-    assert!(!candidates.is_empty(), "no port outside {low}-{high}");
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_nanos() as u64);
-    for attempt in 0..1000 {
-        let n = seed
-            .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919))
-            .wrapping_add(attempt);
-        let port = candidates[(n % candidates.len() as u64) as usize];
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port outside {low}-{high}");
+    super::redis_server::free_port()
 }
 
 fn temp_dir() -> PathBuf {

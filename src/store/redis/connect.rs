@@ -11,10 +11,13 @@ use ::redis::{
 };
 
 use super::{
+    durability::{Durability, Replicas},
     error::{store_error, timed_out},
-    notify::Notifier,
+    notify::{Notifier, Subscribers},
 };
-use crate::{config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey};
+use crate::{
+    config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey, observe::ShortfallCounter,
+};
 
 /// The default key prefix: `idempotency:`.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
@@ -30,6 +33,8 @@ pub const DEFAULT_ABANDONED_RETENTION: Duration = Duration::from_secs(24 * 60 * 
 pub(super) struct Shared {
     pub(super) settings: Settings,
     pub(super) notifier: Notifier,
+    pub(super) shortfalls: ShortfallCounter,
+    pub(super) replicas: Replicas,
 }
 
 #[derive(Clone)]
@@ -38,10 +43,11 @@ pub(super) struct Settings {
     pub(super) response_timeout: Duration,
     pub(super) poll_interval: Duration,
     pub(super) abandoned_retention: Duration,
+    pub(super) durability: Durability,
 }
 
 impl Shared {
-    fn new(settings: Settings, clients: Vec<Client>) -> Self {
+    fn new(settings: Settings, clients: Subscribers) -> Self {
         let mut channel = settings.prefix.clone().into_bytes();
         channel.extend_from_slice(b"notifications");
         Self {
@@ -52,6 +58,8 @@ impl Shared {
                 settings.poll_interval,
             ),
             settings,
+            shortfalls: ShortfallCounter::new("redis"),
+            replicas: Replicas::default(),
         }
     }
 }
@@ -65,6 +73,12 @@ impl Shared {
 ///   lease expired is refused ([`StoreErrorKind::LeaseLost`](crate::StoreErrorKind::LeaseLost)) and cannot overwrite the
 ///   newer owner's record.
 /// - **Redis Cluster**: a record is one key. Use [`connect_cluster`](Self::connect_cluster).
+/// - **Sentinel and failover**: [`connect_sentinel`](RedisStore::connect_sentinel) follows a
+///   promotion without a restart; [`with_durability`](Self::with_durability) has replicas
+///   acknowledge each claim and completion (`WAIT`, in the same round trip), so that a
+///   failover loses neither.
+/// - **Eviction guard**: the `connect*` constructors warn if Redis's `maxmemory-policy` may
+///   evict claims and records.
 /// - **Waiting by notification** across instances (pub/sub, one subscriber connection per
 ///   store), bounded by the claim's lease so a crashed owner's claim ends a wait when it
 ///   expires. A duplicate held while another instance runs its request takes three round
@@ -116,6 +130,11 @@ impl RedisStore<ConnectionManager> {
     /// opened when a claim first finds its key in flight (or on the first wait), for
     /// notifications.
     ///
+    /// Reads the server's `maxmemory-policy`, and logs a warning if Redis may evict the
+    /// store's claims and records under memory pressure (any policy but `noeviction`, with a
+    /// `maxmemory` set), or if `CONFIG GET` is refused and the check was skipped; neither
+    /// fails the connection.
+    ///
     /// Fails if the URL is invalid or the server cannot be reached within the default
     /// response timeout. To start while Redis may be down, give [`new`](Self::new) a
     /// connection made with [`ConnectionManager::new_lazy_with_config`].
@@ -133,13 +152,16 @@ impl RedisStore<ConnectionManager> {
             .await
             .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
             .map_err(store_error)?;
-        Ok(Self::new(connection, client))
+        let store = Self::new(connection, client);
+        store.warn_if_evicting().await;
+        Ok(store)
     }
 }
 
 impl RedisStore<ClusterConnection> {
     /// Connects to the Redis Cluster that `nodes` (URLs of some of its nodes) belong to.
     /// Notifications are received through one of these nodes, the next one if it fails.
+    /// The eviction policy is checked as [`connect`](RedisStore::connect) does, on one node.
     pub async fn connect_cluster<I, U>(nodes: I) -> Result<Self, StoreError>
     where
         I: IntoIterator<Item = U>,
@@ -165,7 +187,9 @@ impl RedisStore<ClusterConnection> {
                 .await
                 .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
                 .map_err(store_error)?;
-        Ok(Self::with_subscribers(connection, clients))
+        let store = Self::with_subscribers(connection, Subscribers::Nodes(clients));
+        store.warn_if_evicting().await;
+        Ok(store)
     }
 }
 
@@ -190,15 +214,16 @@ where
     /// # Ok(()) }
     /// ```
     pub fn new(connection: C, subscriber: Client) -> Self {
-        Self::with_subscribers(connection, vec![subscriber])
+        Self::with_subscribers(connection, Subscribers::Nodes(vec![subscriber]))
     }
 
-    pub(super) fn with_subscribers(connection: C, subscribers: Vec<Client>) -> Self {
+    pub(super) fn with_subscribers(connection: C, subscribers: Subscribers) -> Self {
         let settings = Settings {
             prefix: DEFAULT_PREFIX.to_owned(),
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             abandoned_retention: DEFAULT_ABANDONED_RETENTION,
+            durability: Durability::none(),
         };
         Self {
             connection,
@@ -296,6 +321,21 @@ where
         self.reconfigured(|settings| settings.abandoned_retention = retention)
     }
 
+    /// How many copies of a claim and of a completion Redis confirms before the store reports
+    /// them: see [`Durability`] for what is sent (in the same round trip as the write) and
+    /// what happens when fewer replicas acknowledge in time. Default: [`Durability::none`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// use tower_idempotency::{Durability, RedisStore};
+    /// let store = RedisStore::connect("redis://127.0.0.1").await?
+    ///     .with_durability(Durability::replicas(1));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_durability(self, durability: Durability) -> Self {
+        self.reconfigured(|settings| settings.durability = durability)
+    }
+
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.shared.settings.prefix
@@ -311,7 +351,7 @@ where
     fn reconfigured(self, change: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = self.shared.settings.clone();
         change(&mut settings);
-        let clients = self.shared.notifier.clients().to_vec();
+        let clients = self.shared.notifier.subscribers().clone();
         Self {
             connection: self.connection,
             shared: Arc::new(Shared::new(settings, clients)),
@@ -325,7 +365,18 @@ where
         exchange: impl Future<Output = Result<T, RedisError>>,
         error: fn(RedisError) -> StoreError,
     ) -> Result<T, StoreError> {
-        let timeout = self.shared.settings.response_timeout;
+        self.bounded_longer(Duration::ZERO, exchange, error).await
+    }
+
+    /// As [`bounded`](Self::bounded), the response timeout lengthened by `extra` (the time
+    /// the write's acknowledgement may take).
+    pub(super) async fn bounded_longer<T>(
+        &self,
+        extra: Duration,
+        exchange: impl Future<Output = Result<T, RedisError>>,
+        error: fn(RedisError) -> StoreError,
+    ) -> Result<T, StoreError> {
+        let timeout = self.shared.settings.response_timeout.saturating_add(extra);
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| timed_out(timeout))?
@@ -341,6 +392,7 @@ impl<C> fmt::Debug for RedisStore<C> {
             .field("response_timeout", &settings.response_timeout)
             .field("poll_interval", &settings.poll_interval)
             .field("abandoned_retention", &settings.abandoned_retention)
+            .field("durability", &settings.durability)
             .finish_non_exhaustive()
     }
 }

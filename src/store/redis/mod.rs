@@ -69,20 +69,45 @@
 //! owner may be gone), whenever the subscription is re-established (messages may have been
 //! lost meanwhile) and, as a last resort, after a bounded poll interval.
 //!
+//! # High availability
+//!
+//! - **Replicas acknowledged** ([`RedisStore::with_durability`]): a claim and a completion
+//!   are followed, in the same pipeline (one round trip; on a cluster, to the key's own
+//!   node), by `WAIT n timeout` (and `WAITAOF 1 0 timeout` with local fsync). A claim
+//!   acknowledged short is refused (503) and released; a completion acknowledged short is
+//!   kept, counted and logged: see [`Durability`]. Redis runs a client's commands in order
+//!   and `WAIT` holds the connection's later commands until it returns, so with a replica
+//!   that lags, every command of the store waits behind it.
+//! - **Sentinel** ([`RedisStore::connect_sentinel`]): the connection and the notification
+//!   subscriber ask the Sentinels for the primary, again after a failure: see
+//!   [`SentinelConnection`].
+//! - **Eviction guard**: `connect`, `connect_cluster` and `connect_sentinel` read
+//!   `maxmemory-policy` and warn if Redis may evict claims and records, or if it refuses
+//!   `CONFIG GET` (the check is then skipped); neither fails.
+//!
 //! # Files
 //!
 //! `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) implementation;
 //! `connect.rs` constructors, settings and the response timeout; `script.rs` the Lua scripts
 //! (the `.lua` files beside it) and running them; `codec.rs` the marker and envelope bytes;
 //! `notify.rs` waiting and pub/sub wake-ups; `error.rs` Redis errors as
-//! [`StoreError`](crate::StoreError)s; `inspect.rs` the operator's look-ups and listings.
+//! [`StoreError`](crate::StoreError)s; `inspect.rs` the operator's look-ups and listings;
+//! `durability.rs` the [`Durability`] setting and the verdict on `WAIT`'s replies;
+//! `acknowledge.rs` sending a write with its `WAIT` and acting on the verdict;
+//! `eviction.rs` the eviction guard; `sentinel.rs` [`SentinelConnection`] and the
+//! constructors that make one; `resolver.rs` asking the Sentinels for the primary.
 
+mod acknowledge;
 mod codec;
 mod connect;
+mod durability;
 mod error;
+mod eviction;
 mod inspect;
 mod notify;
+mod resolver;
 mod script;
+mod sentinel;
 mod store;
 
 #[cfg(any(test, fuzzing))]
@@ -91,3 +116,5 @@ pub use self::connect::{
     DEFAULT_ABANDONED_RETENTION, DEFAULT_POLL_INTERVAL, DEFAULT_PREFIX, DEFAULT_RESPONSE_TIMEOUT,
     RedisStore,
 };
+pub use self::durability::{DEFAULT_ACK_TIMEOUT, Durability};
+pub use self::sentinel::SentinelConnection;

@@ -29,6 +29,7 @@ use ::redis::{Client, Value, aio::PubSubStream};
 use futures_core::Stream;
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
+use super::resolver::Resolver;
 use crate::key::StorageKey;
 
 /// How long the subscriber waits before connecting again, at first and at most.
@@ -42,9 +43,41 @@ const MAX_FLAGGED_KEYS: usize = 1024;
 /// How many flagged claims one key may hold for waits to take; the oldest go first.
 const MAX_FLAGGED_PER_KEY: usize = 1024;
 
+/// Where the subscriber connects.
+#[derive(Clone)]
+pub(super) enum Subscribers {
+    /// These nodes, tried in turn: one server, or some nodes of a cluster.
+    Nodes(Vec<Client>),
+    /// The primary that Sentinel names at each attempt, so that the subscription follows a
+    /// failover.
+    Sentinel(Arc<Resolver>),
+}
+
+impl Subscribers {
+    /// The client of the `attempt`th subscription attempt.
+    async fn client(&self, attempt: usize) -> Result<Client, ::redis::RedisError> {
+        match self {
+            Self::Nodes(clients) => clients
+                .get(attempt % clients.len().max(1))
+                .cloned()
+                .ok_or_else(|| {
+                    ::redis::RedisError::from((
+                        ::redis::ErrorKind::InvalidClientConfig,
+                        "no node to subscribe to",
+                    ))
+                }),
+            Self::Sentinel(resolver) => resolver.primary().await,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Self::Nodes(clients) if clients.is_empty())
+    }
+}
+
 /// The waiters of one store, and the task that wakes them.
 pub(super) struct Notifier {
-    clients: Vec<Client>,
+    clients: Subscribers,
     channel: Vec<u8>,
     timeout: Duration,
     /// How long what a look learnt stays fresh: the store's poll interval.
@@ -67,11 +100,11 @@ pub(super) struct Flagged {
 }
 
 impl Notifier {
-    /// Subscribes through `clients` (tried in turn: the nodes of a cluster) to `channel`,
+    /// Subscribes through `clients` (nodes tried in turn, or Sentinel's primary) to `channel`,
     /// each connection attempt bounded by `timeout`. Nothing connects before the first claim
     /// found in flight or the first wait. What a look learnt is kept for `fresh_for`.
     pub(super) fn new(
-        clients: Vec<Client>,
+        clients: Subscribers,
         channel: Vec<u8>,
         timeout: Duration,
         fresh_for: Duration,
@@ -87,7 +120,16 @@ impl Notifier {
         }
     }
 
+    /// The nodes it subscribes through (none with Sentinel).
     pub(super) fn clients(&self) -> &[Client] {
+        match &self.clients {
+            Subscribers::Nodes(clients) => clients,
+            Subscribers::Sentinel(_) => &[],
+        }
+    }
+
+    /// Where it subscribes.
+    pub(super) fn subscribers(&self) -> &Subscribers {
         &self.clients
     }
 
@@ -174,14 +216,18 @@ impl Drop for Notifier {
 
 /// Keeps a subscription to `channel` and wakes the waiters named by its messages, forever.
 async fn subscribe(
-    clients: Vec<Client>,
+    clients: Subscribers,
     channel: Vec<u8>,
     timeout: Duration,
     waiters: Arc<Waiters>,
 ) {
     let mut backoff = BACKOFF.0;
-    for client in clients.iter().cycle() {
-        match connect(client, &channel, timeout).await {
+    for attempt in 0.. {
+        let subscribed = async {
+            let client = clients.client(attempt).await?;
+            connect(&client, &channel, timeout).await
+        };
+        match subscribed.await {
             Ok((sink, stream)) => {
                 backoff = BACKOFF.0;
                 waiters.wake_all();
@@ -369,7 +415,7 @@ mod tests {
     /// A notifier with no server: nothing subscribes, the bookkeeping is all there is.
     fn notifier() -> Notifier {
         Notifier::new(
-            Vec::new(),
+            Subscribers::Nodes(Vec::new()),
             b"test:notifications".to_vec(),
             Duration::from_secs(1),
             Duration::from_secs(1),

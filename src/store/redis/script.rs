@@ -76,14 +76,7 @@ where
     ) -> Result<Value, StoreError> {
         let redis_key = self.redis_key(key);
         let mut connection = self.connection.clone();
-        let command = |verb: &str, body: &[u8]| {
-            let mut command = Cmd::new();
-            command.arg(verb).arg(body).arg(1).arg(redis_key.as_bytes());
-            for arg in args {
-                command.arg(*arg);
-            }
-            command
-        };
+        let command = |verb: &str, body: &[u8]| script_command(verb, body, &redis_key, args);
         let exchange = async {
             let reply = command("EVALSHA", script.sha.as_bytes())
                 .query_async::<Value>(&mut connection)
@@ -102,6 +95,27 @@ where
         };
         self.bounded(exchange, store_error).await
     }
+}
+
+impl Script {
+    /// `EVALSHA` of this script on `redis_key` with `args`.
+    pub(super) fn evalsha(&self, redis_key: &str, args: &[&[u8]]) -> Cmd {
+        script_command("EVALSHA", self.sha.as_bytes(), redis_key, args)
+    }
+
+    /// `EVAL` of this script on `redis_key` with `args` (which also caches it on the server).
+    pub(super) fn eval(&self, redis_key: &str, args: &[&[u8]]) -> Cmd {
+        script_command("EVAL", self.code.as_bytes(), redis_key, args)
+    }
+}
+
+fn script_command(verb: &str, body: &[u8], redis_key: &str, args: &[&[u8]]) -> Cmd {
+    let mut command = Cmd::new();
+    command.arg(verb).arg(body).arg(1).arg(redis_key.as_bytes());
+    for arg in args {
+        command.arg(*arg);
+    }
+    command
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::{
     codec::{MARKER_LEN, MARKER_MAGIC, Marker, held_by},
     connect::RedisStore,
+    durability::Write,
     error::{Unexpected, claim_error},
     script::{BREAK, COMPLETE, FORGET, HELD, RELEASE, RENEW, Script, WATCH},
 };
@@ -75,12 +76,17 @@ where
         // Registered before the script flags the claim: its end, published from then on,
         // reaches the wait that follows however soon it comes.
         let watch = self.shared.notifier.watch(*key);
-        let Value::Array(reply) = self.run(&HELD, key, &args).await? else {
+        let (Value::Array(reply), verdict) = self
+            .run_acknowledged(Write::Claim, &HELD, key, &args)
+            .await?
+        else {
             return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply));
         };
         let mut reply = reply.into_iter();
         match (reply.next(), reply.next(), reply.next(), reply.next()) {
-            (Some(Value::Int(1)), None, None, None) => Ok(Claim::Acquired(token)),
+            (Some(Value::Int(1)), None, None, None) => {
+                self.acquired_if_acknowledged(verdict, token)
+            }
             (Some(Value::Int(2)), Some(Value::BulkString(value)), None, None) => {
                 held_by(value, SystemTime::now())
             }
@@ -109,12 +115,17 @@ where
         key: &StorageKey,
         args: &[&[u8]],
     ) -> Result<(), StoreError> {
-        match self.run(script, key, args).await? {
-            Value::Int(1) => Ok(()),
-            Value::Int(0) => Err(StoreError::lease_lost()),
-            Value::Int(-1) => Err(StoreError::corrupt(Unexpected::Foreign)),
-            _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
-        }
+        fenced_reply(self.run(script, key, args).await?)
+    }
+}
+
+/// What a fenced script's reply says.
+fn fenced_reply(reply: Value) -> Result<(), StoreError> {
+    match reply {
+        Value::Int(1) => Ok(()),
+        Value::Int(0) => Err(StoreError::lease_lost()),
+        Value::Int(-1) => Err(StoreError::corrupt(Unexpected::Foreign)),
+        _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
     }
 }
 
@@ -139,19 +150,17 @@ where
             .arg("PX")
             .arg(expiry.as_bytes())
             .arg("GET");
-        let mut connection = self.connection.clone();
         // A reply lost on its way (the claim may have landed all the same) is an error here;
         // the layer releases the claim by its token.
-        let reply = self
-            .bounded(claim.query_async::<Value>(&mut connection), claim_error)
-            .await?;
+        let reply = self.send_acknowledged(&claim, claim_error).await?;
         match reply {
-            Value::Nil => Ok(Claim::Acquired(token)),
+            (Value::Nil, verdict) => self.acquired_if_acknowledged(verdict, token),
             // A claim holds the key: whether its lease has ended is for Redis's clock to say.
-            Value::BulkString(held) if held.starts_with(MARKER_MAGIC) => {
+            (Value::BulkString(held), _) if held.starts_with(MARKER_MAGIC) => {
                 self.claim_held(key, None, token, &marker, &expiry).await
             }
-            Value::BulkString(held) => held_by(held, SystemTime::now()),
+            // Nothing was written: there was nothing to acknowledge.
+            (Value::BulkString(held), _) => held_by(held, SystemTime::now()),
             _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
         }
     }
@@ -171,7 +180,11 @@ where
             self.shared.notifier.channel(),
             key.as_bytes(),
         ];
-        self.fenced(&COMPLETE, key, &args).await?;
+        let (reply, verdict) = self
+            .run_acknowledged(Write::Completion, &COMPLETE, key, &args)
+            .await?;
+        fenced_reply(reply)?;
+        self.completed_acknowledged_or_not(verdict);
         self.shared.notifier.wake(key);
         Ok(())
     }
