@@ -239,6 +239,7 @@ impl IdempotencyStore for MemoryStore {
             Some(found) => found
                 .expires_at
                 .checked_duration_since(now)
+                .filter(|left| !left.is_zero())
                 .map(|left| (found.record, found.stored_at, SystemTime::now() + left)),
             None => self.inner.records.inspect(key),
         };
