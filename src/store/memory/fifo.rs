@@ -17,7 +17,7 @@
 //! evicts its own.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     sync::{Mutex, MutexGuard, PoisonError},
     time::SystemTime,
 };
@@ -100,33 +100,17 @@ impl Fifo {
         let stored_at = SystemTime::now();
         let mut queue = self.lock();
         let queue = &mut *queue;
-        // The key's earlier record (expired, or its key forgotten and executed again) is
-        // replaced, whether or not the new one fits.
-        if let Some(earlier) = queue.held.remove(&key) {
-            queue.bytes -= earlier.weight;
-        }
         if weight > room {
-            return Inserted::default();
-        }
-        let now = Instant::now();
-        let mut pushed_out = 0;
-        // Records freed here are freed under the lock: carrying them out would cost an
-        // allocation per completion, and the lock is this store's alone (moka never runs
-        // under it).
-        while queue.bytes + weight > room {
-            let Some((oldest, serial)) = queue.order.pop_front() else {
-                break;
-            };
-            if let Some(held) = queue.held.get(&oldest).filter(|held| held.serial == serial) {
-                pushed_out += u64::from(held.expires_at > now);
-                queue.bytes -= held.weight;
-                queue.held.remove(&oldest);
+            // The key's earlier record (expired, or its key forgotten and executed again)
+            // is replaced all the same.
+            if let Some(earlier) = queue.held.remove(&key) {
+                queue.bytes -= earlier.weight;
             }
+            return Inserted::default();
         }
         let serial = queue.next_serial;
         queue.next_serial += 1;
-        queue.bytes += weight;
-        queue.held.insert(
+        let earlier = queue.held.insert(
             key,
             Held {
                 record,
@@ -136,6 +120,25 @@ impl Fifo {
                 weight,
             },
         );
+        queue.bytes = queue.bytes - earlier.map_or(0, |earlier| earlier.weight) + weight;
+        let now = Instant::now();
+        let mut pushed_out = 0;
+        // The oldest make room; never the record just inserted (queued after this): once all
+        // the others are out, it alone weighs at most `room`. Records freed here are freed under
+        // the lock: carrying them out would cost an allocation per completion, and the lock
+        // is this store's alone (moka never runs under it).
+        while queue.bytes > room {
+            let Some((oldest, serial)) = queue.order.pop_front() else {
+                break;
+            };
+            if let Entry::Occupied(held) = queue.held.entry(oldest)
+                && held.get().serial == serial
+            {
+                let held = held.remove();
+                pushed_out += u64::from(held.expires_at > now);
+                queue.bytes -= held.weight;
+            }
+        }
         queue.order.push_back((key, serial));
         queue.compact();
         Inserted {
