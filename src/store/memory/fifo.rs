@@ -172,15 +172,14 @@ impl Fifo {
     pub(super) fn remove_if(&self, key: &StorageKey, serial: u64) {
         let removed = {
             let mut queue = self.lock();
-            if !queue
-                .held
-                .get(key)
-                .is_some_and(|held| held.serial == serial)
-            {
+            let Entry::Occupied(held) = queue.held.entry(*key) else {
+                return;
+            };
+            if held.get().serial != serial {
                 return;
             }
-            let removed = queue.held.remove(key);
-            queue.bytes -= removed.as_ref().map_or(0, |held| held.weight);
+            let removed = held.remove();
+            queue.bytes -= removed.weight;
             queue.compact();
             removed
         };
