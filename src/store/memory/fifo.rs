@@ -31,6 +31,7 @@ use crate::{key::StorageKey, record::Record};
 /// entries beyond twice the records held: it stays bounded by the records held.
 const SLACK: usize = 64;
 
+/// The records completed and not asked for since, oldest first (see the module docs).
 pub(super) struct Fifo {
     queue: Mutex<Queue>,
 }
@@ -74,6 +75,7 @@ pub(super) struct Inserted {
 }
 
 impl Fifo {
+    /// An empty queue; its room is given with each insert.
     pub(super) fn new() -> Self {
         Self {
             queue: Mutex::default(),
