@@ -13,8 +13,9 @@
 //! `ALLOC_ONLY=memory:replay` runs one target and case only, which makes the binary a small
 //! driver for `valgrind --tool=callgrind` (instructions per request: the difference between
 //! two runs with different `ALLOC_ITERS`, divided by the difference in requests).
-//! `ALLOC_CACHE_BYTES` sets `CachedStore`'s capacity (default 64 MiB); a small one (say
-//! `1048576`) measures a full cache, which pushes a record out for every one it takes in.
+//! `ALLOC_CACHE_BYTES` sets `CachedStore`'s capacity (default 64 MiB) and `ALLOC_MEMORY_BYTES`
+//! `MemoryStore`'s (default 64 MiB); a small one (say `1048576`) measures a full store, which
+//! pushes a record out for every one it takes in (the steady state of a busy server).
 
 mod common;
 
@@ -90,6 +91,10 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(2000);
     let only = std::env::var("ALLOC_ONLY").ok();
+    let memory_bytes: u64 = std::env::var("ALLOC_MEMORY_BYTES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(tower_idempotency::store::memory::DEFAULT_CAPACITY_BYTES);
     #[cfg(feature = "redis")]
     let cache_bytes: u64 = std::env::var("ALLOC_CACHE_BYTES")
         .ok()
@@ -146,7 +151,7 @@ fn main() {
             );
         }
         if wanted("memory", case) {
-            let service = layered(case, MemoryStore::default());
+            let service = layered(case, MemoryStore::new(memory_bytes));
             row(
                 "memory",
                 measure(&runtime, case, true, service, iterations, None),

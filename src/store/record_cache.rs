@@ -22,7 +22,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
+use moka::{notification::RemovalCause, ops::compute::Op, policy::EvictionPolicy, sync::Cache};
 // Tokio's clock is the system's, but tests can pause and advance it.
 use tokio::time::Instant;
 
@@ -37,6 +37,9 @@ pub(crate) struct RecordCache {
     cache: Cache<StorageKey, Entry, foldhash::fast::RandomState>,
     evictions: Arc<AtomicU64>,
     reported: Arc<crate::observe::EvictionCounter>,
+    /// The weight of the records put in, less those that left: what the cache holds, its
+    /// writes not yet applied by the housekeeping included.
+    weight: Arc<AtomicU64>,
     capacity: u64,
 }
 
@@ -78,6 +81,8 @@ impl RecordCache {
         let counter = Arc::clone(&evictions);
         let reported = Arc::new(crate::observe::EvictionCounter::new(name));
         let (weighed, listener_reported) = (probe.clone(), Arc::clone(&reported));
+        let weight = Arc::new(AtomicU64::new(0));
+        let left = Arc::clone(&weight);
         let cache = Cache::builder()
             .max_capacity(capacity_bytes)
             // Sized for records of a few KiB, so that a filling store does not rehash its
@@ -97,6 +102,11 @@ impl RecordCache {
             // An expired record pushed out is not an eviction: it was of no use any more.
             .eviction_listener(move |_, entry: Entry, cause| {
                 probe();
+                // Called for every record that leaves, replaced or removed ones included.
+                let gone = weight_of(&entry.record);
+                let _ = left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    Some(held.saturating_sub(gone))
+                });
                 if cause == RemovalCause::Size && entry.left(Instant::now()).is_some() {
                     counter.fetch_add(1, Ordering::Relaxed);
                     listener_reported.increment();
@@ -108,6 +118,7 @@ impl RecordCache {
             cache,
             evictions,
             reported,
+            weight,
             capacity: capacity_bytes,
         }
     }
@@ -151,6 +162,7 @@ impl RecordCache {
 
     pub(crate) fn insert_until(&self, key: StorageKey, record: Record, expires_at: Instant) {
         let stored_at = SystemTime::now();
+        self.weight.fetch_add(weight_of(&record), Ordering::Relaxed);
         self.cache.insert(
             key,
             Entry {
@@ -159,6 +171,38 @@ impl RecordCache {
                 stored_at,
             },
         );
+    }
+
+    /// Puts `record` under `key` if `still_current()` says so when the cache holds the key's
+    /// entry for it: the caller's look that it is the key's newest record, made with no
+    /// other write to the key possible in between. Every other write of the key must go
+    /// through here too: a plain insert is not held off by it.
+    pub(crate) fn promote(
+        &self,
+        key: StorageKey,
+        record: Record,
+        expires_at: Instant,
+        stored_at: SystemTime,
+        still_current: impl FnOnce() -> bool,
+    ) {
+        self.cache.entry(key).and_compute_with(|_| {
+            if still_current() {
+                self.weight.fetch_add(weight_of(&record), Ordering::Relaxed);
+                Op::Put(Entry {
+                    record,
+                    expires_at,
+                    stored_at,
+                })
+            } else {
+                Op::Nop
+            }
+        });
+    }
+
+    /// The weight of the records held, those on their way in included (the cache itself
+    /// counts them at its next housekeeping).
+    pub(crate) fn weight(&self) -> u64 {
+        self.weight.load(Ordering::Relaxed)
     }
 
     /// The unexpired record under `key`, when it was stored and when it expires (by the
@@ -201,6 +245,11 @@ impl RecordCache {
     pub(crate) fn capacity(&self) -> u64 {
         self.capacity
     }
+}
+
+/// What a record weighs (as the cache's weigher says).
+fn weight_of(record: &Record) -> u64 {
+    u64::from(u32::try_from(record.weight()).unwrap_or(u32::MAX))
 }
 
 /// When a record stored now for `ttl` expires. Capped at [`MAX_TTL`], so that no TTL, however

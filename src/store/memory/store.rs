@@ -125,7 +125,7 @@ impl IdempotencyStore for MemoryStore {
             key: *key,
             token,
         };
-        self.inner.records.insert_until(*key, record, expires_at);
+        self.keep(*key, record, expires_at);
         drop(settle);
         // Woken once the record is in the cache: their claims find it without a lock.
         if let Slot::InFlight(claim) = claim {
@@ -233,15 +233,20 @@ impl IdempotencyStore for MemoryStore {
                 Some(Slot::Completing { .. }) | None => {}
             }
         }
-        // A record on its way is in the cache once its completion returns; moka is asked
-        // with no lock held.
-        Ok(self
-            .inner
-            .records
-            .inspect(key)
-            .map(|(record, stored_at, expires_at)| {
-                Inspection::Completed(RecordInfo::of(&record, Some(stored_at), Some(expires_at)))
-            }))
+        // A record on its way is held once its completion returns; moka is asked with no
+        // lock held.
+        let now = Instant::now();
+        let found = match self.inner.recent.get(key) {
+            Some(found) => found
+                .expires_at
+                .checked_duration_since(now)
+                .filter(|left| !left.is_zero())
+                .map(|left| (found.record, found.stored_at, SystemTime::now() + left)),
+            None => self.inner.records.inspect(key),
+        };
+        Ok(found.map(|(record, stored_at, expires_at)| {
+            Inspection::Completed(RecordInfo::of(&record, Some(stored_at), Some(expires_at)))
+        }))
     }
 
     async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
@@ -249,7 +254,8 @@ impl IdempotencyStore for MemoryStore {
         if lock(&self.shard(key).claims).contains_key(key) {
             return Ok(false);
         }
-        Ok(self.inner.records.remove(key))
+        let recent = self.inner.recent.remove(key);
+        Ok(self.inner.records.remove(key) | recent)
     }
 
     async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
