@@ -23,6 +23,10 @@ use common::{
     redis_ha::{Node, ReplicatedCluster, SERVICE, SentinelGroup, eventually_sync, report},
 };
 
+/// Each test starts a primary, a replica and three Sentinels (or a cluster) and puts them
+/// under load: run one at a time, so that no test's failover is timed by another's load.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How long the load runs before the kill, and after the first answer following promotion.
 const BEFORE: Duration = Duration::from_millis(1_500);
 const AFTER: Duration = Duration::from_millis(1_500);
@@ -169,7 +173,9 @@ async fn sentinel_failover(durability: Durability) -> (Outcome, Duration, Timeli
     tokio::time::sleep(AFTER).await;
     let outcome = load.finish(killed).await;
 
-    assert_eq!(group.replica.role(), "master");
+    // Under load the Sentinels may fail over once more, back to the restarted node (a replica
+    // by then, holding every acknowledged write): their choice, not an invariant of the
+    // store's. What the store must keep is checked on the outcome.
     drop(group);
     (
         outcome,
@@ -183,6 +189,7 @@ async fn sentinel_failover(durability: Durability) -> (Outcome, Duration, Timeli
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_durability_a_sentinel_failover_loses_nothing_and_runs_nothing_twice() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let durability = Durability::replicas(1).with_timeout(ACK_TIMEOUT);
     let (outcome, kill_at, timeline) = sentinel_failover(durability).await;
     report(&summary(
@@ -196,6 +203,7 @@ async fn with_durability_a_sentinel_failover_loses_nothing_and_runs_nothing_twic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_durability_a_sentinel_failover_is_survived_and_what_it_lost_is_reported() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let (outcome, kill_at, timeline) = sentinel_failover(Durability::none()).await;
     report(&summary(
         "sentinel, Durability::none()",
@@ -210,6 +218,7 @@ async fn without_durability_a_sentinel_failover_is_survived_and_what_it_lost_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_sentinel_a_store_fails_fast_in_a_failover_then_follows_the_promotion_waiters_too()
 {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let group = blocking(|| SentinelGroup::start(Duration::from_millis(1_000))).await;
     let connect = || async {
         RedisStore::connect_sentinel(group.sentinel_urls(), SERVICE)
@@ -396,6 +405,7 @@ fn replica_of(nodes: &[Node], master: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_durability_a_cluster_master_failover_loses_nothing_and_runs_nothing_twice() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let durability = Durability::replicas(1).with_timeout(ACK_TIMEOUT);
     let (outcome, kill_at, timeline) = cluster_failover(durability).await;
     report(&summary(
@@ -409,6 +419,7 @@ async fn with_durability_a_cluster_master_failover_loses_nothing_and_runs_nothin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_durability_a_cluster_master_failover_is_survived_and_what_it_lost_is_reported() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let (outcome, kill_at, timeline) = cluster_failover(Durability::none()).await;
     report(&summary(
         "cluster, Durability::none()",
