@@ -59,17 +59,6 @@ pub fn free_port() -> u16 {
     super::redis_server::free_port()
 }
 
-fn temp_dir() -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tower-idempotency-pg-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("create a temporary directory");
-    dir
-}
-
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -97,7 +86,7 @@ impl PostgresServer {
     /// `pg_stat_statements` loaded (to count the statements each operation costs).
     pub fn start() -> Self {
         let bin = bin_dir();
-        let dir = temp_dir();
+        let dir = super::redis_server::temp_dir("pg");
         let as_postgres = is_root();
         let mut server = Self {
             port: 0,

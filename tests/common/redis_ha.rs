@@ -30,17 +30,6 @@ pub fn ha_port() -> u16 {
     super::redis_server::free_port()
 }
 
-fn temp_dir(what: &str) -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tower-idempotency-ha-{what}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("create a temporary directory");
-    dir
-}
-
 /// One `redis-server` process (a data node or a Sentinel).
 pub struct Node {
     port: u16,
@@ -56,7 +45,7 @@ impl Node {
         let mut last = String::new();
         for _ in 0..5 {
             let port = ha_port();
-            let dir = temp_dir("node");
+            let dir = super::redis_server::temp_dir("ha-node");
             let mut args: Vec<String> = [
                 "--port",
                 &port.to_string(),
@@ -99,7 +88,7 @@ impl Node {
         let mut last = String::new();
         for _ in 0..5 {
             let port = ha_port();
-            let dir = temp_dir("sentinel");
+            let dir = super::redis_server::temp_dir("ha-sentinel");
             let config = dir.join("sentinel.conf");
             let written = std::fs::write(
                 &config,

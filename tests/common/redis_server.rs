@@ -106,7 +106,8 @@ fn ephemeral_range() -> (u16, u16) {
     parsed.unwrap_or((32_768, 60_999))
 }
 
-fn temp_dir(what: &str) -> PathBuf {
+/// A new temporary directory for one test server: `tower-idempotency-{what}-{pid}-{n}`.
+pub fn temp_dir(what: &str) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "tower-idempotency-{what}-{}-{}",
