@@ -12,6 +12,11 @@
 //! a body that has not ended by then (an event stream that never ends) is dropped, and its key
 //! spent like an oversized one's: the handler ran, and its response was neither delivered
 //! whole nor recorded, so a retry must not run it again.
+//!
+//! A record that commits in the handler's own transaction
+//! ([`IdempotencyStore::prepare_handler`]) must hold the whole response before the commit:
+//! a streamed body is captured whole first, and the client's body follows the commit. Past
+//! the limit the transaction is rolled back, the key released and a 500 problem answers.
 
 use std::{
     future::Future,
@@ -111,18 +116,38 @@ where
             let response = expiry::on_first_execution(config, ttl, response);
             (Box::pin(lease.complete(record, ttl)), response)
         }
-        Ran::Streaming { body, .. } if lease.in_transaction() => {
+        Ran::Streaming {
+            head,
+            body,
+            ready,
+            trailers,
+        } if lease.in_transaction() => {
             // The record is written in the handler's transaction, which commits before the
-            // response is answered: a body still being produced cannot be part of it. The
-            // transaction is rolled back with the release.
-            drop(body);
-            tracing::error!(
-                "a handler completing in its own transaction returned a streamed body; refused and rolled back"
-            );
-            return Settled::AfterStore {
-                lease_op: Box::pin(lease.release(RecordResult::BodyError)),
-                response: reject(config, &Problem::handler_failed(), rpc),
+            // response is answered: the body is captured whole (up to the limit) first.
+            let of = RecordOf {
+                fingerprint,
+                status: head.status,
+                headers: head.headers.clone(),
+                ttl,
+                rpc: rpc.clone(),
+                store_errors: config.json_rpc.store_errors,
             };
+            let len = ready.len;
+            let (tx, rx) = stream::channel(ready);
+            if let Some(trailers) = &trailers {
+                tx.capture_trailers(trailers.clone());
+            }
+            let pump = Pump {
+                body,
+                tx,
+                len,
+                limit,
+                trailers,
+                after_client: config.capture_after_disconnect,
+            };
+            let response = Response::from_parts(head, ResponseBody::channel(rx));
+            let response = expiry::on_first_execution(config, ttl, response);
+            (Box::pin(pump.commit(lease, of)), response)
         }
         Ran::Streaming {
             head,
@@ -351,6 +376,59 @@ where
                 // Released before the client sees the error, so its retry at once executes.
                 let _ = lease.release(RecordResult::BodyError).await;
                 self.tx.fail(error);
+            }
+        }
+    }
+
+    /// The lease operation of a streamed response whose record commits in the handler's own
+    /// transaction: captures the whole body (the lease kept alive), then commits the record
+    /// with it and ends the client's body, which the client reads once this is done. Past
+    /// the limit the transaction is rolled back and the key released
+    /// ([`Kept::TooLarge`]): a response that is not whole cannot commit.
+    async fn commit<St: IdempotencyStore>(mut self, mut lease: Lease<St>, of: RecordOf) -> Kept {
+        match lease.keep_alive(self.capture()).await {
+            Captured::Whole => {
+                let body = self.tx.captured();
+                let kept = if kept(&of.rpc, of.store_errors, &of.headers, &body) {
+                    let record = Record::response(
+                        of.fingerprint,
+                        of.status,
+                        &of.headers,
+                        body,
+                        self.trailers.as_ref(),
+                    );
+                    lease.complete(record, of.ttl).await
+                } else {
+                    tracing::debug!("no JSON-RPC answer to keep; key released");
+                    lease.release(RecordResult::Predicate).await
+                };
+                self.tx.end();
+                kept
+            }
+            Captured::OverLimit(_) => {
+                // The handler's body first: its stream stops now.
+                let limit = self.limit;
+                drop(self);
+                tracing::error!(
+                    limit,
+                    "a handler completing in its own transaction returned a streamed body over \
+                     the capture limit; rolled back and the key released"
+                );
+                let _ = lease.release(RecordResult::TooLarge).await;
+                Kept::TooLarge
+            }
+            // The client's end is held by the flow until this is done: never gone before.
+            Captured::CutShort => {
+                drop(self);
+                let _ = lease.release(RecordResult::BodyError).await;
+                Kept::Void
+            }
+            Captured::Failed(error) => {
+                // Rolled back with the release; the client gets what was produced and the
+                // error, as without a transaction.
+                let kept = lease.release(RecordResult::BodyError).await;
+                self.tx.fail(error);
+                kept
             }
         }
     }

@@ -46,6 +46,10 @@ pub(crate) enum Kept {
     /// It does not: it was written in the handler's own transaction, which was rolled back
     /// ([`StoreErrorKind::RolledBack`]); the key is freed, the client gets a problem.
     Void,
+    /// It does not: it was to commit in the handler's own transaction, but its streamed body
+    /// went past the capture limit, so it could not be held whole before the commit; the
+    /// transaction was rolled back, the key is freed, the client gets a problem.
+    TooLarge,
 }
 
 /// Whether the claim a release gives back is known to hold the key.
@@ -123,7 +127,7 @@ impl<St: IdempotencyStore> Lease<St> {
     }
 
     /// Whether the record is written in the handler's own transaction: the response must be
-    /// whole when the handler returns.
+    /// whole before the record is.
     pub(crate) fn in_transaction(&self) -> bool {
         self.in_transaction
     }

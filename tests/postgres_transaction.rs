@@ -246,33 +246,54 @@ async fn a_failed_commit_answers_503_frees_the_key_and_commits_nothing() {
     assert_eq!(balances(&pool).await, (987, 13, 1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_body_is_refused_and_its_writes_rolled_back() {
-    let pool = pool_at(&database("tx_stream").await);
-    let routes = Router::new().route(
+/// A handler that debits account 1 by one in its transaction, then streams `chunks(run)`
+/// chunks of 1 KiB (`run` counts from 0), each after a pause, so none is ready when the
+/// handler returns; `runs` counts its runs.
+fn streaming_routes(
+    runs: &Arc<AtomicUsize>,
+    chunks: impl Fn(usize) -> usize + Clone + Send + Sync + 'static,
+) -> Router {
+    let runs = Arc::clone(runs);
+    Router::new().route(
         "/transfers",
-        axum::routing::post(|tx: HandlerTransaction| async move {
-            let mut tx = tx.begin().await.unwrap();
-            sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            drop(tx);
-            Body::new(Late(Box::pin(tokio::time::sleep(Duration::from_millis(
-                50,
-            )))))
+        axum::routing::post(move |tx: HandlerTransaction| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            let chunks = chunks(run);
+            async move {
+                let mut tx = tx.begin().await.unwrap();
+                sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                drop(tx);
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .header("x-run", run.to_string())
+                    .body(Body::new(Drip::new(chunks)))
+                    .unwrap()
+            }
         }),
-    );
-    let app = app_with(&pool, PostgresStore::new(pool.clone()), routes);
-    let refused = call(&app, transfer("t-stream", 1)).await;
-    assert_eq!(refused.0, StatusCode::INTERNAL_SERVER_ERROR, "{refused:?}");
-    assert_eq!(balances(&pool).await, (1000, 0, 0));
+    )
 }
 
-/// A body not ready at once: one chunk, after a sleep.
-struct Late(std::pin::Pin<Box<tokio::time::Sleep>>);
+/// A streamed body: `left` chunks of 1 KiB (each a different letter), each after a pause.
+struct Drip {
+    left: usize,
+    sent: u8,
+    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
 
-impl http_body::Body for Late {
+impl Drip {
+    fn new(chunks: usize) -> Self {
+        Self {
+            left: chunks,
+            sent: 0,
+            pause: Box::pin(tokio::time::sleep(Duration::from_millis(2))),
+        }
+    }
+}
+
+impl http_body::Body for Drip {
     type Data = bytes::Bytes;
     type Error = std::convert::Infallible;
 
@@ -280,14 +301,102 @@ impl http_body::Body for Late {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        if self.0.is_elapsed() {
+        if self.left == 0 {
             return std::task::Poll::Ready(None);
         }
-        std::task::ready!(self.0.as_mut().poll(cx));
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-            b"late",
-        )))))
+        std::task::ready!(self.pause.as_mut().poll(cx));
+        let next = tokio::time::Instant::now() + Duration::from_millis(2);
+        self.pause.as_mut().reset(next);
+        self.left -= 1;
+        let letter = b'a' + self.sent % 26;
+        self.sent = self.sent.wrapping_add(1);
+        let chunk = bytes::Bytes::from(vec![letter; 1024]);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
     }
+}
+
+/// The whole response: status, headers and body bytes.
+async fn whole(
+    app: &Router,
+    request: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, bytes::Bytes) {
+    let response = tokio::time::timeout(Duration::from_secs(30), app.clone().oneshot(request))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    let (head, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (head.status, head.headers, body)
+}
+
+async fn records(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM idempotency_records")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_under_the_limit_commits_once_and_is_replayed_byte_for_byte() {
+    let pool = pool_at(&database("tx_stream").await);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = streaming_routes(&runs, |_| 40).layer(
+        IdempotencyLayer::new(PostgresStore::new(pool.clone()).in_handler_transaction())
+            .with_response_body_limit(64 * 1024),
+    );
+    let first = whole(&app, transfer("t-stream", 1)).await;
+    assert_eq!(first.0, StatusCode::CREATED, "{first:?}");
+    assert_eq!(first.2.len(), 40 * 1024, "the whole body, after the commit");
+    assert_eq!(&first.2[1024..1027], b"bbb");
+    assert_eq!(balances(&pool).await, (999, 0, 0), "the debit committed");
+    let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT record FROM idempotency_records")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(stored.is_some(), "the record committed with the debit");
+    let retry = whole(&app, transfer("t-stream", 1)).await;
+    assert_eq!(retry.0, StatusCode::CREATED);
+    assert_eq!(
+        retry.1.get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert_eq!(retry.1.get("x-run"), first.1.get("x-run"));
+    assert_eq!(retry.2, first.2, "replayed byte for byte");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(balances(&pool).await, (999, 0, 0), "debited once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_over_the_limit_rolls_back_answers_500_and_frees_the_key() {
+    let pool = pool_at(&database("tx_stream_over").await);
+    let runs = Arc::new(AtomicUsize::new(0));
+    // The first run streams 20 KiB past a 16 KiB limit; the retry's 8 KiB fits.
+    let app = streaming_routes(&runs, |run| if run == 0 { 20 } else { 8 }).layer(
+        IdempotencyLayer::new(PostgresStore::new(pool.clone()).in_handler_transaction())
+            .with_response_body_limit(16 * 1024),
+    );
+    let refused = whole(&app, transfer("t-over", 1)).await;
+    assert_eq!(refused.0, StatusCode::INTERNAL_SERVER_ERROR, "{refused:?}");
+    assert_eq!(
+        refused.1.get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/problem+json"[..])
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.2).contains("16384 bytes"),
+        "the problem names the limit: {refused:?}"
+    );
+    assert_eq!(balances(&pool).await, (1000, 0, 0), "the debit rolled back");
+    assert_eq!(
+        records(&pool).await,
+        0,
+        "no record, no claim: the key is free"
+    );
+    let retry = whole(&app, transfer("t-over", 1)).await;
+    assert_eq!(retry.0, StatusCode::CREATED, "the retry runs: {retry:?}");
+    assert!(!retry.1.contains_key("idempotent-replayed"));
+    assert_eq!(retry.2.len(), 8 * 1024);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(balances(&pool).await, (999, 0, 0), "debited once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -333,6 +333,9 @@ where
                     Step::Answer(output)
                 }
                 (StateOwned::Finish { .. }, Event::Finished(Kept::Void)) => ctx.voided(),
+                (StateOwned::Finish { .. }, Event::Finished(Kept::TooLarge)) => {
+                    ctx.too_large_to_commit()
+                }
                 // Each event comes from the state it was polled in, just above.
                 _ => unreachable!("a flow event paired with another state"),
             };

@@ -290,8 +290,8 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Called once a request holds the claim `token` on `key`, just before its handler runs,
     /// with the request's extensions. A store that writes records in the handler's own
     /// transaction puts there what the handler opens it with, and returns `true`: the
-    /// handler's response must then be whole when the handler returns, since the record is
-    /// written (and the transaction committed) before the response is answered. Not an
+    /// layer then reads a streamed response body to its end (within the capture limit) before
+    /// the record is written and the transaction committed, and answers after that. Not an
     /// operation on the store: nothing is sent, nothing waits.
     ///
     /// Default: does nothing and returns `false`.

@@ -439,6 +439,14 @@ where
         self.reject(&Problem::store_unavailable())
     }
 
+    /// The record was to commit in the handler's own transaction, but the handler's streamed
+    /// body went past the capture limit: rolled back, the key freed, a 500 answers.
+    pub(super) fn too_large_to_commit(&self) -> FlowStep<S, St, ReqB, ResB> {
+        self.reject(&Problem::too_large_to_commit(
+            self.config.response_body_limit,
+        ))
+    }
+
     /// A problem, answered at once.
     fn reject(&self, problem: &Problem) -> FlowStep<S, St, ReqB, ResB> {
         Step::Answer(Ok(reject(&self.config, problem, &self.rpc)))

@@ -221,8 +221,12 @@ impl PostgresStore {
     /// - a lost lease fails the fenced write: the transaction rolls back and the client gets
     ///   a 503 problem, never a second committed effect;
     /// - a failed commit answers a 503 problem and frees the key;
-    /// - the response must be whole when the handler returns: a streamed body (one not ready
-    ///   at once) is refused with a 500 problem and the transaction rolled back.
+    /// - the response must be whole before the commit: a streamed body (one not ready at
+    ///   once) is read to its end first, up to the layer's response limit
+    ///   ([`with_response_body_limit`](crate::IdempotencyLayer::with_response_body_limit)),
+    ///   and sent once committed; past the limit the transaction is rolled back, the key
+    ///   released, and the client gets a 500 problem (a server-side fault a retry would meet
+    ///   again until the limit or the handler changes: not a 503 inviting one).
     ///
     /// A handler that never begins its transaction is completed as without this setting.
     ///
