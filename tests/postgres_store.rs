@@ -79,7 +79,7 @@ async fn statement_calls(admin: &PgPool, table: &str) -> Vec<(String, i64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claim_or_replay_and_completion_are_one_statement_each() {
+async fn every_operation_is_one_statement() {
     let table = "round_trips";
     let store = store_in(table).await;
     let admin = pool(shared_server());
@@ -116,6 +116,43 @@ async fn claim_or_replay_and_completion_are_one_statement_each() {
     // The claim (twice: first execution, then replay) and the completion; nothing else.
     assert_eq!(count("WITH claimed AS").await, 2, "{all:?}");
     assert_eq!(count("WITH done AS").await, 1, "{all:?}");
+    assert_eq!(
+        all.iter().map(|(_, calls)| calls).sum::<i64>(),
+        3,
+        "{all:?}"
+    );
+
+    // Renewal, release and break (the statistics are the server's: counted in this one test).
+    let (renewed, released, broken) = (fresh_key(), fresh_key(), fresh_key());
+    let renewing = acquired(
+        store
+            .claim(&renewed, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    let releasing = acquired(
+        store
+            .claim(&released, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    acquired(
+        store
+            .claim(&broken, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(&admin)
+        .await
+        .unwrap();
+    store.renew(&renewed, renewing, LEASE).await.unwrap();
+    store.release(&released, releasing).await.unwrap();
+    assert!(store.break_claim(&broken).await.unwrap().is_some());
+    let all = statement_calls(&admin, table).await;
+    assert_eq!(count("UPDATE").await, 1, "the renewal: {all:?}");
+    // The release and the break: a DELETE and its NOTIFY, one statement each.
+    assert_eq!(count("WITH gone AS").await, 2, "{all:?}");
     assert_eq!(
         all.iter().map(|(_, calls)| calls).sum::<i64>(),
         3,

@@ -118,6 +118,59 @@ async fn the_transfer_and_its_record_commit_together_and_the_retry_is_replayed()
     assert_eq!(balances(&pool).await, (750, 250, 1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_tower_service_takes_its_transaction_from_the_request_extensions() {
+    use tower::{Layer, service_fn};
+    let pool = pool_at(&database("tx_tower").await);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let handler = service_fn(
+        move |request: Request<tower_idempotency::RequestBody<Body>>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let tx = request.extensions().get::<HandlerTransaction>().cloned();
+            async move {
+                let Some(tx) = tx else {
+                    return Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(StatusCode::INTERNAL_SERVER_ERROR)
+                            .body(Body::from("no transaction"))
+                            .unwrap(),
+                    );
+                };
+                let mut tx = tx.begin().await.unwrap();
+                sqlx::query("UPDATE accounts SET balance = balance - 5 WHERE id = 1")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                Ok(Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Body::from("debited 5"))
+                    .unwrap())
+            }
+        },
+    );
+    let service = IdempotencyLayer::new(PostgresStore::new(pool.clone()).in_handler_transaction())
+        .layer(handler);
+    let send = |key: &'static str| {
+        let service = service.clone();
+        async move {
+            let response = service.oneshot(transfer(key, 5)).await.unwrap();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, replayed, body)
+        }
+    };
+    let first = send("t-tower").await;
+    assert_eq!(first.0, StatusCode::CREATED, "{first:?}");
+    assert_eq!(balances(&pool).await, (995, 0, 0), "committed by the layer");
+    let retry = send("t-tower").await;
+    assert!(retry.1, "replayed: {retry:?}");
+    assert_eq!(retry.2, first.2);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(balances(&pool).await, (995, 0, 0));
+}
+
 #[cfg(feature = "moka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_store_over_it_hands_the_transaction_on_and_replays_from_memory() {
