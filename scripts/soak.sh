@@ -56,12 +56,20 @@
 # durable write needs one again). The same invariants are checked; without DURABILITY they
 # can fail: that is what a failover loses without `WAIT`.
 #
+# MODE=postgres: instead, one PostgreSQL server (Debian's `postgresql` package: `initdb` into
+# a temporary directory, run as the `postgres` user when root; default settings, fsync on, so
+# a committed write survives the SIGKILL) and each instance on a `PostgresStore` of its own
+# (a pool of 32). At about 1/3 and 2/3 of the run the postmaster and its backends are
+# SIGKILLed (a crash, nothing shut down), kept down for DOWN seconds, and restarted on the
+# same port and data directory (crash recovery replays the WAL). The same invariants; the
+# claims in flight are rows without a record whose lease has not ended.
+#
 # Usage: scripts/soak.sh
 # Environment:
 #   DURATION=300   the load, in seconds (`20s` and `5m` work too)
 #   DOWN=2         seconds redis-server stays down at each kill
 #   WORKERS=16     concurrent clients            SEED=<time>  the client's random seed
-#   MODE=restart   `restart` (above) or `failover` (Sentinel)
+#   MODE=restart   `restart` (above), `failover` (Sentinel) or `postgres`
 #   DURABILITY=0   in failover mode, the replicas that must acknowledge each write
 #   CARGO_TARGET_DIR  where the programs are built (default target/)
 #
@@ -89,10 +97,20 @@ case "$DURATION" in
 esac
 [[ "$seconds" =~ ^[0-9]+$ ]] && [ "$seconds" -ge 9 ] || die "DURATION=$DURATION: a whole number of seconds, at least 9"
 [[ "$DOWN" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "DOWN=$DOWN: seconds"
-for tool in redis-server redis-cli; do
-    command -v "$tool" >/dev/null ||
-        die "$tool is not on PATH (Debian: apt-get install redis-server)"
-done
+case "$MODE" in
+    restart | failover)
+        for tool in redis-server redis-cli; do
+            command -v "$tool" >/dev/null ||
+                die "$tool is not on PATH (Debian: apt-get install redis-server)"
+        done
+        ;;
+    postgres)
+        pg_bin=$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] && [ -x "$pg_bin/pg_isready" ] ||
+            die "PostgreSQL's initdb was not found (Debian: apt-get install postgresql)"
+        ;;
+    *) die "MODE=$MODE: restart, failover or postgres" ;;
+esac
 
 work=$(mktemp -d)
 pids=()
@@ -100,13 +118,21 @@ redis_pid=
 ha_pids=()
 keep_logs=false
 cleanup() {
-    local pid
+    local pid pm=
+    # PostgreSQL's postmaster is runuser's child: asked to stop by its own pid (fast shutdown).
+    if [ "$MODE" = postgres ] && [ -d "$work/redis" ]; then
+        pm=$(head -n 1 "$work/redis/data/postmaster.pid" 2>/dev/null || true)
+        if [ -n "$pm" ]; then kill -INT "$pm" 2>/dev/null || true; fi
+    fi
     for pid in "${pids[@]}" $redis_pid "${ha_pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
     for pid in "${pids[@]}" $redis_pid "${ha_pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    if [ -n "$pm" ]; then
+        for _ in $(seq 200); do kill -0 "$pm" 2>/dev/null || break; sleep 0.05; done
+    fi
     if $keep_logs; then
         echo "logs kept in $work" >&2
     else
@@ -116,8 +142,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+features="redis axum"
+if [ "$MODE" = postgres ]; then features="redis axum postgres"; fi
 echo "building the soak programs (release)…"
-cargo build --quiet --release --example soak --features "redis axum"
+cargo build --quiet --release --example soak --features "$features"
 bin=${CARGO_TARGET_DIR:-target}/release/examples/soak
 [ -x "$bin" ] || die "no $bin after the build"
 
@@ -129,6 +157,48 @@ now_ms() { date +%s%3N; }
 
 free_port redis_port || die "no free loopback port"
 mkdir "$work/redis"
+# MODE=postgres: the server runs as the postgres user when root (PostgreSQL refuses root).
+as_pg=()
+if [ "$MODE" = postgres ] && [ "$(id -u)" -eq 0 ]; then
+    as_pg=(runuser -u postgres --)
+    chown postgres "$work" "$work/redis"
+fi
+# The postmaster's pid, from its pid file (`runuser` forks it: `$!` is not it).
+postmaster_pid() { head -n 1 "$work/redis/data/postmaster.pid" 2>/dev/null || true; }
+start_postgres() {
+    "${as_pg[@]}" "$pg_bin/postgres" -D "$work/redis/data" -p "$redis_port" -h 127.0.0.1 \
+        -k "$work/redis" -c max_connections=200 >>"$work/redis/log" 2>&1 &
+    redis_pid=$!
+}
+# SIGKILLs the postmaster and every backend it started, and waits (bounded) until they are gone.
+kill_postgres() {
+    local pm victims=() child deadline=$((SECONDS + 10))
+    pm=$(postmaster_pid)
+    [ -n "$pm" ] || die "no postmaster.pid"
+    victims=("$pm")
+    for child in $(ps -o pid= --ppid "$pm"); do victims+=("$child"); done
+    kill -KILL "${victims[@]}" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+    for child in "${victims[@]}"; do
+        while kill -0 "$child" 2>/dev/null; do
+            [ "$SECONDS" -lt "$deadline" ] || die "postgres survived SIGKILL"
+            sleep 0.02
+        done
+    done
+}
+# Waits (bounded) until postgres accepts connections; prints when, in Unix ms.
+wait_for_postgres() {
+    local deadline=$((SECONDS + 60))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$redis_port"; then
+            now_ms
+            return
+        fi
+        kill -0 "$redis_pid" 2>/dev/null || die "postgres exited: $(tail -n 5 "$work/redis/log")"
+        sleep 0.02
+    done
+    die "postgres did not accept connections within 60 s"
+}
 start_redis() {
     if [ "$MODE" = failover ]; then
         redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
@@ -153,13 +223,26 @@ wait_for_redis() {
     done
     die "redis-server did not answer PING within 30 s"
 }
-start_redis
-wait_for_redis >/dev/null
+if [ "$MODE" = postgres ]; then
+    "${as_pg[@]}" "$pg_bin/initdb" -D "$work/redis/data" -A trust -U postgres >"$work/redis/initdb.log" 2>&1 ||
+        die "initdb failed: $(cat "$work/redis/initdb.log")"
+    start_postgres
+    wait_for_postgres >/dev/null
+else
+    start_redis
+    wait_for_redis >/dev/null
+fi
 redis_url="redis://127.0.0.1:$redis_port"
 instance_env=(REDIS_URL="$redis_url")
+client_env=(REDIS_URL="$redis_url")
 outages=2
 case "$MODE" in
     restart) ;;
+    postgres)
+        database_url="postgres://postgres@127.0.0.1:$redis_port/postgres"
+        instance_env=(DATABASE_URL="$database_url")
+        client_env=(DATABASE_URL="$database_url")
+        ;;
     failover)
         outages=1
         free_port replica_port || die "no free loopback port"
@@ -192,9 +275,9 @@ case "$MODE" in
         done
         # The client checks Redis through the replica, which is the primary after the failover.
         redis_url="redis://127.0.0.1:$replica_port"
+        client_env=(REDIS_URL="$redis_url")
         instance_env=(SENTINELS="$(IFS=,; echo "${sentinels[*]}")" SERVICE=mymaster DURABILITY="$DURABILITY")
         ;;
-    *) die "MODE=$MODE: restart or failover" ;;
 esac
 
 declare -A port
@@ -217,11 +300,14 @@ events=$work/events
 if [ "$MODE" = failover ]; then
     echo "soak: ${seconds} s of load through Sentinel, Durability::replicas($DURABILITY)," \
         "the primary SIGKILLed at ~1/2; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+elif [ "$MODE" = postgres ]; then
+    echo "soak: ${seconds} s of load on PostgresStore, postgres SIGKILLed at ~1/3 and ~2/3 for ${DOWN} s;" \
+        "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 else
     echo "soak: ${seconds} s of load, redis-server SIGKILLed at ~1/3 and ~2/3 for ${DOWN} s;" \
         "$(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 fi
-TARGETS="a=127.0.0.1:${port[a]},b=127.0.0.1:${port[b]}" REDIS_URL=$redis_url EVENTS=$events \
+env TARGETS="a=127.0.0.1:${port[a]},b=127.0.0.1:${port[b]}" "${client_env[@]}" EVENTS=$events \
     DURATION_MS=$((seconds * 1000)) WORKERS=$WORKERS OUTAGES=$outages "$bin" client &
 client_pid=$!
 pids+=("$client_pid")
@@ -234,6 +320,13 @@ for i in $(seq "$outages"); do
         sleep 0.05
     done
     echo "kill $(now_ms)" >>"$events"
+    if [ "$MODE" = postgres ]; then
+        kill_postgres
+        sleep "$DOWN"
+        start_postgres
+        echo "up $(wait_for_postgres)" >>"$events"
+        continue
+    fi
     kill -KILL "$redis_pid"
     wait "$redis_pid" 2>/dev/null || true
     if [ "$MODE" = failover ]; then

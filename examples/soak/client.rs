@@ -1,4 +1,5 @@
-//! The client: the load, then the check of every key once Redis is stable, then the report.
+//! The client: the load, then the check of every key once the store's server (Redis or
+//! PostgreSQL) is stable, then the report.
 
 use std::{
     collections::HashMap,
@@ -25,7 +26,8 @@ use crate::{
 pub struct Settings {
     /// The instances: (name, address).
     pub targets: Vec<(String, SocketAddr)>,
-    pub redis_url: String,
+    /// Where the instances keep their records: Redis, or PostgreSQL (`DATABASE_URL`).
+    pub records: Records,
     pub duration: Duration,
     pub workers: usize,
     pub seed: u64,
@@ -53,7 +55,10 @@ impl Settings {
         }
         Ok(Self {
             targets,
-            redis_url: env("REDIS_URL")?,
+            records: match std::env::var("DATABASE_URL") {
+                Ok(url) => Records::Postgres(url),
+                Err(_) => Records::Redis(env("REDIS_URL")?),
+            },
             duration: Duration::from_millis(env_or("DURATION_MS", 300_000)?),
             workers: env_or("WORKERS", 16)?,
             seed: env_or("SEED", unix_ms())?,
@@ -61,6 +66,64 @@ impl Settings {
             outages: env_or("OUTAGES", 2)?,
             lease: Duration::from_secs(30),
         })
+    }
+}
+
+/// The server holding the instances' records, by its URL.
+pub enum Records {
+    Redis(String),
+    Postgres(#[cfg_attr(not(feature = "postgres"), allow(dead_code))] String),
+}
+
+impl Records {
+    /// What the report calls the store's server, and the process the script kills.
+    pub fn names(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Redis(_) => ("Redis", "redis-server"),
+            Self::Postgres(_) => ("PostgreSQL", "postgres"),
+        }
+    }
+}
+
+/// Counts the claims in flight in the records' server.
+enum Claims {
+    Redis(redis::aio::MultiplexedConnection),
+    #[cfg(feature = "postgres")]
+    Postgres(sqlx::PgPool),
+}
+
+impl Claims {
+    async fn connect(records: &Records) -> Result<Self, BoxError> {
+        match records {
+            Records::Redis(url) => Ok(Self::Redis(
+                redis::Client::open(url.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await?,
+            )),
+            #[cfg(feature = "postgres")]
+            Records::Postgres(url) => Ok(Self::Postgres(sqlx::PgPool::connect(url).await?)),
+            #[cfg(not(feature = "postgres"))]
+            Records::Postgres(_) => {
+                Err("DATABASE_URL is set: build with the feature `postgres`".into())
+            }
+        }
+    }
+
+    /// How many keys hold a claim in flight (not completed, lease not over).
+    async fn count(&mut self) -> Result<usize, BoxError> {
+        match self {
+            Self::Redis(redis) => claims_in_redis(redis).await,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(pool) => {
+                let claims: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM idempotency_records \
+                     WHERE record IS NULL AND lease_until > now()",
+                )
+                .fetch_one(&*pool)
+                .await?;
+                Ok(usize::try_from(claims)?)
+            }
+        }
     }
 }
 
@@ -305,12 +368,10 @@ pub async fn run() -> Result<ExitCode, BoxError> {
     let load_time = started.elapsed();
     println!("load done after {load_time:.1?}: {} keys", runs.len());
 
-    // Once the script is done with Redis, nothing runs and no claim is left, check each key.
+    // Once the script is done with the store's server, nothing runs and no claim is left, check each key.
     let events =
         Events::wait_for(&settings.events, settings.outages, Duration::from_secs(120)).await?;
-    let mut redis = redis::Client::open(settings.redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut claims = Claims::connect(&settings.records).await?;
     let quiet = Instant::now();
     loop {
         let mut running = 0;
@@ -326,13 +387,13 @@ pub async fn run() -> Result<ExitCode, BoxError> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let quiet = quiet.elapsed();
-    let claims_at_end = claims_in_redis(&mut redis).await?;
+    let claims_at_end = claims.count().await?;
     // Claims left behind by a failure must expire with their lease.
     let waiting = Instant::now();
     let mut claims_left = claims_at_end;
     while claims_left > 0 && waiting.elapsed() < settings.lease + Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        claims_left = claims_in_redis(&mut redis).await?;
+        claims_left = claims.count().await?;
     }
     let claims_wait = (claims_left == 0).then(|| waiting.elapsed());
     let mut executed: HashMap<String, Vec<(usize, String)>> = HashMap::new();

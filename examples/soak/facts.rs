@@ -11,7 +11,7 @@ use crate::{
     net::Outcome,
 };
 
-/// The outages the script caused: (killed, answering PING again), Unix ms.
+/// The outages the script caused: (killed, answering again: Redis's `PING`, `pg_isready`), Unix ms.
 pub struct Events {
     pub outages: Vec<(u64, u64)>,
 }
@@ -126,7 +126,7 @@ pub fn facts<'a>(
     }
 }
 
-/// Whether `ms` falls in an outage, from 1 s before the kill to 1 s after Redis answered.
+/// Whether `ms` falls in an outage, from 1 s before the kill to 1 s after the server answered.
 pub fn in_outage(events: &Events, ms: u64) -> bool {
     events
         .outages

@@ -21,7 +21,7 @@ pub struct Input<'a> {
     /// How long the instances took to finish running executions after the load.
     pub quiet: Duration,
     pub claims_at_end: usize,
-    /// How long the claims left in Redis took to expire (`None`: some never did).
+    /// How long the claims left in the store's server took to expire (`None`: some never did).
     pub claims_wait: Option<Duration>,
     pub check_time: Duration,
 }
@@ -193,8 +193,9 @@ fn check(run: &Run<'_>) {
         "executions still running when the load ended",
         format!("finished within {:.1} s", input.quiet.as_secs_f64()),
     );
+    let (server, _) = input.settings.records.names();
     row(
-        "claims left in Redis when the load ended",
+        &format!("claims left in {server} when the load ended"),
         match input.claims_wait {
             Some(waited) => format!(
                 "{} (all expired {:.1} s later)",
@@ -230,9 +231,13 @@ fn outages(run: &Run<'_>) -> Vec<String> {
     let mut recovered: Vec<Vec<u64>> = Vec::new();
     for (i, &(kill, up)) in events.outages.iter().enumerate() {
         row(
-            &format!("outage {}: redis-server SIGKILLed", i + 1),
+            &format!(
+                "outage {}: {} SIGKILLed",
+                i + 1,
+                run.input.settings.records.names().1
+            ),
             format!(
-                "at {}, answering PING at {} (down {:.2} s)",
+                "at {}, answering again at {} (down {:.2} s)",
                 seconds(kill, *started_ms),
                 seconds(up, *started_ms),
                 up.saturating_sub(kill) as f64 / 1000.0
@@ -253,7 +258,7 @@ fn outages(run: &Run<'_>) -> Vec<String> {
                 .filter(|a| matches!(a.outcome, Outcome::Answer { status: 503, .. }))
                 .count();
             let recovery = match first_ok {
-                Some(at) => format!("recovered {} ms after PING", at - up),
+                Some(at) => format!("recovered {} ms after the server answered", at - up),
                 None => {
                     failures.push(format!(
                         "instance {name} never recovered from outage {}",
@@ -342,7 +347,8 @@ fn invariants(run: &Run<'_>) -> Vec<String> {
     }
     if run.input.claims_wait.is_none() {
         failures.push(format!(
-            "claims still held in Redis {:?} after the load",
+            "claims still held in {} {:?} after the load",
+            settings.records.names().0,
             settings.lease + Duration::from_secs(10)
         ));
     }

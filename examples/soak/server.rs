@@ -1,4 +1,5 @@
-//! One instance: a payments API behind the layer on a `RedisStore` of its own.
+//! One instance: a payments API behind the layer on a `RedisStore` of its own, or (with
+//! `DATABASE_URL` and the feature `postgres`) a `PostgresStore`.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -19,7 +20,7 @@ use axum::{
 };
 use bytes::Bytes;
 use serde::Deserialize;
-use tower_idempotency::{Durability, IdempotencyLayer, MissingKey, RedisStore};
+use tower_idempotency::{Durability, IdempotencyLayer, IdempotencyStore, MissingKey, RedisStore};
 
 use crate::{BoxError, env, env_or};
 
@@ -134,18 +135,23 @@ pub async fn run() -> Result<ExitCode, BoxError> {
     };
     let replicas: u32 = env_or("DURABILITY", 0)?;
     let durability = Durability::replicas(replicas);
-    // Through Sentinel (the failover mode of scripts/soak.sh), or one redis-server.
-    let protected = match std::env::var("SENTINELS") {
-        Ok(sentinels) => protected(
-            RedisStore::connect_sentinel(sentinels.split(','), &env("SERVICE")?)
-                .await?
-                .with_durability(durability),
-        ),
-        Err(_) => protected(
-            RedisStore::connect(&env("REDIS_URL")?)
-                .await?
-                .with_durability(durability),
-        ),
+    // On PostgreSQL (the postgres mode of scripts/soak.sh), through Sentinel (the failover
+    // mode), or on one redis-server.
+    let protected = if let Ok(url) = std::env::var("DATABASE_URL") {
+        on_postgres(&url).await?
+    } else {
+        match std::env::var("SENTINELS") {
+            Ok(sentinels) => protected(
+                RedisStore::connect_sentinel(sentinels.split(','), &env("SERVICE")?)
+                    .await?
+                    .with_durability(durability),
+            ),
+            Err(_) => protected(
+                RedisStore::connect(&env("REDIS_URL")?)
+                    .await?
+                    .with_durability(durability),
+            ),
+        }
     };
     let app = protected
         .merge(Router::new().route("/executions", get(executions)))
@@ -162,11 +168,27 @@ pub async fn run() -> Result<ExitCode, BoxError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The payments route behind the layer on a `PostgresStore` at `url`, its table created.
+#[cfg(feature = "postgres")]
+async fn on_postgres(url: &str) -> Result<Router<Instance>, BoxError> {
+    use tower_idempotency::PostgresStore;
+    // Connected lazily: a database down at a request costs that request a 503, and the pool
+    // connects again once it is back.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(32)
+        .connect_lazy(url)?;
+    let store = PostgresStore::new(pool);
+    store.migrate().await?;
+    Ok(protected(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn on_postgres(_url: &str) -> Result<Router<Instance>, BoxError> {
+    Err("DATABASE_URL is set: build with the feature `postgres`".into())
+}
+
 /// The payments route behind the layer, on `store`.
-fn protected<C>(store: RedisStore<C>) -> Router<Instance>
-where
-    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
-{
+fn protected<St: IdempotencyStore>(store: St) -> Router<Instance> {
     Router::new().route("/charges", post(charge)).layer(
         IdempotencyLayer::new(store).with_missing_key(MissingKey::Fingerprint(DERIVED_WINDOW)),
     )
