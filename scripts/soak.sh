@@ -62,7 +62,8 @@
 # (a pool of 32). At about 1/3 and 2/3 of the run the postmaster and its backends are
 # SIGKILLed (a crash, nothing shut down), kept down for DOWN seconds, and restarted on the
 # same port and data directory (crash recovery replays the WAL). The same invariants; the
-# claims in flight are rows without a record whose lease has not ended.
+# claims in flight are rows without a record whose lease has not ended, and the recovery time
+# counts from `pg_isready` answering again.
 #
 # Usage: scripts/soak.sh
 # Environment:

@@ -1,6 +1,8 @@
 //! The soak test `scripts/soak.sh` runs: two instances of a payments API, each its own
 //! process with its own `RedisStore`, on one redis-server that the script kills and restarts
-//! while a client drives them. See `scripts/soak.sh` for the whole run and what it checks.
+//! while a client drives them (`MODE=postgres`: a `PostgresStore` each, on one PostgreSQL,
+//! with `DATABASE_URL` in place of `REDIS_URL` and the feature `postgres`). See
+//! `scripts/soak.sh` for the whole run and what it checks.
 //!
 //! ```sh
 //! cargo build --release --example soak --features "redis axum"
