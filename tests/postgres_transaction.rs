@@ -452,6 +452,58 @@ async fn a_streamed_body_over_the_limit_rolls_back_answers_500_and_frees_the_key
     assert_eq!(balances(&pool).await, (999, 0, 0), "debited once");
 }
 
+/// A streamed body that fails after its first chunk (each after a pause).
+struct Failing(Drip);
+
+impl http_body::Body for Failing {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match std::task::ready!(std::pin::Pin::new(&mut self.0).poll_frame(cx)) {
+            Some(Ok(frame)) => std::task::Poll::Ready(Some(Ok(frame))),
+            _ => std::task::Poll::Ready(Some(Err(std::io::Error::other("the body failed")))),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_that_fails_rolls_the_writes_back_and_frees_the_key() {
+    let pool = pool_at(&database("tx_stream_fails").await);
+    let routes = Router::new().route(
+        "/transfers",
+        axum::routing::post(|tx: HandlerTransaction| async move {
+            let mut tx = tx.begin().await.unwrap();
+            sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            drop(tx);
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Body::new(Failing(Drip::new(1))))
+                .unwrap()
+        }),
+    );
+    let app = app_with(&pool, PostgresStore::new(pool.clone()), routes);
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.clone().oneshot(transfer("t-fails", 1)),
+    )
+    .await
+    .expect("answered in time")
+    .unwrap();
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "the client sees the body fail"
+    );
+    assert_eq!(balances(&pool).await, (1000, 0, 0), "the debit rolled back");
+    assert_eq!(records(&pool).await, 0, "the key is free");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_same_key_transfers_over_two_instances_move_the_money_once() {
     let url = database("tx_concurrent").await;
