@@ -8,6 +8,7 @@ use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 use crate::{
     digest::{FieldHasher, Secret},
     fingerprint::{Fingerprint, FingerprintRule},
+    grpc,
     jsonrpc::{self, Rpc},
     key::{Delivery, IdempotencyKey, KeyRef, KeySource, Scope, StorageKey, sent_uri},
     observe::{self, Observer},
@@ -147,6 +148,8 @@ pub(crate) struct Config {
     pub(crate) fingerprint: FingerprintRule,
     /// JSON-RPC mode: on or off, the protected methods, whether errors are kept.
     pub(crate) json_rpc: jsonrpc::Settings,
+    /// gRPC: the streaming methods that pass through, the codes whose answers are kept.
+    pub(crate) grpc: grpc::Settings,
     /// The header that states how long a key is honoured; none by default.
     pub(crate) expiry_header: Option<HeaderName>,
     pub(crate) scope: Scope,
@@ -194,6 +197,7 @@ impl Default for Config {
             key_source: None,
             fingerprint: FingerprintRule::default(),
             json_rpc: jsonrpc::Settings::default(),
+            grpc: grpc::Settings::default(),
             expiry_header: None,
             scope: Scope::Credentials,
             ttl: defaults::TTL,
@@ -298,11 +302,13 @@ impl Config {
 
     /// Renders a problem the layer produces itself, with the problem and its kind in the
     /// response's extensions whatever the rendering: the application's rendering if it set
-    /// one, else a JSON-RPC error for a JSON-RPC request, else RFC 9457 JSON.
+    /// one, else a JSON-RPC error for a JSON-RPC request, a gRPC status for a gRPC call, else
+    /// RFC 9457 JSON.
     pub(crate) fn render(&self, problem: &Problem, rpc: &Rpc) -> Response<Bytes> {
         let mut response = match &self.render_problem {
             Some(render) => render.problem_response(problem),
             None if rpc.is_json_rpc() => problem.to_json_rpc_response(rpc.id()),
+            None if rpc.is_grpc() => problem.to_grpc_response(),
             None => problem.to_response(),
         };
         let extensions = response.extensions_mut();
@@ -321,6 +327,7 @@ impl fmt::Debug for Config {
             .field("key_source", &self.key_source)
             .field("fingerprint", &self.fingerprint)
             .field("json_rpc", &self.json_rpc)
+            .field("grpc", &self.grpc)
             .field("expiry_header", &self.expiry_header)
             .field("scope", &self.scope)
             .field("ttl", &self.ttl)
