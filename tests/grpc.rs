@@ -357,6 +357,74 @@ where
     assert_eq!(served.calls(), 2);
 }
 
+/// The same, below tonic's client: headers, the length-prefixed message and the trailers
+/// the retry receives are the first answer's bytes, plus `idempotent-replayed: true`.
+async fn the_replay_is_the_first_answer_byte_for_byte<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    use http_body_util::{BodyExt, Full};
+    use prost::Message;
+    use tower::ServiceExt;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let payments = Payments {
+        calls: Arc::clone(&calls),
+        delay: Duration::ZERO,
+    };
+    let service = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(store))
+        .map_request(|request: http::Request<RequestBody<Full<Bytes>>>| request.map(Body::new))
+        .service(payments);
+    let message = charge(900).encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let request = http::Request::post(CHARGE)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("idempotency-key", "raw-1")
+            .body(Full::new(Bytes::from(framed.clone())))
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        let (mut parts, body) = response.into_parts();
+        let collected = body.collect().await.expect("a whole body");
+        let marker = parts.headers.remove("idempotent-replayed");
+        let trailers = collected.trailers().cloned().expect("trailers");
+        answers.push((
+            marker,
+            parts.status,
+            parts.headers,
+            collected.to_bytes(),
+            trailers,
+        ));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let [
+        (None, status, headers, message, trailers),
+        (Some(marker), ..),
+    ] = &answers[..]
+    else {
+        panic!("the first answer is an execution, the second a replay: {answers:?}");
+    };
+    assert_eq!(marker, "true");
+    let bytes = |map: &HeaderMap| {
+        map.iter()
+            .map(|(name, value)| (name.clone(), value.as_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    let (_, replay_status, replay_headers, replay_message, replay_trailers) = &answers[1];
+    assert_eq!(replay_status, status);
+    assert_eq!(bytes(replay_headers), bytes(headers));
+    assert_eq!(replay_message, message);
+    assert_eq!(message[0], 0, "an uncompressed length-prefixed message");
+    assert_eq!(bytes(replay_trailers), bytes(trailers));
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers.get_all("x-ledger-entry").iter().count(), 2);
+}
+
 async fn concurrent_duplicates_are_held_and_run_the_handler_once<St>(store: St)
 where
     St: IdempotencyStore + Clone,
@@ -613,6 +681,7 @@ macro_rules! on_every_store {
 
 on_every_store!(
     a_retried_call_executes_once_and_replays_message_and_trailing_metadata,
+    the_replay_is_the_first_answer_byte_for_byte,
     concurrent_duplicates_are_held_and_run_the_handler_once,
     a_key_reused_with_another_message_is_refused_with_failed_precondition,
     a_handler_error_status_is_not_stored_unless_its_code_is_listed,
