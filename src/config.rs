@@ -301,14 +301,15 @@ impl Config {
     }
 
     /// Renders a problem the layer produces itself, with the problem and its kind in the
-    /// response's extensions whatever the rendering: the application's rendering if it set
-    /// one, else a JSON-RPC error for a JSON-RPC request, a gRPC status for a gRPC call, else
-    /// RFC 9457 JSON.
+    /// response's extensions whatever the rendering: a gRPC status for a gRPC call, else the
+    /// application's rendering if it set one, else a JSON-RPC error for a JSON-RPC request,
+    /// else RFC 9457 JSON.
     pub(crate) fn render(&self, problem: &Problem, rpc: &Rpc) -> Response<Bytes> {
         let mut response = match &self.render_problem {
+            // A gRPC client reads nothing but a gRPC status, whatever the application renders.
+            _ if rpc.is_grpc() => problem.to_grpc_response(),
             Some(render) => render.problem_response(problem),
             None if rpc.is_json_rpc() => problem.to_json_rpc_response(rpc.id()),
-            None if rpc.is_grpc() => problem.to_grpc_response(),
             None => problem.to_response(),
         };
         let extensions = response.extensions_mut();
@@ -438,6 +439,11 @@ mod tests {
         assert_eq!(config.render(&problem, &Rpc::Plain).body(), "custom");
         let call = Rpc::Call(Some(Bytes::from_static(b"7")));
         assert_eq!(config.render(&problem, &call).body(), "custom");
+        // A gRPC client reads gRPC statuses only: the application's rendering is not for it.
+        let grpc = config.render(&problem, &Rpc::Grpc);
+        assert!(grpc.body().is_empty());
+        assert_eq!(grpc.headers()["grpc-status"], "3");
+        assert_eq!(grpc.extensions().get::<Problem>(), Some(&problem));
     }
 
     #[test]
