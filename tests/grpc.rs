@@ -53,6 +53,8 @@ struct Charge {
 }
 
 const CHARGE: &str = "/payments.v1.Payments/Charge";
+/// The amount the handler panics on.
+const PANICS: i64 = 13;
 const WATCH: &str = "/payments.v1.Payments/Watch";
 
 /// The payments service: `Charge` (unary) counts its executions, takes `delay`, refuses a
@@ -76,6 +78,7 @@ impl Payments {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::time::sleep(self.delay).await;
         let ChargeRequest { amount, .. } = request.into_inner();
+        assert_ne!(amount, PANICS, "the handler panics on this amount");
         if amount <= 0 {
             return Err(Status::invalid_argument(format!(
                 "amount must be positive (execution {n})"
@@ -564,7 +567,7 @@ async fn the_layers_own_refusals_are_grpc_statuses<St>(store: St)
 where
     St: IdempotencyStore + Clone,
 {
-    let layer = IdempotencyLayer::new(store).with_wait_mode(WaitMode::Reject);
+    let layer = IdempotencyLayer::new(store.clone()).with_wait_mode(WaitMode::Reject);
     let served = serve(layer, Duration::from_millis(400)).await;
     let mut client = served.client().await;
     let too_long = "k".repeat(300);
@@ -608,6 +611,29 @@ where
         "the retry of an in-flight call gets the answer"
     );
     assert_eq!(served.calls(), 1);
+
+    for attempt in 2..=3 {
+        let panicked = client
+            .charge(Some("panics"), charge(PANICS))
+            .await
+            .expect_err("panicked");
+        assert_eq!(panicked.code(), Code::Internal, "{panicked:?}");
+        assert_eq!(
+            served.calls(),
+            attempt,
+            "the key is released: the retry runs again"
+        );
+    }
+
+    let small = IdempotencyLayer::new(store).with_request_body_limit(4);
+    let served = serve(small, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let large = client
+        .charge(Some("large"), charge(1_000_000))
+        .await
+        .expect_err("too large");
+    assert_eq!(large.code(), Code::ResourceExhausted, "{large:?}");
+    assert_eq!(served.calls(), 0);
 }
 
 async fn a_streaming_method_named_passes_through_untouched<St>(store: St)
