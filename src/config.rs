@@ -65,7 +65,9 @@ pub enum MissingKey {
     /// Only for a request whose scope tells its sender apart (a credential header, the peer's
     /// address, or [`with_scope`](crate::IdempotencyLayer::with_scope)); any other runs
     /// unprotected, since a derived key would answer it with another client's response. A
-    /// body over the request-body limit runs unprotected too, handed on whole.
+    /// body over the request-body limit runs unprotected too, handed on whole. A gRPC call
+    /// is never given a derived key (AIP-155: a call without a request id is a new request):
+    /// it passes through.
     ///
     /// The window must be more than zero and at most [`MAX_TTL`]
     /// ([`with_missing_key`](crate::IdempotencyLayer::with_missing_key) panics otherwise).

@@ -113,7 +113,7 @@ where
                 );
             }
         };
-        let plan = match plan::from_head(config, request.headers(), request.extensions()) {
+        let plan = match plan::from_head(config, request.headers(), request.extensions(), &rpc) {
             Head::Protect(plan) => plan,
             Head::Refuse(problem) => return refuse(config, request, problem, rpc),
             Head::PassThrough => {

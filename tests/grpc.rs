@@ -563,6 +563,41 @@ where
     assert_eq!(served.calls(), 2);
 }
 
+/// AIP-155: a call without a request id is a new request. Two identical keyless calls from
+/// one authenticated client (which would get a derived key over HTTP) both execute.
+async fn a_call_without_a_key_is_a_new_call<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    use tower_idempotency::MissingKey;
+
+    let served = serve(IdempotencyLayer::new(store.clone()), Duration::ZERO).await;
+    let mut client = served.client().await;
+    let mut charged = Vec::new();
+    for _ in 0..2 {
+        let mut request = Request::new(charge(300));
+        let bearer = MetadataValue::from_static("Bearer alice");
+        request.metadata_mut().insert("authorization", bearer);
+        client.0.ready().await.expect("ready");
+        let codec = ProstCodec::<ChargeRequest, Charge>::default();
+        let answer = client
+            .0
+            .unary(request, PathAndQuery::from_static(CHARGE), codec)
+            .await
+            .expect("charged");
+        assert!(!replayed(answer.metadata()));
+        charged.push(answer.into_inner().id);
+    }
+    assert_eq!(charged, ["ch_1", "ch_2"]);
+
+    let required = IdempotencyLayer::new(store).with_missing_key(MissingKey::Required);
+    let served = serve(required, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let refused = client.charge(None, charge(300)).await.expect_err("no key");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(served.calls(), 0);
+}
+
 async fn the_layers_own_refusals_are_grpc_statuses<St>(store: St)
 where
     St: IdempotencyStore + Clone,
@@ -712,6 +747,7 @@ on_every_store!(
     a_key_reused_with_another_message_is_refused_with_failed_precondition,
     a_handler_error_status_is_not_stored_unless_its_code_is_listed,
     an_aip_155_request_id_in_the_message_is_the_key,
+    a_call_without_a_key_is_a_new_call,
     the_layers_own_refusals_are_grpc_statuses,
     a_streaming_method_named_passes_through_untouched,
 );

@@ -20,6 +20,11 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// a client waiting for an answer first never sends. A server-streaming method left out
     /// is protected, its stream captured and replayed whole once it ended.
     ///
+    /// A call without a key (no `idempotency-key` metadata, nothing found by the key source)
+    /// is a new call, as AIP-155 says of a request without a request id: it passes through,
+    /// never given a derived key ([`MissingKey::Required`](crate::MissingKey::Required)
+    /// refuses it).
+    ///
     /// The answers in gRPC:
     ///
     /// - a retry gets the first call's headers, length-prefixed message and trailers (custom
