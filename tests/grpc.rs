@@ -56,10 +56,12 @@ const CHARGE: &str = "/payments.v1.Payments/Charge";
 /// The amount the handler panics on.
 const PANICS: i64 = 13;
 const WATCH: &str = "/payments.v1.Payments/Watch";
+const SPLIT: &str = "/payments.v1.Payments/Split";
 
 /// The payments service: `Charge` (unary) counts its executions, takes `delay`, refuses a
 /// non-positive amount with `INVALID_ARGUMENT`, and answers with trailing metadata of its
-/// own; `Watch` (bidirectional streaming) echoes each request as it comes.
+/// own; `Watch` (bidirectional streaming) echoes each request as it comes; `Split` (server
+/// streaming) answers with three charges, 30 ms apart.
 #[derive(Clone)]
 struct Payments {
     calls: Arc<AtomicUsize>,
@@ -126,6 +128,30 @@ impl tower::Service<http::Request<Body>> for Payments {
                 let mut grpc =
                     tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
                 Ok(grpc.streaming(Echo(this), request).await)
+            }),
+            SPLIT => Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
+                let method = tower::service_fn(move |request: Request<ChargeRequest>| {
+                    let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    let amount = request.into_inner().amount;
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(async move {
+                        for part in 1..=3 {
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            let id = format!("ch_{n}_{part}");
+                            let _ = tx
+                                .send(Ok(Charge {
+                                    id,
+                                    amount: amount / 3,
+                                }))
+                                .await;
+                        }
+                    });
+                    let stream: ChargeStream = Box::pin(ReceiverStream::new(rx));
+                    async move { Ok::<_, Status>(Response::new(stream)) }
+                });
+                Ok(grpc.server_streaming(method, request).await)
             }),
             _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
         }
@@ -711,6 +737,43 @@ where
     assert_eq!(served.calls(), 2, "a streaming call is never replayed");
 }
 
+/// A server-streaming method left unnamed is protected like a unary one: its stream is
+/// captured as the handler produces it, and replayed whole once it ended.
+async fn an_unnamed_server_stream_is_captured_and_replayed_whole<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let served = serve(IdempotencyLayer::new(store), Duration::ZERO).await;
+    let mut client = served.client().await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut request = Request::new(charge(900));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", MetadataValue::from_static("split-1"));
+        client.0.ready().await.expect("ready");
+        let codec = ProstCodec::<ChargeRequest, Charge>::default();
+        let response = client
+            .0
+            .server_streaming(request, PathAndQuery::from_static(SPLIT), codec)
+            .await
+            .expect("a stream");
+        let marker = replayed(response.metadata());
+        let mut stream = response.into_inner();
+        let mut ids = Vec::new();
+        while let Some(charge) = stream.message().await.expect("a message") {
+            ids.push(charge.id);
+        }
+        let trailers = stream.trailers().await.expect("trailers");
+        seen.push((marker, ids, trailers.map(|t| t.into_headers())));
+    }
+    assert_eq!(served.calls(), 1, "the stream ran once");
+    assert_eq!(seen[0].1, ["ch_1_1", "ch_1_2", "ch_1_3"]);
+    assert_eq!((seen[0].0, seen[1].0), (false, true));
+    assert_eq!(seen[1].1, seen[0].1, "the replay is the same stream");
+    assert_eq!(seen[1].2, seen[0].2, "and the same trailers");
+}
+
 macro_rules! on_every_store {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -748,6 +811,7 @@ on_every_store!(
     a_handler_error_status_is_not_stored_unless_its_code_is_listed,
     an_aip_155_request_id_in_the_message_is_the_key,
     a_call_without_a_key_is_a_new_call,
+    an_unnamed_server_stream_is_captured_and_replayed_whole,
     the_layers_own_refusals_are_grpc_statuses,
     a_streaming_method_named_passes_through_untouched,
 );
