@@ -629,7 +629,7 @@ where
     St: IdempotencyStore + Clone,
 {
     let layer = IdempotencyLayer::new(store.clone()).with_wait_mode(WaitMode::Reject);
-    let served = serve(layer, Duration::from_millis(400)).await;
+    let served = serve(layer, Duration::from_secs(1)).await;
     let mut client = served.client().await;
     let too_long = "k".repeat(300);
     let invalid = client
