@@ -28,7 +28,7 @@ SRC = pathlib.Path(__file__).resolve().parent.parent / "src"
 
 # Modules that hold pure logic: they may not depend on the request flow, the stores, the
 # observation or the layer's settings.
-PURE = {"key", "fingerprint", "digest", "record", "canonical", "jsonrpc", "problem", "claim"}
+PURE = {"key", "fingerprint", "digest", "record", "canonical", "jsonrpc", "grpc", "problem", "claim"}
 IMPURE = {"service", "store", "observe", "config"}
 
 

@@ -36,6 +36,7 @@ use crate::{
     error::BoxError,
     expiry,
     fingerprint::Fingerprint,
+    grpc,
     jsonrpc::{self, Rpc},
     lease::{Kept, Lease},
     observe::RecordResult,
@@ -90,8 +91,15 @@ where
             head,
             body,
             trailers,
-        } if !kept(rpc, config.json_rpc.store_errors, &head.headers, &body) => {
-            tracing::debug!("no JSON-RPC answer to keep; key released");
+        } if !kept(
+            rpc,
+            (&config.json_rpc, &config.grpc),
+            &head.headers,
+            &body,
+            trailers.as_ref(),
+        ) =>
+        {
+            tracing::debug!("no JSON-RPC answer, or no gRPC status, to keep; key released");
             let response = Response::from_parts(head, ResponseBody::full(body, trailers));
             (Box::pin(lease.release(RecordResult::Predicate)), response)
         }
@@ -161,7 +169,8 @@ where
                 headers: head.headers.clone(),
                 ttl,
                 rpc: rpc.clone(),
-                store_errors: config.json_rpc.store_errors,
+                json_rpc: config.json_rpc.clone(),
+                grpc: config.grpc.clone(),
             };
             let len = ready.len;
             let (tx, rx) = stream::channel(ready);
@@ -193,10 +202,18 @@ where
 
 /// Whether a whole response within the limit is kept for replay, besides the store-when
 /// predicate: a single JSON-RPC call's only if it answers the call
-/// ([`jsonrpc::answers`]).
-fn kept(rpc: &Rpc, store_errors: bool, headers: &HeaderMap, body: &[u8]) -> bool {
+/// ([`jsonrpc::answers`]); a gRPC call's only if its `grpc-status` is one of the stored
+/// codes (a gRPC error is an HTTP 200, which the store-when predicate would keep).
+fn kept(
+    rpc: &Rpc,
+    (json_rpc, grpc): (&jsonrpc::Settings, &grpc::Settings),
+    headers: &HeaderMap,
+    body: &[u8],
+    trailers: Option<&HeaderMap>,
+) -> bool {
     match rpc {
-        Rpc::Call(Some(_)) => jsonrpc::answers(headers, body, store_errors),
+        Rpc::Call(Some(_)) => jsonrpc::answers(headers, body, json_rpc.store_errors),
+        Rpc::Grpc => grpc::kept(headers, trailers, grpc),
         Rpc::Call(None) | Rpc::Batch | Rpc::Plain => true,
     }
 }
@@ -293,9 +310,10 @@ struct RecordOf {
     status: StatusCode,
     headers: HeaderMap,
     ttl: Duration,
-    /// What the request is to JSON-RPC, and whether its errors are kept.
+    /// What the request is to JSON-RPC or gRPC, and which of its answers are kept.
     rpc: Rpc,
-    store_errors: bool,
+    json_rpc: jsonrpc::Settings,
+    grpc: grpc::Settings,
 }
 
 /// The rest of a body still being produced, read by a task of its own.
@@ -338,8 +356,14 @@ where
         match lease.keep_alive(self.capture()).await {
             Captured::Whole => {
                 let body = self.tx.captured();
-                if !kept(&of.rpc, of.store_errors, &of.headers, &body) {
-                    tracing::debug!("no JSON-RPC answer to keep; key released");
+                if !kept(
+                    &of.rpc,
+                    (&of.json_rpc, &of.grpc),
+                    &of.headers,
+                    &body,
+                    self.trailers.as_ref(),
+                ) {
+                    tracing::debug!("no JSON-RPC answer, or no gRPC status, to keep; key released");
                     let _ = lease.release(RecordResult::Predicate).await;
                     self.tx.end();
                     return;

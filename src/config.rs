@@ -8,6 +8,7 @@ use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 use crate::{
     digest::{FieldHasher, Secret},
     fingerprint::{Fingerprint, FingerprintRule},
+    grpc,
     jsonrpc::{self, Rpc},
     key::{Delivery, IdempotencyKey, KeyRef, KeySource, Scope, StorageKey, sent_uri},
     observe::{self, Observer},
@@ -64,7 +65,9 @@ pub enum MissingKey {
     /// Only for a request whose scope tells its sender apart (a credential header, the peer's
     /// address, or [`with_scope`](crate::IdempotencyLayer::with_scope)); any other runs
     /// unprotected, since a derived key would answer it with another client's response. A
-    /// body over the request-body limit runs unprotected too, handed on whole.
+    /// body over the request-body limit runs unprotected too, handed on whole. A gRPC call
+    /// is never given a derived key (AIP-155: a call without a request id is a new request):
+    /// it passes through.
     ///
     /// The window must be more than zero and at most [`MAX_TTL`]
     /// ([`with_missing_key`](crate::IdempotencyLayer::with_missing_key) panics otherwise).
@@ -147,6 +150,8 @@ pub(crate) struct Config {
     pub(crate) fingerprint: FingerprintRule,
     /// JSON-RPC mode: on or off, the protected methods, whether errors are kept.
     pub(crate) json_rpc: jsonrpc::Settings,
+    /// gRPC: the streaming methods that pass through, the codes whose answers are kept.
+    pub(crate) grpc: grpc::Settings,
     /// The header that states how long a key is honoured; none by default.
     pub(crate) expiry_header: Option<HeaderName>,
     pub(crate) scope: Scope,
@@ -194,6 +199,7 @@ impl Default for Config {
             key_source: None,
             fingerprint: FingerprintRule::default(),
             json_rpc: jsonrpc::Settings::default(),
+            grpc: grpc::Settings::default(),
             expiry_header: None,
             scope: Scope::Credentials,
             ttl: defaults::TTL,
@@ -297,10 +303,13 @@ impl Config {
     }
 
     /// Renders a problem the layer produces itself, with the problem and its kind in the
-    /// response's extensions whatever the rendering: the application's rendering if it set
-    /// one, else a JSON-RPC error for a JSON-RPC request, else RFC 9457 JSON.
+    /// response's extensions whatever the rendering: a gRPC status for a gRPC call, else the
+    /// application's rendering if it set one, else a JSON-RPC error for a JSON-RPC request,
+    /// else RFC 9457 JSON.
     pub(crate) fn render(&self, problem: &Problem, rpc: &Rpc) -> Response<Bytes> {
         let mut response = match &self.render_problem {
+            // A gRPC client reads nothing but a gRPC status, whatever the application renders.
+            _ if rpc.is_grpc() => problem.to_grpc_response(),
             Some(render) => render.problem_response(problem),
             None if rpc.is_json_rpc() => problem.to_json_rpc_response(rpc.id()),
             None => problem.to_response(),
@@ -321,6 +330,7 @@ impl fmt::Debug for Config {
             .field("key_source", &self.key_source)
             .field("fingerprint", &self.fingerprint)
             .field("json_rpc", &self.json_rpc)
+            .field("grpc", &self.grpc)
             .field("expiry_header", &self.expiry_header)
             .field("scope", &self.scope)
             .field("ttl", &self.ttl)
@@ -431,6 +441,11 @@ mod tests {
         assert_eq!(config.render(&problem, &Rpc::Plain).body(), "custom");
         let call = Rpc::Call(Some(Bytes::from_static(b"7")));
         assert_eq!(config.render(&problem, &call).body(), "custom");
+        // A gRPC client reads gRPC statuses only: the application's rendering is not for it.
+        let grpc = config.render(&problem, &Rpc::Grpc);
+        assert!(grpc.body().is_empty());
+        assert_eq!(grpc.headers()["grpc-status"], "3");
+        assert_eq!(grpc.extensions().get::<Problem>(), Some(&problem));
     }
 
     #[test]

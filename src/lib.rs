@@ -18,6 +18,7 @@ mod error;
 mod expiry;
 mod fingerprint;
 mod future;
+mod grpc;
 // The fuzz targets' entry points; compiled for tests too, so that CI (stable, no cargo-fuzz)
 // builds and runs them.
 #[cfg(any(test, fuzzing))]
@@ -52,6 +53,7 @@ pub use crate::{
     expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
     fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
     future::ResponseFuture,
+    grpc::{GrpcCode, grpc_message},
     inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
     key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, PeerAddr, StorageKey},
     layer::IdempotencyLayer,

@@ -67,9 +67,14 @@ pub(crate) enum Keying {
     Unscoped,
 }
 
-/// Reads the plan off the request head.
-pub(crate) fn from_head(config: &Config, headers: &HeaderMap, extensions: &Extensions) -> Head {
-    match head_only(config, headers, extensions) {
+/// Reads the plan off the request head (`rpc`: what it is to gRPC, as far as the head tells).
+pub(crate) fn from_head(
+    config: &Config,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+    rpc: &Rpc,
+) -> Head {
+    match head_only(config, headers, extensions, rpc) {
         // In JSON-RPC mode only calls of protected methods need a key, and the body tells
         // which a request is: the refusal waits for it, and is answered as JSON-RPC.
         Head::Refuse(problem) if config.json_rpc.enabled => {
@@ -83,7 +88,7 @@ pub(crate) fn from_head(config: &Config, headers: &HeaderMap, extensions: &Exten
 }
 
 /// What the head alone says.
-fn head_only(config: &Config, headers: &HeaderMap, extensions: &Extensions) -> Head {
+fn head_only(config: &Config, headers: &HeaderMap, extensions: &Extensions, rpc: &Rpc) -> Head {
     match IdempotencyKey::from_headers(headers, &config.header_name) {
         Ok(Some(key)) => return Head::Protect(KeyPlan::Client(Found::plain(key))),
         Err(error) => return Head::Refuse(Problem::invalid_key(&error)),
@@ -100,6 +105,9 @@ fn head_only(config: &Config, headers: &HeaderMap, extensions: &Extensions) -> H
         Some(Some(Ok(None))) | None => match config.missing_key {
             MissingKey::PassThrough => Head::PassThrough,
             MissingKey::Required => Head::Refuse(Problem::missing_key(&config.header_name)),
+            // AIP-155: a gRPC call without a request id is a new request, never a duplicate
+            // of an earlier one with the same message.
+            MissingKey::Fingerprint(_) if rpc.is_grpc() => Head::PassThrough,
             MissingKey::Fingerprint(_) if config.scope.derives(headers, extensions) => {
                 Head::Protect(KeyPlan::Derived)
             }
@@ -132,6 +140,7 @@ pub(crate) fn after_body(
     };
     let Some(Found { key, delivery }) = found else {
         let window = match config.missing_key {
+            MissingKey::Fingerprint(_) if rpc.is_grpc() => return Ok(Keying::PassThrough),
             MissingKey::Fingerprint(window) => window,
             MissingKey::Required => return Err(Problem::missing_key(&config.header_name)),
             MissingKey::PassThrough => return Ok(Keying::PassThrough),

@@ -1,7 +1,8 @@
 //! [`Idempotency`]: decides whether a request passes through or is protected, and hands a
 //! protected one to its [`Flow`](crate::future) (read, claim, replay | wait | run, store).
 //!
-//! 1. Unprotected method → pass through (no allocation, no store call, body untouched).
+//! 1. Unprotected method, or a gRPC call of a streaming method → pass through (no
+//!    allocation, no store call, body untouched).
 //! 2. Find the key: the key header (invalid → 400), else a configured key source, else the
 //!    missing-key policy (pass through, 400, or derive the key from the request: only when
 //!    its scope tells its sender apart, else it passes through unprotected, counted).
@@ -26,6 +27,7 @@ use crate::{
     config::Config,
     error::BoxError,
     future::{Flow, ResponseFuture},
+    grpc::{self, Call},
     jsonrpc::Rpc,
     observe::Outcome,
     plan::{self, Head},
@@ -99,9 +101,21 @@ where
         if !config.protects(request.method()) {
             return ResponseFuture::pass_through(self.inner.call(request.map(RequestBody::new)));
         }
-        let plan = match plan::from_head(config, request.headers(), request.extensions()) {
+        let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
+        let rpc = match grpc::classify(method, path, headers, &config.grpc) {
+            None => Rpc::Plain,
+            Some(Call::Unary) => Rpc::Grpc,
+            // The layer cannot hold a stream's messages back: reading the request to its end
+            // would wait on a client that waits for an answer.
+            Some(Call::Streaming) => {
+                return ResponseFuture::pass_through(
+                    self.inner.call(request.map(RequestBody::new)),
+                );
+            }
+        };
+        let plan = match plan::from_head(config, request.headers(), request.extensions(), &rpc) {
             Head::Protect(plan) => plan,
-            Head::Refuse(problem) => return refuse(config, request, problem),
+            Head::Refuse(problem) => return refuse(config, request, problem, rpc),
             Head::PassThrough => {
                 return ResponseFuture::pass_through(
                     self.inner.call(request.map(RequestBody::new)),
@@ -119,18 +133,20 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, config) = (self.store.clone(), Arc::clone(config));
-        let flow = Flow::new(inner, store, config, request, plan);
+        let flow = Flow::new(inner, store, config, request, plan, rpc);
         ResponseFuture::protected(Box::pin(flow))
     }
 }
 
 /// Refuses a request from its head alone, once its body is read and discarded (up to the
 /// limit): hyper closes a keep-alive connection whose request body was left unread, taking
-/// with it any request the client already sent behind this one.
+/// with it any request the client already sent behind this one. A gRPC call (`rpc`) is
+/// answered with a gRPC status.
 fn refuse<F, ReqB, ResB, E>(
     config: &Arc<Config>,
     request: Request<ReqB>,
     problem: Problem,
+    rpc: Rpc,
 ) -> ResponseFuture<F, ResB, E>
 where
     E: Send + 'static,
@@ -141,14 +157,14 @@ where
     let span = config.observer.request_span(request.method());
     let _entered = span.enter();
     if request.body().is_end_stream() {
-        return ResponseFuture::ready(reject(config, &problem, &Rpc::Plain));
+        return ResponseFuture::ready(reject(config, &problem, &rpc));
     }
     let config = Arc::clone(config);
     let drain = async move {
         let (limit, mut read) = (config.request_body_limit, Chunks::default());
         let mut body = pin!(request.into_body());
         let drained = poll_fn(|cx| poll_read_limited(body.as_mut(), &mut read, limit, cx)).await;
-        let response = reject(&config, &problem, &Rpc::Plain);
+        let response = reject(&config, &problem, &rpc);
         if drained.is_ok() {
             response
         } else {

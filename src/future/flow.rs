@@ -169,7 +169,7 @@ struct Ctx<S, St, ReqB, ResB> {
     waited: bool,
     /// The client went away: work finishing on its own starts nothing new for it.
     gone: bool,
-    /// What the request is to JSON-RPC, once its body is read.
+    /// What the request is to gRPC (from its head), or to JSON-RPC once its body is read.
     rpc: Rpc,
     _types: PhantomData<fn(ReqB) -> ResB>,
 }
@@ -185,14 +185,15 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    /// The flow of `request` (its key found as `plan` says), protected by `store`; `inner`
-    /// holds the readiness `poll_ready` gave it.
+    /// The flow of `request` (its key found as `plan` says, what it is to gRPC `rpc`),
+    /// protected by `store`; `inner` holds the readiness `poll_ready` gave it.
     pub(crate) fn new(
         inner: S,
         store: St,
         config: Arc<Config>,
         request: Request<ReqB>,
         plan: KeyPlan,
+        rpc: Rpc,
     ) -> Self {
         // One span per protected request (none for those passed through).
         let span = config.observer.request_span(request.method());
@@ -222,7 +223,7 @@ where
             wait_clock: Some(config.observer.wait_clock()),
             waited: false,
             gone: false,
-            rpc: Rpc::Plain,
+            rpc,
             config,
             _types: PhantomData,
         };

@@ -71,19 +71,26 @@ pub(crate) enum Rpc {
     Call(Option<Bytes>),
     /// A batch with a call of a protected method in it.
     Batch,
+    /// A gRPC call (not JSON-RPC): answered with gRPC statuses, kept by `grpc-status`.
+    Grpc,
 }
 
 impl Rpc {
     /// Whether the request is JSON-RPC: the layer answers it with JSON-RPC errors.
     pub(crate) fn is_json_rpc(&self) -> bool {
-        !matches!(self, Self::Plain)
+        matches!(self, Self::Call(_) | Self::Batch)
+    }
+
+    /// Whether the request is a gRPC call: the layer answers it with gRPC statuses.
+    pub(crate) fn is_grpc(&self) -> bool {
+        matches!(self, Self::Grpc)
     }
 
     /// The raw text of a single call's `id`.
     pub(crate) fn id(&self) -> Option<&[u8]> {
         match self {
             Self::Call(id) => id.as_deref(),
-            Self::Plain | Self::Batch => None,
+            Self::Plain | Self::Batch | Self::Grpc => None,
         }
     }
 }

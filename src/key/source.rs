@@ -78,6 +78,35 @@ impl KeySource {
         Self(SourceRepr::Fn(Arc::new(f)))
     }
 
+    /// A closure over a unary gRPC call's request message (the body without its 5-byte
+    /// length prefix): AIP-155's `request_id`, decoded with the message's own type. A body
+    /// that is not one uncompressed message has no key (see [`grpc_message`](crate::grpc_message)).
+    ///
+    /// ```
+    /// use prost::Message;
+    /// use tower_idempotency::KeySource;
+    ///
+    /// #[derive(Clone, PartialEq, Message)]
+    /// struct CreateChargeRequest {
+    ///     #[prost(int64, tag = "1")]
+    ///     amount: i64,
+    ///     #[prost(string, tag = "2")]
+    ///     request_id: String,
+    /// }
+    ///
+    /// let request_id = KeySource::grpc_message(|message| {
+    ///     let request = CreateChargeRequest::decode(message).ok()?;
+    ///     // AIP-155: an empty request_id is no request id.
+    ///     (!request.request_id.is_empty()).then_some(request.request_id)
+    /// });
+    /// ```
+    pub fn grpc_message<F>(f: F) -> Self
+    where
+        F: Fn(&[u8]) -> Option<String> + Send + Sync + 'static,
+    {
+        Self::from_fn(move |_parts, body| crate::grpc::grpc_message(body).and_then(&f))
+    }
+
     /// Several sources, asked in order: the first that finds a key (or an invalid one, which
     /// is refused with 400 rather than skipped) decides.
     ///

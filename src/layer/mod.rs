@@ -3,9 +3,11 @@
 //! Its `with_*` setters are grouped by what they decide, one file each: `keys` (which
 //! requests, and how their keys are found), `fingerprint` (how a retry is told from another
 //! request), `records` (what is kept, and for how long) and `operations` (failures, problem
-//! responses, metrics and abandoned claims).
+//! responses, metrics and abandoned claims); `grpc` (gRPC calls: which stream, which answers
+//! are kept).
 
 mod fingerprint;
+mod grpc;
 mod keys;
 mod operations;
 mod records;

@@ -45,7 +45,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// A closure names its argument's type, `|problem: &Problem|`: the setter takes any
     /// [`ProblemResponse`], so the compiler cannot infer it. Whichever rendering runs, the
     /// response carries the [`Problem`](crate::Problem) and its
-    /// [`ProblemKind`](crate::ProblemKind) in its extensions.
+    /// [`ProblemKind`](crate::ProblemKind) in its extensions. A gRPC call is answered with a
+    /// gRPC status whatever the rendering (see
+    /// [`with_grpc_streaming_methods`](Self::with_grpc_streaming_methods)): its client can
+    /// read nothing else.
     pub fn with_problem_response<P>(mut self, render: P) -> Self
     where
         P: ProblemResponse + Send + Sync + 'static,

@@ -4,6 +4,7 @@
 //! Pure logic: no tower or tokio in here. The body is four fields, written by hand (with
 //! `serde_json` escaping the one free-text field) rather than through a serde derive.
 
+mod grpc;
 mod json_rpc;
 
 use std::{borrow::Cow, fmt, time::Duration};

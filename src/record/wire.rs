@@ -265,6 +265,79 @@ mod tests {
     }
 
     #[test]
+    fn grpc_answers_round_trip_with_their_trailers_byte_for_byte() {
+        use http::{HeaderMap, HeaderValue};
+
+        let map = |fields: &[(&'static str, &[u8])]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in fields {
+                map.append(*name, HeaderValue::from_bytes(value).unwrap());
+            }
+            map
+        };
+        let grpc = map(&[
+            ("content-type", b"application/grpc"),
+            ("x-charge-id", b"ch_1"),
+        ]);
+        // A length-prefixed message: flag, big-endian length, protobuf bytes (any byte).
+        let message = Bytes::from_static(b"\x00\x00\x00\x00\x05\x0a\x03\xffch");
+        let cases: [(&str, HeaderMap, Bytes, Option<HeaderMap>); 4] = [
+            (
+                "OK, with repeated and binary trailing metadata",
+                grpc.clone(),
+                message.clone(),
+                Some(map(&[
+                    ("grpc-status", b"0"),
+                    ("x-ledger-entry", b"debit ch_1"),
+                    ("x-ledger-entry", b"credit ch_1"),
+                    // `-bin` values travel as base64 (padding optional): bytes, not text.
+                    ("x-receipt-bin", b"AP8KJWNoXzE"),
+                    ("x-receipt-bin", b"AP8KJWNoXzE="),
+                    ("x-raw", b"\xe9t\xe9 \x80"),
+                ])),
+            ),
+            (
+                "an error with a percent-encoded message, in trailers",
+                grpc.clone(),
+                Bytes::new(),
+                Some(map(&[
+                    ("grpc-status", b"3"),
+                    ("grpc-message", b"amount %C3%A9 must be positive%0A"),
+                ])),
+            ),
+            (
+                "Trailers-Only: the status in the head, no body, no trailers",
+                map(&[
+                    ("content-type", b"application/grpc"),
+                    ("grpc-status", b"6"),
+                    ("grpc-message", b"exists"),
+                ]),
+                Bytes::new(),
+                None,
+            ),
+            ("empty trailers", grpc, message, Some(HeaderMap::new())),
+        ];
+        for (what, headers, body, trailers) in cases {
+            let record = Record::response(
+                fingerprint(),
+                StatusCode::OK,
+                &headers,
+                body.clone(),
+                trailers.as_ref(),
+            );
+            let decoded = Record::decode(Bytes::from(record.encode())).expect(what);
+            assert_eq!(decoded, record, "{what}");
+            assert_eq!(pairs(decoded.headers().unwrap()), pairs(&headers), "{what}");
+            assert_eq!(decoded.body(), Some(&body), "{what}");
+            assert_eq!(
+                decoded.trailers().map(pairs),
+                trailers.as_ref().map(pairs),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
     fn not_replayable_records_round_trip() {
         let record = Record::not_replayable(fingerprint(), StatusCode::OK);
         let decoded = Record::decode(Bytes::from(record.encode())).unwrap();
@@ -631,6 +704,38 @@ pub(crate) mod properties {
             prop_assert_eq!(pairs(decoded.headers()), pairs(record.headers()));
             prop_assert_eq!(pairs(decoded.trailers()), pairs(record.trailers()));
             prop_assert_eq!(decoded.encode(), encoded);
+        }
+
+        #[test]
+        fn grpc_trailing_metadata_round_trips_repeats_and_order_kept(
+            fields in prop::collection::vec(
+                (prop::sample::select(&["grpc-status", "grpc-message", "x-entry", "x-sig-bin"][..]), header_value()),
+                0..12,
+            ),
+            body in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut trailers = HeaderMap::new();
+            for (name, value) in fields {
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    trailers.append(name, value);
+                }
+            }
+            let mut headers = HeaderMap::new();
+            headers.append("content-type", HeaderValue::from_static("application/grpc"));
+            let record = Record::response(
+                Fingerprint::from_bytes([7; 32]),
+                StatusCode::OK,
+                &headers,
+                Bytes::from(body),
+                Some(&trailers),
+            );
+            let decoded = Record::decode(Bytes::from(record.encode()))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let pairs = |map: &HeaderMap| {
+                map.iter().map(|(n, v)| (n.clone(), v.clone())).collect::<Vec<_>>()
+            };
+            prop_assert_eq!(decoded.trailers().map(pairs), Some(pairs(&trailers)));
+            prop_assert_eq!(decoded.body(), record.body());
         }
 
         #[test]

@@ -60,10 +60,10 @@ where
             Ok(body) => body,
             Err(problem) => {
                 // In JSON-RPC mode the answer is a JSON-RPC error, its `id` unknown.
-                let rpc = if config.json_rpc.enabled {
+                let rpc = if config.json_rpc.enabled && !self.rpc.is_grpc() {
                     Rpc::Call(None)
                 } else {
-                    Rpc::Plain
+                    self.rpc.clone()
                 };
                 // The rest of the body was not read: the connection cannot carry another
                 // request.
@@ -71,7 +71,7 @@ where
                 return Step::Answer(Ok(close_connection(response)));
             }
         };
-        if config.json_rpc.enabled {
+        if config.json_rpc.enabled && !self.rpc.is_grpc() {
             match jsonrpc::classify(&body, &config.json_rpc) {
                 Some(rpc) => self.rpc = rpc,
                 // A JSON-RPC message that calls nothing protected: untouched, no store call.

@@ -1,0 +1,866 @@
+//! gRPC behind the layer (issue 19): a real tonic server over HTTP/2 on loopback, the layer
+//! in front of it, and a tonic client, on `MemoryStore` and `RedisStore`.
+//!
+//! The messages are written with `prost` derives (no `protoc`); the service is written by
+//! hand on `tonic::server::Grpc`, as tonic-build would generate it.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, uri::PathAndQuery};
+use http_body::{Body as HttpBody, Frame};
+use tonic::{
+    Code, Request, Response, Status,
+    body::Body,
+    codegen::tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream},
+    metadata::{MetadataMap, MetadataValue},
+    server::NamedService,
+    transport::{Channel, Server, server::TcpIncoming},
+};
+use tonic_prost::ProstCodec;
+use tower::ServiceBuilder;
+use tower_idempotency::{
+    GrpcCode, IdempotencyLayer, IdempotencyStore, KeySource, MemoryStore, RequestBody, WaitMode,
+};
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ChargeRequest {
+    #[prost(int64, tag = "1")]
+    amount: i64,
+    /// AIP-155: the client's id of this request, the same on every retry.
+    #[prost(string, tag = "2")]
+    request_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Charge {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(int64, tag = "2")]
+    amount: i64,
+}
+
+const CHARGE: &str = "/payments.v1.Payments/Charge";
+/// The amount the handler panics on.
+const PANICS: i64 = 13;
+const WATCH: &str = "/payments.v1.Payments/Watch";
+const SPLIT: &str = "/payments.v1.Payments/Split";
+
+/// The payments service: `Charge` (unary) counts its executions, takes `delay`, refuses a
+/// non-positive amount with `INVALID_ARGUMENT`, and answers with trailing metadata of its
+/// own; `Watch` (bidirectional streaming) echoes each request as it comes; `Split` (server
+/// streaming) answers with three charges, 30 ms apart.
+#[derive(Clone)]
+struct Payments {
+    calls: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+impl NamedService for Payments {
+    const NAME: &'static str = "payments.v1.Payments";
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type ChargeStream = Pin<Box<dyn Stream<Item = Result<Charge, Status>> + Send>>;
+
+impl Payments {
+    async fn charge(&self, request: Request<ChargeRequest>) -> Result<Response<Charge>, Status> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(self.delay).await;
+        let ChargeRequest { amount, .. } = request.into_inner();
+        assert_ne!(amount, PANICS, "the handler panics on this amount");
+        if amount <= 0 {
+            return Err(Status::invalid_argument(format!(
+                "amount must be positive (execution {n})"
+            )));
+        }
+        let mut response = Response::new(Charge {
+            id: format!("ch_{n}"),
+            amount,
+        });
+        let id = MetadataValue::try_from(format!("ch_{n}")).map_err(|_| Status::internal("id"))?;
+        response.metadata_mut().insert("x-charge-id", id);
+        Ok(response)
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Payments {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let this = self.clone();
+        match request.uri().path() {
+            CHARGE => Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
+                let method = tower::service_fn(move |request| {
+                    let this = this.clone();
+                    async move { this.charge(request).await }
+                });
+                let response = grpc.unary(method, request).await;
+                let trailers = ledger_trailers(response.headers());
+                Ok(response.map(|body| {
+                    Body::new(WithTrailers {
+                        inner: body,
+                        extra: trailers,
+                    })
+                }))
+            }),
+            WATCH => Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
+                Ok(grpc.streaming(Echo(this), request).await)
+            }),
+            SPLIT => Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
+                let method = tower::service_fn(move |request: Request<ChargeRequest>| {
+                    let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    let amount = request.into_inner().amount;
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(async move {
+                        for part in 1..=3 {
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            let id = format!("ch_{n}_{part}");
+                            let _ = tx
+                                .send(Ok(Charge {
+                                    id,
+                                    amount: amount / 3,
+                                }))
+                                .await;
+                        }
+                    });
+                    let stream: ChargeStream = Box::pin(ReceiverStream::new(rx));
+                    async move { Ok::<_, Status>(Response::new(stream)) }
+                });
+                Ok(grpc.server_streaming(method, request).await)
+            }),
+            _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
+        }
+    }
+}
+
+/// `Watch`: every request message is answered at once.
+struct Echo(Payments);
+
+impl tonic::server::StreamingService<ChargeRequest> for Echo {
+    type Response = Charge;
+    type ResponseStream = ChargeStream;
+    type Future = BoxFuture<Result<Response<ChargeStream>, Status>>;
+
+    fn call(&mut self, request: Request<tonic::Streaming<ChargeRequest>>) -> Self::Future {
+        let calls = Arc::clone(&self.0.calls);
+        Box::pin(async move {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let echo = request.into_inner().map(move |message| {
+                message.map(|request| Charge {
+                    id: format!("watch_{n}"),
+                    amount: request.amount,
+                })
+            });
+            Ok(Response::new(Box::pin(echo) as ChargeStream))
+        })
+    }
+}
+
+/// Trailing metadata the handler adds to `Charge`'s answer, set apart by its execution:
+/// a repeated entry and binary metadata (`-bin`, base64 on the wire).
+fn ledger_trailers(headers: &HeaderMap) -> HeaderMap {
+    let id = headers
+        .get("x-charge-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    let mut metadata = MetadataMap::new();
+    for entry in [format!("debit {id}"), format!("credit {id}")] {
+        if let Ok(value) = MetadataValue::try_from(entry) {
+            metadata.append("x-ledger-entry", value);
+        }
+    }
+    let mut receipt = vec![0x00, 0xff, 0x0a, b'%'];
+    receipt.extend_from_slice(id.as_bytes());
+    metadata.insert_bin("x-receipt-bin", MetadataValue::from_bytes(&receipt));
+    metadata.into_headers()
+}
+
+/// A body with `extra` added to its trailers (tonic has no API for a unary handler's
+/// trailing metadata).
+struct WithTrailers {
+    inner: Body,
+    extra: HeaderMap,
+}
+
+impl HttpBody for WithTrailers {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        Poll::Ready(Some(Ok(match frame.into_trailers() {
+            Ok(mut trailers) => {
+                for (name, value) in &self.extra {
+                    trailers.append(name, value.clone());
+                }
+                Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// The payments service behind `layer`, served by tonic over HTTP/2 on a loopback port.
+struct Served {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn serve<St>(layer: IdempotencyLayer<St>, delay: Duration) -> Served
+where
+    St: IdempotencyStore + Clone,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let payments = Payments {
+        calls: Arc::clone(&calls),
+        delay,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local address");
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    // The layer hands the routes a `RequestBody`; tonic's routes take its `Body`.
+    let stack = ServiceBuilder::new()
+        .layer(layer)
+        .map_request(|request: http::Request<RequestBody<Body>>| request.map(Body::new));
+    let server = Server::builder()
+        .layer(stack)
+        .add_service(payments)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+            let _ = stop.await;
+        });
+    tokio::spawn(server);
+    Served {
+        addr,
+        calls,
+        _shutdown: shutdown,
+    }
+}
+
+impl Served {
+    async fn client(&self) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the test server");
+        Client(tonic::client::Grpc::new(channel))
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct Client(tonic::client::Grpc<Channel>);
+
+impl Client {
+    /// `Charge`, with the `idempotency-key` metadata if `key` is given.
+    async fn charge(
+        &mut self,
+        key: Option<&str>,
+        message: ChargeRequest,
+    ) -> Result<Response<Charge>, Status> {
+        let mut request = Request::new(message);
+        if let Some(key) = key {
+            let key = MetadataValue::try_from(key).expect("an ASCII key");
+            request.metadata_mut().insert("idempotency-key", key);
+        }
+        self.0.ready().await.expect("the channel is ready");
+        let codec = ProstCodec::<ChargeRequest, Charge>::default();
+        self.0
+            .unary(request, PathAndQuery::from_static(CHARGE), codec)
+            .await
+    }
+}
+
+fn charge(amount: i64) -> ChargeRequest {
+    ChargeRequest {
+        amount,
+        request_id: String::new(),
+    }
+}
+
+fn replayed(metadata: &MetadataMap) -> bool {
+    metadata
+        .get("idempotent-replayed")
+        .is_some_and(|value| value == "true")
+}
+
+/// Everything the client sees of an answer: message, headers and trailing metadata (tonic
+/// merges the trailers into the metadata of a unary answer), without the replay marker.
+fn seen(response: &Response<Charge>) -> (Charge, Vec<(String, Vec<u8>)>) {
+    let mut metadata: Vec<(String, Vec<u8>)> = response
+        .metadata()
+        .clone()
+        .into_headers()
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "idempotent-replayed" | "date"))
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+        .collect();
+    metadata.sort();
+    (response.get_ref().clone(), metadata)
+}
+
+async fn a_retried_call_executes_once_and_replays_message_and_trailing_metadata<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let served = serve(IdempotencyLayer::new(store), Duration::ZERO).await;
+    let mut client = served.client().await;
+    let first = client
+        .charge(Some("charge-1"), charge(500))
+        .await
+        .expect("charged");
+    let retry = client
+        .charge(Some("charge-1"), charge(500))
+        .await
+        .expect("replayed");
+    assert_eq!(served.calls(), 1, "the retry must not execute again");
+    assert!(!replayed(first.metadata()));
+    assert!(replayed(retry.metadata()), "{:?}", retry.metadata());
+    assert_eq!(first.get_ref().id, "ch_1");
+    assert_eq!(seen(&retry), seen(&first), "the replay is the first answer");
+    let metadata = retry.metadata();
+    let entries: Vec<_> = metadata.get_all("x-ledger-entry").iter().collect();
+    assert_eq!(
+        entries,
+        ["debit ch_1", "credit ch_1"],
+        "repeated trailing metadata kept in order"
+    );
+    let receipt = metadata
+        .get_bin("x-receipt-bin")
+        .expect("binary trailing metadata replayed")
+        .to_bytes()
+        .expect("base64");
+    assert_eq!(&receipt[..], b"\x00\xff\x0a%ch_1");
+    assert_eq!(
+        metadata.get("x-charge-id").expect("header metadata"),
+        "ch_1"
+    );
+    // Another key is another call.
+    let other = client
+        .charge(Some("charge-2"), charge(500))
+        .await
+        .expect("charged");
+    assert_eq!(other.get_ref().id, "ch_2");
+    assert_eq!(served.calls(), 2);
+}
+
+/// The same, below tonic's client: headers, the length-prefixed message and the trailers
+/// the retry receives are the first answer's bytes, plus `idempotent-replayed: true`.
+async fn the_replay_is_the_first_answer_byte_for_byte<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    use http_body_util::{BodyExt, Full};
+    use prost::Message;
+    use tower::ServiceExt;
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let payments = Payments {
+        calls: Arc::clone(&calls),
+        delay: Duration::ZERO,
+    };
+    let service = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(store))
+        .map_request(|request: http::Request<RequestBody<Full<Bytes>>>| request.map(Body::new))
+        .service(payments);
+    let message = charge(900).encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let request = http::Request::post(CHARGE)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("idempotency-key", "raw-1")
+            .body(Full::new(Bytes::from(framed.clone())))
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        let (mut parts, body) = response.into_parts();
+        let collected = body.collect().await.expect("a whole body");
+        let marker = parts.headers.remove("idempotent-replayed");
+        let trailers = collected.trailers().cloned().expect("trailers");
+        answers.push((
+            marker,
+            parts.status,
+            parts.headers,
+            collected.to_bytes(),
+            trailers,
+        ));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let [
+        (None, status, headers, message, trailers),
+        (Some(marker), ..),
+    ] = &answers[..]
+    else {
+        panic!("the first answer is an execution, the second a replay: {answers:?}");
+    };
+    assert_eq!(marker, "true");
+    let bytes = |map: &HeaderMap| {
+        map.iter()
+            .map(|(name, value)| (name.clone(), value.as_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    let (_, replay_status, replay_headers, replay_message, replay_trailers) = &answers[1];
+    assert_eq!(replay_status, status);
+    assert_eq!(bytes(replay_headers), bytes(headers));
+    assert_eq!(replay_message, message);
+    assert_eq!(message[0], 0, "an uncompressed length-prefixed message");
+    assert_eq!(bytes(replay_trailers), bytes(trailers));
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers.get_all("x-ledger-entry").iter().count(), 2);
+}
+
+async fn concurrent_duplicates_are_held_and_run_the_handler_once<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let layer =
+        IdempotencyLayer::new(store).with_wait_mode(WaitMode::Wait(Duration::from_secs(10)));
+    let served = serve(layer, Duration::from_millis(300)).await;
+    let client = served.client().await;
+    let calls = (0..16).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.charge(Some("dup"), charge(700)).await })
+    });
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.expect("task").expect("every duplicate answered"));
+    }
+    assert_eq!(served.calls(), 1, "16 concurrent duplicates, one execution");
+    let first = answers
+        .iter()
+        .find(|answer| !replayed(answer.metadata()))
+        .expect("one answer is the execution");
+    for answer in &answers {
+        assert_eq!(seen(answer), seen(first));
+    }
+    let replays = answers.iter().filter(|a| replayed(a.metadata())).count();
+    assert_eq!(replays, 15);
+}
+
+async fn a_key_reused_with_another_message_is_refused_with_failed_precondition<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let served = serve(IdempotencyLayer::new(store), Duration::ZERO).await;
+    let mut client = served.client().await;
+    client
+        .charge(Some("reuse"), charge(100))
+        .await
+        .expect("charged");
+    let status = client
+        .charge(Some("reuse"), charge(999))
+        .await
+        .expect_err("another message under the same key");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("another"), "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("idempotency-problem")
+            .expect("problem type"),
+        "https://docs.rs/tower-idempotency/latest/tower_idempotency/enum.ProblemKind.html#variant.KeyReused"
+    );
+    assert_eq!(served.calls(), 1, "nothing executed for the reused key");
+}
+
+async fn a_handler_error_status_is_not_stored_unless_its_code_is_listed<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let served = serve(IdempotencyLayer::new(store.clone()), Duration::ZERO).await;
+    let mut client = served.client().await;
+    for attempt in 1..=2 {
+        let status = client
+            .charge(Some("refused"), charge(0))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .ends_with(&format!("(execution {attempt})")),
+            "{status:?}"
+        );
+        assert!(!replayed(status.metadata()));
+    }
+    assert_eq!(
+        served.calls(),
+        2,
+        "an error status is not kept: the retry runs again"
+    );
+
+    let keep_refusals = IdempotencyLayer::new(store)
+        .with_grpc_codes_stored([GrpcCode::Ok, GrpcCode::InvalidArgument]);
+    let served = serve(keep_refusals, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let first = client
+        .charge(Some("kept-refusal"), charge(-5))
+        .await
+        .expect_err("refused");
+    let retry = client
+        .charge(Some("kept-refusal"), charge(-5))
+        .await
+        .expect_err("replayed");
+    assert!(first.message().ends_with("(execution 1)"), "{first:?}");
+    assert_eq!(served.calls(), 1, "a listed code is kept");
+    assert_eq!(retry.code(), Code::InvalidArgument);
+    assert_eq!(retry.message(), first.message());
+    assert!(replayed(retry.metadata()), "{:?}", retry.metadata());
+}
+
+async fn an_aip_155_request_id_in_the_message_is_the_key<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    use prost::Message;
+
+    let request_id = KeySource::grpc_message(|message| {
+        let request = ChargeRequest::decode(message).ok()?;
+        (!request.request_id.is_empty()).then_some(request.request_id)
+    });
+    let layer = IdempotencyLayer::new(store).with_key_source(request_id);
+    let served = serve(layer, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let with_id = |id: &str| ChargeRequest {
+        amount: 250,
+        request_id: id.to_owned(),
+    };
+    let first = client
+        .charge(None, with_id("4b0c6f5e-aip-155"))
+        .await
+        .expect("charged");
+    let retry = client
+        .charge(None, with_id("4b0c6f5e-aip-155"))
+        .await
+        .expect("replayed");
+    assert!(replayed(retry.metadata()));
+    assert_eq!(seen(&retry), seen(&first));
+    assert_eq!(served.calls(), 1);
+    let other = client
+        .charge(None, with_id("another-request"))
+        .await
+        .expect("charged");
+    assert_eq!(other.get_ref().id, "ch_2");
+    assert_eq!(served.calls(), 2);
+}
+
+/// AIP-155: a call without a request id is a new request. Two identical keyless calls from
+/// one authenticated client (which would get a derived key over HTTP) both execute.
+async fn a_call_without_a_key_is_a_new_call<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    use tower_idempotency::MissingKey;
+
+    let served = serve(IdempotencyLayer::new(store.clone()), Duration::ZERO).await;
+    let mut client = served.client().await;
+    let mut charged = Vec::new();
+    for _ in 0..2 {
+        let mut request = Request::new(charge(300));
+        let bearer = MetadataValue::from_static("Bearer alice");
+        request.metadata_mut().insert("authorization", bearer);
+        client.0.ready().await.expect("ready");
+        let codec = ProstCodec::<ChargeRequest, Charge>::default();
+        let answer = client
+            .0
+            .unary(request, PathAndQuery::from_static(CHARGE), codec)
+            .await
+            .expect("charged");
+        assert!(!replayed(answer.metadata()));
+        charged.push(answer.into_inner().id);
+    }
+    assert_eq!(charged, ["ch_1", "ch_2"]);
+
+    let required = IdempotencyLayer::new(store).with_missing_key(MissingKey::Required);
+    let served = serve(required, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let refused = client.charge(None, charge(300)).await.expect_err("no key");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(served.calls(), 0);
+}
+
+async fn the_layers_own_refusals_are_grpc_statuses<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let layer = IdempotencyLayer::new(store.clone()).with_wait_mode(WaitMode::Reject);
+    let served = serve(layer, Duration::from_secs(1)).await;
+    let mut client = served.client().await;
+    let too_long = "k".repeat(300);
+    let invalid = client
+        .charge(Some(&too_long), charge(1))
+        .await
+        .expect_err("invalid key");
+    assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+    assert_eq!(served.calls(), 0);
+
+    let mut first = client.clone();
+    let running = tokio::spawn(async move { first.charge(Some("busy"), charge(1)).await });
+    while served.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let busy = client
+        .charge(Some("busy"), charge(1))
+        .await
+        .expect_err("in flight");
+    assert_eq!(
+        busy.code(),
+        Code::Unavailable,
+        "in flight: retry later, {busy:?}"
+    );
+    assert_eq!(
+        busy.metadata()
+            .get("grpc-retry-pushback-ms")
+            .expect("pushback"),
+        "1000"
+    );
+    running
+        .await
+        .expect("task")
+        .expect("the first call completes");
+    let replay = client
+        .charge(Some("busy"), charge(1))
+        .await
+        .expect("replayed");
+    assert!(
+        replayed(replay.metadata()),
+        "the retry of an in-flight call gets the answer"
+    );
+    assert_eq!(served.calls(), 1);
+
+    for attempt in 2..=3 {
+        let panicked = client
+            .charge(Some("panics"), charge(PANICS))
+            .await
+            .expect_err("panicked");
+        assert_eq!(panicked.code(), Code::Internal, "{panicked:?}");
+        assert_eq!(
+            served.calls(),
+            attempt,
+            "the key is released: the retry runs again"
+        );
+    }
+
+    let small = IdempotencyLayer::new(store).with_request_body_limit(4);
+    let served = serve(small, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let large = client
+        .charge(Some("large"), charge(1_000_000))
+        .await
+        .expect_err("too large");
+    assert_eq!(large.code(), Code::ResourceExhausted, "{large:?}");
+    assert_eq!(served.calls(), 0);
+}
+
+async fn a_streaming_method_named_passes_through_untouched<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let layer = IdempotencyLayer::new(store).with_grpc_streaming_methods([WATCH]);
+    let served = serve(layer, Duration::ZERO).await;
+    let client = served.client().await;
+    for _ in 0..2 {
+        let mut client = client.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut request = Request::new(ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", MetadataValue::from_static("watch"));
+        tx.send(charge(1)).await.expect("send");
+        client.0.ready().await.expect("ready");
+        let codec = ProstCodec::<ChargeRequest, Charge>::default();
+        let path = PathAndQuery::from_static(WATCH);
+        let call = client.0.streaming(request, path, codec);
+        // The answer to the first message comes while the request stream is still open:
+        // the layer does not wait for its end.
+        let response = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the stream was held back")
+            .expect("a stream");
+        assert!(!replayed(response.metadata()));
+        let mut stream = response.into_inner();
+        let echo = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the first message was held back");
+        assert_eq!(echo.expect("a message").expect("ok").amount, 1);
+        tx.send(charge(2)).await.expect("send");
+        drop(tx);
+        let echo = stream.next().await.expect("a message").expect("ok");
+        assert_eq!(echo.amount, 2);
+        assert!(stream.next().await.is_none());
+    }
+    assert_eq!(served.calls(), 2, "a streaming call is never replayed");
+}
+
+/// A server-streaming method left unnamed is protected like a unary one: its stream is
+/// captured as the handler produces it, and replayed whole once it ended.
+async fn an_unnamed_server_stream_is_captured_and_replayed_whole<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let served = serve(IdempotencyLayer::new(store), Duration::ZERO).await;
+    let mut client = served.client().await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut request = Request::new(charge(900));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", MetadataValue::from_static("split-1"));
+        client.0.ready().await.expect("ready");
+        let codec = ProstCodec::<ChargeRequest, Charge>::default();
+        let response = client
+            .0
+            .server_streaming(request, PathAndQuery::from_static(SPLIT), codec)
+            .await
+            .expect("a stream");
+        let marker = replayed(response.metadata());
+        let mut stream = response.into_inner();
+        let mut ids = Vec::new();
+        while let Some(charge) = stream.message().await.expect("a message") {
+            ids.push(charge.id);
+        }
+        let trailers = stream.trailers().await.expect("trailers");
+        seen.push((marker, ids, trailers.map(|t| t.into_headers())));
+    }
+    assert_eq!(served.calls(), 1, "the stream ran once");
+    assert_eq!(seen[0].1, ["ch_1_1", "ch_1_2", "ch_1_3"]);
+    assert_eq!((seen[0].0, seen[1].0), (false, true));
+    assert_eq!(seen[1].1, seen[0].1, "the replay is the same stream");
+    assert_eq!(seen[1].2, seen[0].2, "and the same trailers");
+}
+
+macro_rules! on_every_store {
+    ($($scenario:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(tower_idempotency::MemoryStore::default()).await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "redis")]
+        mod redis {
+            use super::common::redis_server::RedisServer;
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let server = RedisServer::start();
+                    let store = tower_idempotency::RedisStore::connect(&server.url())
+                        .await
+                        .expect("connect to the test server");
+                    super::$scenario(store).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    a_retried_call_executes_once_and_replays_message_and_trailing_metadata,
+    the_replay_is_the_first_answer_byte_for_byte,
+    concurrent_duplicates_are_held_and_run_the_handler_once,
+    a_key_reused_with_another_message_is_refused_with_failed_precondition,
+    a_handler_error_status_is_not_stored_unless_its_code_is_listed,
+    an_aip_155_request_id_in_the_message_is_the_key,
+    a_call_without_a_key_is_a_new_call,
+    an_unnamed_server_stream_is_captured_and_replayed_whole,
+    the_layers_own_refusals_are_grpc_statuses,
+    a_streaming_method_named_passes_through_untouched,
+);
+
+#[tokio::test]
+async fn a_store_outage_answers_unavailable_and_runs_nothing() {
+    let store = common::flaky_store::FlakyStore::over(MemoryStore::default());
+    let served = serve(IdempotencyLayer::new(store.clone()), Duration::ZERO).await;
+    let mut client = served.client().await;
+    store.down.store(true, Ordering::SeqCst);
+    let status = client
+        .charge(Some("outage"), charge(1))
+        .await
+        .expect_err("store down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("grpc-retry-pushback-ms")
+            .expect("pushback"),
+        "2000"
+    );
+    assert_eq!(served.calls(), 0, "fail-closed: nothing ran unprotected");
+    store.down.store(false, Ordering::SeqCst);
+    client
+        .charge(Some("outage"), charge(1))
+        .await
+        .expect("the store is back");
+    assert_eq!(served.calls(), 1);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_redis_outage_answers_unavailable_and_runs_nothing() {
+    let mut server = common::redis_server::RedisServer::start();
+    let store = tower_idempotency::RedisStore::connect(&server.url())
+        .await
+        .expect("connect to the test server");
+    let served = serve(IdempotencyLayer::new(store), Duration::ZERO).await;
+    let mut client = served.client().await;
+    client
+        .charge(Some("before"), charge(1))
+        .await
+        .expect("charged");
+    server.stop();
+    let status = client
+        .charge(Some("outage"), charge(1))
+        .await
+        .expect_err("redis down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(served.calls(), 1, "fail-closed: nothing ran unprotected");
+}
