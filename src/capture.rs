@@ -138,7 +138,8 @@ where
                 headers: head.headers.clone(),
                 ttl,
                 rpc: rpc.clone(),
-                store_errors: config.json_rpc.store_errors,
+                json_rpc: config.json_rpc.clone(),
+                grpc: config.grpc.clone(),
             };
             let len = ready.len;
             let (tx, rx) = stream::channel(ready);
@@ -413,7 +414,13 @@ where
         match lease.keep_alive(self.capture()).await {
             Captured::Whole => {
                 let body = self.tx.captured();
-                let kept = if kept(&of.rpc, of.store_errors, &of.headers, &body) {
+                let kept = if kept(
+                    &of.rpc,
+                    (&of.json_rpc, &of.grpc),
+                    &of.headers,
+                    &body,
+                    self.trailers.as_ref(),
+                ) {
                     let record = Record::response(
                         of.fingerprint,
                         of.status,
@@ -423,7 +430,7 @@ where
                     );
                     lease.complete(record, of.ttl).await
                 } else {
-                    tracing::debug!("no JSON-RPC answer to keep; key released");
+                    tracing::debug!("no JSON-RPC answer, or no gRPC status, to keep; key released");
                     lease.release(RecordResult::Predicate).await
                 };
                 self.tx.end();
