@@ -5,7 +5,10 @@
 //! - `plain`: no persistence (`--save '' --appendonly no`);
 //! - `aof-everysec`, `aof-always`: `appendonly yes` with that `appendfsync`;
 //! - `replica-async`: a primary with one replica, `Durability::none()`;
-//! - `replica-wait`: the same, `Durability::replicas(1)` (`WAIT 1` pipelined with each write).
+//! - `replica-wait`: the same, `Durability::replicas(1)` (`WAIT 1` pipelined with each write,
+//!   on the store's connections for acknowledged writes);
+//! - `replica-wait, one connection`: the same on a store made with `new`, whose one
+//!   connection carries every `WAIT` (what every store did before those connections).
 //!
 //! ```text
 //! cargo bench --bench durability --features redis
@@ -83,6 +86,22 @@ fn main() {
                 );
             });
         }
+        // The same as `replica-wait`, on one connection: a store made with `new` has no
+        // connections of its own for acknowledged writes, and each `WAIT` holds up the
+        // commands behind it.
+        let single = runtime.block_on(async {
+            let client = redis::Client::open(primary.url()).expect("a client");
+            let connection = client.get_connection_manager().await.expect("a connection");
+            RedisStore::new(connection, client).with_durability(Durability::replicas(1))
+        });
+        runtime.block_on(first_executions(&single, 1));
+        group.bench_function("replica-wait, one connection", |b| {
+            b.to_async(&runtime).iter_batched(
+                || (),
+                |()| first_executions(&single, concurrency),
+                BatchSize::SmallInput,
+            );
+        });
         group.finish();
     }
     criterion.final_summary();

@@ -51,10 +51,11 @@
 # MODE=failover: instead, a primary (no persistence), one replica and three Sentinels; the
 # instances connect through the Sentinels (`RedisStore::connect_sentinel`), with
 # `Durability::replicas($DURABILITY)`. At about 1/2 of the run the primary is SIGKILLed; once
-# the Sentinels have promoted the replica (the "up" time the recovery is measured from), the
-# old primary is restarted, empty, and the Sentinels make it a replica of the new one (a
-# durable write needs one again). The same invariants are checked; without DURABILITY they
-# can fail: that is what a failover loses without `WAIT`.
+# the Sentinels have promoted the replica (the "up" time the recovery is measured from) and
+# every Sentinel names it, the old primary is restarted, empty, as a replica of the new one
+# with `replica-priority 0` (never an empty primary, never promoted before it has synced; a
+# durable write needs a replica again). The same invariants are checked; without
+# DURABILITY they can fail: that is what a failover loses without `WAIT`.
 #
 # MODE=postgres: instead, one PostgreSQL server (Debian's `postgresql` package: `initdb` into
 # a temporary directory, run as the `postgres` user when root; default settings, fsync on, so
@@ -202,7 +203,13 @@ wait_for_postgres() {
 }
 start_redis() {
     if [ "$MODE" = failover ]; then
+        # Restarted after the failover (the argument: the new primary's port), as a careful
+        # supervisor restarts a node without persistence: a replica of the primary the
+        # Sentinels name, that no Sentinel promotes while it is empty.
+        local rejoin=()
+        if [ $# -gt 0 ]; then rejoin=(--replicaof 127.0.0.1 "$1" --replica-priority 0); fi
         redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+            --repl-diskless-sync-delay 0 "${rejoin[@]}" \
             --daemonize no --dir "$work/redis" --logfile "$work/redis/log" &
     else
         redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
@@ -249,6 +256,7 @@ case "$MODE" in
         free_port replica_port || die "no free loopback port"
         mkdir "$work/replica"
         redis-server --port "$replica_port" --bind 127.0.0.1 --save "" --appendonly no \
+            --repl-diskless-sync-delay 0 \
             --replicaof 127.0.0.1 "$redis_port" --daemonize no --dir "$work/replica" \
             --logfile "$work/replica/log" &
         ha_pids+=("$!")
@@ -338,9 +346,9 @@ for i in $(seq "$outages"); do
             sleep 0.02
         done
         echo "up $(now_ms)" >>"$events"
-        # A supervisor restarts the crashed primary once every Sentinel names the new one (an
-        # empty primary back before may be named by a Sentinel not yet told, and written to);
-        # the Sentinels make it a replica.
+        # A supervisor restarts the crashed primary once every Sentinel names the new one, as
+        # its replica (an empty primary back before may be named by a Sentinel not yet told,
+        # and written to; an empty replica promoted before its sync loses every record).
         for sentinel in "${sentinels[@]}"; do
             sport=${sentinel##*:}
             until redis-cli -h 127.0.0.1 -p "$sport" sentinel get-master-addr-by-name mymaster |
@@ -349,9 +357,9 @@ for i in $(seq "$outages"); do
                 sleep 0.02
             done
         done
-        start_redis
+        start_redis "$replica_port"
         wait_for_redis >/dev/null
-        echo "failover: replica promoted; old primary restarted (empty), to rejoin as a replica"
+        echo "failover: replica promoted; old primary restarted (empty) as its replica, priority 0"
     else
         sleep "$DOWN"
         start_redis

@@ -64,13 +64,20 @@ async fn claim_and_complete(store: &RedisStore) {
         .expect("a completion");
 }
 
+/// The shortfalls counted for `op` so far in this test binary. A snapshot takes (and resets)
+/// every counter, whichever test asks: each one's counts are added to running totals, so
+/// that tests running at once do not take each other's.
 #[cfg(feature = "metrics")]
 fn shortfalls(op: &str) -> u64 {
-    use std::sync::OnceLock;
+    use std::{
+        collections::HashMap,
+        sync::{Mutex, OnceLock},
+    };
 
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
     static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    static TOTALS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
     let snapshotter = SNAPSHOTTER.get_or_init(|| {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
@@ -79,22 +86,23 @@ fn shortfalls(op: &str) -> u64 {
             .expect("the only recorder in this test binary");
         snapshotter
     });
-    snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, _, _, _)| {
-            let key = key.key();
-            key.name() == "idempotency_store_acknowledgement_shortfalls_total"
-                && key
-                    .labels()
-                    .any(|label| label.key() == "op" && label.value() == op)
-        })
-        .map(|(_, _, _, value)| match value {
-            DebugValue::Counter(n) => n,
-            _ => 0,
-        })
-        .sum()
+    let mut totals = TOTALS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let totals = totals.get_or_insert_with(HashMap::new);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        if key.name() != "idempotency_store_acknowledgement_shortfalls_total" {
+            continue;
+        }
+        let (Some(label), DebugValue::Counter(n)) =
+            (key.labels().find(|label| label.key() == "op"), value)
+        else {
+            continue;
+        };
+        *totals.entry(label.value().to_owned()).or_default() += n;
+    }
+    totals.get(op).copied().unwrap_or(0)
 }
 
 #[cfg(not(feature = "metrics"))]
@@ -135,6 +143,71 @@ async fn a_durable_claim_and_completion_send_their_wait_in_the_same_pipeline() {
         durable, &expected,
         "with Durability::replicas(1), each write's pipeline adds one WAIT and nothing else"
     );
+    drop(replica);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_its_acknowledgement_holds_up_no_other_request() {
+    let primary = blocking(|| Node::server(&[])).await;
+    let mut replica = blocking({
+        let port = primary.port();
+        move || Node::replica_of(port, &[])
+    })
+    .await;
+    // The acknowledgement may take 3 s, three times the response timeout (1 s): a command
+    // queued behind it on the same connection would time out.
+    let store = connect(
+        &primary,
+        Durability::replicas(1).with_timeout(Duration::from_secs(3)),
+    )
+    .await;
+    claim_and_complete(&store).await;
+    let key = fresh_key();
+    let Claim::Acquired(token) = store
+        .claim(&key, &fingerprint("a"), LEASE)
+        .await
+        .expect("an acknowledged claim")
+    else {
+        panic!("a fresh key is free");
+    };
+    replica = blocking(move || {
+        replica.stop();
+        replica
+    })
+    .await;
+
+    // A completion whose WAIT no replica answers: it blocks the connection it was sent on
+    // for 3 s.
+    let completing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .complete(
+                    &key,
+                    token,
+                    sample_record(fingerprint("a")),
+                    Duration::from_secs(60),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Meanwhile, the store's other commands are answered within the response timeout.
+    for _ in 0..3 {
+        store
+            .inspect(&fresh_key())
+            .await
+            .expect("a look-up is not held up by another request's WAIT");
+    }
+    completing
+        .await
+        .expect("the completion task")
+        .expect("the completion is kept, unacknowledged");
+    let replay = store
+        .claim(&key, &fingerprint("a"), LEASE)
+        .await
+        .expect("a claim");
+    assert!(matches!(replay, Claim::Completed { .. }), "{replay:?}");
     drop(replica);
 }
 

@@ -38,6 +38,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// this while its handler runs, so it bounds how long a crashed instance's key stays
     /// blocked, not how long a handler may take. Default: 30 s.
     ///
+    /// A completion that the store could not take (an outage, a failover) is retried only
+    /// while the lease lasts: with a replicated Redis, keep it at least one and a half times
+    /// a failover (see `Durability`, feature `redis`).
+    ///
     /// ```
     /// # use std::time::Duration;
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

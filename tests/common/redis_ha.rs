@@ -39,7 +39,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// A data node without persistence, with extra `redis-server` arguments.
+    /// A data node without persistence, syncing a replica without delay, with extra
+    /// `redis-server` arguments.
     pub fn server(extra: &[&str]) -> Self {
         require_redis();
         let mut last = String::new();
@@ -55,6 +56,10 @@ impl Node {
                 "",
                 "--appendonly",
                 "no",
+                // A replica (re)joining syncs at once, not 5 s later (the default delay waits
+                // for more replicas to share one transfer): a failover scenario stays short.
+                "--repl-diskless-sync-delay",
+                "0",
                 "--logfile",
                 "redis.log",
                 "--dir",
@@ -128,6 +133,27 @@ impl Node {
             }
             Err(error) => panic!("redis-server did not restart on port {port}: {error}"),
         }
+    }
+
+    /// Starts it again (after [`kill`](Self::kill)) as a careful supervisor restarts a
+    /// crashed node that has no persistence: a replica of the primary the Sentinels now name
+    /// (`--replicaof`), so it never answers as an empty primary, and with
+    /// `replica-priority 0`, so that no Sentinel promotes it while it is still empty (a
+    /// second failover to it, before its first sync, would lose every record).
+    pub fn restart_as_replica_of(&mut self, primary_port: u16) {
+        let primary_port = primary_port.to_string();
+        self.args.extend(
+            [
+                "--replicaof",
+                "127.0.0.1",
+                &primary_port,
+                "--replica-priority",
+                "0",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned()),
+        );
+        self.restart();
     }
 
     fn spawn(port: u16, dir: PathBuf, args: &[String]) -> Result<Self, String> {

@@ -60,13 +60,14 @@ where
         command: &Cmd,
         error: fn(RedisError) -> StoreError,
     ) -> Result<Acknowledged, StoreError> {
-        let mut connection = self.connection.clone();
         if !self.asks(Write::Claim) {
+            let mut connection = self.connection.clone();
             let reply = self
                 .bounded(command.query_async::<Value>(&mut connection), error)
                 .await?;
             return Ok((reply, self.unasked()));
         }
+        let mut connection = self.lane().await;
         let exchange = self.pipelined(&mut connection, command);
         let replies = self
             .bounded_longer(self.durability().extra_time(), exchange, store_error)
@@ -88,7 +89,7 @@ where
             return Ok((self.run(script, key, args).await?, self.unasked()));
         }
         let redis_key = self.redis_key(key);
-        let mut connection = self.connection.clone();
+        let mut connection = self.lane().await;
         let exchange = async {
             let replies = self
                 .pipelined(&mut connection, &script.evalsha(&redis_key, args))
@@ -109,6 +110,14 @@ where
         let extra = self.durability().extra_time().saturating_mul(2);
         let replies = self.bounded_longer(extra, exchange, store_error).await?;
         self.split(replies, store_error)
+    }
+
+    /// The connection for a write sent with its acknowledgement commands: one of the
+    /// store's lanes (`lanes.rs`), so that its `WAIT` holds up no other request's commands.
+    async fn lane(&self) -> C {
+        self.lanes
+            .pick(&self.connection, self.shared.settings.response_timeout)
+            .await
     }
 
     /// `command` and the acknowledgement commands, as one pipeline whose replies include

@@ -13,6 +13,7 @@ use ::redis::{
 use super::{
     durability::{Durability, Replicas},
     error::{store_error, timed_out},
+    lanes::{Lanes, Opener},
     notify::{Notifier, Subscribers},
 };
 use crate::{
@@ -76,7 +77,9 @@ impl Shared {
 /// - **Sentinel and failover**: [`connect_sentinel`](RedisStore::connect_sentinel) follows a
 ///   promotion without a restart; [`with_durability`](Self::with_durability) has replicas
 ///   acknowledge each claim and completion (`WAIT`, in the same round trip), so that a
-///   failover loses neither.
+///   failover loses neither. Such writes go on a few connections of their own (four, opened
+///   with the first of them; the same round trip as before), since a `WAIT` holds up every
+///   later command on its connection.
 /// - **Eviction guard**: the `connect*` constructors warn if Redis's `maxmemory-policy` may
 ///   evict claims and records.
 /// - **Waiting by notification** across instances (pub/sub, one subscriber connection per
@@ -122,6 +125,8 @@ impl Shared {
 pub struct RedisStore<C = ConnectionManager> {
     pub(super) connection: C,
     pub(super) shared: Arc<Shared>,
+    /// The connections for writes that wait for their acknowledgement (`lanes.rs`).
+    pub(super) lanes: Arc<Lanes<C>>,
 }
 
 impl RedisStore<ConnectionManager> {
@@ -147,12 +152,21 @@ impl RedisStore<ConnectionManager> {
             // While Redis is down, retry often enough that service resumes within about
             // half a second of its return.
             .set_max_delay(Duration::from_millis(500));
-        let connecting = ConnectionManager::new_with_config(client.clone(), config);
+        let connecting = ConnectionManager::new_with_config(client.clone(), config.clone());
         let connection = tokio::time::timeout(DEFAULT_RESPONSE_TIMEOUT, connecting)
             .await
             .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
             .map_err(store_error)?;
-        let store = Self::new(connection, client);
+        let opener: Opener<ConnectionManager> = {
+            let client = client.clone();
+            Arc::new(move || {
+                Box::pin(ConnectionManager::new_with_config(
+                    client.clone(),
+                    config.clone(),
+                ))
+            })
+        };
+        let store = Self::new(connection, client).with_opener(opener);
         store.warn_if_evicting().await;
         Ok(store)
     }
@@ -187,7 +201,12 @@ impl RedisStore<ClusterConnection> {
                 .await
                 .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
                 .map_err(store_error)?;
-        let store = Self::with_subscribers(connection, Subscribers::Nodes(clients));
+        let opener: Opener<ClusterConnection> = Arc::new(move || {
+            let cluster = cluster.clone();
+            Box::pin(async move { cluster.get_async_connection().await })
+        });
+        let store =
+            Self::with_subscribers(connection, Subscribers::Nodes(clients)).with_opener(opener);
         store.warn_if_evicting().await;
         Ok(store)
     }
@@ -203,6 +222,9 @@ where
     /// notifications (for a cluster, any of its nodes).
     ///
     /// Commands are bounded by the store's response timeout, whatever the connection's own.
+    /// With [`with_durability`](Self::with_durability), writes that wait for their
+    /// acknowledgement share this one connection too (the `connect*` constructors open four
+    /// more for them): each `WAIT` then holds up the commands queued behind it.
     ///
     /// ```no_run
     /// use tower_idempotency::RedisStore;
@@ -228,6 +250,15 @@ where
         Self {
             connection,
             shared: Arc::new(Shared::new(settings, subscribers)),
+            lanes: Arc::new(Lanes::new(None)),
+        }
+    }
+
+    /// The same store, opening its connections for acknowledged writes with `opener`.
+    pub(super) fn with_opener(self, opener: Opener<C>) -> Self {
+        Self {
+            lanes: Arc::new(Lanes::new(Some(opener))),
+            ..self
         }
     }
 
@@ -355,6 +386,7 @@ where
         Self {
             connection: self.connection,
             shared: Arc::new(Shared::new(settings, clients)),
+            lanes: self.lanes,
         }
     }
 

@@ -104,6 +104,7 @@ mod durability;
 mod error;
 mod eviction;
 mod inspect;
+mod lanes;
 mod notify;
 mod resolver;
 mod script;

@@ -34,6 +34,7 @@ use ::redis::{
 use super::{
     connect::{DEFAULT_RESPONSE_TIMEOUT, RedisStore},
     error::{store_error, timed_out},
+    lanes::Opener,
     notify::Subscribers,
     resolver::Resolver,
 };
@@ -94,7 +95,18 @@ impl RedisStore<SentinelConnection> {
             .await
             .map_err(|_| timed_out(DEFAULT_RESPONSE_TIMEOUT))?
             .map_err(store_error)?;
-        let store = Self::with_subscribers(connection, Subscribers::Sentinel(resolver));
+        let opener: Opener<SentinelConnection> = {
+            let resolver = Arc::clone(&resolver);
+            Arc::new(move || {
+                Box::pin(SentinelConnection::connect(
+                    Arc::clone(&resolver),
+                    DEFAULT_RESPONSE_TIMEOUT,
+                ))
+            })
+        };
+        let store =
+            Self::with_subscribers(connection, Subscribers::Sentinel(Arc::clone(&resolver)))
+                .with_opener(opener);
         store.warn_if_evicting().await;
         Ok(store)
     }
