@@ -160,6 +160,7 @@ where
         return ResponseFuture::ready(reject(config, &problem, &rpc));
     }
     let config = Arc::clone(config);
+    let version = request.version();
     let drain = async move {
         let (limit, mut read) = (config.request_body_limit, Chunks::default());
         let mut body = pin!(request.into_body());
@@ -168,7 +169,7 @@ where
         if drained.is_ok() {
             response
         } else {
-            close_connection(response)
+            close_connection(response, version)
         }
     };
     // Nothing to finish if the client leaves: the drain ends with it.

@@ -68,7 +68,7 @@ where
                 // The rest of the body was not read: the connection cannot carry another
                 // request.
                 let response = reject(&config, &problem, &rpc);
-                return Step::Answer(Ok(close_connection(response)));
+                return Step::Answer(Ok(close_connection(response, parts.version)));
             }
         };
         if config.json_rpc.enabled && !self.rpc.is_grpc() {
