@@ -97,8 +97,10 @@ where
             Ok(keying) => keying,
             Err(problem) => return self.reject(&problem),
         };
-        if let Keying::Unscoped = keying {
-            config.observer.outcome(Outcome::Unscoped);
+        match keying {
+            Keying::Unscoped => config.observer.outcome(Outcome::Unscoped),
+            Keying::GrpcUndecoded => config.observer.outcome(Outcome::GrpcUndecoded),
+            Keying::Protect(_) | Keying::PassThrough => {}
         }
         Step::Next(State::Ready {
             request: Request::from_parts(parts, RequestBody::full(body)),
