@@ -214,7 +214,7 @@ fn kept(
 ) -> bool {
     match rpc {
         Rpc::Call(Some(_)) => jsonrpc::answers(headers, body, json_rpc.store_errors),
-        Rpc::Grpc => grpc::kept(headers, trailers, grpc),
+        Rpc::Grpc => grpc::kept(headers, body.len(), trailers, grpc),
         Rpc::Call(None) | Rpc::Batch | Rpc::Plain => true,
     }
 }
@@ -342,6 +342,18 @@ enum Captured {
     Failed(BoxError),
 }
 
+/// How forwarding a gRPC body past the capture limit ended.
+enum Rest {
+    /// With these trailers, which carry the call's status.
+    Trailers(HeaderMap),
+    /// With no trailers: no status.
+    Ended,
+    /// The body failed.
+    Failed(BoxError),
+    /// The body had not ended when its client had been gone (or silent) for the bound.
+    CutShort,
+}
+
 /// A task reading a body that is always ready (countless frames, none pending) lets others
 /// run after this many frames.
 const YIELD_EVERY: u32 = 64;
@@ -379,11 +391,61 @@ where
                 let _ = lease.complete(record, of.ttl).await;
                 self.tx.end();
             }
+            Captured::OverLimit(frame) if of.rpc.is_grpc() => {
+                // A gRPC call's status comes in its trailers, after the data: the key is held
+                // (the lease kept alive) until they say whether the answer is kept.
+                match lease.keep_alive(self.forward_to_trailers(frame)).await {
+                    Rest::Trailers(trailers)
+                        if grpc::kept(&of.headers, 1, Some(&trailers), &of.grpc) =>
+                    {
+                        let record = Record::not_replayable(of.fingerprint, of.status);
+                        let _ = lease.complete(record, of.ttl).await;
+                        self.end_with(trailers).await;
+                    }
+                    Rest::Trailers(trailers) => {
+                        tracing::debug!(
+                            "a gRPC answer over the capture limit ended with a status not \
+                             kept; key released"
+                        );
+                        let _ = lease.release(RecordResult::Predicate).await;
+                        self.end_with(trailers).await;
+                    }
+                    Rest::Ended => {
+                        tracing::debug!(
+                            "a gRPC answer over the capture limit had no status; key released"
+                        );
+                        let _ = lease.release(RecordResult::Predicate).await;
+                        self.tx.end();
+                    }
+                    Rest::Failed(error) => {
+                        let _ = lease.release(RecordResult::BodyError).await;
+                        self.tx.fail(error);
+                    }
+                    Rest::CutShort => {
+                        drop(self);
+                        tracing::warn!(
+                            "the client of a gRPC answer over the capture limit left (or read \
+                             nothing) and its body did not end in time; its status is unknown: \
+                             key released"
+                        );
+                        let _ = lease.release(RecordResult::BodyError).await;
+                    }
+                }
+            }
             Captured::OverLimit(frame) => {
                 // The key is spent whatever the rest of the body does: the handler ran.
                 let record = Record::not_replayable(of.fingerprint, of.status);
                 let _ = lease.complete(record, of.ttl).await;
                 self.forward_rest(frame).await;
+            }
+            Captured::CutShort if of.rpc.is_grpc() => {
+                drop(self);
+                // No status: as a gRPC answer cut short in any other way, never kept.
+                tracing::warn!(
+                    "the client of a streamed gRPC answer left and its body did not end in \
+                     time; its status is unknown: the body is dropped and the key released"
+                );
+                let _ = lease.release(RecordResult::BodyError).await;
             }
             Captured::CutShort => {
                 let after = self.after_client;
@@ -516,6 +578,65 @@ where
                     }
                 }
             }
+        }
+    }
+
+    /// Forwards the rest of a gRPC body past the capture limit (from `first`) at the
+    /// client's pace, up to its trailers (returned, not sent: they follow the decision
+    /// they carry). Once the client is gone, or has taken nothing for `after_client`, the
+    /// body is read on without forwarding, for `after_client` at most.
+    async fn forward_to_trailers(&mut self, first: Option<Frame<Bytes>>) -> Rest {
+        let Self {
+            body,
+            tx,
+            after_client,
+            ..
+        } = self;
+        let after_client = *after_client;
+        let mut pending = first;
+        let mut forwarding = true;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut frames: u32 = 0;
+        loop {
+            if let Some(frame) = pending.take() {
+                match frame.into_trailers() {
+                    Ok(trailers) => return Rest::Trailers(trailers),
+                    Err(frame) if forwarding => {
+                        let sent = tokio::time::timeout(after_client, tx.send(frame)).await;
+                        if sent != Ok(true) {
+                            forwarding = false;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !forwarding && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + after_client);
+            }
+            frames = frames.wrapping_add(1);
+            if frames.is_multiple_of(YIELD_EVERY) {
+                tokio::task::yield_now().await;
+            }
+            let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx).map_err(Into::into));
+            let next = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                    Ok(next) => next,
+                    Err(_elapsed) => return Rest::CutShort,
+                },
+                None => next.await,
+            };
+            match next {
+                None => return Rest::Ended,
+                Some(Err(error)) => return Rest::Failed(error),
+                Some(Ok(frame)) => pending = Some(frame),
+            }
+        }
+    }
+
+    /// Ends the client's body with `trailers`, once it has taken what came before them.
+    async fn end_with(self, trailers: HeaderMap) {
+        if self.tx.send(Frame::trailers(trailers)).await {
+            self.tx.end();
         }
     }
 
