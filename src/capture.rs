@@ -7,6 +7,10 @@
 //! follows at the client's pace. A streamed response ends only once its record is stored, so
 //! a client that has the whole response and retries at once is replayed.
 //!
+//! A gRPC call is kept by the status in its trailers, which come last: past the limit its
+//! key is held (the rest forwarded at the client's pace) until they say whether it is spent
+//! or released; a gRPC body cut short has no status and releases its key.
+//!
 //! A capture outlives its client for a bounded time only
 //! ([`with_capture_after_disconnect`](crate::IdempotencyLayer::with_capture_after_disconnect)):
 //! a body that has not ended by then (an event stream that never ends) is dropped, and its key

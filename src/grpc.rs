@@ -123,6 +123,8 @@ impl GrpcCode {
 pub(crate) struct Settings {
     /// The paths (`/package.Service/Method`) of streaming methods: they pass through.
     pub(crate) streaming: Arc<[Box<str>]>,
+    /// When set, the only methods protected: every other call passes through.
+    pub(crate) protected: Option<Arc<[Box<str>]>>,
     /// The codes whose answers are kept for replay.
     pub(crate) stored: Arc<[GrpcCode]>,
 }
@@ -131,6 +133,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             streaming: Arc::new([]),
+            protected: None,
             stored: Arc::new([GrpcCode::Ok]),
         }
     }
@@ -140,6 +143,7 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Grpc")
             .field("streaming", &self.streaming)
+            .field("protected", &self.protected)
             .field("stored", &self.stored)
             .finish()
     }
@@ -150,7 +154,8 @@ impl fmt::Debug for Settings {
 pub(crate) enum Call {
     /// A call the layer takes as unary: protected, answered in gRPC.
     Unary,
-    /// A call of a streaming method the application named: it passes through untouched.
+    /// A call of a streaming method the application named, or of a method left out of the
+    /// protected ones it named: it passes through untouched.
     Streaming,
     /// A gRPC-Web call: it passes through untouched.
     Web,
@@ -200,11 +205,12 @@ pub(crate) fn classify(
     if !is_grpc(headers) {
         return None;
     }
-    if settings
-        .streaming
-        .iter()
-        .any(|streaming| paths.contains(&&**streaming))
-    {
+    let named = |methods: &[Box<str>]| methods.iter().any(|m| paths.contains(&&**m));
+    let unlisted = settings
+        .protected
+        .as_ref()
+        .is_some_and(|protected| !named(protected));
+    if unlisted || named(&settings.streaming) {
         Some(Call::Streaming)
     } else {
         Some(Call::Unary)
@@ -373,6 +379,26 @@ mod tests {
                 classify(&method, [path, path], headers, &settings),
                 call,
                 "{method} {path}"
+            );
+        }
+        // With the protected methods named, every other call passes through; a streaming
+        // method named stays streaming.
+        let allowlist = Settings {
+            protected: Some(Arc::from([
+                Box::from("/pay.Payments/Charge"),
+                Box::from("/pay.Payments/Watch"),
+            ])),
+            ..settings.clone()
+        };
+        for (path, call) in [
+            ("/pay.Payments/Charge", Call::Unary),
+            ("/pay.Payments/Refund", Call::Streaming),
+            ("/pay.Payments/Watch", Call::Streaming),
+        ] {
+            assert_eq!(
+                classify(&Method::POST, [path, path], &grpc, &allowlist),
+                Some(call),
+                "{path}"
             );
         }
         // Behind a router that strips a prefix, the method is named by the path the client

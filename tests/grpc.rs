@@ -1232,3 +1232,42 @@ async fn a_refusal_of_an_http2_call_carries_no_connection_header() {
         }
     }
 }
+
+/// With the protected methods named, a call of any other method passes through: a
+/// bidirectional one left out of the streaming methods is answered while its request
+/// stream is open, and a named one is still protected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_protected_methods_named_every_other_call_passes_through() {
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_grpc_protected_methods([CHARGE]);
+    let served = serve(layer, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut request = Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("idempotency-key", MetadataValue::from_static("watch"));
+    tx.send(charge(1)).await.expect("send");
+    client.0.ready().await.expect("ready");
+    let codec = ProstCodec::<ChargeRequest, Charge>::default();
+    let call = client
+        .0
+        .streaming(request, PathAndQuery::from_static(WATCH), codec);
+    let response = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the stream was held back: taken as unary")
+        .expect("a stream");
+    let mut stream = response.into_inner();
+    let echo = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the first message was held back");
+    assert_eq!(echo.expect("a message").expect("ok").amount, 1);
+    drop(tx);
+    for replayed_now in [false, true] {
+        let answer = client
+            .charge(Some("listed"), charge(5))
+            .await
+            .expect("charged");
+        assert_eq!(replayed(answer.metadata()), replayed_now);
+    }
+    assert_eq!(served.calls(), 2, "one watch, one charge");
+}
