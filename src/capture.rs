@@ -354,7 +354,8 @@ enum Rest {
     Ended,
     /// The body failed.
     Failed(BoxError),
-    /// The body had not ended when its client had been gone (or silent) for the bound.
+    /// The body had not ended when its client had been gone (or had taken nothing) for the
+    /// bound.
     CutShort,
 }
 
@@ -398,42 +399,39 @@ where
             Captured::OverLimit(frame) if of.rpc.is_grpc() => {
                 // A gRPC call's status comes in its trailers, after the data: the key is held
                 // (the lease kept alive) until they say whether the answer is kept.
-                match lease.keep_alive(self.forward_to_trailers(frame)).await {
-                    Rest::Trailers(trailers)
-                        if grpc::kept(&of.headers, 1, Some(&trailers), &of.grpc) =>
-                    {
-                        let record = Record::not_replayable(of.fingerprint, of.status);
-                        let _ = lease.complete(record, of.ttl).await;
-                        self.end_with(trailers).await;
-                    }
-                    Rest::Trailers(trailers) => {
-                        tracing::debug!(
-                            "a gRPC answer over the capture limit ended with a status not \
-                             kept; key released"
-                        );
-                        let _ = lease.release(RecordResult::Predicate).await;
-                        self.end_with(trailers).await;
-                    }
-                    Rest::Ended => {
-                        tracing::debug!(
-                            "a gRPC answer over the capture limit had no status; key released"
-                        );
-                        let _ = lease.release(RecordResult::Predicate).await;
-                        self.tx.end();
-                    }
-                    Rest::Failed(error) => {
-                        let _ = lease.release(RecordResult::BodyError).await;
-                        self.tx.fail(error);
-                    }
-                    Rest::CutShort => {
-                        drop(self);
-                        tracing::warn!(
-                            "the client of a gRPC answer over the capture limit left (or read \
-                             nothing) and its body did not end in time; its status is unknown: \
-                             key released"
-                        );
-                        let _ = lease.release(RecordResult::BodyError).await;
-                    }
+                let (rest, whole) = lease.keep_alive(self.forward_to_trailers(frame)).await;
+                if let Rest::CutShort = rest {
+                    // The handler's body first: its stream stops now.
+                    drop(self);
+                    tracing::warn!(
+                        "the client of a gRPC answer over the capture limit left, or took \
+                         nothing, and its body did not end in time; its status is unknown: \
+                         key released"
+                    );
+                    let _ = lease.release(RecordResult::BodyError).await;
+                    return;
+                }
+                let kept = matches!(&rest, Rest::Trailers(trailers)
+                    if grpc::kept(&of.headers, 1, Some(trailers), &of.grpc));
+                if kept {
+                    let record = Record::not_replayable(of.fingerprint, of.status);
+                    let _ = lease.complete(record, of.ttl).await;
+                } else if let Rest::Failed(_) = rest {
+                    let _ = lease.release(RecordResult::BodyError).await;
+                } else {
+                    tracing::debug!(
+                        "a gRPC answer over the capture limit ended with no status, or one not \
+                         kept; key released"
+                    );
+                    let _ = lease.release(RecordResult::Predicate).await;
+                }
+                match rest {
+                    Rest::Trailers(trailers) if whole => self.end_with(trailers).await,
+                    Rest::Ended if whole => self.tx.end(),
+                    Rest::Failed(error) => self.tx.fail(error),
+                    // Frames the client did not take were dropped: its body must end in an
+                    // error, never look whole.
+                    _ => drop(self),
                 }
             }
             Captured::OverLimit(frame) => {
@@ -587,9 +585,10 @@ where
 
     /// Forwards the rest of a gRPC body past the capture limit (from `first`) at the
     /// client's pace, up to its trailers (returned, not sent: they follow the decision
-    /// they carry). Once the client is gone, or has taken nothing for `after_client`, the
-    /// body is read on without forwarding, for `after_client` at most.
-    async fn forward_to_trailers(&mut self, first: Option<Frame<Bytes>>) -> Rest {
+    /// they carry), and tells whether the client was given every frame. Once the client is
+    /// gone, or has taken nothing for `after_client`, the body is read on without
+    /// forwarding, for `after_client` at most.
+    async fn forward_to_trailers(&mut self, first: Option<Frame<Bytes>>) -> (Rest, bool) {
         let Self {
             body,
             tx,
@@ -597,41 +596,53 @@ where
             ..
         } = self;
         let after_client = *after_client;
+        let cut_short = async {
+            tx.gone().await;
+            tokio::time::sleep(after_client).await;
+        };
+        let mut cut_short = std::pin::pin!(cut_short);
         let mut pending = first;
-        let mut forwarding = true;
-        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut whole = true;
+        let mut stalled: Option<tokio::time::Instant> = None;
         let mut frames: u32 = 0;
         loop {
             if let Some(frame) = pending.take() {
                 match frame.into_trailers() {
-                    Ok(trailers) => return Rest::Trailers(trailers),
-                    Err(frame) if forwarding => {
-                        let sent = tokio::time::timeout(after_client, tx.send(frame)).await;
-                        if sent != Ok(true) {
-                            forwarding = false;
+                    Ok(trailers) => return (Rest::Trailers(trailers), whole),
+                    Err(frame) if whole => {
+                        match tokio::time::timeout(after_client, tx.send(frame)).await {
+                            Ok(true) => {}
+                            // Gone: `cut_short` bounds the rest.
+                            Ok(false) => whole = false,
+                            Err(_elapsed) => {
+                                whole = false;
+                                stalled = Some(tokio::time::Instant::now() + after_client);
+                            }
                         }
                     }
                     Err(_) => {}
                 }
-            }
-            if !forwarding && deadline.is_none() {
-                deadline = Some(tokio::time::Instant::now() + after_client);
             }
             frames = frames.wrapping_add(1);
             if frames.is_multiple_of(YIELD_EVERY) {
                 tokio::task::yield_now().await;
             }
             let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx).map_err(Into::into));
-            let next = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
-                    Ok(next) => next,
-                    Err(_elapsed) => return Rest::CutShort,
-                },
-                None => next.await,
+            let stall = async {
+                match stalled {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                biased;
+                () = &mut cut_short => return (Rest::CutShort, false),
+                () = stall => return (Rest::CutShort, false),
+                next = next => next,
             };
             match next {
-                None => return Rest::Ended,
-                Some(Err(error)) => return Rest::Failed(error),
+                None => return (Rest::Ended, whole),
+                Some(Err(error)) => return (Rest::Failed(error), whole),
                 Some(Ok(frame)) => pending = Some(frame),
             }
         }

@@ -59,6 +59,8 @@ const WATCH: &str = "/payments.v1.Payments/Watch";
 const SPLIT: &str = "/payments.v1.Payments/Split";
 /// `Split`, its stream ending in `UNAVAILABLE` after its three charges.
 const SPLIT_FAILS: &str = "/payments.v1.Payments/SplitFails";
+/// `Split`, its stream never ending after its three charges.
+const SPLIT_HANGS: &str = "/payments.v1.Payments/SplitHangs";
 /// Answers in whatever shape the request's metadata asks, below tonic (which never writes a
 /// status in the head beside data): `x-head-status` puts a `grpc-status` in the head, and
 /// `x-trailer-status` one in the trailers, around one message. Its body is never read.
@@ -135,8 +137,9 @@ impl tower::Service<http::Request<Body>> for Payments {
                     tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
                 Ok(grpc.streaming(Echo(this), request).await)
             }),
-            SPLIT | SPLIT_FAILS => Box::pin(async move {
+            SPLIT | SPLIT_FAILS | SPLIT_HANGS => Box::pin(async move {
                 let fails = request.uri().path() == SPLIT_FAILS;
+                let hangs = request.uri().path() == SPLIT_HANGS;
                 let mut grpc =
                     tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
                 let method = tower::service_fn(move |request: Request<ChargeRequest>| {
@@ -156,6 +159,10 @@ impl tower::Service<http::Request<Body>> for Payments {
                         }
                         if fails {
                             let _ = tx.send(Err(Status::unavailable("ledger down"))).await;
+                        }
+                        if hangs {
+                            // The stream stays open until its reader is dropped.
+                            tx.closed().await;
                         }
                     });
                     let stream: ChargeStream = Box::pin(ReceiverStream::new(rx));
@@ -1270,4 +1277,42 @@ async fn with_the_protected_methods_named_every_other_call_passes_through() {
         assert_eq!(replayed(answer.metadata()), replayed_now);
     }
     assert_eq!(served.calls(), 2, "one watch, one charge");
+}
+
+/// A gRPC stream whose client left and that did not end in time has no status: its key is
+/// released (the retry runs again), within the capture limit or past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_short_after_its_client_left_releases_its_key() {
+    for limit in [1024 * 1024, 8] {
+        let layer = IdempotencyLayer::new(MemoryStore::default())
+            .with_response_body_limit(limit)
+            .with_capture_after_disconnect(Duration::from_millis(100));
+        let served = serve(layer, Duration::ZERO).await;
+        for attempt in 1..=2 {
+            let mut client = served.client().await;
+            let mut request = Request::new(charge(900));
+            request
+                .metadata_mut()
+                .insert("idempotency-key", MetadataValue::from_static("hangs"));
+            client.0.ready().await.expect("ready");
+            let codec = ProstCodec::<ChargeRequest, Charge>::default();
+            let response = client
+                .0
+                .server_streaming(request, PathAndQuery::from_static(SPLIT_HANGS), codec)
+                .await
+                .expect("a stream");
+            let mut stream = response.into_inner();
+            let first = stream.message().await.expect("a message");
+            assert!(first.is_some(), "limit {limit}");
+            assert_eq!(
+                served.calls(),
+                attempt,
+                "limit {limit}: the retry runs again"
+            );
+            drop(stream);
+            drop(client);
+            // The bound after the client left, and the release.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
 }
