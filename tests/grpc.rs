@@ -1,5 +1,6 @@
 //! gRPC behind the layer (issue 19): a real tonic server over HTTP/2 on loopback, the layer
-//! in front of it, and a tonic client, on `MemoryStore` and `RedisStore`.
+//! in front of it, and a tonic client, on `MemoryStore` and `RedisStore`; raw HTTP/2 calls
+//! over tonic's `Channel` for the shapes tonic's client never sends.
 //!
 //! The messages are written with `prost` derives (no `protoc`); the service is written by
 //! hand on `tonic::server::Grpc`, as tonic-build would generate it.
