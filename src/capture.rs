@@ -7,6 +7,10 @@
 //! follows at the client's pace. A streamed response ends only once its record is stored, so
 //! a client that has the whole response and retries at once is replayed.
 //!
+//! A gRPC call is kept by the status in its trailers, which come last: past the limit its
+//! key is held (the rest forwarded at the client's pace) until they say whether it is spent
+//! or released; a gRPC body cut short has no status and releases its key.
+//!
 //! A capture outlives its client for a bounded time only
 //! ([`with_capture_after_disconnect`](crate::IdempotencyLayer::with_capture_after_disconnect)):
 //! a body that has not ended by then (an event stream that never ends) is dropped, and its key
@@ -214,7 +218,7 @@ fn kept(
 ) -> bool {
     match rpc {
         Rpc::Call(Some(_)) => jsonrpc::answers(headers, body, json_rpc.store_errors),
-        Rpc::Grpc => grpc::kept(headers, trailers, grpc),
+        Rpc::Grpc => grpc::kept(headers, body.len(), trailers, grpc),
         Rpc::Call(None) | Rpc::Batch | Rpc::Plain => true,
     }
 }
@@ -342,6 +346,19 @@ enum Captured {
     Failed(BoxError),
 }
 
+/// How forwarding a gRPC body past the capture limit ended.
+enum Rest {
+    /// With these trailers, which carry the call's status.
+    Trailers(HeaderMap),
+    /// With no trailers: no status.
+    Ended,
+    /// The body failed.
+    Failed(BoxError),
+    /// The body had not ended when its client had been gone (or had taken nothing) for the
+    /// bound.
+    CutShort,
+}
+
 /// A task reading a body that is always ready (countless frames, none pending) lets others
 /// run after this many frames.
 const YIELD_EVERY: u32 = 64;
@@ -379,11 +396,58 @@ where
                 let _ = lease.complete(record, of.ttl).await;
                 self.tx.end();
             }
+            Captured::OverLimit(frame) if of.rpc.is_grpc() => {
+                // A gRPC call's status comes in its trailers, after the data: the key is held
+                // (the lease kept alive) until they say whether the answer is kept.
+                let (rest, whole) = lease.keep_alive(self.forward_to_trailers(frame)).await;
+                if let Rest::CutShort = rest {
+                    // The handler's body first: its stream stops now.
+                    drop(self);
+                    tracing::warn!(
+                        "the client of a gRPC answer over the capture limit left, or took \
+                         nothing, and its body did not end in time; its status is unknown: \
+                         key released"
+                    );
+                    let _ = lease.release(RecordResult::BodyError).await;
+                    return;
+                }
+                let kept = matches!(&rest, Rest::Trailers(trailers)
+                    if grpc::kept(&of.headers, 1, Some(trailers), &of.grpc));
+                if kept {
+                    let record = Record::not_replayable(of.fingerprint, of.status);
+                    let _ = lease.complete(record, of.ttl).await;
+                } else if let Rest::Failed(_) = rest {
+                    let _ = lease.release(RecordResult::BodyError).await;
+                } else {
+                    tracing::debug!(
+                        "a gRPC answer over the capture limit ended with no status, or one not \
+                         kept; key released"
+                    );
+                    let _ = lease.release(RecordResult::Predicate).await;
+                }
+                match rest {
+                    Rest::Trailers(trailers) if whole => self.end_with(trailers).await,
+                    Rest::Ended if whole => self.tx.end(),
+                    Rest::Failed(error) => self.tx.fail(error),
+                    // Frames the client did not take were dropped: its body must end in an
+                    // error, never look whole.
+                    _ => drop(self),
+                }
+            }
             Captured::OverLimit(frame) => {
                 // The key is spent whatever the rest of the body does: the handler ran.
                 let record = Record::not_replayable(of.fingerprint, of.status);
                 let _ = lease.complete(record, of.ttl).await;
                 self.forward_rest(frame).await;
+            }
+            Captured::CutShort if of.rpc.is_grpc() => {
+                drop(self);
+                // No status: as a gRPC answer cut short in any other way, never kept.
+                tracing::warn!(
+                    "the client of a streamed gRPC answer left and its body did not end in \
+                     time; its status is unknown: the body is dropped and the key released"
+                );
+                let _ = lease.release(RecordResult::BodyError).await;
             }
             Captured::CutShort => {
                 let after = self.after_client;
@@ -516,6 +580,78 @@ where
                     }
                 }
             }
+        }
+    }
+
+    /// Forwards the rest of a gRPC body past the capture limit (from `first`) at the
+    /// client's pace, up to its trailers (returned, not sent: they follow the decision
+    /// they carry), and tells whether the client was given every frame. Once the client is
+    /// gone, or has taken nothing for `after_client`, the body is read on without
+    /// forwarding, for `after_client` at most.
+    async fn forward_to_trailers(&mut self, first: Option<Frame<Bytes>>) -> (Rest, bool) {
+        let Self {
+            body,
+            tx,
+            after_client,
+            ..
+        } = self;
+        let after_client = *after_client;
+        let cut_short = async {
+            tx.gone().await;
+            tokio::time::sleep(after_client).await;
+        };
+        let mut cut_short = std::pin::pin!(cut_short);
+        let mut pending = first;
+        let mut whole = true;
+        let mut stalled: Option<tokio::time::Instant> = None;
+        let mut frames: u32 = 0;
+        loop {
+            if let Some(frame) = pending.take() {
+                match frame.into_trailers() {
+                    Ok(trailers) => return (Rest::Trailers(trailers), whole),
+                    Err(frame) if whole => {
+                        match tokio::time::timeout(after_client, tx.send(frame)).await {
+                            Ok(true) => {}
+                            // Gone: `cut_short` bounds the rest.
+                            Ok(false) => whole = false,
+                            Err(_elapsed) => {
+                                whole = false;
+                                stalled = Some(tokio::time::Instant::now() + after_client);
+                            }
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            frames = frames.wrapping_add(1);
+            if frames.is_multiple_of(YIELD_EVERY) {
+                tokio::task::yield_now().await;
+            }
+            let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx).map_err(Into::into));
+            let stall = async {
+                match stalled {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                biased;
+                () = &mut cut_short => return (Rest::CutShort, false),
+                () = stall => return (Rest::CutShort, false),
+                next = next => next,
+            };
+            match next {
+                None => return (Rest::Ended, whole),
+                Some(Err(error)) => return (Rest::Failed(error), whole),
+                Some(Ok(frame)) => pending = Some(frame),
+            }
+        }
+    }
+
+    /// Ends the client's body with `trailers`, once it has taken what came before them.
+    async fn end_with(self, trailers: HeaderMap) {
+        if self.tx.send(Frame::trailers(trailers)).await {
+            self.tx.end();
         }
     }
 

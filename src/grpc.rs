@@ -4,8 +4,10 @@
 //! are [`problem::grpc`](crate::problem).)
 //!
 //! A gRPC call is a `POST` whose `content-type` is `application/grpc` (or
-//! `application/grpc+proto`, `application/grpc;…`); gRPC-Web (`application/grpc-web`) frames
-//! its trailers into the body and is a plain HTTP request here. The layer cannot see the
+//! `application/grpc+proto`, `application/grpc;…`). gRPC-Web (`application/grpc-web…`)
+//! frames its status into the body and its clients read neither a problem nor a
+//! Trailers-Only head: it passes through untouched (the layer belongs inside tonic-web's
+//! `GrpcWebLayer`, which turns such calls into gRPC ones). The layer cannot see the
 //! service's proto, so it cannot tell a unary method from a streaming one: every call is
 //! taken as unary unless its path is one of the streaming methods the application names
 //! ([`with_grpc_streaming_methods`](crate::IdempotencyLayer::with_grpc_streaming_methods)),
@@ -121,6 +123,8 @@ impl GrpcCode {
 pub(crate) struct Settings {
     /// The paths (`/package.Service/Method`) of streaming methods: they pass through.
     pub(crate) streaming: Arc<[Box<str>]>,
+    /// When set, the only methods protected: every other call passes through.
+    pub(crate) protected: Option<Arc<[Box<str>]>>,
     /// The codes whose answers are kept for replay.
     pub(crate) stored: Arc<[GrpcCode]>,
 }
@@ -129,6 +133,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             streaming: Arc::new([]),
+            protected: None,
             stored: Arc::new([GrpcCode::Ok]),
         }
     }
@@ -138,6 +143,7 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Grpc")
             .field("streaming", &self.streaming)
+            .field("protected", &self.protected)
             .field("stored", &self.stored)
             .finish()
     }
@@ -148,61 +154,98 @@ impl fmt::Debug for Settings {
 pub(crate) enum Call {
     /// A call the layer takes as unary: protected, answered in gRPC.
     Unary,
-    /// A call of a streaming method the application named: it passes through untouched.
+    /// A call of a streaming method the application named, or of a method left out of the
+    /// protected ones it named: it passes through untouched.
     Streaming,
+    /// A gRPC-Web call: it passes through untouched.
+    Web,
 }
 
-/// Whether `headers` say the request is gRPC over HTTP/2: `content-type: application/grpc`,
-/// alone or with a `+format` or parameters (never `application/grpc-web`).
+/// Whether `headers` say the request is gRPC: `content-type: application/grpc`, alone or
+/// with a `+format` or parameters (never `application/grpc-web`).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
+    content_type_is(headers, b"application/grpc")
+}
+
+/// Whether `headers` say the request is gRPC-Web: `content-type: application/grpc-web` or
+/// `application/grpc-web-text`, alone or with a `+format` or parameters.
+fn is_grpc_web(headers: &HeaderMap) -> bool {
+    content_type_is(headers, b"application/grpc-web")
+        || content_type_is(headers, b"application/grpc-web-text")
+}
+
+/// Whether the `content-type` of `headers` is `essence`, alone or followed by a `+format` or
+/// parameters (ASCII case ignored).
+fn content_type_is(headers: &HeaderMap, essence: &[u8]) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .map(|value| value.as_bytes())
         .is_some_and(|value| {
-            value.len() >= GRPC.len()
-                && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
-                && matches!(value.get(GRPC.len()), None | Some(b'+' | b';'))
+            value.len() >= essence.len()
+                && value[..essence.len()].eq_ignore_ascii_case(essence)
+                && matches!(value.get(essence.len()), None | Some(b'+' | b';'))
         })
 }
 
-/// What a request with `method`, `path` and `headers` is to gRPC; `None` when it is not a
-/// gRPC call.
+/// What a request with `method`, `paths` and `headers` is to gRPC; `None` when it is not a
+/// gRPC call. `paths` are the path the client sent and the one the layer sees (a router's
+/// `nest` strips a prefix from it): a streaming method is named by either.
 pub(crate) fn classify(
     method: &Method,
-    path: &str,
+    paths: [&str; 2],
     headers: &HeaderMap,
     settings: &Settings,
 ) -> Option<Call> {
-    if method != Method::POST || !is_grpc(headers) {
+    if method != Method::POST {
         return None;
     }
-    if settings
-        .streaming
-        .iter()
-        .any(|streaming| **streaming == *path)
-    {
+    if is_grpc_web(headers) {
+        return Some(Call::Web);
+    }
+    if !is_grpc(headers) {
+        return None;
+    }
+    let named = |methods: &[Box<str>]| methods.iter().any(|m| paths.contains(&&**m));
+    let unlisted = settings
+        .protected
+        .as_ref()
+        .is_some_and(|protected| !named(protected));
+    if unlisted || named(&settings.streaming) {
         Some(Call::Streaming)
     } else {
         Some(Call::Unary)
     }
 }
 
-/// The status of a gRPC response: `grpc-status` in its trailers, else in its headers (a
-/// Trailers-Only response). `None` when neither holds one, or it is not a code: an answer
-/// cut short or malformed, never kept.
-pub(crate) fn status(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<GrpcCode> {
-    let value = match trailers.and_then(|trailers| trailers.get(GRPC_STATUS)) {
-        Some(value) => value,
-        None => headers.get(GRPC_STATUS)?,
+/// The status of a gRPC response with `headers`, a body of `body_len` bytes and `trailers`:
+/// `grpc-status` in its headers only for a Trailers-Only response (no data, no trailers),
+/// else in its trailers alone. `None` when the place the protocol puts it holds none, or a
+/// value that is not a code, or when the headers hold one beside data or trailers (a
+/// malformed answer that clients read differently: tonic acts on the head's status): an
+/// answer cut short or malformed, never kept.
+pub(crate) fn status(
+    headers: &HeaderMap,
+    body_len: usize,
+    trailers: Option<&HeaderMap>,
+) -> Option<GrpcCode> {
+    let value = match trailers {
+        None if body_len == 0 => headers.get(GRPC_STATUS)?,
+        _ if headers.contains_key(GRPC_STATUS) => return None,
+        None => return None,
+        Some(trailers) => trailers.get(GRPC_STATUS)?,
     };
     GrpcCode::parse(value.as_bytes())
 }
 
-/// Whether a gRPC response with `headers` and `trailers` is kept for replay: its status is
-/// one of the stored codes.
-pub(crate) fn kept(headers: &HeaderMap, trailers: Option<&HeaderMap>, settings: &Settings) -> bool {
-    status(headers, trailers).is_some_and(|code| settings.stored.contains(&code))
+/// Whether a gRPC response with `headers`, a body of `body_len` bytes and `trailers` is kept
+/// for replay: its [`status`] is one of the stored codes.
+pub(crate) fn kept(
+    headers: &HeaderMap,
+    body_len: usize,
+    trailers: Option<&HeaderMap>,
+    settings: &Settings,
+) -> bool {
+    status(headers, body_len, trailers).is_some_and(|code| settings.stored.contains(&code))
 }
 
 /// The message of a unary call's body: one length-prefixed message (a compressed flag of 0,
@@ -300,6 +343,8 @@ mod tests {
         };
         let grpc = content_type("application/grpc");
         let json = content_type("application/json");
+        let web = content_type("application/grpc-web+proto");
+        let web_text = content_type("application/grpc-web-text");
         for (method, path, headers, call) in [
             (
                 Method::POST,
@@ -321,11 +366,51 @@ mod tests {
             ),
             (Method::GET, "/pay.Payments/Charge", &grpc, None),
             (Method::POST, "/pay.Payments/Charge", &json, None),
+            (Method::POST, "/pay.Payments/Charge", &web, Some(Call::Web)),
+            (
+                Method::POST,
+                "/pay.Payments/Charge",
+                &web_text,
+                Some(Call::Web),
+            ),
+            (Method::GET, "/pay.Payments/Charge", &web, None),
         ] {
             assert_eq!(
-                classify(&method, path, headers, &settings),
+                classify(&method, [path, path], headers, &settings),
                 call,
                 "{method} {path}"
+            );
+        }
+        // With the protected methods named, every other call passes through; a streaming
+        // method named stays streaming.
+        let allowlist = Settings {
+            protected: Some(Arc::from([
+                Box::from("/pay.Payments/Charge"),
+                Box::from("/pay.Payments/Watch"),
+            ])),
+            ..settings.clone()
+        };
+        for (path, call) in [
+            ("/pay.Payments/Charge", Call::Unary),
+            ("/pay.Payments/Refund", Call::Streaming),
+            ("/pay.Payments/Watch", Call::Streaming),
+        ] {
+            assert_eq!(
+                classify(&Method::POST, [path, path], &grpc, &allowlist),
+                Some(call),
+                "{path}"
+            );
+        }
+        // Behind a router that strips a prefix, the method is named by the path the client
+        // sent, or by the one the layer sees.
+        for paths in [
+            ["/pay.Payments/Watch", "/Watch"],
+            ["/grpc/pay.Payments/Watch", "/pay.Payments/Watch"],
+        ] {
+            assert_eq!(
+                classify(&Method::POST, paths, &grpc, &settings),
+                Some(Call::Streaming),
+                "{paths:?}"
             );
         }
     }
@@ -363,19 +448,29 @@ mod tests {
             map
         };
         let none = HeaderMap::new();
-        for (headers, trailers, status) in [
-            (&none, Some(with("0")), Some(GrpcCode::Ok)),
-            (&none, Some(with("6")), Some(GrpcCode::AlreadyExists)),
-            // Trailers-Only: the status is in the head, there are no trailers.
-            (&with("3"), None, Some(GrpcCode::InvalidArgument)),
-            // The trailers are the call's last word.
-            (&with("0"), Some(with("13")), Some(GrpcCode::Internal)),
-            (&with("0"), Some(HeaderMap::new()), Some(GrpcCode::Ok)),
-            (&none, None, None),
-            (&none, Some(HeaderMap::new()), None),
-            (&none, Some(with("ok")), None),
+        for (headers, body_len, trailers, status) in [
+            (&none, 7, Some(with("0")), Some(GrpcCode::Ok)),
+            (&none, 0, Some(with("6")), Some(GrpcCode::AlreadyExists)),
+            // Trailers-Only: the status is in the head, there is no data and no trailers.
+            (&with("3"), 0, None, Some(GrpcCode::InvalidArgument)),
+            (&with("0"), 0, None, Some(GrpcCode::Ok)),
+            // A status in the head beside data or trailers is malformed: a client may act on
+            // either, so the answer is never kept.
+            (&with("0"), 0, Some(with("13")), None),
+            (&with("13"), 7, Some(with("0")), None),
+            (&with("0"), 0, Some(HeaderMap::new()), None),
+            (&with("0"), 7, None, None),
+            // Data and no trailers: the call was cut short.
+            (&none, 7, None, None),
+            (&none, 0, None, None),
+            (&none, 7, Some(HeaderMap::new()), None),
+            (&none, 7, Some(with("ok")), None),
         ] {
-            assert_eq!(super::status(headers, trailers.as_ref()), status);
+            assert_eq!(
+                super::status(headers, body_len, trailers.as_ref()),
+                status,
+                "{headers:?} {body_len} {trailers:?}"
+            );
         }
     }
 
@@ -400,15 +495,19 @@ mod tests {
             ("13", false, false),
         ] {
             let trailers = trailers(code);
-            assert_eq!(kept(&head, Some(&trailers), &default), by_default, "{code}");
             assert_eq!(
-                kept(&head, Some(&trailers), &also_exists),
+                kept(&head, 5, Some(&trailers), &default),
+                by_default,
+                "{code}"
+            );
+            assert_eq!(
+                kept(&head, 5, Some(&trailers), &also_exists),
                 with_exists,
                 "{code}"
             );
         }
         assert!(
-            !kept(&head, None, &default),
+            !kept(&head, 5, None, &default),
             "no status: an answer cut short"
         );
     }

@@ -12,6 +12,7 @@ use http::{Extensions, HeaderMap, request::Parts};
 use crate::{
     config::{Config, MissingKey},
     fingerprint::Fingerprint,
+    grpc,
     jsonrpc::Rpc,
     key::{Delivery, Found, IdempotencyKey, KeyRef, StorageKey},
     problem::Problem,
@@ -65,6 +66,9 @@ pub(crate) enum Keying {
     PassThrough,
     /// No key, and nothing to scope a derived one by ([`Head::Unscoped`]).
     Unscoped,
+    /// A gRPC call whose key was to come from its request message, which is not one
+    /// uncompressed message: it passes through unprotected, counted.
+    GrpcUndecoded,
 }
 
 /// Reads the plan off the request head (`rpc`: what it is to gRPC, as far as the head tells).
@@ -133,9 +137,22 @@ pub(crate) fn after_body(
         KeyPlan::FromBody => {
             let source = config.key_source.as_ref();
             let found = source.map(|source| source.find(parts, body)).transpose();
-            found
+            let found = found
                 .map_err(|error| Problem::invalid_key(&error))?
-                .flatten()
+                .flatten();
+            // A key source over the message finds nothing in a compressed one: that is no
+            // call without a key, and it is told apart (counted, or refused as such).
+            if found.is_none() && rpc.is_grpc() && grpc::grpc_message(body).is_none() {
+                return match config.missing_key {
+                    MissingKey::Required => {
+                        Err(Problem::grpc_message_unreadable(&config.header_name))
+                    }
+                    MissingKey::PassThrough | MissingKey::Fingerprint(_) => {
+                        Ok(Keying::GrpcUndecoded)
+                    }
+                };
+            }
+            found
         }
     };
     let Some(Found { key, delivery }) = found else {

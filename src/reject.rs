@@ -1,7 +1,7 @@
 //! The responses the layer makes itself.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, header};
+use http::{HeaderValue, Response, Version, header};
 
 use crate::{body::ResponseBody, config::Config, jsonrpc::Rpc, observe::Outcome, problem::Problem};
 
@@ -20,11 +20,15 @@ pub(crate) fn reject<B>(
         .map(|body| ResponseBody::full(body, None))
 }
 
-/// Tells the client (and hyper) that this connection ends with this response.
-pub(crate) fn close_connection<B>(mut response: Response<B>) -> Response<B> {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+/// Tells the client (and hyper) that this HTTP/1 connection ends with this response. A
+/// request of `version` HTTP/2 or later (every gRPC call) is left as it is: `connection` is
+/// not allowed there (hyper strips it with a warning), and its unread stream is reset alone.
+pub(crate) fn close_connection<B>(mut response: Response<B>, version: Version) -> Response<B> {
+    if version <= Version::HTTP_11 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 

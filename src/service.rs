@@ -29,6 +29,7 @@ use crate::{
     future::{Flow, ResponseFuture},
     grpc::{self, Call},
     jsonrpc::Rpc,
+    key::sent_path,
     observe::Outcome,
     plan::{self, Head},
     problem::Problem,
@@ -101,13 +102,16 @@ where
         if !config.protects(request.method()) {
             return ResponseFuture::pass_through(self.inner.call(request.map(RequestBody::new)));
         }
-        let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
-        let rpc = match grpc::classify(method, path, headers, &config.grpc) {
+        let (method, headers) = (request.method(), request.headers());
+        let sent = sent_path(request.extensions(), request.uri());
+        let paths = [sent, request.uri().path()];
+        let rpc = match grpc::classify(method, paths, headers, &config.grpc) {
             None => Rpc::Plain,
             Some(Call::Unary) => Rpc::Grpc,
             // The layer cannot hold a stream's messages back: reading the request to its end
-            // would wait on a client that waits for an answer.
-            Some(Call::Streaming) => {
+            // would wait on a client that waits for an answer. A gRPC-Web client reads its
+            // status from the body, where the layer can neither find nor write one.
+            Some(Call::Streaming | Call::Web) => {
                 return ResponseFuture::pass_through(
                     self.inner.call(request.map(RequestBody::new)),
                 );
@@ -160,6 +164,7 @@ where
         return ResponseFuture::ready(reject(config, &problem, &rpc));
     }
     let config = Arc::clone(config);
+    let version = request.version();
     let drain = async move {
         let (limit, mut read) = (config.request_body_limit, Chunks::default());
         let mut body = pin!(request.into_body());
@@ -168,7 +173,7 @@ where
         if drained.is_ok() {
             response
         } else {
-            close_connection(response)
+            close_connection(response, version)
         }
     };
     // Nothing to finish if the client leaves: the drain ends with it.

@@ -1,5 +1,6 @@
 //! gRPC behind the layer (issue 19): a real tonic server over HTTP/2 on loopback, the layer
-//! in front of it, and a tonic client, on `MemoryStore` and `RedisStore`.
+//! in front of it, and a tonic client, on `MemoryStore` and `RedisStore`; raw HTTP/2 calls
+//! over tonic's `Channel` for the shapes tonic's client never sends.
 //!
 //! The messages are written with `prost` derives (no `protoc`); the service is written by
 //! hand on `tonic::server::Grpc`, as tonic-build would generate it.
@@ -57,6 +58,14 @@ const CHARGE: &str = "/payments.v1.Payments/Charge";
 const PANICS: i64 = 13;
 const WATCH: &str = "/payments.v1.Payments/Watch";
 const SPLIT: &str = "/payments.v1.Payments/Split";
+/// `Split`, its stream ending in `UNAVAILABLE` after its three charges.
+const SPLIT_FAILS: &str = "/payments.v1.Payments/SplitFails";
+/// `Split`, its stream never ending after its three charges.
+const SPLIT_HANGS: &str = "/payments.v1.Payments/SplitHangs";
+/// Answers in whatever shape the request's metadata asks, below tonic (which never writes a
+/// status in the head beside data): `x-head-status` puts a `grpc-status` in the head, and
+/// `x-trailer-status` one in the trailers, around one message. Its body is never read.
+const RAW: &str = "/payments.v1.Payments/Raw";
 
 /// The payments service: `Charge` (unary) counts its executions, takes `delay`, refuses a
 /// non-positive amount with `INVALID_ARGUMENT`, and answers with trailing metadata of its
@@ -129,7 +138,9 @@ impl tower::Service<http::Request<Body>> for Payments {
                     tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
                 Ok(grpc.streaming(Echo(this), request).await)
             }),
-            SPLIT => Box::pin(async move {
+            SPLIT | SPLIT_FAILS | SPLIT_HANGS => Box::pin(async move {
+                let fails = request.uri().path() == SPLIT_FAILS;
+                let hangs = request.uri().path() == SPLIT_HANGS;
                 let mut grpc =
                     tonic::server::Grpc::new(ProstCodec::<Charge, ChargeRequest>::default());
                 let method = tower::service_fn(move |request: Request<ChargeRequest>| {
@@ -147,15 +158,61 @@ impl tower::Service<http::Request<Body>> for Payments {
                                 }))
                                 .await;
                         }
+                        if fails {
+                            let _ = tx.send(Err(Status::unavailable("ledger down"))).await;
+                        }
+                        if hangs {
+                            // The stream stays open until its reader is dropped.
+                            tx.closed().await;
+                        }
                     });
                     let stream: ChargeStream = Box::pin(ReceiverStream::new(rx));
                     async move { Ok::<_, Status>(Response::new(stream)) }
                 });
                 Ok(grpc.server_streaming(method, request).await)
             }),
+            RAW => Box::pin(async move {
+                let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                Ok(raw_answer(n, request.headers()))
+            }),
             _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
         }
     }
+}
+
+/// `Raw`'s answer to its execution `n`: one message, then trailers, `grpc-status` where
+/// `request` asks for it.
+fn raw_answer(n: usize, request: &HeaderMap) -> http::Response<Body> {
+    use prost::Message;
+
+    let message = Charge {
+        id: format!("ch_{n}"),
+        amount: 1,
+    }
+    .encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap_or(0).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-execution", n.into());
+    if let Some(status) = request.get("x-trailer-status") {
+        trailers.insert("grpc-status", status.clone());
+    }
+    let frames: Vec<Result<Frame<Bytes>, Status>> = vec![
+        Ok(Frame::data(Bytes::from(framed))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(tonic::codegen::tokio_stream::iter(frames));
+    let mut response = http::Response::new(Body::new(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    if let Some(status) = request.get("x-head-status") {
+        headers.insert("grpc-status", status.clone());
+    }
+    response
 }
 
 /// `Watch`: every request message is answered at once.
@@ -275,14 +332,54 @@ where
     }
 }
 
+/// `routes` served by tonic over HTTP/2 on a loopback port; `calls` counts their executions.
+async fn serve_routes(routes: axum::Router, calls: Arc<AtomicUsize>) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local address");
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .add_routes(tonic::service::Routes::from(routes))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+            let _ = stop.await;
+        });
+    tokio::spawn(server);
+    Served {
+        addr,
+        calls,
+        _shutdown: shutdown,
+    }
+}
+
 impl Served {
     async fn client(&self) -> Client {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
+        Client(tonic::client::Grpc::new(self.channel().await))
+    }
+
+    /// An HTTP/2 connection to the server, for requests tonic's client would not send.
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
             .expect("endpoint")
             .connect()
             .await
-            .expect("connect to the test server");
-        Client(tonic::client::Grpc::new(channel))
+            .expect("connect to the test server")
+    }
+
+    /// Sends `request` as it is over `channel` and reads the answer whole: its head, body
+    /// and trailers.
+    async fn raw(
+        channel: &Channel,
+        request: http::Request<Body>,
+    ) -> (http::response::Parts, Bytes, Option<HeaderMap>) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let response = channel.clone().oneshot(request).await.expect("an answer");
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.expect("a whole body");
+        let trailers = collected.trailers().cloned();
+        (parts, collected.to_bytes(), trailers)
     }
 
     fn calls(&self) -> usize {
@@ -863,4 +960,360 @@ async fn a_redis_outage_answers_unavailable_and_runs_nothing() {
         .expect_err("redis down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(served.calls(), 1, "fail-closed: nothing ran unprotected");
+}
+
+/// One length-prefixed message, its compressed flag `flag`.
+fn framed(flag: u8, message: &[u8]) -> Bytes {
+    let mut body = vec![flag];
+    body.extend_from_slice(&u32::try_from(message.len()).unwrap_or(0).to_be_bytes());
+    body.extend_from_slice(message);
+    Bytes::from(body)
+}
+
+/// A call to `path` as the bytes go: `content_type`, `metadata`, and `body`.
+fn raw_request(
+    path: &str,
+    content_type: &str,
+    metadata: &[(&str, &str)],
+    body: Body,
+) -> http::Request<Body> {
+    let mut request = http::Request::post(path)
+        .header("content-type", content_type)
+        .header("te", "trailers");
+    for (name, value) in metadata {
+        request = request.header(*name, *value);
+    }
+    request.body(body).expect("a request")
+}
+
+impl Client {
+    /// A server-streaming call to `path` under `key`: the charges received, and the code
+    /// the stream ended with; `Err` for a call refused before any message.
+    async fn split(
+        &mut self,
+        path: &'static str,
+        key: &str,
+    ) -> Result<(Vec<String>, Code), Status> {
+        let mut request = Request::new(charge(900));
+        let key = MetadataValue::try_from(key).expect("an ASCII key");
+        request.metadata_mut().insert("idempotency-key", key);
+        self.0.ready().await.expect("ready");
+        let codec = ProstCodec::<ChargeRequest, Charge>::default();
+        let response = self
+            .0
+            .server_streaming(request, PathAndQuery::from_static(path), codec)
+            .await?;
+        let mut stream = response.into_inner();
+        let mut ids = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(charge)) => ids.push(charge.id),
+                Ok(None) => return Ok((ids, Code::Ok)),
+                Err(status) => return Ok((ids, status.code())),
+            }
+        }
+    }
+}
+
+/// The gRPC protocol puts the status in the trailers, or in the head of a Trailers-Only
+/// answer (no data, no trailers). A head status beside data or trailers is malformed (tonic's
+/// client acts on the head): such an answer is never kept, whatever either status says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_in_the_head_beside_data_or_trailers_is_never_kept() {
+    let served = serve(
+        IdempotencyLayer::new(MemoryStore::default()),
+        Duration::ZERO,
+    )
+    .await;
+    let channel = served.channel().await;
+    for (key, head, trailer, executions) in [
+        ("status in the trailers alone", None, Some("0"), 1),
+        ("head OK, trailers without status", Some("0"), None, 2),
+        ("head INTERNAL, trailers OK", Some("13"), Some("0"), 2),
+        ("head OK, trailers INTERNAL", Some("0"), Some("13"), 2),
+    ] {
+        let before = served.calls();
+        let mut replays = Vec::new();
+        let key = key.replace([' ', ','], "-");
+        for _ in 0..2 {
+            let mut metadata = vec![("idempotency-key", key.as_str())];
+            metadata.extend(head.map(|status| ("x-head-status", status)));
+            metadata.extend(trailer.map(|status| ("x-trailer-status", status)));
+            let body = Body::new(http_body_util::Full::new(framed(0, b"")));
+            let request = raw_request(RAW, "application/grpc", &metadata, body);
+            let (parts, _, _) = Served::raw(&channel, request).await;
+            replays.push(parts.headers.contains_key("idempotent-replayed"));
+        }
+        assert_eq!(served.calls() - before, executions, "{key}");
+        assert_eq!(replays, [false, executions == 1], "{key}");
+    }
+}
+
+/// A server stream that ends in an error status after its messages is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ending_in_an_error_status_after_its_messages_is_not_kept() {
+    let served = serve(
+        IdempotencyLayer::new(MemoryStore::default()),
+        Duration::ZERO,
+    )
+    .await;
+    let mut client = served.client().await;
+    for attempt in 1..=2 {
+        let (ids, code) = client.split(SPLIT_FAILS, "fails").await.expect("a stream");
+        assert_eq!(ids, [1, 2, 3].map(|part| format!("ch_{attempt}_{part}")));
+        assert_eq!(code, Code::Unavailable);
+        assert_eq!(served.calls(), attempt, "the retry runs again");
+    }
+}
+
+/// Past the capture limit, a stream's key is kept or released by the status in its
+/// trailers, as within it: an error releases it (the retry runs again), `OK` spends it (not
+/// replayable: refused, never run twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_the_capture_limit_is_kept_by_its_final_status() {
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_response_body_limit(8);
+    let served = serve(layer, Duration::ZERO).await;
+    let mut client = served.client().await;
+    for attempt in 1..=2 {
+        let (ids, code) = client
+            .split(SPLIT_FAILS, "large-fails")
+            .await
+            .expect("a stream");
+        assert_eq!(ids.len(), 3, "the whole stream is delivered");
+        assert_eq!(code, Code::Unavailable);
+        assert_eq!(served.calls(), attempt, "an error releases the key");
+    }
+    let (ids, code) = client.split(SPLIT, "large-ok").await.expect("a stream");
+    assert_eq!((ids.len(), code), (3, Code::Ok));
+    let refused = client
+        .split(SPLIT, "large-ok")
+        .await
+        .expect_err("not replayable");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        served.calls(),
+        3,
+        "an OK stream too large to keep is not run again"
+    );
+}
+
+/// gRPC-Web carries its status in the body, where the layer can neither read nor write one:
+/// its calls pass through untouched, keyed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_calls_pass_through_untouched() {
+    let served = serve(
+        IdempotencyLayer::new(MemoryStore::default()),
+        Duration::ZERO,
+    )
+    .await;
+    let channel = served.channel().await;
+    let mut executions = 0;
+    for content_type in ["application/grpc-web+proto", "application/grpc-web-text"] {
+        for metadata in [
+            &[("idempotency-key", "web-1"), ("x-trailer-status", "0")][..],
+            &[("authorization", "Bearer alice"), ("x-trailer-status", "0")][..],
+        ] {
+            for _ in 0..2 {
+                let body = Body::new(http_body_util::Full::new(framed(0, b"")));
+                let request = raw_request(RAW, content_type, metadata, body);
+                let (parts, _, _) = Served::raw(&channel, request).await;
+                assert!(!parts.headers.contains_key("idempotent-replayed"));
+                executions += 1;
+                assert_eq!(served.calls(), executions, "{content_type} {metadata:?}");
+            }
+        }
+    }
+}
+
+/// A key source over the request message reads no compressed message: such a call is told
+/// apart from one without a key (refused as unreadable under `Required`, else it runs
+/// unprotected, counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_message_is_told_apart_from_a_call_without_a_key() {
+    use tower_idempotency::MissingKey;
+
+    let message_is_the_key =
+        || KeySource::grpc_message(|message| Some(String::from_utf8_lossy(message).into_owned()));
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_key_source(message_is_the_key())
+        .with_missing_key(MissingKey::Required);
+    let served = serve(layer, Duration::ZERO).await;
+    let channel = served.channel().await;
+    let call = |flag: u8| {
+        let body = Body::new(http_body_util::Full::new(framed(flag, b"req-1")));
+        raw_request(RAW, "application/grpc", &[("x-trailer-status", "0")], body)
+    };
+    for replayed in [false, true] {
+        let (parts, _, _) = Served::raw(&channel, call(0)).await;
+        assert_eq!(parts.headers.contains_key("idempotent-replayed"), replayed);
+    }
+    assert_eq!(served.calls(), 1, "an uncompressed message has its key");
+    let (parts, _, _) = Served::raw(&channel, call(1)).await;
+    assert_eq!(parts.headers["grpc-status"], "3", "{parts:?}");
+    let message = parts.headers["grpc-message"].to_str().expect("ASCII");
+    assert!(message.contains("compressed"), "{message}");
+    assert_eq!(served.calls(), 1);
+
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_key_source(message_is_the_key());
+    let served = serve(layer, Duration::ZERO).await;
+    let channel = served.channel().await;
+    for _ in 0..2 {
+        let (parts, _, _) = Served::raw(&channel, call(1)).await;
+        assert!(!parts.headers.contains_key("idempotent-replayed"));
+    }
+    assert_eq!(served.calls(), 2, "unprotected: no key to read");
+}
+
+/// Behind axum's `nest_service`, the layer sees the path without its prefix; a streaming
+/// method is named by the path its client sent, as its record is: its keyed call passes
+/// through while its request stream is still open.
+#[cfg(feature = "axum")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_method_behind_nest_is_named_by_the_path_the_client_sent() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let answer = tower::service_fn(
+        move |_request: http::Request<RequestBody<axum::body::Body>>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async {
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "0")
+                    .body(axum::body::Body::empty())
+                    .expect("a response");
+                Ok::<_, Infallible>(response)
+            }
+        },
+    );
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_grpc_streaming_methods([WATCH]);
+    let nested = ServiceBuilder::new().layer(layer).service(answer);
+    let routes = axum::Router::new().nest_service("/payments.v1.Payments", nested);
+    let served = serve_routes(routes, calls).await;
+    let channel = served.channel().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(1);
+    tx.send(Ok(Frame::data(framed(0, b""))))
+        .await
+        .expect("send");
+    let body = Body::new(http_body_util::StreamBody::new(ReceiverStream::new(rx)));
+    let request = raw_request(WATCH, "application/grpc", &[("idempotency-key", "w")], body);
+    let answer = tokio::time::timeout(Duration::from_secs(5), Served::raw(&channel, request))
+        .await
+        .expect("the call was held back: taken as unary");
+    assert_eq!(answer.0.headers["grpc-status"], "0");
+    assert_eq!(served.calls(), 1);
+    drop(tx);
+}
+
+/// HTTP/2 has no `connection` header (hyper strips it, with a warning): a refusal that
+/// leaves a request body unread closes an HTTP/1 connection only.
+#[tokio::test]
+async fn a_refusal_of_an_http2_call_carries_no_connection_header() {
+    use http_body_util::Full;
+    use tower::ServiceExt;
+
+    let handler = tower::service_fn(|_request: http::Request<RequestBody<Full<Bytes>>>| async {
+        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+    });
+    let service = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_request_body_limit(4))
+        .service(handler);
+    let too_long = "k".repeat(300);
+    for key in ["valid", too_long.as_str()] {
+        for (version, content_type, closes) in [
+            (http::Version::HTTP_2, "application/grpc", false),
+            (http::Version::HTTP_2, "application/json", false),
+            (http::Version::HTTP_11, "application/json", true),
+        ] {
+            let request = http::Request::post(CHARGE)
+                .version(version)
+                .header("content-type", content_type)
+                .header("idempotency-key", key)
+                .body(Full::new(Bytes::from(vec![0; 100])))
+                .expect("a request");
+            let response = service.clone().oneshot(request).await.expect("an answer");
+            assert_eq!(
+                response.headers().get("connection").is_some(),
+                closes,
+                "{version:?} {content_type} {}",
+                key.len()
+            );
+        }
+    }
+}
+
+/// With the protected methods named, a call of any other method passes through: a
+/// bidirectional one left out of the streaming methods is answered while its request
+/// stream is open, and a named one is still protected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_protected_methods_named_every_other_call_passes_through() {
+    let layer = IdempotencyLayer::new(MemoryStore::default()).with_grpc_protected_methods([CHARGE]);
+    let served = serve(layer, Duration::ZERO).await;
+    let mut client = served.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut request = Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("idempotency-key", MetadataValue::from_static("watch"));
+    tx.send(charge(1)).await.expect("send");
+    client.0.ready().await.expect("ready");
+    let codec = ProstCodec::<ChargeRequest, Charge>::default();
+    let call = client
+        .0
+        .streaming(request, PathAndQuery::from_static(WATCH), codec);
+    let response = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the stream was held back: taken as unary")
+        .expect("a stream");
+    let mut stream = response.into_inner();
+    let echo = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the first message was held back");
+    assert_eq!(echo.expect("a message").expect("ok").amount, 1);
+    drop(tx);
+    for replayed_now in [false, true] {
+        let answer = client
+            .charge(Some("listed"), charge(5))
+            .await
+            .expect("charged");
+        assert_eq!(replayed(answer.metadata()), replayed_now);
+    }
+    assert_eq!(served.calls(), 2, "one watch, one charge");
+}
+
+/// A gRPC stream whose client left and that did not end in time has no status: its key is
+/// released (the retry runs again), within the capture limit or past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_short_after_its_client_left_releases_its_key() {
+    for limit in [1024 * 1024, 8] {
+        let layer = IdempotencyLayer::new(MemoryStore::default())
+            .with_response_body_limit(limit)
+            .with_capture_after_disconnect(Duration::from_millis(100));
+        let served = serve(layer, Duration::ZERO).await;
+        for attempt in 1..=2 {
+            let mut client = served.client().await;
+            let mut request = Request::new(charge(900));
+            request
+                .metadata_mut()
+                .insert("idempotency-key", MetadataValue::from_static("hangs"));
+            client.0.ready().await.expect("ready");
+            let codec = ProstCodec::<ChargeRequest, Charge>::default();
+            let response = client
+                .0
+                .server_streaming(request, PathAndQuery::from_static(SPLIT_HANGS), codec)
+                .await
+                .expect("a stream");
+            let mut stream = response.into_inner();
+            let first = stream.message().await.expect("a message");
+            assert!(first.is_some(), "limit {limit}");
+            assert_eq!(
+                served.calls(),
+                attempt,
+                "limit {limit}: the retry runs again"
+            );
+            drop(stream);
+            drop(client);
+            // The bound after the client left, and the release.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
 }

@@ -22,7 +22,11 @@ mod webhooks;
 #[cfg(any(test, fuzzing))]
 pub(crate) use self::parse::check_parse;
 pub(crate) use self::{
-    delivery::Delivery, origin::sent_uri, scope::Scope, source::Found, storage::KeyRef,
+    delivery::Delivery,
+    origin::{sent_path, sent_uri},
+    scope::Scope,
+    source::Found,
+    storage::KeyRef,
 };
 pub use self::{
     origin::PeerAddr,

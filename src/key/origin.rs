@@ -44,6 +44,18 @@ pub(crate) fn sent_uri(parts: &Parts) -> &Uri {
     &parts.uri
 }
 
+/// The path of the URI the client sent ([`sent_uri`]), from a request's `extensions` and
+/// its `uri`.
+pub(crate) fn sent_path<'a>(extensions: &'a Extensions, uri: &'a Uri) -> &'a str {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::OriginalUri(uri)) = extensions.get() {
+        return uri.path();
+    }
+    #[cfg(not(feature = "axum"))]
+    let _ = extensions;
+    uri.path()
+}
+
 /// The peer's IP address, if the server gave it: [`PeerAddr`], else axum's `ConnectInfo`.
 /// An IPv4 address mapped into IPv6 is the IPv4 address (one client, whichever socket family
 /// the server listens on).

@@ -35,6 +35,9 @@ struct Inner {
     route: &'static str,
     /// Whether the layer warned of a request it could not scope (once per layer).
     warned_unscoped: AtomicBool,
+    /// Whether the layer warned of a gRPC message it could not read a key from (once per
+    /// layer).
+    warned_undecoded: AtomicBool,
     #[cfg(feature = "metrics")]
     metrics: metrics::Handles,
 }
@@ -45,6 +48,7 @@ impl Observer {
             inner: Arc::new(Inner {
                 route,
                 warned_unscoped: AtomicBool::new(false),
+                warned_undecoded: AtomicBool::new(false),
                 #[cfg(feature = "metrics")]
                 metrics: metrics::Handles::new(route),
             }),
@@ -94,6 +98,16 @@ impl Observer {
             Outcome::StoreError | Outcome::FailOpen => {
                 tracing::warn!(outcome = outcome.as_str(), "idempotency store failed");
             }
+            Outcome::GrpcUndecoded if !warned_once(&self.inner.warned_undecoded) => {
+                tracing::warn!(
+                    route = self.inner.route,
+                    outcome = outcome.as_str(),
+                    "a gRPC call's key was to be read from its request message, which is not \
+                     one uncompressed message (a client's send_compressed?): it runs \
+                     unprotected (logged once per layer); send the key as idempotency-key \
+                     metadata, or do not compress the requests of protected methods"
+                );
+            }
             Outcome::Unscoped if !self.warned_unscoped() => {
                 tracing::warn!(
                     route = self.inner.route,
@@ -112,9 +126,7 @@ impl Observer {
 
     /// Whether the layer warned of an unscoped request already; the first to ask is told no.
     fn warned_unscoped(&self) -> bool {
-        let warned = &self.inner.warned_unscoped;
-        // Read first: after the warning, requests never write to the shared flag.
-        warned.load(Ordering::Relaxed) || warned.swap(true, Ordering::Relaxed)
+        warned_once(&self.inner.warned_unscoped)
     }
 
     /// Runs a store operation, timing it when a span or metrics want it, and reports the
@@ -208,6 +220,12 @@ impl Observer {
             started: None,
         }
     }
+}
+
+/// Whether a warning given once per layer was given already; the first to ask is told no.
+fn warned_once(warned: &AtomicBool) -> bool {
+    // Read first: after the warning, requests never write to the shared flag.
+    warned.load(Ordering::Relaxed) || warned.swap(true, Ordering::Relaxed)
 }
 
 impl fmt::Debug for Observer {

@@ -34,12 +34,16 @@ pub(crate) enum Outcome {
     /// No key, and a body over the request-body limit: ran unprotected, its body handed on
     /// whole.
     Oversized,
+    /// A gRPC call whose key was to come from its request message, and whose body is not one
+    /// uncompressed message (a client's `send_compressed`): ran unprotected (label
+    /// `grpc_undecoded`).
+    GrpcUndecoded,
 }
 
 impl Outcome {
     // Listed for the metric handles, built once per label.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(crate) const ALL: [Self; 12] = [
+    pub(crate) const ALL: [Self; 13] = [
         Self::Executed,
         Self::Replayed,
         Self::Waited,
@@ -52,6 +56,7 @@ impl Outcome {
         Self::Abandoned,
         Self::Unscoped,
         Self::Oversized,
+        Self::GrpcUndecoded,
     ];
 
     /// The outcome of a request the layer answered with this problem.
@@ -82,6 +87,7 @@ impl Outcome {
             Self::Abandoned => "outcome_unknown",
             Self::Unscoped => "unscoped",
             Self::Oversized => "oversized",
+            Self::GrpcUndecoded => "grpc_undecoded",
         }
     }
 }

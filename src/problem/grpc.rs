@@ -106,7 +106,7 @@ mod tests {
             let headers = response.headers();
             assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
             assert_eq!(
-                grpc::status(headers, None),
+                grpc::status(headers, 0, None),
                 Some(code(problem.kind())),
                 "{problem}"
             );

@@ -167,6 +167,20 @@ impl Problem {
         )
     }
 
+    /// A gRPC call whose key was to be read from its request message, which is not one
+    /// uncompressed message (a compressed one, most often): its key cannot be read.
+    pub(crate) fn grpc_message_unreadable(header: &http::HeaderName) -> Self {
+        Self::new(
+            ProblemKind::MissingKey,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the idempotency key could not be read from this call's request message, which \
+                 is compressed or not one message: send it uncompressed, or send the key in \
+                 the {header} metadata"
+            ),
+        )
+    }
+
     pub(crate) fn invalid_key(error: &crate::key::KeyError) -> Self {
         Self::new(
             ProblemKind::InvalidKey,

@@ -68,7 +68,7 @@ where
                 // The rest of the body was not read: the connection cannot carry another
                 // request.
                 let response = reject(&config, &problem, &rpc);
-                return Step::Answer(Ok(close_connection(response)));
+                return Step::Answer(Ok(close_connection(response, parts.version)));
             }
         };
         if config.json_rpc.enabled && !self.rpc.is_grpc() {
@@ -97,8 +97,10 @@ where
             Ok(keying) => keying,
             Err(problem) => return self.reject(&problem),
         };
-        if let Keying::Unscoped = keying {
-            config.observer.outcome(Outcome::Unscoped);
+        match keying {
+            Keying::Unscoped => config.observer.outcome(Outcome::Unscoped),
+            Keying::GrpcUndecoded => config.observer.outcome(Outcome::GrpcUndecoded),
+            Keying::Protect(_) | Keying::PassThrough => {}
         }
         Step::Next(State::Ready {
             request: Request::from_parts(parts, RequestBody::full(body)),
