@@ -736,6 +736,82 @@ async fn a_body_that_fails_while_it_holds_the_transaction_rolls_back_without_wai
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_held_past_the_limit_is_waited_for_a_bounded_time_then_rolled_back() {
+    let pool = pool_at(&database("tx_stream_held_over").await);
+    let routes = Router::new().route(
+        "/transfers",
+        axum::routing::post(|tx: HandlerTransaction| async move {
+            let (frames, rx) = tokio::sync::mpsc::channel(4);
+            // The body's producer holds the transaction while it streams 20 KiB, and until
+            // the body is dropped.
+            tokio::spawn(async move {
+                let mut guard = tx.begin().await.unwrap();
+                sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                    .execute(&mut *guard)
+                    .await
+                    .unwrap();
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let chunk = bytes::Bytes::from(vec![b'x'; 1024]);
+                    if frames.send(Ok(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+                frames.closed().await;
+                drop(guard);
+            });
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Body::new(Fed(rx)))
+                .unwrap()
+        }),
+    );
+    let app = routes.layer(
+        IdempotencyLayer::new(
+            PostgresStore::new(pool.clone())
+                .in_handler_transaction()
+                .with_response_timeout(Duration::from_secs(1)),
+        )
+        .with_response_body_limit(16 * 1024),
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(10), whole(&app, transfer("t-held", 1)))
+        .await
+        .expect("answered once the bounded wait ran out");
+    assert_eq!(refused.0, StatusCode::SERVICE_UNAVAILABLE, "{refused:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while balances(&pool).await != (1000, 0, 0) {
+        assert!(Instant::now() < deadline, "the debit was not rolled back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(records(&pool).await, 0, "the key is free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_is_answered_only_once_its_record_and_writes_committed() {
+    let pool = pool_at(&database("tx_stream_after").await);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = streaming_routes(&runs, |_| 40).layer(IdempotencyLayer::new(
+        PostgresStore::new(pool.clone()).in_handler_transaction(),
+    ));
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.clone().oneshot(transfer("t-after", 1)),
+    )
+    .await
+    .expect("answered in time")
+    .unwrap();
+    // The head is here, the body not read yet: both are committed already.
+    assert_eq!(balances(&pool).await, (999, 0, 0), "the debit committed");
+    let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT record FROM idempotency_records")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(stored.is_some(), "the record committed before the answer");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 40 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_same_key_transfers_over_two_instances_move_the_money_once() {
     let url = database("tx_concurrent").await;
     let pool = pool_at(&url);
