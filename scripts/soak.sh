@@ -107,7 +107,8 @@ case "$MODE" in
         done
         ;;
     postgres)
-        pg_bin=$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)
+        # No /usr/lib/postgresql fails find: reported by the test below, not by `set -e`.
+        pg_bin=$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1 || true)
         [ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] && [ -x "$pg_bin/pg_isready" ] ||
             die "PostgreSQL's initdb was not found (Debian: apt-get install postgresql)"
         ;;
@@ -119,12 +120,23 @@ pids=()
 redis_pid=
 ha_pids=()
 keep_logs=false
+# Whether process $1 is gone; a zombie counts as gone (it runs nothing, holds nothing).
+gone() {
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null || true)
+    [ -z "$state" ] || [[ "$state" == Z* ]]
+}
 cleanup() {
     local pid pm=
-    # PostgreSQL's postmaster is runuser's child: asked to stop by its own pid (fast shutdown).
+    # PostgreSQL's postmaster is runuser's child: asked to stop by its own pid (fast shutdown),
+    # if that pid (from a pid file that may be stale) is a postgres still.
     if [ "$MODE" = postgres ] && [ -d "$work/redis" ]; then
         pm=$(head -n 1 "$work/redis/data/postmaster.pid" 2>/dev/null || true)
-        if [ -n "$pm" ]; then kill -INT "$pm" 2>/dev/null || true; fi
+        if [ -n "$pm" ] && [ "$(cat "/proc/$pm/comm" 2>/dev/null || true)" = postgres ]; then
+            kill -INT "$pm" 2>/dev/null || true
+        else
+            pm=
+        fi
     fi
     for pid in "${pids[@]}" $redis_pid "${ha_pids[@]}"; do
         kill "$pid" 2>/dev/null || true
@@ -133,7 +145,12 @@ cleanup() {
         wait "$pid" 2>/dev/null || true
     done
     if [ -n "$pm" ]; then
-        for _ in $(seq 200); do kill -0 "$pm" 2>/dev/null || break; sleep 0.05; done
+        for _ in $(seq 200); do gone "$pm" && break; sleep 0.05; done
+        # Not stopped in 10 s: killed, so its data directory is not deleted under it.
+        if ! gone "$pm"; then
+            kill -KILL "$pm" 2>/dev/null || true
+            for _ in $(seq 100); do gone "$pm" && break; sleep 0.05; done
+        fi
     fi
     if $keep_logs; then
         echo "logs kept in $work" >&2
@@ -173,19 +190,30 @@ start_postgres() {
     redis_pid=$!
 }
 # SIGKILLs the postmaster and every backend it started, and waits (bounded) until they are gone.
+# The postmaster is stopped first, so that it forks no backend while its children are killed.
 kill_postgres() {
-    local pm victims=() child deadline=$((SECONDS + 10))
+    local pm child deadline=$((SECONDS + 10))
+    local -a left
     pm=$(postmaster_pid)
     [ -n "$pm" ] || die "no postmaster.pid"
-    victims=("$pm")
-    for child in $(ps -o pid= --ppid "$pm"); do victims+=("$child"); done
-    kill -KILL "${victims[@]}" 2>/dev/null || true
-    wait "$redis_pid" 2>/dev/null || true
-    for child in "${victims[@]}"; do
-        while kill -0 "$child" 2>/dev/null; do
-            [ "$SECONDS" -lt "$deadline" ] || die "postgres survived SIGKILL"
-            sleep 0.02
+    kill -STOP "$pm" 2>/dev/null || true
+    while :; do
+        left=()
+        for child in $(ps -o pid= --ppid "$pm" || true); do
+            gone "$child" || left+=("$child")
         done
+        [ "${#left[@]}" -gt 0 ] || break
+        kill -KILL "${left[@]}" 2>/dev/null || true
+        [ "$SECONDS" -lt "$deadline" ] || die "postgres backends survived SIGKILL"
+        sleep 0.02
+    done
+    kill -KILL "$pm" 2>/dev/null || true
+    # runuser stops itself when its child stops: continued, it reaps the postmaster and ends.
+    kill -CONT "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+    until gone "$pm"; do
+        [ "$SECONDS" -lt "$deadline" ] || die "postgres survived SIGKILL"
+        sleep 0.02
     done
 }
 # Waits (bounded) until postgres accepts connections; prints when, in Unix ms.
@@ -333,7 +361,9 @@ for i in $(seq "$outages"); do
         kill_postgres
         sleep "$DOWN"
         start_postgres
-        echo "up $(wait_for_postgres)" >>"$events"
+        # die in the command substitution ends only its subshell: the script stops here too.
+        up=$(wait_for_postgres) || exit 2
+        echo "up $up" >>"$events"
         continue
     fi
     kill -KILL "$redis_pid"
@@ -363,7 +393,8 @@ for i in $(seq "$outages"); do
     else
         sleep "$DOWN"
         start_redis
-        echo "up $(wait_for_redis)" >>"$events"
+        up=$(wait_for_redis) || exit 2
+        echo "up $up" >>"$events"
     fi
 done
 

@@ -20,7 +20,8 @@
 //! A record that commits in the handler's own transaction
 //! ([`IdempotencyStore::prepare_handler`]) must hold the whole response before the commit:
 //! a streamed body is captured whole first, and the client's body follows the commit. Past
-//! the limit the transaction is rolled back, the key released and a 500 problem answers.
+//! the limit the key is spent as anywhere else (a not-replayable record commits, the rest
+//! follows); a body that fails or panics first rolls back, frees the key and costs a 500.
 
 use std::{
     future::Future,
@@ -471,59 +472,91 @@ where
 
     /// The lease operation of a streamed response whose record commits in the handler's own
     /// transaction: captures the whole body (the lease kept alive), then commits the record
-    /// with it and ends the client's body, which the client reads once this is done. Past
-    /// the limit the transaction is rolled back and the key released
-    /// ([`Kept::TooLarge`]): a response that is not whole cannot commit.
+    /// with it and ends the client's body, which the client reads once this is done.
+    ///
+    /// Past the limit the key is spent as without the setting: a not-replayable record
+    /// commits with the handler's writes (or alone, if it never began its transaction), and
+    /// the rest of the body follows the commit at the client's pace. A client gone for the
+    /// bound spends the key the same way. A body that fails or panics before it is whole
+    /// rolls the transaction back and frees the key ([`Kept::BodyFailed`]: nothing of it was
+    /// sent). The body is dropped before any store operation that does not need the rest of
+    /// it, so a transaction guard it holds never stalls the commit or the rollback.
     async fn commit<St: IdempotencyStore>(mut self, mut lease: Lease<St>, of: RecordOf) -> Kept {
-        match lease.keep_alive(self.capture()).await {
-            Captured::Whole => {
-                let body = self.tx.captured();
+        let captured = lease
+            .keep_alive(catch_unwind::CatchUnwind::new(self.capture()))
+            .await;
+        match captured {
+            Ok(Captured::Whole) => {
+                let Self {
+                    body, tx, trailers, ..
+                } = self;
+                drop(body);
+                let captured = tx.captured();
                 let kept = if kept(
                     &of.rpc,
                     (&of.json_rpc, &of.grpc),
                     &of.headers,
-                    &body,
-                    self.trailers.as_ref(),
+                    &captured,
+                    trailers.as_ref(),
                 ) {
                     let record = Record::response(
                         of.fingerprint,
                         of.status,
                         &of.headers,
-                        body,
-                        self.trailers.as_ref(),
+                        captured,
+                        trailers.as_ref(),
                     );
                     lease.complete(record, of.ttl).await
                 } else {
                     tracing::debug!("no JSON-RPC answer, or no gRPC status, to keep; key released");
                     lease.release(RecordResult::Predicate).await
                 };
-                self.tx.end();
+                tx.end();
                 kept
             }
-            Captured::OverLimit(_) => {
-                // The handler's body first: its stream stops now.
-                let limit = self.limit;
+            Ok(Captured::OverLimit(frame)) => {
+                // The key is spent whatever the rest of the body does: the handler ran.
+                let record = Record::not_replayable(of.fingerprint, of.status);
+                let kept = lease.complete(record, of.ttl).await;
+                if kept == Kept::Response && !task::spawn(self.forward_rest(frame)) {
+                    tracing::warn!(
+                        "a streamed idempotent response needs a tokio runtime to be forwarded; \
+                         its body was cut short"
+                    );
+                }
+                kept
+            }
+            Ok(Captured::CutShort) => {
+                let after = self.after_client;
                 drop(self);
-                tracing::error!(
-                    limit,
-                    "a handler completing in its own transaction returned a streamed body over \
-                     the capture limit; rolled back and the key released"
+                tracing::warn!(
+                    ?after,
+                    "the client of a response completing in the handler's transaction left and \
+                     its body did not end in time; the body is dropped and the key spent (not \
+                     replayable)"
                 );
-                let _ = lease.release(RecordResult::TooLarge).await;
-                Kept::TooLarge
+                let record = Record::not_replayable(of.fingerprint, of.status);
+                lease.complete(record, of.ttl).await
             }
-            // The client's end is held by the flow until this is done: never gone before.
-            Captured::CutShort => {
+            Ok(Captured::Failed(error)) => {
                 drop(self);
+                tracing::warn!(
+                    %error,
+                    "the streamed body of a response completing in the handler's transaction \
+                     failed before its end; rolled back and the key released"
+                );
                 let _ = lease.release(RecordResult::BodyError).await;
-                Kept::Void
+                Kept::BodyFailed
             }
-            Captured::Failed(error) => {
-                // Rolled back with the release; the client gets what was produced and the
-                // error, as without a transaction.
-                let kept = lease.release(RecordResult::BodyError).await;
-                self.tx.fail(error);
-                kept
+            Err(_panic) => {
+                drop(self);
+                // The panic message went to the panic hook already.
+                tracing::error!(
+                    "the streamed body of a response completing in the handler's transaction \
+                     panicked; rolled back and the key released"
+                );
+                let _ = lease.release(RecordResult::Panic).await;
+                Kept::BodyFailed
             }
         }
     }

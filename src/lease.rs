@@ -47,9 +47,9 @@ pub(crate) enum Kept {
     /// ([`StoreErrorKind::RolledBack`]); the key is freed, the client gets a problem.
     Void,
     /// It does not: it was to commit in the handler's own transaction, but its streamed body
-    /// went past the capture limit, so it could not be held whole before the commit; the
-    /// transaction was rolled back, the key is freed, the client gets a problem.
-    TooLarge,
+    /// failed or panicked before it was whole; the transaction was rolled back, the key is
+    /// freed, the client gets a 500 problem (nothing of the response was sent).
+    BodyFailed,
 }
 
 /// Whether the claim a release gives back is known to hold the key.

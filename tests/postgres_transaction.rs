@@ -419,37 +419,144 @@ async fn a_streamed_body_under_the_limit_commits_once_and_is_replayed_byte_for_b
     assert_eq!(balances(&pool).await, (999, 0, 0), "debited once");
 }
 
+/// Asserts `reply` is the 409 problem of a key whose response was not kept.
+fn assert_not_replayable(reply: &(StatusCode, axum::http::HeaderMap, bytes::Bytes)) {
+    assert_eq!(reply.0, StatusCode::CONFLICT, "{reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply.2).contains("#variant.NotReplayable"),
+        "the not-replayable problem: {reply:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_body_over_the_limit_rolls_back_answers_500_and_frees_the_key() {
+async fn a_streamed_body_over_the_limit_commits_with_a_not_replayable_record_and_is_delivered() {
     let pool = pool_at(&database("tx_stream_over").await);
     let runs = Arc::new(AtomicUsize::new(0));
-    // The first run streams 20 KiB past a 16 KiB limit; the retry's 8 KiB fits.
-    let app = streaming_routes(&runs, |run| if run == 0 { 20 } else { 8 }).layer(
+    // 20 KiB streamed past a 16 KiB limit.
+    let app = streaming_routes(&runs, |_| 20).layer(
         IdempotencyLayer::new(PostgresStore::new(pool.clone()).in_handler_transaction())
             .with_response_body_limit(16 * 1024),
     );
-    let refused = whole(&app, transfer("t-over", 1)).await;
-    assert_eq!(refused.0, StatusCode::INTERNAL_SERVER_ERROR, "{refused:?}");
-    assert_eq!(
-        refused.1.get("content-type").map(|v| v.as_bytes()),
-        Some(&b"application/problem+json"[..])
-    );
-    assert!(
-        String::from_utf8_lossy(&refused.2).contains("16384 bytes"),
-        "the problem names the limit: {refused:?}"
-    );
-    assert_eq!(balances(&pool).await, (1000, 0, 0), "the debit rolled back");
-    assert_eq!(
-        records(&pool).await,
-        0,
-        "no record, no claim: the key is free"
-    );
+    let first = whole(&app, transfer("t-over", 1)).await;
+    assert_eq!(first.0, StatusCode::CREATED, "{first:?}");
+    assert_eq!(first.2.len(), 20 * 1024, "delivered whole, past the limit");
+    assert_eq!(&first.2[19 * 1024..19 * 1024 + 3], b"ttt");
+    assert_eq!(balances(&pool).await, (999, 0, 0), "the debit committed");
     let retry = whole(&app, transfer("t-over", 1)).await;
-    assert_eq!(retry.0, StatusCode::CREATED, "the retry runs: {retry:?}");
-    assert!(!retry.1.contains_key("idempotent-replayed"));
-    assert_eq!(retry.2.len(), 8 * 1024);
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_not_replayable(&retry);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
     assert_eq!(balances(&pool).await, (999, 0, 0), "debited once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_writing_outside_its_transaction_past_the_limit_spends_the_key() {
+    let pool = pool_at(&database("tx_stream_pool").await);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let debits = pool.clone();
+    // Never begins its transaction: debits through the pool, then streams 20 KiB.
+    let routes = Router::new().route(
+        "/transfers",
+        axum::routing::post(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let debits = debits.clone();
+            async move {
+                sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                    .execute(&debits)
+                    .await
+                    .unwrap();
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Body::new(Drip::new(20)))
+                    .unwrap()
+            }
+        }),
+    );
+    let app = routes.layer(
+        IdempotencyLayer::new(PostgresStore::new(pool.clone()).in_handler_transaction())
+            .with_response_body_limit(16 * 1024),
+    );
+    let first = whole(&app, transfer("t-pool", 1)).await;
+    assert_eq!(first.0, StatusCode::CREATED, "{first:?}");
+    assert_eq!(first.2.len(), 20 * 1024);
+    let retry = whole(&app, transfer("t-pool", 1)).await;
+    assert_not_replayable(&retry);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(balances(&pool).await, (999, 0, 0), "debited once");
+}
+
+/// A body that sends one chunk after a pause, then never ends.
+struct Stall(Drip);
+
+impl http_body::Body for Stall {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match std::task::ready!(std::pin::Pin::new(&mut self.0).poll_frame(cx)) {
+            Some(frame) => std::task::Poll::Ready(Some(frame)),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_ends_whose_client_left_is_dropped_in_time_and_the_key_spent() {
+    let pool = pool_at(&database("tx_stall").await);
+    let routes = Router::new().route(
+        "/transfers",
+        axum::routing::post(|tx: HandlerTransaction| async move {
+            let mut tx = tx.begin().await.unwrap();
+            sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            drop(tx);
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Body::new(Stall(Drip::new(1))))
+                .unwrap()
+        }),
+    );
+    let app = routes.layer(
+        IdempotencyLayer::new(PostgresStore::new(pool.clone()).in_handler_transaction())
+            .with_capture_after_disconnect(Duration::from_millis(300)),
+    );
+    // The client gives up: its response future is dropped unanswered.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        app.clone().oneshot(transfer("t-stall", 1)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "nothing answered before the body's end");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let retry = whole(&app, transfer("t-stall", 1)).await;
+        if String::from_utf8_lossy(&retry.2).contains("#variant.NotReplayable") {
+            assert_not_replayable(&retry);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in flight 10 s after the client left: {retry:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        balances(&pool).await,
+        (999, 0, 0),
+        "the debit committed once"
+    );
+    let idle: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' AND datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(idle, 0, "no connection left idle in the transaction");
 }
 
 /// A streamed body that fails after its first chunk (each after a pause).
@@ -489,19 +596,219 @@ async fn a_streamed_body_that_fails_rolls_the_writes_back_and_frees_the_key() {
         }),
     );
     let app = app_with(&pool, PostgresStore::new(pool.clone()), routes);
+    let failed = whole(&app, transfer("t-fails", 1)).await;
+    assert_handler_failed(&failed);
+    assert_eq!(balances(&pool).await, (1000, 0, 0), "the debit rolled back");
+    assert_eq!(records(&pool).await, 0, "the key is free");
+}
+
+/// Asserts `reply` is the 500 problem of a handler that failed (nothing of its response
+/// sent).
+fn assert_handler_failed(reply: &(StatusCode, axum::http::HeaderMap, bytes::Bytes)) {
+    assert_eq!(reply.0, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    assert_eq!(
+        reply.1.get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/problem+json"[..]),
+        "{reply:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&reply.2).contains("#variant.HandlerFailed"),
+        "{reply:?}"
+    );
+}
+
+/// A streamed body that panics after its first chunk (each after a pause).
+struct Panicking(Drip);
+
+impl http_body::Body for Panicking {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match std::task::ready!(std::pin::Pin::new(&mut self.0).poll_frame(cx)) {
+            Some(frame) => std::task::Poll::Ready(Some(frame)),
+            None => panic!("expected in this test: the body panicked"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_that_panics_answers_500_rolls_back_and_the_retry_runs() {
+    let pool = pool_at(&database("tx_stream_panics").await);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let routes = Router::new().route(
+        "/transfers",
+        axum::routing::post(move |tx: HandlerTransaction| {
+            let run = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut tx = tx.begin().await.unwrap();
+                sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                drop(tx);
+                let body = if run == 0 {
+                    Body::new(Panicking(Drip::new(2)))
+                } else {
+                    Body::new(Drip::new(2))
+                };
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(body)
+                    .unwrap()
+            }
+        }),
+    );
+    let app = app_with(&pool, PostgresStore::new(pool.clone()), routes);
+    let panicked = whole(&app, transfer("t-panics", 1)).await;
+    assert_handler_failed(&panicked);
+    assert_eq!(balances(&pool).await, (1000, 0, 0), "the debit rolled back");
+    assert_eq!(records(&pool).await, 0, "the key is free");
+    let retry = whole(&app, transfer("t-panics", 1)).await;
+    assert_eq!(retry.0, StatusCode::CREATED, "the retry runs: {retry:?}");
+    assert_eq!(retry.2.len(), 2 * 1024);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(balances(&pool).await, (999, 0, 0), "debited once");
+}
+
+/// A body fed by a task: the frames sent into it, at the task's pace.
+struct Fed(tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>);
+
+impl http_body::Body for Fed {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|next| next.map(|next| next.map(http_body::Frame::data)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_fails_while_it_holds_the_transaction_rolls_back_without_waiting_forever() {
+    let pool = pool_at(&database("tx_stream_holds").await);
+    let routes = Router::new().route(
+        "/transfers",
+        axum::routing::post(|tx: HandlerTransaction| async move {
+            let (frames, rx) = tokio::sync::mpsc::channel(4);
+            // The body's producer holds the transaction until the body is dropped.
+            tokio::spawn(async move {
+                let mut guard = tx.begin().await.unwrap();
+                sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                    .execute(&mut *guard)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = frames.send(Ok(bytes::Bytes::from_static(b"partial"))).await;
+                let _ = frames
+                    .send(Err(std::io::Error::other("the body failed")))
+                    .await;
+                frames.closed().await;
+                drop(guard);
+            });
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Body::new(Fed(rx)))
+                .unwrap()
+        }),
+    );
+    let app = routes.layer(IdempotencyLayer::new(
+        PostgresStore::new(pool.clone())
+            .in_handler_transaction()
+            .with_response_timeout(Duration::from_secs(20)),
+    ));
+    let started = Instant::now();
+    let failed = tokio::time::timeout(Duration::from_secs(10), whole(&app, transfer("t-holds", 1)))
+        .await
+        .expect("answered without waiting for the transaction's guard");
+    assert_handler_failed(&failed);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(balances(&pool).await, (1000, 0, 0), "the debit rolled back");
+    assert_eq!(records(&pool).await, 0, "the key is free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_held_past_the_limit_is_waited_for_a_bounded_time_then_rolled_back() {
+    let pool = pool_at(&database("tx_stream_held_over").await);
+    let routes = Router::new().route(
+        "/transfers",
+        axum::routing::post(|tx: HandlerTransaction| async move {
+            let (frames, rx) = tokio::sync::mpsc::channel(4);
+            // The body's producer holds the transaction while it streams 20 KiB, and until
+            // the body is dropped.
+            tokio::spawn(async move {
+                let mut guard = tx.begin().await.unwrap();
+                sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
+                    .execute(&mut *guard)
+                    .await
+                    .unwrap();
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let chunk = bytes::Bytes::from(vec![b'x'; 1024]);
+                    if frames.send(Ok(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+                frames.closed().await;
+                drop(guard);
+            });
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Body::new(Fed(rx)))
+                .unwrap()
+        }),
+    );
+    let app = routes.layer(
+        IdempotencyLayer::new(
+            PostgresStore::new(pool.clone())
+                .in_handler_transaction()
+                .with_response_timeout(Duration::from_secs(1)),
+        )
+        .with_response_body_limit(16 * 1024),
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(10), whole(&app, transfer("t-held", 1)))
+        .await
+        .expect("answered once the bounded wait ran out");
+    assert_eq!(refused.0, StatusCode::SERVICE_UNAVAILABLE, "{refused:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while balances(&pool).await != (1000, 0, 0) {
+        assert!(Instant::now() < deadline, "the debit was not rolled back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(records(&pool).await, 0, "the key is free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_is_answered_only_once_its_record_and_writes_committed() {
+    let pool = pool_at(&database("tx_stream_after").await);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = streaming_routes(&runs, |_| 40).layer(IdempotencyLayer::new(
+        PostgresStore::new(pool.clone()).in_handler_transaction(),
+    ));
     let response = tokio::time::timeout(
         Duration::from_secs(30),
-        app.clone().oneshot(transfer("t-fails", 1)),
+        app.clone().oneshot(transfer("t-after", 1)),
     )
     .await
     .expect("answered in time")
     .unwrap();
-    assert!(
-        response.into_body().collect().await.is_err(),
-        "the client sees the body fail"
-    );
-    assert_eq!(balances(&pool).await, (1000, 0, 0), "the debit rolled back");
-    assert_eq!(records(&pool).await, 0, "the key is free");
+    // The head is here, the body not read yet: both are committed already.
+    assert_eq!(balances(&pool).await, (999, 0, 0), "the debit committed");
+    let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT record FROM idempotency_records")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(stored.is_some(), "the record committed before the answer");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 40 * 1024);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,7 +58,7 @@ use rotation::Found;
 
 use super::{Output, Work};
 use crate::{
-    body::{self, Chunks, RequestBody},
+    body::{self, Chunks, RequestBody, ResponseBody},
     catch_unwind::{CatchUnwind, Panic},
     config::Config,
     error::{BoxError, StoreError},
@@ -334,8 +334,8 @@ where
                     Step::Answer(output)
                 }
                 (StateOwned::Finish { .. }, Event::Finished(Kept::Void)) => ctx.voided(),
-                (StateOwned::Finish { .. }, Event::Finished(Kept::TooLarge)) => {
-                    ctx.too_large_to_commit()
+                (StateOwned::Finish { .. }, Event::Finished(Kept::BodyFailed)) => {
+                    ctx.body_failed_before_commit()
                 }
                 // Each event comes from the state it was polled in, just above.
                 _ => unreachable!("a flow event paired with another state"),
@@ -370,7 +370,16 @@ where
             drop(self);
             return;
         }
-        self.as_mut().project().ctx.gone = true;
+        let mut this = self.as_mut().project();
+        this.ctx.gone = true;
+        // A response held until its record is stored has nobody to go to: dropped now, so
+        // that a capture waiting for its body's end learns its client is gone and stops in
+        // time (`with_capture_after_disconnect`) rather than holding the key, and in the
+        // handler's own transaction a connection and its row locks, for as long as the body
+        // takes.
+        if let StateProj::Finish { output, .. } = this.state.as_mut().project() {
+            *output = Ok(Response::new(ResponseBody::full(Bytes::new(), None)));
+        }
         // Without a runtime the work is dropped; a claim it held frees itself when its lease
         // ends.
         crate::task::spawn(async move {

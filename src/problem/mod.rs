@@ -40,8 +40,9 @@ pub enum ProblemKind {
     /// `Retry-After`).
     StoreUnavailable,
     /// The handler panicked (500); or, completing in the handler's own transaction
-    /// (`PostgresStore::in_handler_transaction`), its streamed body was over the capture limit, and the transaction was rolled back. The
-    /// key is released: a retry executes again.
+    /// ([`PostgresStore::in_handler_transaction`](crate::PostgresStore::in_handler_transaction)),
+    /// its streamed body failed or panicked before the commit, and the transaction was rolled
+    /// back. The key is released: a retry executes again.
     HandlerFailed,
     /// An earlier request with this key was claimed and its owner's lease ended without
     /// completion (it crashed mid-request): whether its work happened is unknown, and the
@@ -254,22 +255,6 @@ impl Problem {
             StatusCode::INTERNAL_SERVER_ERROR,
             "the request handler failed; the idempotency key was released and a retry will \
              execute again",
-        )
-    }
-
-    /// A response to commit in the handler's own transaction whose streamed body went past
-    /// `limit`: 500, as a handler failure (a server-side fault a retry would meet again until
-    /// the limit or the handler changes, so not a 503 inviting one); nothing was committed.
-    pub(crate) fn too_large_to_commit(limit: usize) -> Self {
-        Self::new(
-            ProblemKind::HandlerFailed,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "the response was to be committed with the handler's transaction, but its \
-                 streamed body was larger than {limit} bytes, the capture limit; the \
-                 transaction was rolled back, nothing took effect, and the idempotency key was \
-                 released"
-            ),
         )
     }
 

@@ -442,11 +442,10 @@ where
     }
 
     /// The record was to commit in the handler's own transaction, but the handler's streamed
-    /// body went past the capture limit: rolled back, the key freed, a 500 answers.
-    pub(super) fn too_large_to_commit(&self) -> FlowStep<S, St, ReqB, ResB> {
-        self.reject(&Problem::too_large_to_commit(
-            self.config.response_body_limit,
-        ))
+    /// body failed or panicked before it was whole: rolled back, the key freed, a 500 answers
+    /// (nothing of the response was sent).
+    pub(super) fn body_failed_before_commit(&self) -> FlowStep<S, St, ReqB, ResB> {
+        self.reject(&Problem::handler_failed())
     }
 
     /// A problem, answered at once.

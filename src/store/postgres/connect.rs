@@ -224,9 +224,22 @@ impl PostgresStore {
     /// - the response must be whole before the commit: a streamed body (one not ready at
     ///   once) is read to its end first, up to the layer's response limit
     ///   ([`with_response_body_limit`](crate::IdempotencyLayer::with_response_body_limit)),
-    ///   and sent once committed; past the limit the transaction is rolled back, the key
-    ///   released, and the client gets a 500 problem (a server-side fault a retry would meet
-    ///   again until the limit or the handler changes: not a 503 inviting one).
+    ///   and sent once committed;
+    /// - past the limit, whether the body was ready at once or streamed, the key is spent as
+    ///   without this setting: a not-replayable record commits with the handler's writes,
+    ///   the response is delivered (the rest of a streamed body after the commit) and a
+    ///   retry gets the 409 problem, never a second run. Rolling back instead would fail
+    ///   every such request the same way until the limit or the handler changes, and free
+    ///   the key of a handler whose effects outside the database happened;
+    /// - a streamed body that fails or panics before its end rolls the writes back, frees
+    ///   the key and answers a 500 problem (nothing of the response was sent);
+    /// - a client that leaves while the body is being read stops it after
+    ///   [`with_capture_after_disconnect`](crate::IdempotencyLayer::with_capture_after_disconnect):
+    ///   the body is dropped and a not-replayable record commits with the writes, which
+    ///   bounds how long a stalled body holds the key, a connection and its row locks while
+    ///   a client waits for nothing;
+    /// - a [`TransactionGuard`](super::TransactionGuard) still held when the layer commits
+    ///   is waited for up to the response timeout, then the transaction rolls back (503).
     ///
     /// A handler that never begins its transaction is completed as without this setting.
     ///

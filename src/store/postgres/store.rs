@@ -191,10 +191,14 @@ impl IdempotencyStore for PostgresStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        if self.shared.settings.in_handler_transaction
-            && let Some(Some(tx)) = self.shared.transactions.take(*key, token).await
-        {
-            return self.complete_in(tx, key, token, &record, ttl).await;
+        if self.shared.settings.in_handler_transaction {
+            let wait = self.shared.settings.response_timeout;
+            match self.shared.transactions.take(*key, token, wait).await {
+                Ok(Some(Some(tx))) => return self.complete_in(tx, key, token, &record, ttl).await,
+                Ok(_) => {}
+                // Never completed outside a transaction that may still commit nothing.
+                Err(held) => return Err(rolled_back(StoreError::unavailable(held))),
+            }
         }
         let query = self.completion(key, token, record.encode(), ttl);
         self.fenced(query).await?;
@@ -203,8 +207,9 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+        let wait = self.shared.settings.response_timeout;
         if self.shared.settings.in_handler_transaction
-            && let Some(Some(tx)) = self.shared.transactions.take(*key, token).await
+            && let Ok(Some(Some(tx))) = self.shared.transactions.take(*key, token, wait).await
         {
             // The handler's writes are undone; a rollback that does not arrive is the
             // server's, when the connection closes.

@@ -16,6 +16,7 @@ use std::{
     fmt,
     ops::{Deref, DerefMut},
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -133,21 +134,46 @@ impl Transactions {
 
     /// Takes the transaction of the claim `token` on `key` out of the table: `None` if there
     /// was none, `Some(None)` if the handler never began it.
+    ///
+    /// The handler has returned, but a guard it kept (in its response body, or a task of its
+    /// own) is waited for, up to `wait`: `Err` if it was still held then (the transaction is
+    /// rolled back once its last holder lets go).
     pub(super) async fn take(
         &self,
         key: StorageKey,
         token: FenceToken,
-    ) -> Option<Option<Transaction<'static, Postgres>>> {
-        let open = self
+        wait: Duration,
+    ) -> Result<Option<Option<Transaction<'static, Postgres>>>, Held> {
+        let Some(open) = self
             .open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&(key, token))?;
-        // The handler has returned; a guard it kept (in a task of its own) is waited for.
-        let tx = open.lock().await.take();
-        Some(tx)
+            .remove(&(key, token))
+        else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(wait, open.lock()).await {
+            Ok(mut open) => Ok(Some(open.take())),
+            Err(_) => Err(Held),
+        }
     }
 }
+
+/// A handler's transaction still held (a [`TransactionGuard`] not dropped) when the layer
+/// came to commit or roll it back.
+#[derive(Debug)]
+pub(super) struct Held;
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the handler's transaction was still held (a TransactionGuard not dropped) when \
+             the layer came to commit it",
+        )
+    }
+}
+
+impl std::error::Error for Held {}
 
 #[cfg(feature = "axum")]
 mod extract {
