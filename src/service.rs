@@ -25,7 +25,7 @@ use crate::{
     body::{Chunks, RequestBody, ResponseBody, poll_read_limited},
     config::Config,
     error::BoxError,
-    future::{Flow, ResponseFuture},
+    future::{Flow, ResponseFuture, send_claim},
     jsonrpc::Rpc,
     observe::Outcome,
     plan::{self, Head},
@@ -119,7 +119,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, config) = (self.store.clone(), Arc::clone(config));
-        let flow = Flow::new(inner, store, config, request, plan);
+        let flow = Flow::new(inner, store, config, request, plan, send_claim::<St>);
         ResponseFuture::protected(Box::pin(flow))
     }
 }

@@ -64,8 +64,9 @@ use crate::{
     error::{BoxError, StoreError},
     fingerprint::Fingerprint,
     jsonrpc::Rpc,
+    key::StorageKey,
     lease::{Kept, Lease, Renewal},
-    observe::WaitClock,
+    observe::{Op, WaitClock},
     plan::{Key, KeyPlan},
     problem::{Problem, ProblemKind},
     ready::Inner,
@@ -78,16 +79,55 @@ type StoreOp<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 /// Storing a record or releasing a key: the lease deals with a failure.
 type LeaseOp = Pin<Box<dyn Future<Output = Kept> + Send>>;
 
+/// How a flow sends its claims: [`send_claim`] for its store, as a function pointer whose
+/// return type names the claim's future, so that the flow holds that future in place (every
+/// protected request sends a claim: one allocation fewer than boxing it).
+pub(crate) type SendClaim<St, C> = fn(St, Arc<Config>, StorageKey, FenceToken, Fingerprint) -> C;
+
+/// A claim on `key` as `token`, for the layer's lease, observed.
+pub(crate) fn send_claim<St: IdempotencyStore>(
+    store: St,
+    config: Arc<Config>,
+    key: StorageKey,
+    token: FenceToken,
+    fingerprint: Fingerprint,
+) -> impl Future<Output = Result<Claim, StoreError>> + Send + 'static {
+    async move {
+        let claim = store.claim_as(&key, token, &fingerprint, config.lease);
+        config.observer.store_op(St::NAME, Op::Claim, claim).await
+    }
+}
+
+pin_project! {
+    /// A claim on its way: a claim in place, a take-over of an abandoned claim (rare) boxed.
+    #[project = SentProj]
+    enum Sent<C> {
+        Claim { #[pin] claim: C },
+        TakeOver { take_over: StoreOp<Claim> },
+    }
+}
+
+impl<C: Future<Output = Result<Claim, StoreError>>> Future for Sent<C> {
+    type Output = Result<Claim, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            SentProj::Claim { claim } => claim.poll(cx),
+            SentProj::TakeOver { take_over } => take_over.as_mut().poll(cx),
+        }
+    }
+}
+
 pin_project! {
     /// The flow of one protected request (see the module docs).
-    pub(crate) struct Flow<S, St, ReqB, ResB>
+    pub(crate) struct Flow<S, St, ReqB, ResB, C>
     where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
         St: IdempotencyStore,
     {
         #[pin]
-        state: State<S::Future, ReqB, St, ResB, S::Error>,
-        ctx: Ctx<S, St, ReqB, ResB>,
+        state: State<S::Future, ReqB, St, ResB, S::Error, C>,
+        ctx: Ctx<S, St, ReqB, ResB, C>,
         span: Span,
     }
 }
@@ -95,13 +135,13 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     #[project_replace = StateOwned]
-    enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
+    enum State<F, ReqB, St: IdempotencyStore, ResB, E, C> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
         // No key, and a body that may be over the limit: boxed, so that it can be handed on,
         // the part read and the rest.
         ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
         // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
-        Claim { claim: StoreOp<Claim>, token: FenceToken, sent: Instant, keyed: Keyed },
+        Claim { #[pin] claim: Sent<C>, token: FenceToken, sent: Instant, keyed: Keyed },
         // The key claimed, under a rotated secret: its earlier addresses are looked at.
         Probe { probe: StoreOp<Option<Found>>, keyed: Keyed, lease: Lease<St>, renewal: Renewal },
         Wait { wait: StoreOp<()>, keyed: Keyed },
@@ -153,15 +193,16 @@ enum Event<ResB, E> {
 /// The next state, or the answer.
 // Moved once, straight into the boxed flow's state: boxing it would only add an allocation.
 #[allow(clippy::large_enum_variant)]
-enum Step<F, ReqB, St: IdempotencyStore, ResB, E> {
-    Next(State<F, ReqB, St, ResB, E>),
+enum Step<F, ReqB, St: IdempotencyStore, ResB, E, C> {
+    Next(State<F, ReqB, St, ResB, E, C>),
     Answer(Output<ResB, E>),
 }
 
 /// What the flow carries through every state.
-struct Ctx<S, St, ReqB, ResB> {
+struct Ctx<S, St, ReqB, ResB, C> {
     inner: Inner<S>,
     store: St,
+    send_claim: SendClaim<St, C>,
     config: Arc<Config>,
     /// Until when a duplicate waits: the wait bound, counted from its first wait.
     wait_until: Option<Instant>,
@@ -174,7 +215,7 @@ struct Ctx<S, St, ReqB, ResB> {
     _types: PhantomData<fn(ReqB) -> ResB>,
 }
 
-impl<S, St, ReqB, ResB> Flow<S, St, ReqB, ResB>
+impl<S, St, ReqB, ResB, C> Flow<S, St, ReqB, ResB, C>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -185,14 +226,16 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    /// The flow of `request` (its key found as `plan` says), protected by `store`; `inner`
-    /// holds the readiness `poll_ready` gave it.
+    /// The flow of `request` (its key found as `plan` says), protected by `store`, its
+    /// claims sent by `send_claim` (the store's [`send_claim`]); `inner` holds the readiness
+    /// `poll_ready` gave it.
     pub(crate) fn new(
         inner: S,
         store: St,
         config: Arc<Config>,
         request: Request<ReqB>,
         plan: KeyPlan,
+        send_claim: SendClaim<St, C>,
     ) -> Self {
         // One span per protected request (none for those passed through).
         let span = config.observer.request_span(request.method());
@@ -218,6 +261,7 @@ where
         let ctx = Ctx {
             inner: Inner::new(inner),
             store,
+            send_claim,
             wait_until: None,
             wait_clock: Some(config.observer.wait_clock()),
             waited: false,
@@ -230,7 +274,7 @@ where
     }
 }
 
-impl<S, St, ReqB, ResB> Work<ResB, S::Error> for Flow<S, St, ReqB, ResB>
+impl<S, St, ReqB, ResB, C> Work<ResB, S::Error> for Flow<S, St, ReqB, ResB, C>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -240,6 +284,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
+    C: Future<Output = Result<Claim, StoreError>> + Send + 'static,
 {
     fn poll_work(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Output<ResB, S::Error>> {
         let mut this = self.project();
@@ -259,7 +304,7 @@ where
                     let body = body.as_mut();
                     Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
                 }
-                StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.as_mut().poll(cx))),
+                StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.poll(cx))),
                 StateProj::Probe {
                     probe,
                     lease,

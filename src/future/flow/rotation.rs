@@ -37,7 +37,7 @@ pub(crate) struct Found {
     claim: Claim,
 }
 
-impl<S, St, ReqB, ResB> Ctx<S, St, ReqB, ResB>
+impl<S, St, ReqB, ResB, C> Ctx<S, St, ReqB, ResB, C>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -47,6 +47,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
+    C: Future<Output = Result<Claim, StoreError>> + Send + 'static,
 {
     /// Looks at the key's earlier addresses, newest secret first, holding `lease` (the claim
     /// under the current secret, not yet observed: what becomes of it is reported only if
@@ -55,7 +56,7 @@ where
         &self,
         keyed: Keyed,
         lease: Lease<St>,
-    ) -> State<S::Future, ReqB, St, ResB, S::Error> {
+    ) -> State<S::Future, ReqB, St, ResB, S::Error, C> {
         let config = &self.config;
         let client = keyed
             .key
@@ -110,7 +111,7 @@ where
         keyed: Keyed,
         lease: Lease<St>,
         found: Result<Option<Found>, StoreError>,
-    ) -> FlowStep<S, St, ReqB, ResB> {
+    ) -> FlowStep<S, St, ReqB, ResB, C> {
         let config = Arc::clone(&self.config);
         if self.gone {
             // Nobody is left to answer: nothing is replayed, waited for or run for nobody.
@@ -169,7 +170,7 @@ where
         &self,
         lease: Lease<St>,
         output: super::Output<ResB, S::Error>,
-    ) -> FlowStep<S, St, ReqB, ResB> {
+    ) -> FlowStep<S, St, ReqB, ResB, C> {
         Step::Next(State::Finish {
             lease_op: release(lease),
             output,
