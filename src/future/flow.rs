@@ -85,17 +85,15 @@ type LeaseOp = Pin<Box<dyn Future<Output = Kept> + Send>>;
 pub(crate) type SendClaim<St, C> = fn(St, Arc<Config>, StorageKey, FenceToken, Fingerprint) -> C;
 
 /// A claim on `key` as `token`, for the layer's lease, observed.
-pub(crate) fn send_claim<St: IdempotencyStore>(
+pub(crate) async fn send_claim<St: IdempotencyStore>(
     store: St,
     config: Arc<Config>,
     key: StorageKey,
     token: FenceToken,
     fingerprint: Fingerprint,
-) -> impl Future<Output = Result<Claim, StoreError>> + Send + 'static {
-    async move {
-        let claim = store.claim_as(&key, token, &fingerprint, config.lease);
-        config.observer.store_op(St::NAME, Op::Claim, claim).await
-    }
+) -> Result<Claim, StoreError> {
+    let claim = store.claim_as(&key, token, &fingerprint, config.lease);
+    config.observer.store_op(St::NAME, Op::Claim, claim).await
 }
 
 pin_project! {
