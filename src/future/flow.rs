@@ -97,26 +97,6 @@ pub(crate) async fn send_claim<St: IdempotencyStore>(
 }
 
 pin_project! {
-    /// A claim on its way: a claim in place, a take-over of an abandoned claim (rare) boxed.
-    #[project = SentProj]
-    enum Sent<C> {
-        Claim { #[pin] claim: C },
-        TakeOver { take_over: StoreOp<Claim> },
-    }
-}
-
-impl<C: Future<Output = Result<Claim, StoreError>>> Future for Sent<C> {
-    type Output = Result<Claim, StoreError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            SentProj::Claim { claim } => claim.poll(cx),
-            SentProj::TakeOver { take_over } => take_over.as_mut().poll(cx),
-        }
-    }
-}
-
-pin_project! {
     /// The flow of one protected request (see the module docs).
     pub(crate) struct Flow<S, St, ReqB, ResB, C>
     where
@@ -124,8 +104,14 @@ pin_project! {
         St: IdempotencyStore,
     {
         #[pin]
-        state: State<S::Future, ReqB, St, ResB, S::Error, C>,
-        ctx: Ctx<S, St, ReqB, ResB, C>,
+        state: State<S::Future, ReqB, St, ResB, S::Error>,
+        // The claim on its way, beside the state rather than in it: every state moves by
+        // value from one step to the next, and a store's claim future can be large (a few
+        // KiB for Redis's); this slot is written in place and never moved.
+        #[pin]
+        sending: Option<C>,
+        send_claim: SendClaim<St, C>,
+        ctx: Ctx<S, St, ReqB, ResB>,
         span: Span,
     }
 }
@@ -133,13 +119,14 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     #[project_replace = StateOwned]
-    enum State<F, ReqB, St: IdempotencyStore, ResB, E, C> {
+    enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
         // No key, and a body that may be over the limit: boxed, so that it can be handed on,
         // the part read and the rest.
         ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
         // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
-        Claim { #[pin] claim: Sent<C>, token: FenceToken, sent: Instant, keyed: Keyed },
+        // A claim's future is the flow's `sending`; a take-over's (rare) is boxed here.
+        Claim { take_over: Option<StoreOp<Claim>>, token: FenceToken, sent: Instant, keyed: Keyed },
         // The key claimed, under a rotated secret: its earlier addresses are looked at.
         Probe { probe: StoreOp<Option<Found>>, keyed: Keyed, lease: Lease<St>, renewal: Renewal },
         Wait { wait: StoreOp<()>, keyed: Keyed },
@@ -191,16 +178,15 @@ enum Event<ResB, E> {
 /// The next state, or the answer.
 // Moved once, straight into the boxed flow's state: boxing it would only add an allocation.
 #[allow(clippy::large_enum_variant)]
-enum Step<F, ReqB, St: IdempotencyStore, ResB, E, C> {
-    Next(State<F, ReqB, St, ResB, E, C>),
+enum Step<F, ReqB, St: IdempotencyStore, ResB, E> {
+    Next(State<F, ReqB, St, ResB, E>),
     Answer(Output<ResB, E>),
 }
 
 /// What the flow carries through every state.
-struct Ctx<S, St, ReqB, ResB, C> {
+struct Ctx<S, St, ReqB, ResB> {
     inner: Inner<S>,
     store: St,
-    send_claim: SendClaim<St, C>,
     config: Arc<Config>,
     /// Until when a duplicate waits: the wait bound, counted from its first wait.
     wait_until: Option<Instant>,
@@ -259,7 +245,6 @@ where
         let ctx = Ctx {
             inner: Inner::new(inner),
             store,
-            send_claim,
             wait_until: None,
             wait_clock: Some(config.observer.wait_clock()),
             waited: false,
@@ -268,7 +253,13 @@ where
             config,
             _types: PhantomData,
         };
-        Self { state, ctx, span }
+        Self {
+            state,
+            sending: None,
+            send_claim,
+            ctx,
+            span,
+        }
     }
 }
 
@@ -302,7 +293,30 @@ where
                     let body = body.as_mut();
                     Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
                 }
-                StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.poll(cx))),
+                StateProj::Claim {
+                    take_over: Some(take_over),
+                    ..
+                } => Event::Claimed(ready!(take_over.as_mut().poll(cx))),
+                StateProj::Claim {
+                    take_over: None,
+                    token,
+                    keyed,
+                    ..
+                } => {
+                    if this.sending.is_none() {
+                        let (store, config) = (ctx.store.clone(), Arc::clone(&ctx.config));
+                        let (key, fingerprint) = (keyed.key.storage, keyed.fingerprint);
+                        let claim = (this.send_claim)(store, config, key, *token, fingerprint);
+                        this.sending.set(Some(claim));
+                    }
+                    let Some(claim) = this.sending.as_mut().as_pin_mut() else {
+                        unreachable!("a claim was just put in the slot")
+                    };
+                    let claimed = ready!(claim.poll(cx));
+                    // Its borrow of the store ends with it, before the next step.
+                    this.sending.set(None);
+                    Event::Claimed(claimed)
+                }
                 StateProj::Probe {
                     probe,
                     lease,

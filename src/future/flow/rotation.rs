@@ -37,7 +37,7 @@ pub(crate) struct Found {
     claim: Claim,
 }
 
-impl<S, St, ReqB, ResB, C> Ctx<S, St, ReqB, ResB, C>
+impl<S, St, ReqB, ResB> Ctx<S, St, ReqB, ResB>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -47,7 +47,6 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
-    C: Future<Output = Result<Claim, StoreError>> + Send + 'static,
 {
     /// Looks at the key's earlier addresses, newest secret first, holding `lease` (the claim
     /// under the current secret, not yet observed: what becomes of it is reported only if
@@ -56,7 +55,7 @@ where
         &self,
         keyed: Keyed,
         lease: Lease<St>,
-    ) -> State<S::Future, ReqB, St, ResB, S::Error, C> {
+    ) -> State<S::Future, ReqB, St, ResB, S::Error> {
         let config = &self.config;
         let client = keyed
             .key
@@ -111,7 +110,7 @@ where
         keyed: Keyed,
         lease: Lease<St>,
         found: Result<Option<Found>, StoreError>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         let config = Arc::clone(&self.config);
         if self.gone {
             // Nobody is left to answer: nothing is replayed, waited for or run for nobody.
@@ -170,7 +169,7 @@ where
         &self,
         lease: Lease<St>,
         output: super::Output<ResB, S::Error>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         Step::Next(State::Finish {
             lease_op: release(lease),
             output,

@@ -9,7 +9,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Ctx, Held, Keyed, LeaseOp, Sent, State, Step, StoreOp};
+use super::{Ctx, Held, Keyed, LeaseOp, State, Step, StoreOp};
 use crate::{
     body::{Chunks, RequestBody, ResponseBody},
     capture::{self, Settled},
@@ -28,16 +28,15 @@ use crate::{
     store::{Claim, FenceToken, IdempotencyStore},
 };
 
-pub(super) type FlowStep<S, St, ReqB, ResB, C> = Step<
+pub(super) type FlowStep<S, St, ReqB, ResB> = Step<
     <S as Service<Request<RequestBody<ReqB>>>>::Future,
     ReqB,
     St,
     ResB,
     <S as Service<Request<RequestBody<ReqB>>>>::Error,
-    C,
 >;
 
-impl<S, St, ReqB, ResB, C> Ctx<S, St, ReqB, ResB, C>
+impl<S, St, ReqB, ResB> Ctx<S, St, ReqB, ResB>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -47,7 +46,6 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
-    C: Future<Output = Result<Claim, StoreError>> + Send + 'static,
 {
     /// The body is read: tell what it is to JSON-RPC, fingerprint it, find its key, claim the
     /// key.
@@ -56,7 +54,7 @@ where
         parts: Parts,
         body: Result<Bytes, Problem>,
         plan: KeyPlan,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         let config = Arc::clone(&self.config);
         let body = match body {
             Ok(body) => body,
@@ -116,7 +114,7 @@ where
         parts: Parts,
         read: Chunks,
         rest: Pin<Box<ReqB>>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         self.config.observer.outcome(Outcome::Oversized);
         Step::Next(State::Ready {
             request: Request::from_parts(parts, RequestBody::resumed(read, rest)),
@@ -125,13 +123,12 @@ where
     }
 
     /// Sends the claim on the key, under a token of its own.
-    pub(super) fn claim(&self, keyed: Keyed) -> State<S::Future, ReqB, St, ResB, S::Error, C> {
+    pub(super) fn claim(&self, keyed: Keyed) -> State<S::Future, ReqB, St, ResB, S::Error> {
+        // The claim's future is made and held by the flow (`Flow::sending`), not boxed.
         let token = FenceToken::generate();
-        let (store, config) = (self.store.clone(), Arc::clone(&self.config));
-        let claim = (self.send_claim)(store, config, keyed.key.storage, token, keyed.fingerprint);
         let sent = Instant::now();
         State::Claim {
-            claim: Sent::Claim { claim },
+            take_over: None,
             token,
             sent,
             keyed,
@@ -157,7 +154,7 @@ where
         token: FenceToken,
         sent: Instant,
         claim: Result<Claim, StoreError>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         let config = Arc::clone(&self.config);
         let observer = &config.observer;
         if claim
@@ -225,7 +222,7 @@ where
                 });
                 let sent = Instant::now();
                 Step::Next(State::Claim {
-                    claim: Sent::TakeOver { take_over: claim },
+                    take_over: Some(claim),
                     token,
                     sent,
                     keyed,
@@ -248,7 +245,7 @@ where
         &mut self,
         keyed: Keyed,
         mut lease: Lease<St>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         let Keyed {
             parts,
             body,
@@ -286,7 +283,7 @@ where
         keyed: Keyed,
         on: StorageKey,
         first: Option<LeaseOp>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         let config = Arc::clone(&self.config);
         let now = Instant::now();
         let until = match (self.wait_until, config.wait_mode) {
@@ -327,7 +324,7 @@ where
         &mut self,
         error: StoreError,
         keyed: Keyed,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         match self.config.fail_mode {
             FailMode::Closed => {
                 tracing::warn!(%error, "refusing the request (fail-closed)");
@@ -351,7 +348,7 @@ where
         request: Request<RequestBody<ReqB>>,
         held: Option<Held<St>>,
         ready: Result<(), S::Error>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         if let Err(error) = ready {
             return match held {
                 Some(held) => Step::Next(State::Finish {
@@ -381,7 +378,7 @@ where
         held: Option<Held<St>>,
         ran: Result<Result<Response<ResB>, S::Error>, Panic>,
         cx: &mut Context<'_>,
-    ) -> FlowStep<S, St, ReqB, ResB, C> {
+    ) -> FlowStep<S, St, ReqB, ResB> {
         let ran = match ran {
             Ok(ran) => ran,
             Err(panic) => return self.panicked(held, panic),
@@ -420,7 +417,7 @@ where
 
     /// The handler panicked (in `call` or while polled): a 500 and the key released when it
     /// ran protected; resumed when it ran unprotected.
-    fn panicked(&self, held: Option<Held<St>>, panic: Panic) -> FlowStep<S, St, ReqB, ResB, C> {
+    fn panicked(&self, held: Option<Held<St>>, panic: Panic) -> FlowStep<S, St, ReqB, ResB> {
         let Some(held) = held else {
             std::panic::resume_unwind(panic)
         };
@@ -435,12 +432,12 @@ where
 
     /// The record was to commit in the handler's own transaction, which was rolled back:
     /// the key is freed and a 503 answers in place of the handler's response.
-    pub(super) fn voided(&self) -> FlowStep<S, St, ReqB, ResB, C> {
+    pub(super) fn voided(&self) -> FlowStep<S, St, ReqB, ResB> {
         self.reject(&Problem::store_unavailable())
     }
 
     /// A problem, answered at once.
-    fn reject(&self, problem: &Problem) -> FlowStep<S, St, ReqB, ResB, C> {
+    fn reject(&self, problem: &Problem) -> FlowStep<S, St, ReqB, ResB> {
         Step::Answer(Ok(reject(&self.config, problem, &self.rpc)))
     }
 }
