@@ -116,13 +116,18 @@ impl FieldHasher {
 
 /// Bytes as lowercase hex digits, two a byte.
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
+/// Appends bytes to `out` as lowercase hex digits, two a byte.
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for byte in bytes {
         out.push(DIGITS[usize::from(byte >> 4)] as char);
         out.push(DIGITS[usize::from(byte & 0x0f)] as char);
     }
-    out
 }
 
 #[cfg(test)]
@@ -200,6 +205,13 @@ mod tests {
     #[test]
     fn hex_is_lowercase_and_two_digits_a_byte() {
         assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+    }
+
+    #[test]
+    fn push_hex_appends_to_what_is_there() {
+        let mut out = String::from("prefix:");
+        push_hex(&mut out, &[0x01, 0xbc]);
+        assert_eq!(out, "prefix:01bc");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::{
     body::{Chunks, RequestBody, ResponseBody, poll_read_limited},
     config::Config,
     error::BoxError,
-    future::{Flow, ResponseFuture},
+    future::{Flow, ResponseFuture, send_claim},
     grpc::{self, Call},
     jsonrpc::Rpc,
     key::sent_path,
@@ -137,7 +137,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, config) = (self.store.clone(), Arc::clone(config));
-        let flow = Flow::new(inner, store, config, request, plan, rpc);
+        let flow = Flow::new(inner, store, config, request, plan, rpc, send_claim::<St>);
         ResponseFuture::protected(Box::pin(flow))
     }
 }

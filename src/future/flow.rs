@@ -64,8 +64,9 @@ use crate::{
     error::{BoxError, StoreError},
     fingerprint::Fingerprint,
     jsonrpc::Rpc,
+    key::StorageKey,
     lease::{Kept, Lease, Renewal},
-    observe::WaitClock,
+    observe::{Op, WaitClock},
     plan::{Key, KeyPlan},
     problem::{Problem, ProblemKind},
     ready::Inner,
@@ -78,15 +79,38 @@ type StoreOp<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 /// Storing a record or releasing a key: the lease deals with a failure.
 type LeaseOp = Pin<Box<dyn Future<Output = Kept> + Send>>;
 
+/// How a flow sends its claims: [`send_claim`] for its store, as a function pointer whose
+/// return type names the claim's future, so that the flow holds that future in place (every
+/// protected request sends a claim: one allocation fewer than boxing it).
+pub(crate) type SendClaim<St, C> = fn(St, Arc<Config>, StorageKey, FenceToken, Fingerprint) -> C;
+
+/// A claim on `key` as `token`, for the layer's lease, observed.
+pub(crate) async fn send_claim<St: IdempotencyStore>(
+    store: St,
+    config: Arc<Config>,
+    key: StorageKey,
+    token: FenceToken,
+    fingerprint: Fingerprint,
+) -> Result<Claim, StoreError> {
+    let claim = store.claim_as(&key, token, &fingerprint, config.lease);
+    config.observer.store_op(St::NAME, Op::Claim, claim).await
+}
+
 pin_project! {
     /// The flow of one protected request (see the module docs).
-    pub(crate) struct Flow<S, St, ReqB, ResB>
+    pub(crate) struct Flow<S, St, ReqB, ResB, C>
     where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
         St: IdempotencyStore,
     {
         #[pin]
         state: State<S::Future, ReqB, St, ResB, S::Error>,
+        // The claim on its way, beside the state rather than in it: every state moves by
+        // value from one step to the next, and a store's claim future can be large (a few
+        // KiB for Redis's); this slot is written in place and never moved.
+        #[pin]
+        sending: Option<C>,
+        send_claim: SendClaim<St, C>,
         ctx: Ctx<S, St, ReqB, ResB>,
         span: Span,
     }
@@ -101,7 +125,8 @@ pin_project! {
         // the part read and the rest.
         ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
         // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
-        Claim { claim: StoreOp<Claim>, token: FenceToken, sent: Instant, keyed: Keyed },
+        // A claim's future is the flow's `sending`; a take-over's (rare) is boxed here.
+        Claim { take_over: Option<StoreOp<Claim>>, token: FenceToken, sent: Instant, keyed: Keyed },
         // The key claimed, under a rotated secret: its earlier addresses are looked at.
         Probe { probe: StoreOp<Option<Found>>, keyed: Keyed, lease: Lease<St>, renewal: Renewal },
         Wait { wait: StoreOp<()>, keyed: Keyed },
@@ -174,7 +199,7 @@ struct Ctx<S, St, ReqB, ResB> {
     _types: PhantomData<fn(ReqB) -> ResB>,
 }
 
-impl<S, St, ReqB, ResB> Flow<S, St, ReqB, ResB>
+impl<S, St, ReqB, ResB, C> Flow<S, St, ReqB, ResB, C>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -185,8 +210,9 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    /// The flow of `request` (its key found as `plan` says, what it is to gRPC `rpc`),
-    /// protected by `store`; `inner` holds the readiness `poll_ready` gave it.
+    /// The flow of `request` (its key found as `plan` says, what it is to JSON-RPC or gRPC
+    /// `rpc`), protected by `store`, its claims sent by `send_claim` (the store's
+    /// [`send_claim`]); `inner` holds the readiness `poll_ready` gave it.
     pub(crate) fn new(
         inner: S,
         store: St,
@@ -194,6 +220,7 @@ where
         request: Request<ReqB>,
         plan: KeyPlan,
         rpc: Rpc,
+        send_claim: SendClaim<St, C>,
     ) -> Self {
         // One span per protected request (none for those passed through).
         let span = config.observer.request_span(request.method());
@@ -227,11 +254,17 @@ where
             config,
             _types: PhantomData,
         };
-        Self { state, ctx, span }
+        Self {
+            state,
+            sending: None,
+            send_claim,
+            ctx,
+            span,
+        }
     }
 }
 
-impl<S, St, ReqB, ResB> Work<ResB, S::Error> for Flow<S, St, ReqB, ResB>
+impl<S, St, ReqB, ResB, C> Work<ResB, S::Error> for Flow<S, St, ReqB, ResB, C>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -241,6 +274,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
+    C: Future<Output = Result<Claim, StoreError>> + Send + 'static,
 {
     fn poll_work(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Output<ResB, S::Error>> {
         let mut this = self.project();
@@ -260,7 +294,30 @@ where
                     let body = body.as_mut();
                     Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
                 }
-                StateProj::Claim { claim, .. } => Event::Claimed(ready!(claim.as_mut().poll(cx))),
+                StateProj::Claim {
+                    take_over: Some(take_over),
+                    ..
+                } => Event::Claimed(ready!(take_over.as_mut().poll(cx))),
+                StateProj::Claim {
+                    take_over: None,
+                    token,
+                    keyed,
+                    ..
+                } => {
+                    if this.sending.is_none() {
+                        let (store, config) = (ctx.store.clone(), Arc::clone(&ctx.config));
+                        let (key, fingerprint) = (keyed.key.storage, keyed.fingerprint);
+                        let claim = (this.send_claim)(store, config, key, *token, fingerprint);
+                        this.sending.set(Some(claim));
+                    }
+                    let Some(claim) = this.sending.as_mut().as_pin_mut() else {
+                        unreachable!("a claim was just put in the slot")
+                    };
+                    let claimed = ready!(claim.poll(cx));
+                    // Its borrow of the store ends with it, before the next step.
+                    this.sending.set(None);
+                    Event::Claimed(claimed)
+                }
                 StateProj::Probe {
                     probe,
                     lease,

@@ -19,7 +19,7 @@ use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
 
-pub(crate) use self::flow::Flow;
+pub(crate) use self::flow::{Flow, send_claim};
 
 /// What a protected request answers.
 pub(crate) type Output<B, E> = Result<Response<ResponseBody<B>>, E>;

@@ -126,14 +126,11 @@ where
 
     /// Sends the claim on the key, under a token of its own.
     pub(super) fn claim(&self, keyed: Keyed) -> State<S::Future, ReqB, St, ResB, S::Error> {
-        let (fingerprint, lease) = (keyed.fingerprint, self.config.lease);
+        // The claim's future is made and held by the flow (`Flow::sending`), not boxed.
         let token = FenceToken::generate();
-        let claim = self.store_op(Op::Claim, &keyed, move |store, key| async move {
-            store.claim_as(&key, token, &fingerprint, lease).await
-        });
         let sent = Instant::now();
         State::Claim {
-            claim,
+            take_over: None,
             token,
             sent,
             keyed,
@@ -227,7 +224,7 @@ where
                 });
                 let sent = Instant::now();
                 Step::Next(State::Claim {
-                    claim,
+                    take_over: Some(claim),
                     token,
                     sent,
                     keyed,

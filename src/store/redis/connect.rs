@@ -17,7 +17,8 @@ use super::{
     notify::{Notifier, Subscribers},
 };
 use crate::{
-    config::MAX_TTL, digest::hex, error::StoreError, key::StorageKey, observe::ShortfallCounter,
+    config::MAX_TTL, digest::push_hex, error::StoreError, key::StorageKey,
+    observe::ShortfallCounter,
 };
 
 /// The default key prefix: `idempotency:`.
@@ -374,7 +375,12 @@ where
 
     /// The Redis key that holds `key`'s claim or record.
     pub fn redis_key(&self, key: &StorageKey) -> String {
-        format!("{}{}", self.shared.settings.prefix, hex(key.as_bytes()))
+        // One allocation, the size it ends at (`format!` with `hex` made two, and grew).
+        let prefix = &self.shared.settings.prefix;
+        let mut redis_key = String::with_capacity(prefix.len() + 2 * key.as_bytes().len());
+        redis_key.push_str(prefix);
+        push_hex(&mut redis_key, key.as_bytes());
+        redis_key
     }
 
     /// A new handle with changed settings (and so a fresh subscriber: the channel may have

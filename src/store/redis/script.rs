@@ -110,7 +110,10 @@ impl Script {
 }
 
 fn script_command(verb: &str, body: &[u8], redis_key: &str, args: &[&[u8]]) -> Cmd {
-    let mut command = Cmd::new();
+    // Sized up front: a command's buffers grown argument by argument reallocate.
+    let data = verb.len() + body.len() + 1 + redis_key.len();
+    let data = data + args.iter().map(|arg| arg.len()).sum::<usize>();
+    let mut command = Cmd::with_capacity(4 + args.len(), data);
     command.arg(verb).arg(body).arg(1).arg(redis_key.as_bytes());
     for arg in args {
         command.arg(*arg);

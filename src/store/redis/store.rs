@@ -141,10 +141,13 @@ where
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let (marker, expiry) = self.new_claim(token, fingerprint, lease);
-        let mut claim = Cmd::new();
+        let redis_key = self.redis_key(key);
+        // Sized up front: a command's buffers grown argument by argument reallocate.
+        let data = "SETNXPXGET".len() + redis_key.len() + marker.len() + expiry.len();
+        let mut claim = Cmd::with_capacity(7, data);
         claim
             .arg("SET")
-            .arg(self.redis_key(key).as_bytes())
+            .arg(redis_key.as_bytes())
             .arg(&marker[..])
             .arg("NX")
             .arg("PX")
