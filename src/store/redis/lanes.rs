@@ -7,8 +7,9 @@
 //! the same pipeline as before (one round trip), on one of a few connections of its own,
 //! taken in turn; one acknowledgement from a replica releases the `WAIT`s of all of them at
 //! once. Everything else (replays, releases, renewals, writes sent while the replicas are
-//! short) stays on the store's connection, and so is held up by no `WAIT`. Acknowledged
-//! writes that share a lane still queue behind each other's `WAIT`.
+//! short) stays on the store's connection, and so is held up by no `WAIT`, but for the
+//! release of a claim that got no reply (below). Acknowledged writes that share a lane still
+//! queue behind each other's `WAIT`.
 //!
 //! The lanes are opened in the background, all at once, when the first acknowledged write
 //! asks for one; until then (and while an attempt is under way) writes use the store's
