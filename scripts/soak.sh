@@ -53,7 +53,8 @@
 # `Durability::replicas($DURABILITY)`. At about 1/2 of the run the primary is SIGKILLed; once
 # the Sentinels have promoted the replica (the "up" time the recovery is measured from) and
 # every Sentinel names it, the old primary is restarted, empty, as a replica of the new one
-# with `replica-priority 0` (never an empty primary, never promoted before it has synced; a
+# with `replica-priority 0` (never an empty primary, never promoted before it has synced; its
+# priority is restored to 100 once `INFO replication` says the link is up; a
 # durable write needs a replica again). The same invariants are checked; without
 # DURABILITY they can fail: that is what a failover loses without `WAIT`.
 #
@@ -237,7 +238,7 @@ start_redis() {
         local rejoin=()
         if [ $# -gt 0 ]; then rejoin=(--replicaof 127.0.0.1 "$1" --replica-priority 0); fi
         redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-            --repl-diskless-sync-delay 0 "${rejoin[@]}" \
+            --repl-diskless-sync-delay 0 ${rejoin[@]+"${rejoin[@]}"} \
             --daemonize no --dir "$work/redis" --logfile "$work/redis/log" &
     else
         redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
@@ -361,9 +362,9 @@ for i in $(seq "$outages"); do
         kill_postgres
         sleep "$DOWN"
         start_postgres
-        # die in the command substitution ends only its subshell: the script stops here too.
-        up=$(wait_for_postgres) || exit 2
-        echo "up $up" >>"$events"
+        # Not inside `echo "$( )"`: a `die` in a command substitution ends only the subshell.
+        up_at=$(wait_for_postgres) || exit 2
+        echo "up $up_at" >>"$events"
         continue
     fi
     kill -KILL "$redis_pid"
@@ -390,11 +391,19 @@ for i in $(seq "$outages"); do
         start_redis "$replica_port"
         wait_for_redis >/dev/null
         echo "failover: replica promoted; old primary restarted (empty) as its replica, priority 0"
+        # Once synced, it may be promoted again (README: restore its priority).
+        until redis-cli -h 127.0.0.1 -p "$redis_port" info replication | grep -q '^master_link_status:up'; do
+            [ "$SECONDS" -lt "$deadline" ] || die "the restarted node did not sync with the new primary"
+            sleep 0.05
+        done
+        redis-cli -h 127.0.0.1 -p "$redis_port" config set replica-priority 100 >/dev/null ||
+            die "could not restore replica-priority on the restarted node"
+        echo "failover: the restarted node synced; replica-priority restored to 100"
     else
         sleep "$DOWN"
         start_redis
-        up=$(wait_for_redis) || exit 2
-        echo "up $up" >>"$events"
+        up_at=$(wait_for_redis) || exit 2
+        echo "up $up_at" >>"$events"
     fi
 done
 

@@ -9,7 +9,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use http::StatusCode;
 use tower_idempotency::{
-    Claim, Durability, IdempotencyLayer, IdempotencyStore, ProblemKind, RedisStore, StoreErrorKind,
+    Claim, Durability, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, RedisStore,
+    StoreErrorKind,
 };
 
 use common::{
@@ -20,6 +21,11 @@ use common::{
 };
 
 const LEASE: Duration = Duration::from_secs(30);
+
+/// One test at a time: the shortfall counters are read as differences of running totals, which
+/// any test that runs at the same time and falls short would add to (and a test's `WAIT`s,
+/// timed against the response timeout, should not compete with another's for the CPU).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn connect(node: &Node, durability: Durability) -> RedisStore {
     RedisStore::connect(&node.url())
@@ -41,6 +47,23 @@ fn store_commands(node: &Node) -> BTreeMap<String, u64> {
         .into_iter()
         .filter(|(name, _)| !matches!(name.as_str(), "replconf" | "ping" | "psync" | "sync"))
         .collect()
+}
+
+/// Waits (bounded) until `node` has at least `clients` client connections besides replicas
+/// and the `redis-cli` that asks: a store's lanes open in the background.
+async fn await_clients(node: &Node, clients: usize) {
+    for _ in 0..100 {
+        let list = node.cli(&["CLIENT", "LIST"]);
+        let count = list
+            .lines()
+            .filter(|line| !line.contains("flags=S") && !line.contains("cmd=client|list"))
+            .count();
+        if count >= clients {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {clients} clients connected within 5 s");
 }
 
 /// Claims a fresh key and completes it: one first execution, as the layer runs it.
@@ -112,6 +135,7 @@ fn shortfalls(_op: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_claim_and_completion_send_their_wait_in_the_same_pipeline() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let primary = blocking(|| Node::server(&[])).await;
     let replica = blocking({
         let port = primary.port();
@@ -148,6 +172,7 @@ async fn a_durable_claim_and_completion_send_their_wait_in_the_same_pipeline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_waiting_for_its_acknowledgement_holds_up_no_other_request() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let primary = blocking(|| Node::server(&[])).await;
     let mut replica = blocking({
         let port = primary.port();
@@ -162,6 +187,8 @@ async fn a_write_waiting_for_its_acknowledgement_holds_up_no_other_request() {
     )
     .await;
     claim_and_complete(&store).await;
+    // The lanes open in the background, with the first acknowledged write.
+    await_clients(&primary, 5).await;
     let key = fresh_key();
     let Claim::Acquired(token) = store
         .claim(&key, &fingerprint("a"), LEASE)
@@ -213,6 +240,7 @@ async fn a_write_waiting_for_its_acknowledgement_holds_up_no_other_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_no_replica_acknowledges_is_refused_with_503_and_released_for_the_retry() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let primary = blocking(|| Node::server(&[])).await;
     // A WAIT holds up the connection's later commands until it returns: 20 claims waiting
     // 100 ms each take 2 s in all on one connection.
@@ -282,6 +310,7 @@ async fn futures_join(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_no_replica_acknowledges_is_kept_counted_and_replayed() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let primary = blocking(|| Node::server(&[])).await;
     let mut replica = blocking({
         let port = primary.port();
@@ -334,6 +363,7 @@ async fn a_completion_no_replica_acknowledges_is_kept_counted_and_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waitaof_is_sent_where_the_server_has_it_and_refuses_claims_where_it_has_not() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let (major, minor) = server_version();
     let has_waitaof = (major, minor) >= (7, 2);
     let primary = blocking(move || {
@@ -361,4 +391,80 @@ async fn waitaof_is_sent_where_the_server_has_it_and_refuses_claims_where_it_has
         let message = format!("{error} {:?}", std::error::Error::source(&error));
         assert!(message.contains("WAITAOF"), "{message}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_of_an_unanswered_claim_follows_it_on_its_lane_and_frees_the_key() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let primary = blocking(|| Node::server(&[])).await;
+    let mut replica = blocking({
+        let port = primary.port();
+        move || Node::replica_of(port, &[])
+    })
+    .await;
+    let wait = Duration::from_secs(1);
+    let store = connect(&primary, Durability::replicas(1).with_timeout(wait))
+        .await
+        .with_response_timeout(Duration::from_millis(300));
+    // Acknowledged (the replica is up): the lanes open, in the background, and the replicas
+    // are not marked short.
+    claim_and_complete(&store).await;
+    await_clients(&primary, 5).await;
+    claim_and_complete(&store).await;
+    replica = blocking(move || {
+        replica.stop();
+        replica
+    })
+    .await;
+
+    // Two writes per lane whose WAIT no replica answers: each holds its lane for 1 s.
+    let blocking_claims: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim(&fresh_key(), &fingerprint("a"), LEASE).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // This claim is queued behind two WAITs (about 2 s), longer than its bound (1.3 s): its
+    // reply does not come in time, and it lands later.
+    let key = fresh_key();
+    let token = FenceToken::new(0x5eed_0001);
+    let claim = store
+        .claim_as(&key, token, &fingerprint("late"), LEASE)
+        .await;
+    assert!(
+        claim
+            .as_ref()
+            .is_err_and(|error| error.kind() == StoreErrorKind::Unavailable),
+        "the claim's reply did not come in time: {claim:?}"
+    );
+    // What the layer does with a claim that got no reply: release it by its token.
+    let released = store.release(&key, token).await;
+    // Before the claim lands, the release must not have run: had it gone on another
+    // connection it would have found nothing (LeaseLost) and stopped.
+    assert!(
+        !released
+            .as_ref()
+            .is_err_and(|error| error.kind() == StoreErrorKind::LeaseLost),
+        "the release ran before the claim it releases: {released:?}"
+    );
+    for claim in blocking_claims {
+        let _ = claim.await;
+    }
+    // The late claim landed, and its release, queued behind it, freed the key; without that
+    // it would hold the key for its lease (30 s).
+    let mut free = false;
+    for _ in 0..60 {
+        if store.inspect(&key).await.expect("a look-up").is_none() {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        free,
+        "the late claim still holds its key: {:?}",
+        store.inspect(&key).await
+    );
+    drop(replica);
 }

@@ -39,8 +39,9 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// blocked, not how long a handler may take. Default: 30 s.
     ///
     /// A completion that the store could not take (an outage, a failover) is retried only
-    /// while the lease lasts: with a replicated Redis, keep it at least one and a half times
-    /// a failover (see `Durability`, feature `redis`).
+    /// while the lease lasts: with a replicated Redis, two thirds of it must outlast a
+    /// failover plus a completion's retry (the default 30 s covers failovers of up to
+    /// 17.5 s with the default timeouts; see `Durability`, feature `redis`).
     ///
     /// ```
     /// # use std::time::Duration;

@@ -52,11 +52,13 @@ where
         }
     }
 
-    /// Sends `command` (a claim), followed by the acknowledgement commands if the store waits
-    /// for any, in one round trip. `error` turns the command's own error into a
-    /// [`StoreError`].
+    /// Sends `command` (a claim of `key` by `token`), followed by the acknowledgement
+    /// commands if the store waits for any, in one round trip. `error` turns the command's
+    /// own error into a [`StoreError`].
     pub(super) async fn send_acknowledged(
         &self,
+        key: &StorageKey,
+        token: FenceToken,
         command: &Cmd,
         error: fn(RedisError) -> StoreError,
     ) -> Result<Acknowledged, StoreError> {
@@ -67,20 +69,23 @@ where
                 .await?;
             return Ok((reply, self.unasked()));
         }
-        let mut connection = self.lane().await;
+        let lane = self.lane();
+        let mut connection = lane.clone();
         let exchange = self.pipelined(&mut connection, command);
         let replies = self
             .bounded_longer(self.durability().extra_time(), exchange, store_error)
-            .await?;
+            .await
+            .inspect_err(|_| self.unanswered(Write::Claim, key, token, lane))?;
         self.split(replies, error)
     }
 
     /// Runs `script` on `key` as [`run`](Self::run) does (`EVAL` if the server does not
     /// know it), followed by the acknowledgement commands if the store waits for any, in one
-    /// round trip once the server knows the script.
+    /// round trip once the server knows the script. `token` is the claim's or completion's.
     pub(super) async fn run_acknowledged(
         &self,
         write: Write,
+        token: FenceToken,
         script: &Script,
         key: &StorageKey,
         args: &[&[u8]],
@@ -89,7 +94,8 @@ where
             return Ok((self.run(script, key, args).await?, self.unasked()));
         }
         let redis_key = self.redis_key(key);
-        let mut connection = self.lane().await;
+        let lane = self.lane();
+        let mut connection = lane.clone();
         let exchange = async {
             let replies = self
                 .pipelined(&mut connection, &script.evalsha(&redis_key, args))
@@ -108,16 +114,30 @@ where
         // Twice: a server that did not know the script has waited for the first pipeline's
         // acknowledgement too.
         let extra = self.durability().extra_time().saturating_mul(2);
-        let replies = self.bounded_longer(extra, exchange, store_error).await?;
+        let replies = self
+            .bounded_longer(extra, exchange, store_error)
+            .await
+            .inspect_err(|_| self.unanswered(write, key, token, lane))?;
         self.split(replies, store_error)
     }
 
+    /// After a claim got no reply (in time), remembers its `lane` for its release: the claim
+    /// may still be queued there behind other writes' `WAIT`s, and a release sent on another
+    /// connection could run before it, find nothing, and leave the late claim holding its
+    /// key for a whole lease.
+    fn unanswered(&self, write: Write, key: &StorageKey, token: FenceToken, lane: C) {
+        if write == Write::Claim {
+            self.lanes.remember_unanswered(key, token, lane);
+        }
+    }
+
     /// The connection for a write sent with its acknowledgement commands: one of the
-    /// store's lanes (`lanes.rs`), so that its `WAIT` holds up no other request's commands.
-    async fn lane(&self) -> C {
+    /// store's lanes (`lanes.rs`), so that its `WAIT` holds up no replay, release or renewal
+    /// (acknowledged writes sharing a lane still queue behind each other's `WAIT`). The
+    /// store's own connection while the lanes are being opened, in the background.
+    fn lane(&self) -> C {
         self.lanes
             .pick(&self.connection, self.shared.settings.response_timeout)
-            .await
     }
 
     /// `command` and the acknowledgement commands, as one pipeline whose replies include

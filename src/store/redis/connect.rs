@@ -79,8 +79,11 @@ impl Shared {
 ///   promotion without a restart; [`with_durability`](Self::with_durability) has replicas
 ///   acknowledge each claim and completion (`WAIT`, in the same round trip), so that a
 ///   failover loses neither. Such writes go on a few connections of their own (four, opened
-///   with the first of them; the same round trip as before), since a `WAIT` holds up every
-///   later command on its connection.
+///   in the background with the first of them; the same round trip as before), since a
+///   `WAIT` holds up every later command on its connection: replays, releases and renewals
+///   are then held up by no `WAIT`, though acknowledged writes sharing a lane still queue
+///   behind each other's. Through Sentinel, after a promotion each lane finds its connection
+///   dead only when next used: up to four more acknowledged writes fail before all follow.
 /// - **Eviction guard**: the `connect*` constructors warn if Redis's `maxmemory-policy` may
 ///   evict claims and records.
 /// - **Waiting by notification** across instances (pub/sub, one subscriber connection per
@@ -224,8 +227,9 @@ where
     ///
     /// Commands are bounded by the store's response timeout, whatever the connection's own.
     /// With [`with_durability`](Self::with_durability), writes that wait for their
-    /// acknowledgement share this one connection too (the `connect*` constructors open four
-    /// more for them): each `WAIT` then holds up the commands queued behind it.
+    /// acknowledgement share this one connection too (`connect`, `connect_cluster` and
+    /// `connect_sentinel` open four more for them): each `WAIT` then holds up the commands
+    /// queued behind it.
     ///
     /// ```no_run
     /// use tower_idempotency::RedisStore;

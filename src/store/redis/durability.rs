@@ -46,12 +46,14 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(500);
 /// lease, and a lost renewal shortens a lease that is renewed long before it ends.
 ///
 /// Keep the layer's lease ([`with_lease`](crate::IdempotencyLayer::with_lease)) at least one
-/// and a half times a failover: a completion cut off by the failover is retried onto the
-/// promoted replica only while its claim's lease lasts, and the lease runs from the claim or
-/// its last renewal (one every third of the lease), so two thirds of it must outlast the
-/// time from the primary's loss until the store writes on the promoted replica. A completion
-/// that runs out of lease leaves its claim to be found abandoned, and (by default) run
-/// again. The default 30 s lease covers failovers of up to 20 s.
+/// and a half times a failover and a completion's retry: a completion cut off by the
+/// failover is retried onto the promoted replica only while its claim's lease lasts, and the
+/// lease runs from the claim or its last renewal (one every third of the lease), so two
+/// thirds of it must outlast the time from the primary's loss until the store writes on the
+/// promoted replica, plus the longest pause between retries (1 s) and one attempt's bound
+/// (the response timeout and this timeout). A completion that runs out of lease leaves its
+/// claim to be found abandoned, and (by default) run again. The default 30 s lease, with the
+/// default timeouts (1 s and 500 ms), covers failovers of up to 17.5 s.
 ///
 /// Default: [`Durability::none`], one write and no waiting.
 ///

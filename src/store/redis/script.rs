@@ -74,8 +74,19 @@ where
         key: &StorageKey,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
+        self.run_on(self.connection.clone(), script, key, args)
+            .await
+    }
+
+    /// As [`run`](Self::run), on `connection` rather than the store's own.
+    pub(super) async fn run_on(
+        &self,
+        mut connection: C,
+        script: &Script,
+        key: &StorageKey,
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
         let redis_key = self.redis_key(key);
-        let mut connection = self.connection.clone();
         let command = |verb: &str, body: &[u8]| script_command(verb, body, &redis_key, args);
         let exchange = async {
             let reply = command("EVALSHA", script.sha.as_bytes())

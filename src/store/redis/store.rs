@@ -77,7 +77,7 @@ where
         // reaches the wait that follows however soon it comes.
         let watch = self.shared.notifier.watch(*key);
         let (Value::Array(reply), verdict) = self
-            .run_acknowledged(Write::Claim, &HELD, key, &args)
+            .run_acknowledged(Write::Claim, token, &HELD, key, &args)
             .await?
         else {
             return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply));
@@ -155,7 +155,9 @@ where
             .arg("GET");
         // A reply lost on its way (the claim may have landed all the same) is an error here;
         // the layer releases the claim by its token.
-        let reply = self.send_acknowledged(&claim, claim_error).await?;
+        let reply = self
+            .send_acknowledged(key, token, &claim, claim_error)
+            .await?;
         match reply {
             (Value::Nil, verdict) => self.acquired_if_acknowledged(verdict, token),
             // A claim holds the key: whether its lease has ended is for Redis's clock to say.
@@ -184,7 +186,7 @@ where
             key.as_bytes(),
         ];
         let (reply, verdict) = self
-            .run_acknowledged(Write::Completion, &COMPLETE, key, &args)
+            .run_acknowledged(Write::Completion, token, &COMPLETE, key, &args)
             .await?;
         fenced_reply(reply)?;
         self.completed_acknowledged_or_not(verdict);
@@ -198,7 +200,13 @@ where
             self.shared.notifier.channel(),
             key.as_bytes(),
         ];
-        self.fenced(&RELEASE, key, &args).await?;
+        // A claim that got no reply may still be queued on its lane: the release follows it
+        // there, so that it cannot run first and leave the late claim holding the key.
+        let reply = match self.lanes.take_unanswered(key, token) {
+            Some(lane) => self.run_on(lane, &RELEASE, key, &args).await?,
+            None => self.run(&RELEASE, key, &args).await?,
+        };
+        fenced_reply(reply)?;
         self.shared.notifier.wake(key);
         Ok(())
     }
