@@ -134,40 +134,6 @@ where
             body,
             ready,
             trailers,
-        } if lease.in_transaction() => {
-            // The record is written in the handler's transaction, which commits before the
-            // response is answered: the body is captured whole (up to the limit) first.
-            let of = RecordOf {
-                fingerprint,
-                status: head.status,
-                headers: head.headers.clone(),
-                ttl,
-                rpc: rpc.clone(),
-                json_rpc: config.json_rpc.clone(),
-                grpc: config.grpc.clone(),
-            };
-            let len = ready.len;
-            let (tx, rx) = stream::channel(ready);
-            if let Some(trailers) = &trailers {
-                tx.capture_trailers(trailers.clone());
-            }
-            let pump = Pump {
-                body,
-                tx,
-                len,
-                limit,
-                trailers,
-                after_client: config.capture_after_disconnect,
-            };
-            let response = Response::from_parts(head, ResponseBody::channel(rx));
-            let response = expiry::on_first_execution(config, ttl, response);
-            (Box::pin(pump.commit(lease, of)), response)
-        }
-        Ran::Streaming {
-            head,
-            body,
-            ready,
-            trailers,
         } => {
             let of = RecordOf {
                 fingerprint,
@@ -191,6 +157,17 @@ where
                 trailers,
                 after_client: config.capture_after_disconnect,
             };
+            if lease.in_transaction() {
+                // The record is written in the handler's transaction, which commits before
+                // the response is answered: the body is captured whole (up to the limit)
+                // first, and the client reads it once the commit is done.
+                let response = Response::from_parts(head, ResponseBody::channel(rx));
+                let response = expiry::on_first_execution(config, ttl, response);
+                return Settled::AfterStore {
+                    lease_op: Box::pin(pump.commit(lease, of)),
+                    response,
+                };
+            }
             if !task::spawn(pump.finish(lease, of)) {
                 // Polled outside a tokio runtime: nothing can read the rest of the body. The
                 // client's body ends in an error; the claim frees itself when its lease ends.
