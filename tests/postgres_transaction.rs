@@ -505,16 +505,31 @@ impl http_body::Body for Stall {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_never_ends_whose_client_left_is_dropped_in_time_and_the_key_spent() {
-    let pool = pool_at(&database("tx_stall").await);
+    stalled_body_whose_client_left("tx_stall", Duration::ZERO).await;
+}
+
+/// The client leaves while the handler still runs (before its stalled body is returned): the
+/// response is dropped as it is settled, so the capture's bound applies all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_ends_whose_client_left_during_the_handler_is_dropped_in_time() {
+    stalled_body_whose_client_left("tx_stall_late", Duration::from_millis(900)).await;
+}
+
+/// A handler that debits, waits `delay`, then answers a body that never ends; its client gives
+/// up after 500 ms. The key must be spent (the debit committed once) within the capture bound,
+/// and no connection left idle in the transaction.
+async fn stalled_body_whose_client_left(db: &str, delay: Duration) {
+    let pool = pool_at(&database(db).await);
     let routes = Router::new().route(
         "/transfers",
-        axum::routing::post(|tx: HandlerTransaction| async move {
+        axum::routing::post(move |tx: HandlerTransaction| async move {
             let mut tx = tx.begin().await.unwrap();
             sqlx::query("UPDATE accounts SET balance = balance - 1 WHERE id = 1")
                 .execute(&mut *tx)
                 .await
                 .unwrap();
             drop(tx);
+            tokio::time::sleep(delay).await;
             Response::builder()
                 .status(StatusCode::CREATED)
                 .body(Body::new(Stall(Drip::new(1))))

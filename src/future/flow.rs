@@ -58,7 +58,7 @@ use rotation::Found;
 
 use super::{Output, Work};
 use crate::{
-    body::{self, Chunks, RequestBody, ResponseBody},
+    body::{self, Chunks, RequestBody},
     catch_unwind::{CatchUnwind, Panic},
     config::Config,
     error::{BoxError, StoreError},
@@ -70,6 +70,7 @@ use crate::{
     plan::{Key, KeyPlan},
     problem::{Problem, ProblemKind},
     ready::Inner,
+    reject::nobody_listens,
     store::{Claim, FenceToken, IdempotencyStore},
 };
 
@@ -107,7 +108,7 @@ pin_project! {
         state: State<S::Future, ReqB, St, ResB, S::Error>,
         // The claim on its way, beside the state rather than in it: every state moves by
         // value from one step to the next, and a store's claim future can be large (a few
-        // KiB for Redis's); this slot is written in place and never moved.
+        // KiB for Redis's); this slot is written in place and never moved once polled.
         #[pin]
         sending: Option<C>,
         send_claim: SendClaim<St, C>,
@@ -314,7 +315,7 @@ where
                         unreachable!("a claim was just put in the slot")
                     };
                     let claimed = ready!(claim.poll(cx));
-                    // Its borrow of the store ends with it, before the next step.
+                    // Emptied before the next step, which may send another claim.
                     this.sending.set(None);
                     Event::Claimed(claimed)
                 }
@@ -435,7 +436,7 @@ where
         // handler's own transaction a connection and its row locks, for as long as the body
         // takes.
         if let StateProj::Finish { output, .. } = this.state.as_mut().project() {
-            *output = Ok(Response::new(ResponseBody::full(Bytes::new(), None)));
+            *output = Ok(nobody_listens());
         }
         // Without a runtime the work is dropped; a claim it held frees itself when its lease
         // ends.

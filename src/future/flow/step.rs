@@ -409,6 +409,14 @@ where
             }
         };
         match settled {
+            // A client gone while the handler ran: the response has nobody to go to, and is
+            // dropped now (as `client_gone` does in `Finish`), so that a capture waiting for
+            // its body's end learns it and stops in time rather than holding the key (and, in
+            // the handler's own transaction, a connection and its row locks).
+            Settled::AfterStore { lease_op, .. } if self.gone => Step::Next(State::Finish {
+                lease_op,
+                output: Ok(nobody_listens()),
+            }),
             Settled::AfterStore { lease_op, response } => Step::Next(State::Finish {
                 lease_op,
                 output: Ok(response),
