@@ -397,10 +397,25 @@ impl Client {
         key: Option<&str>,
         message: ChargeRequest,
     ) -> Result<Response<Charge>, Status> {
+        self.charge_as(None, key, message).await
+    }
+
+    /// `Charge` by the caller whose `authorization` metadata is `caller` (if given), with the
+    /// `idempotency-key` metadata if `key` is given.
+    async fn charge_as(
+        &mut self,
+        caller: Option<&str>,
+        key: Option<&str>,
+        message: ChargeRequest,
+    ) -> Result<Response<Charge>, Status> {
         let mut request = Request::new(message);
         if let Some(key) = key {
             let key = MetadataValue::try_from(key).expect("an ASCII key");
             request.metadata_mut().insert("idempotency-key", key);
+        }
+        if let Some(caller) = caller {
+            let caller = MetadataValue::try_from(caller).expect("an ASCII credential");
+            request.metadata_mut().insert("authorization", caller);
         }
         self.0.ready().await.expect("the channel is ready");
         let codec = ProstCodec::<ChargeRequest, Charge>::default();
@@ -481,6 +496,40 @@ where
         .expect("charged");
     assert_eq!(other.get_ref().id, "ch_2");
     assert_eq!(served.calls(), 2);
+}
+
+/// Two tenants (two `authorization` credentials) that pick the same key for the same
+/// message at the same time: each one's call executes, and each one's retry is replayed its
+/// own answer, never the other tenant's.
+async fn two_tenants_with_one_key_each_get_their_own_answer<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let served = serve(IdempotencyLayer::new(store), Duration::from_millis(50)).await;
+    let (mut alice, mut bob) = (served.client().await, served.client().await);
+    let (a, b) = tokio::join!(
+        alice.charge_as(Some("Bearer alice"), Some("order-1"), charge(500)),
+        bob.charge_as(Some("Bearer bob"), Some("order-1"), charge(500)),
+    );
+    let (a, b) = (a.expect("alice charged"), b.expect("bob charged"));
+    assert_eq!(served.calls(), 2, "one execution per tenant");
+    assert_ne!(a.get_ref().id, b.get_ref().id, "two charges");
+    for (client, caller, first) in [
+        (&mut alice, "Bearer alice", &a),
+        (&mut bob, "Bearer bob", &b),
+    ] {
+        let retry = client
+            .charge_as(Some(caller), Some("order-1"), charge(500))
+            .await
+            .expect("replayed");
+        assert!(replayed(retry.metadata()), "{caller}'s retry is a replay");
+        assert_eq!(
+            seen(&retry),
+            seen(first),
+            "{caller} is replayed its own answer"
+        );
+    }
+    assert_eq!(served.calls(), 2, "the retries ran nothing");
 }
 
 /// The same, below tonic's client: headers, the length-prefixed message and the trailers
@@ -902,6 +951,7 @@ macro_rules! on_every_store {
 
 on_every_store!(
     a_retried_call_executes_once_and_replays_message_and_trailing_metadata,
+    two_tenants_with_one_key_each_get_their_own_answer,
     the_replay_is_the_first_answer_byte_for_byte,
     concurrent_duplicates_are_held_and_run_the_handler_once,
     a_key_reused_with_another_message_is_refused_with_failed_precondition,
