@@ -4,46 +4,16 @@
 //!
 //! Its own test binary: the global allocator counts every allocation of the process.
 
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicIsize, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tower_idempotency::{Claim, Fingerprint, IdempotencyStore, MemoryStore, Record, StorageKey};
 
-struct Counting;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only sizes are counted.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+use counting_alloc::live;
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -105,7 +75,7 @@ async fn a_store_holds_about_as_many_bytes_as_its_capacity() {
     let mut off = Vec::new();
     for (headers, body) in shapes {
         let store = MemoryStore::new(CAPACITY);
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live();
         let records = 3 * CAPACITY / (response(headers, body, 0).weight() as u64);
         for serial in 0..records {
             let key = key(serial);
@@ -118,7 +88,7 @@ async fn a_store_holds_about_as_many_bytes_as_its_capacity() {
         }
         let kept = store.record_count();
         assert!(store.evictions() > 0, "filled past its capacity");
-        let held = (LIVE.load(Ordering::Relaxed) - before) as f64;
+        let held = (live() - before) as f64;
         let ratio = held / CAPACITY as f64;
         println!(
             "{headers} headers, {body} B body: {kept} records kept, {:.0} B each, \

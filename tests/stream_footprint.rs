@@ -9,11 +9,10 @@
 mod common;
 
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicIsize, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -27,36 +26,10 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore, ProblemKind};
 
 use common::service::{BodyError, Handler, eventually, keyed_post, respond, send, send_raw, serve};
 
-struct Counting;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only sizes are counted.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+use counting_alloc::live;
 
 /// A handler's body: `frames` frames of `len` bytes each (each one a fresh allocation, as a
 /// handler formatting events makes them), then `empty` empty frames, returning `Pending`
@@ -129,7 +102,7 @@ async fn held_for_an_unread_client(shape: &Shape) -> (isize, usize, MemoryStore)
     let svc = serve(&layer, &handler);
     // What the shape before left behind (its tasks ending) is freed first.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let unread = send_raw(&svc, keyed_post("/events", "k", "{}")).await;
     assert_eq!(unread.status(), StatusCode::OK);
     // Until the handler's body ended, or has not moved for a while (it waits for the client).
@@ -142,7 +115,7 @@ async fn held_for_an_unread_client(shape: &Shape) -> (isize, usize, MemoryStore)
         }
         last = now;
     }
-    let held = LIVE.load(Ordering::Relaxed) - before;
+    let held = live() - before;
     drop(unread);
     (held, produced.load(Ordering::Relaxed), store)
 }
