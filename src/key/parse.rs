@@ -300,6 +300,65 @@ mod tests {
     fn debug_output_never_shows_the_key() {
         let key = IdempotencyKey::parse(b"secret-key-123").unwrap();
         assert!(!format!("{key:?}").contains("secret"));
+        // What it does show: that it is a key, and how long.
+        assert_eq!(format!("{key:?}"), "IdempotencyKey(14 bytes)");
+    }
+
+    #[test]
+    fn keys_are_equal_and_hash_alike_exactly_when_their_text_is() {
+        fn hash_of(key: &IdempotencyKey) -> u64 {
+            use std::hash::{Hash, Hasher};
+            // SipHash with fixed keys: the same text always gives the same value.
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut hasher);
+            hasher.finish()
+        }
+        let parse = |value: &[u8]| IdempotencyKey::parse(value).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(&IDEMPOTENCY_KEY, HeaderValue::from_static("order-1"));
+        let from_header = IdempotencyKey::from_headers(&headers, &IDEMPOTENCY_KEY)
+            .unwrap()
+            .unwrap();
+        // The same text, held as a header value, as a bare or a quoted key.
+        for same in [parse(b"order-1"), parse(b"\"order-1\""), from_header] {
+            assert_eq!(same, parse(b"order-1"));
+            assert_eq!(hash_of(&same), hash_of(&parse(b"order-1")));
+        }
+        for other in [&b"order-2"[..], b"Order-1", b"order-10", b"order-"] {
+            let other = parse(other);
+            assert_ne!(other, parse(b"order-1"), "{other:?}");
+            assert_ne!(hash_of(&other), hash_of(&parse(b"order-1")));
+        }
+    }
+
+    #[test]
+    fn each_refusal_says_why_in_words() {
+        let cases = [
+            (KeyError::Empty, "the idempotency key is empty"),
+            (
+                KeyError::TooLong { len: 300 },
+                "the idempotency key is 300 bytes long; at most 255 are allowed",
+            ),
+            (
+                KeyError::InvalidCharacter,
+                "the idempotency key may only hold visible ASCII characters",
+            ),
+            (
+                KeyError::MalformedQuoted,
+                "the idempotency key starts with '\"' but is not a valid Structured Field string",
+            ),
+            (
+                KeyError::Repeated,
+                "the idempotency key header was sent more than once",
+            ),
+            (
+                KeyError::NotAString,
+                "the idempotency key in the request is not a string or a number",
+            ),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
+        }
     }
 
     proptest::proptest! {
