@@ -402,6 +402,59 @@ mod tests {
         }
     }
 
+    #[test]
+    fn lengths_use_all_64_bits_and_nothing_past_them() {
+        for n in [
+            0,
+            1,
+            0x7f,
+            0x80,
+            300,
+            u64::from(u32::MAX),
+            u64::MAX >> 1,
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, n);
+            assert_eq!(take_varint(&mut Bytes::from(out)), Ok(n), "{n}");
+        }
+        // The tenth byte holds the 64th bit alone: 0 or 1 is a length, more would be lost.
+        let tenth = |last: u8, filler: u8| {
+            let mut bytes = vec![filler; 9];
+            bytes.push(last);
+            take_varint(&mut Bytes::from(bytes))
+        };
+        assert_eq!(tenth(0x01, 0xff), Ok(u64::MAX));
+        assert_eq!(tenth(0x00, 0x80), Ok(0));
+        assert_eq!(tenth(0x01, 0x80), Ok(1 << 63));
+        for last in [0x02, 0x7f] {
+            assert_eq!(tenth(last, 0xff), Err(RecordError::Malformed("length")));
+        }
+        // An eleventh byte is never read: ten bytes hold every length.
+        let mut eleven = vec![0x80; 10];
+        eleven.push(0x00);
+        assert_eq!(
+            take_varint(&mut Bytes::from(eleven)),
+            Err(RecordError::Malformed("length"))
+        );
+    }
+
+    #[test]
+    fn decoded_headers_leave_room_for_the_replay_marker() {
+        // A replay adds `Idempotent-Replayed`: the map it starts from must not grow for it.
+        for n in 0..70 {
+            let record = Record::decode(Bytes::from(raw_record(n as u64, distinct_names(n))))
+                .expect("a well-formed record");
+            let headers = record.headers().expect("a response record");
+            assert_eq!(headers.len(), n);
+            assert!(
+                headers.capacity() > n,
+                "{n} headers, room for {}",
+                headers.capacity()
+            );
+        }
+    }
+
     /// The bytes of a response record with `headers` raw `(name, value)` pairs, no body and
     /// no trailers, whatever the pairs are.
     fn raw_record(count: u64, headers: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Vec<u8> {
