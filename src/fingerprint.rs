@@ -388,6 +388,40 @@ mod tests {
         assert_eq!(Fingerprint::from_bytes(*a.as_bytes()), a);
     }
 
+    #[test]
+    fn debug_forms_name_the_mode_and_abbreviate_the_digest() {
+        let fingerprint = Fingerprint::from_bytes([0xab; 32]);
+        assert_eq!(format!("{fingerprint:?}"), "Fingerprint(abababababab…)");
+        let cases = [
+            (format!("{:?}", BodyFingerprint::raw()), "Raw"),
+            (
+                format!(
+                    "{:?}",
+                    BodyFingerprint::canonical_json_excluding(["/attempt"])
+                ),
+                r#"CanonicalJson { excluded: ["/attempt"] }"#,
+            ),
+            (format!("{:?}", FingerprintHeaders::none()), "None"),
+            (
+                format!(
+                    "{:?}",
+                    FingerprintHeaders::only([
+                        HeaderName::from_static("x-tenant"),
+                        HeaderName::from_static("x-region"),
+                    ])
+                ),
+                r#"Only(["x-region", "x-tenant"])"#,
+            ),
+            (
+                format!("{:?}", FingerprintHeaders::all_except([header::USER_AGENT])),
+                r#"AllExcept(["connection", "content-length", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "user-agent"])"#,
+            ),
+        ];
+        for (debug, expected) in cases {
+            assert_eq!(debug, expected);
+        }
+    }
+
     /// A rule, and whether the layer is in JSON-RPC mode.
     #[derive(Debug, Default)]
     struct Mode {
