@@ -159,6 +159,54 @@ mod tests {
         assert_eq!(gathered.finish(), plain);
     }
 
+    /// SHA-256 of `chunks` put one after the other, through the buffer.
+    fn put_in_chunks(chunks: &[&[u8]]) -> [u8; 32] {
+        let mut hasher = FieldHasher::new();
+        for chunk in chunks {
+            hasher.put(chunk);
+        }
+        hasher.finish()
+    }
+
+    #[test]
+    fn bytes_put_in_any_chunks_hash_as_their_concatenation() {
+        let bytes: Vec<u8> = (0..=255).cycle().take(1200).collect();
+        // Chunk sizes that end exactly at, just before and just past the buffer's end, that
+        // start with more than it holds, and one byte at a time past it.
+        let splits: &[&[usize]] = &[
+            &[300],
+            &[256, 1],
+            &[255, 1, 1],
+            &[255, 2],
+            &[1; 300],
+            &[0, 256, 0, 256],
+            &[100, 156, 257, 1],
+            &[9, 700, 3],
+        ];
+        for sizes in splits {
+            let mut rest = &bytes[..];
+            let mut chunks = Vec::new();
+            for &size in *sizes {
+                let (chunk, tail) = rest.split_at(size);
+                chunks.push(chunk);
+                rest = tail;
+            }
+            let whole: [u8; 32] = Sha256::digest(chunks.concat()).into();
+            assert_eq!(put_in_chunks(&chunks), whole, "chunks of {sizes:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_chunks_hash_as_their_concatenation(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..600), 0..8),
+        ) {
+            let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let whole: [u8; 32] = Sha256::digest(chunks.concat()).into();
+            proptest::prop_assert_eq!(put_in_chunks(&chunks), whole);
+        }
+    }
+
     #[test]
     fn a_keyed_hasher_is_hmac_sha256_over_the_same_fields() {
         let long = vec![9u8; 700];
