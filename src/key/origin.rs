@@ -114,6 +114,7 @@ mod tests {
             .into_parts()
             .0;
         assert_eq!(sent_uri(&parts), "/eur/payouts?x=1");
+        assert_eq!(sent_path(&parts.extensions, &parts.uri), "/eur/payouts");
     }
 
     #[cfg(feature = "axum")]
@@ -130,6 +131,7 @@ mod tests {
         let addr = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 1), 50_123));
         parts.extensions.insert(ConnectInfo(addr));
         assert_eq!(sent_uri(&parts), "/eur/payouts");
+        assert_eq!(sent_path(&parts.extensions, &parts.uri), "/eur/payouts");
         assert_eq!(peer_ip(&parts.extensions), Some(addr.ip()));
         // A PeerAddr set by the application wins over the connection's address.
         let forwarded = IpAddr::from(Ipv4Addr::new(203, 0, 113, 9));

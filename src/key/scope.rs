@@ -193,6 +193,13 @@ mod tests {
     }
 
     #[test]
+    fn the_debug_form_names_the_scope_and_never_shows_a_closure() {
+        assert_eq!(format!("{:?}", Scope::Credentials), "Credentials");
+        let custom = Scope::Custom(Arc::new(|_: &Parts, _: &mut FieldHasher| {}));
+        assert_eq!(format!("{custom:?}"), "Custom(..)");
+    }
+
+    #[test]
     fn every_credential_header_separates_principals_for_client_and_derived_keys() {
         for name in [
             "authorization",
