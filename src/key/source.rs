@@ -317,6 +317,36 @@ mod tests {
     }
 
     #[test]
+    fn the_debug_form_names_each_source_and_never_shows_a_closure() {
+        let request_id = HeaderName::from_static("x-request-id");
+        let cases = [
+            (
+                KeySource::header(request_id.clone()),
+                r#"Header("x-request-id")"#,
+            ),
+            (
+                KeySource::delivery_header(
+                    HeaderName::from_static("x-github-delivery"),
+                    Delivery::GitHub,
+                ),
+                r#"Header("x-github-delivery", GitHub)"#,
+            ),
+            (KeySource::json_pointer("/id"), r#"JsonPointer("/id")"#),
+            (KeySource::from_fn(|_, _| None), "Fn(..)"),
+            (
+                KeySource::first_of([
+                    KeySource::header(request_id),
+                    KeySource::json_pointer("/id"),
+                ]),
+                r#"First([Header("x-request-id"), JsonPointer("/id")])"#,
+            ),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(format!("{source:?}"), expected);
+        }
+    }
+
+    #[test]
     fn key_sources_table() {
         let head = parts(
             Method::POST,

@@ -110,6 +110,25 @@ mod tests {
         builder.body(()).unwrap().into_parts().0
     }
 
+    #[test]
+    fn storage_keys_with_different_digests_hash_apart_and_print_twelve_hex_digits() {
+        fn hash_of(key: StorageKey) -> u64 {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut hasher);
+            hasher.finish()
+        }
+        let key = |first: u8, last: u8| {
+            let mut bytes = [0x5a; 32];
+            bytes[0] = first;
+            bytes[31] = last;
+            StorageKey::from_bytes(bytes)
+        };
+        assert_ne!(hash_of(key(1, 0)), hash_of(key(2, 0)));
+        assert_eq!(hash_of(key(1, 0)), hash_of(key(1, 0)));
+        assert_eq!(format!("{:?}", key(0xab, 0)), "StorageKey(ab5a5a5a5a5a…)");
+    }
+
     fn storage_key(scope: &Scope, parts: &Parts, key: &str) -> StorageKey {
         let key = IdempotencyKey::parse(key.as_bytes()).unwrap();
         StorageKey::derive(scope, &parts.method, parts, KeyRef::Client(&key))
