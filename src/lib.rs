@@ -1,3 +1,6 @@
+// The README is the crate's front page; docs/rustdoc-links.md, put first, points its links to
+// docs/*.md at the `guide` module below (the first definition of a Markdown link label wins).
+#![doc = include_str!("../docs/rustdoc-links.md")]
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![deny(unreachable_pub)]
@@ -69,3 +72,36 @@ pub use crate::store::postgres::PostgresStore;
 pub use crate::store::redis::{Durability, RedisStore};
 #[cfg(feature = "moka")]
 pub use crate::store::{cached::CachedStore, memory::MemoryStore};
+
+/// Guides: the pages of `docs/` in the repository, each one link away from the crate's front
+/// page.
+///
+/// Documentation only: these modules hold no items, and exist only when the docs are built
+/// (`cfg(doc)`) or their examples run (`cfg(doctest)`: the pages' Rust blocks are compiled and
+/// run as doc tests, as the README's are).
+#[cfg(any(doc, doctest))]
+pub mod guide {
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/how-it-works.md")]
+    pub mod how_it_works {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/stores.md")]
+    pub mod stores {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/recipes.md")]
+    pub mod recipes {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/operating.md")]
+    pub mod operating {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/performance.md")]
+    pub mod performance {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/reliability.md")]
+    pub mod reliability {}
+}
