@@ -43,6 +43,12 @@ cargo check --no-default-features --lib
 
 step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps
+# A README or docs/ link that docs/rustdoc-links.md does not redirect stays a relative link
+# to a .md file: fine on GitHub, broken on docs.rs. rustdoc does not warn about it.
+if grep -rEo 'href="[^"]*\.md(#[^"]*)?"' target/doc/tower_idempotency/index.html target/doc/tower_idempotency/guide; then
+    echo "error: links to .md files in the crate docs; add their labels to docs/rustdoc-links.md" >&2
+    exit 1
+fi
 
 # Offline: the crates are in cargo's cache by now. `cargo publish --dry-run` would also read
 # the crates.io index over the network, so it is not run here.
