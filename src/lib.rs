@@ -1,5 +1,9 @@
-// The README is the crate's front page; docs/rustdoc-links.md, put first, points its links to
-// docs/*.md at the `guide` module below (the first definition of a Markdown link label wins).
+// The README is the crate's front page. docs/rustdoc-links.md, put first here and on each
+// page of `guide` below, points the README's and the pages' links to docs/*.md at intra-doc
+// paths: the first definition of a Markdown link label wins, and relative links to .md files
+// work on GitHub, not on docs.rs. A label a page uses needs a line there (scripts/test.sh
+// fails on a .md link left in the built docs). Doc tests of the README and the pages are
+// reported under that file's name, at the page's line plus its line count.
 #![doc = include_str!("../docs/rustdoc-links.md")]
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
