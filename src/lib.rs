@@ -13,61 +13,40 @@
 
 #[cfg(feature = "axum")]
 pub mod admin;
-mod body;
-mod canonical;
-mod capture;
-mod catch_unwind;
-mod chunks;
-mod claim;
-mod config;
-mod digest;
-mod error;
-mod expiry;
 mod fingerprint;
-mod future;
-mod grpc;
+mod flow;
 // The fuzz targets' entry points; compiled for tests too, so that CI (stable, no cargo-fuzz)
 // builds and runs them.
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
-mod inspect;
-mod jsonrpc;
 mod key;
 mod layer;
-mod lease;
 mod observe;
-mod plan;
 mod problem;
-mod ready;
+mod protocol;
 mod record;
-mod recovery;
-mod reject;
-mod replay;
-mod service;
 pub mod store;
-mod stream;
-mod task;
 
 pub use crate::{
-    body::{RequestBody, ResponseBody},
-    claim::{Claim, FenceToken},
-    config::{
+    fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
+    flow::body::{RequestBody, ResponseBody},
+    flow::expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
+    flow::future::ResponseFuture,
+    flow::service::Idempotency,
+    key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, PeerAddr, StorageKey},
+    layer::IdempotencyLayer,
+    layer::config::{
         FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_CAPTURE_AFTER_DISCONNECT, MAX_LEASE,
         MAX_TTL, MAX_WAIT, MIN_LEASE, MissingKey, Recovery, WaitMode,
     },
-    error::{BoxError, StoreError, StoreErrorKind},
-    expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
-    fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
-    future::ResponseFuture,
-    grpc::{GrpcCode, grpc_message},
-    inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
-    key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, PeerAddr, StorageKey},
-    layer::IdempotencyLayer,
     problem::{Problem, ProblemKind, ProblemResponse},
+    protocol::grpc::{GrpcCode, grpc_message},
     record::{MAX_RECORD_HEADERS, Record, RecordError},
-    service::Idempotency,
     store::IdempotencyStore,
+    store::claim::{Claim, FenceToken},
+    store::error::{BoxError, StoreError, StoreErrorKind},
+    store::inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
 };
 
 #[cfg(feature = "postgres")]
