@@ -60,7 +60,7 @@ pub use crate::{
     problem::{Problem, ProblemKind, ProblemResponse},
     record::{MAX_RECORD_HEADERS, Record, RecordError},
     service::Idempotency,
-    store::IdempotencyStore,
+    store::{AdminStore, IdempotencyStore},
 };
 
 #[cfg(feature = "postgres")]

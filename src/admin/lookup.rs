@@ -14,13 +14,13 @@ use crate::{
     digest::Secret,
     inspect::LookupScope,
     key::{IdempotencyKey, KeyRef, Scope, StorageKey},
-    store::IdempotencyStore,
+    store::AdminStore,
 };
 
 /// The largest look-up body read.
 const MAX_LOOKUP_BODY: usize = 16 * 1024;
 
-impl<St: IdempotencyStore> AdminRouter<St> {
+impl<St: AdminStore> AdminRouter<St> {
     /// `POST /records/lookup`: what the store holds under the address the body gives.
     pub(super) async fn look_up(State(admin): Admin<St>, request: Request) -> Response {
         let (parts, body) = request.into_parts();
