@@ -100,7 +100,8 @@ mod record_cache;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-/// A backend for idempotency records: atomic primitives over one key each.
+/// A backend for idempotency records: atomic primitives over one key each, all that the
+/// layer calls on a request's path. Operator tools are the optional [`AdminStore`].
 ///
 /// Every operation that changes a claimed key is *fenced*: it names the [`FenceToken`]
 /// the claim was made with ([`claim_as`](IdempotencyStore::claim_as)) and is refused with

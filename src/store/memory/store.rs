@@ -1,5 +1,5 @@
-//! [`IdempotencyStore`] for [`MemoryStore`]: claiming a key, and every operation under its
-//! key's shard lock, with the cache of records asked with no lock held.
+//! [`IdempotencyStore`] and [`AdminStore`] for [`MemoryStore`]: claiming a key, and every
+//! operation under its key's shard lock, with the cache of records asked with no lock held.
 
 use std::{
     mem,

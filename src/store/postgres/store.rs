@@ -1,5 +1,5 @@
-//! [`PostgresStore`]'s [`IdempotencyStore`] implementation: claim-or-replay, the fenced
-//! statements, and waiting.
+//! [`PostgresStore`]'s [`IdempotencyStore`] and [`AdminStore`] implementations: claim-or-replay,
+//! the fenced statements, waiting, and the operator's tools.
 
 use std::{pin::pin, time::Duration};
 

@@ -1,5 +1,5 @@
-//! [`RedisStore`]'s [`IdempotencyStore`] implementation: claim-or-replay, the fenced scripts,
-//! and the operator's tools.
+//! [`RedisStore`]'s [`IdempotencyStore`] and [`AdminStore`] implementations: claim-or-replay,
+//! the fenced scripts, and the operator's tools.
 
 use std::time::{Duration, SystemTime};
 
