@@ -501,6 +501,30 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_checked_for_exactness_wherever_they_stand_and_never_inside_strings() {
+        // 2^64 is past 64 bits and has more digits than a double keeps: compared byte for byte.
+        let cases: [(&str, bool); 8] = [
+            (r#"[18446744073709551616]"#, false),
+            (
+                r#"["twenty-four characters\n", 18446744073709551616]"#,
+                false,
+            ),
+            (
+                r#"["an escaped quote \" then", 18446744073709551616]"#,
+                false,
+            ),
+            (r#"{"k\\":1,"n":18446744073709551616}"#, false),
+            (r#"["18446744073709551616"]"#, true),
+            (r#"["a \\\" b 18446744073709551616"]"#, true),
+            (r#"["ends in a backslash \\", 1]"#, true),
+            (r#"["\u0022", 18446744073709551615]"#, true),
+        ];
+        for (body, exact) in cases {
+            assert_eq!(parse(body.as_bytes()).is_some(), exact, "{body}");
+        }
+    }
+
+    #[test]
     fn exclusions_remove_what_the_pointer_names() {
         let doc = r#"{"id":"evt_1","created":1,"data":{"object":{"id":"ch_1","attempt":3}},"list":[10,20,30],"a/b":1,"m~n":2}"#;
         let cases = [
