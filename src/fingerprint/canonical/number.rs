@@ -278,3 +278,20 @@ impl fmt::Write for StackText {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_past_the_stack_buffer_is_cut_never_a_panic() {
+        let mut text = StackText::default();
+        text.push(b"0.000001");
+        text.push(&[b'9'; 50]);
+        assert_eq!(text.len(), 40);
+        assert_eq!(&text.as_bytes()[..8], b"0.000001");
+        assert!(text.as_bytes()[8..].iter().all(|&b| b == b'9'));
+        text.push(b"more");
+        assert_eq!(text.len(), 40);
+    }
+}
