@@ -1,3 +1,10 @@
+// The README is the crate's front page. docs/rustdoc-links.md, put first here and on each
+// page of `guide` below, points the README's and the pages' links to docs/*.md at intra-doc
+// paths: the first definition of a Markdown link label wins, and relative links to .md files
+// work on GitHub, not on docs.rs. A label a page uses needs a line there (scripts/test.sh
+// fails on a .md link left in the built docs). Doc tests of the README and the pages are
+// reported under that file's name, at the page's line plus its line count.
+#![doc = include_str!("../docs/rustdoc-links.md")]
 #![doc = include_str!("../README.md")]
 //!
 //! ## Where each item is
@@ -61,3 +68,36 @@ pub use crate::store::postgres::{self, connect::PostgresStore};
 pub use crate::store::redis::{self, connect::RedisStore};
 #[cfg(feature = "moka")]
 pub use crate::store::{cached::CachedStore, memory::MemoryStore};
+
+/// Guides: the pages of `docs/` in the repository, each one link away from the crate's front
+/// page.
+///
+/// Documentation only: these modules hold no items, and exist only when the docs are built
+/// (`cfg(doc)`) or their examples run (`cfg(doctest)`: the pages' Rust blocks are compiled and
+/// run as doc tests, as the README's are).
+#[cfg(any(doc, doctest))]
+pub mod guide {
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/how-it-works.md")]
+    pub mod how_it_works {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/stores.md")]
+    pub mod stores {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/recipes.md")]
+    pub mod recipes {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/operating.md")]
+    pub mod operating {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/performance.md")]
+    pub mod performance {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/reliability.md")]
+    pub mod reliability {}
+}
