@@ -12,8 +12,8 @@
 //! Every public item has one path. At the crate root: what an application names to protect
 //! a service (the layer, its service, future and bodies, the settings, key sources, problems,
 //! the header names and bounds) and what a store author names to implement
-//! [`IdempotencyStore`] (the trait, [`Claim`], [`FenceToken`], [`Record`], [`Fingerprint`],
-//! [`StorageKey`], [`StoreError`], the inspection types), and the stores themselves:
+//! [`IdempotencyStore`] and [`AdminStore`] (the traits, [`Claim`], [`FenceToken`], [`Record`],
+//! [`Fingerprint`], [`StorageKey`], [`StoreError`], the inspection types), and the stores:
 //! `MemoryStore`, `CachedStore`, `RedisStore`, `PostgresStore`. In a module named after its
 //! feature: what only that feature's users need, such as a store's settings types, helper
 //! types and defaults (`redis`: `Durability`, `SentinelConnection`; `postgres`:
@@ -56,10 +56,10 @@ pub use crate::{
     problem::{Problem, ProblemKind, ProblemResponse},
     protocol::grpc::GrpcCode,
     record::{MAX_RECORD_HEADERS, Record, RecordError},
-    store::IdempotencyStore,
     store::claim::{Claim, FenceToken},
     store::error::{BoxError, StoreError, StoreErrorKind},
     store::inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
+    store::{AdminStore, IdempotencyStore},
 };
 
 #[cfg(feature = "postgres")]

@@ -14,7 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use tower_idempotency::{
-    Claim, IdempotencyLayer, IdempotencyStore, RedisStore, StoreErrorKind, WaitMode,
+    AdminStore, Claim, IdempotencyLayer, IdempotencyStore, RedisStore, StoreErrorKind, WaitMode,
     redis::Durability,
 };
 
