@@ -225,18 +225,22 @@ where
     /// (which does not reconnect) — with `subscriber` opening the connection that receives
     /// notifications (for a cluster, any of its nodes).
     ///
-    /// Commands are bounded by the store's response timeout, whatever the connection's own.
-    /// With [`with_durability`](Self::with_durability), writes that wait for their
+    /// Commands are bounded by the store's response timeout, whatever the connection's own;
+    /// a connection with a response timeout of its own (a [`ConnectionManager`]'s is 500 ms
+    /// by default) starts a second timer for every command: `connect` sets none, as the
+    /// example does. With [`with_durability`](Self::with_durability), writes that wait for their
     /// acknowledgement share this one connection too (`connect`, `connect_cluster` and
     /// `connect_sentinel` open four more for them): each `WAIT` then holds up the commands
     /// queued behind it.
     ///
     /// ```no_run
+    /// use redis::aio::{ConnectionManager, ConnectionManagerConfig};
     /// use tower_idempotency::RedisStore;
     ///
     /// # async fn run() -> redis::RedisResult<()> {
     /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
-    /// let connection = client.get_connection_manager().await?;
+    /// let config = ConnectionManagerConfig::new().set_response_timeout(None);
+    /// let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
     /// let store = RedisStore::new(connection, client);
     /// # Ok(()) }
     /// ```
