@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole check: formatting, lints, every test (Redis and Postgres ones start their own
-# servers), docs with warnings denied, benches compile, the load script runs, the memory flood
-# (in release), a 20 s soak with redis-server killed twice, and the declared minimum Rust
-# version builds.
+# servers), docs with warnings denied, the published package (its files, and that it builds
+# alone), benches compile, the load script runs, the memory flood (in release), a 20 s soak
+# with redis-server killed twice, and the declared minimum Rust version builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +43,22 @@ cargo check --no-default-features --lib
 
 step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps
+# A README or docs/ link that docs/rustdoc-links.md does not redirect stays a relative link
+# to a .md file: fine on GitHub, broken on docs.rs. rustdoc does not warn about it.
+if grep -rEo 'href="[^"]*\.md(#[^"]*)?"' target/doc/tower_idempotency/index.html target/doc/tower_idempotency/guide; then
+    echo "error: links to .md files in the crate docs; add their labels to docs/rustdoc-links.md" >&2
+    exit 1
+fi
+
+# Offline: the crates are in cargo's cache by now. `cargo publish --dry-run` would also read
+# the crates.io index over the network, so it is not run here.
+step "the published package: only what a user needs (Cargo.toml include), and it builds alone"
+packaged=$(cargo package --list --allow-dirty --offline)
+if grep -E '^(tests|benches|examples|scripts|fuzz|proptest-regressions|\.ci)/' <<<"$packaged"; then
+    echo "error: the package would ship the files above; see include in Cargo.toml" >&2
+    exit 1
+fi
+cargo package --allow-dirty --offline
 
 step "benches compile (criterion; numbers come from running them, never from tests)"
 cargo bench --all-features --no-run

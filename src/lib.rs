@@ -1,3 +1,10 @@
+// The README is the crate's front page. docs/rustdoc-links.md, put first here and on each
+// page of `guide` below, points the README's and the pages' links to docs/*.md at intra-doc
+// paths: the first definition of a Markdown link label wins, and relative links to .md files
+// work on GitHub, not on docs.rs. A label a page uses needs a line there (scripts/test.sh
+// fails on a .md link left in the built docs). Doc tests of the README and the pages are
+// reported under that file's name, at the page's line plus its line count.
+#![doc = include_str!("../docs/rustdoc-links.md")]
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![deny(unreachable_pub)]
@@ -6,61 +13,40 @@
 
 #[cfg(feature = "axum")]
 pub mod admin;
-mod body;
-mod canonical;
-mod capture;
-mod catch_unwind;
-mod chunks;
-mod claim;
-mod config;
-mod digest;
-mod error;
-mod expiry;
 mod fingerprint;
-mod future;
-mod grpc;
+mod flow;
 // The fuzz targets' entry points; compiled for tests too, so that CI (stable, no cargo-fuzz)
 // builds and runs them.
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
-mod inspect;
-mod jsonrpc;
 mod key;
 mod layer;
-mod lease;
 mod observe;
-mod plan;
 mod problem;
-mod ready;
+mod protocol;
 mod record;
-mod recovery;
-mod reject;
-mod replay;
-mod service;
 pub mod store;
-mod stream;
-mod task;
 
 pub use crate::{
-    body::{RequestBody, ResponseBody},
-    claim::{Claim, FenceToken},
-    config::{
+    fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
+    flow::body::{RequestBody, ResponseBody},
+    flow::expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
+    flow::future::ResponseFuture,
+    flow::service::Idempotency,
+    key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, PeerAddr, StorageKey},
+    layer::IdempotencyLayer,
+    layer::config::{
         FailMode, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, MAX_CAPTURE_AFTER_DISCONNECT, MAX_LEASE,
         MAX_TTL, MAX_WAIT, MIN_LEASE, MissingKey, Recovery, WaitMode,
     },
-    error::{BoxError, StoreError, StoreErrorKind},
-    expiry::IDEMPOTENCY_KEY_EXPIRES_IN,
-    fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
-    future::ResponseFuture,
-    grpc::{GrpcCode, grpc_message},
-    inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
-    key::{IdempotencyKey, KeyError, KeySource, MAX_KEY_LEN, PeerAddr, StorageKey},
-    layer::IdempotencyLayer,
     problem::{Problem, ProblemKind, ProblemResponse},
+    protocol::grpc::{GrpcCode, grpc_message},
     record::{MAX_RECORD_HEADERS, Record, RecordError},
-    service::Idempotency,
     store::IdempotencyStore,
+    store::claim::{Claim, FenceToken},
+    store::error::{BoxError, StoreError, StoreErrorKind},
+    store::inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
 };
 
 #[cfg(feature = "postgres")]
@@ -69,3 +55,36 @@ pub use crate::store::postgres::PostgresStore;
 pub use crate::store::redis::{Durability, RedisStore};
 #[cfg(feature = "moka")]
 pub use crate::store::{cached::CachedStore, memory::MemoryStore};
+
+/// Guides: the pages of `docs/` in the repository, each one link away from the crate's front
+/// page.
+///
+/// Documentation only: these modules hold no items, and exist only when the docs are built
+/// (`cfg(doc)`) or their examples run (`cfg(doctest)`: the pages' Rust blocks are compiled and
+/// run as doc tests, as the README's are).
+#[cfg(any(doc, doctest))]
+pub mod guide {
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/how-it-works.md")]
+    pub mod how_it_works {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/stores.md")]
+    pub mod stores {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/recipes.md")]
+    pub mod recipes {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/operating.md")]
+    pub mod operating {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/performance.md")]
+    pub mod performance {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/reliability.md")]
+    pub mod reliability {}
+}

@@ -7,9 +7,9 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
 use crate::{
-    digest::hex,
-    inspect::{ClaimInfo, RecordInfo},
+    fingerprint::digest::hex,
     key::StorageKey,
+    store::inspect::{ClaimInfo, RecordInfo},
 };
 
 pub(super) fn unix_ms(at: SystemTime) -> Value {

@@ -10,11 +10,11 @@ use serde_json::Value;
 
 use super::{Admin, AdminRouter, json::bad_request};
 use crate::{
-    config::Config,
-    digest::Secret,
-    inspect::LookupScope,
+    fingerprint::digest::Secret,
     key::{IdempotencyKey, KeyRef, Scope, StorageKey},
+    layer::config::Config,
     store::IdempotencyStore,
+    store::inspect::LookupScope,
 };
 
 /// The largest look-up body read.

@@ -6,7 +6,7 @@
 
 use http::{HeaderMap, HeaderName};
 
-use crate::digest::FieldHasher;
+use crate::fingerprint::digest::FieldHasher;
 
 /// What tells GitHub's subscribers of one event apart: the hook, and the resource it was
 /// created on (a repository, an organisation, an App).

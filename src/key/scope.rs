@@ -12,7 +12,7 @@ use std::{fmt, net::IpAddr, sync::Arc};
 use http::{Extensions, HeaderMap, HeaderName, header, request::Parts};
 
 use super::origin::peer_ip;
-use crate::digest::FieldHasher;
+use crate::fingerprint::digest::FieldHasher;
 
 type ScopeFn = Arc<dyn Fn(&Parts, &mut FieldHasher) + Send + Sync>;
 

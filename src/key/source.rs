@@ -104,7 +104,7 @@ impl KeySource {
     where
         F: Fn(&[u8]) -> Option<String> + Send + Sync + 'static,
     {
-        Self::from_fn(move |_parts, body| crate::grpc::grpc_message(body).and_then(&f))
+        Self::from_fn(move |_parts, body| crate::protocol::grpc::grpc_message(body).and_then(&f))
     }
 
     /// Several sources, asked in order: the first that finds a key (or an invalid one, which

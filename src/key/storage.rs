@@ -7,8 +7,8 @@ use http::{Method, request::Parts};
 
 use super::{IdempotencyKey, Scope, delivery::Delivery, origin::sent_uri};
 use crate::{
-    digest::{FieldHasher, hex},
     fingerprint::Fingerprint,
+    fingerprint::digest::{FieldHasher, hex},
 };
 
 /// The hasher a storage key is derived with.

@@ -5,7 +5,7 @@ use http::StatusCode;
 
 use super::IdempotencyLayer;
 use crate::{
-    digest::Secret,
+    fingerprint::digest::Secret,
     fingerprint::{BodyFingerprint, FingerprintHeaders},
     store::IdempotencyStore,
 };

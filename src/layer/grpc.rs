@@ -7,7 +7,7 @@
 //! `GrpcWebLayer`, which hands it gRPC calls.
 
 use super::IdempotencyLayer;
-use crate::{grpc::GrpcCode, store::IdempotencyStore};
+use crate::{protocol::grpc::GrpcCode, store::IdempotencyStore};
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// The streaming methods of the gRPC services behind the layer, by path

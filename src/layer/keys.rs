@@ -5,8 +5,8 @@ use http::{HeaderName, Method, request};
 
 use super::IdempotencyLayer;
 use crate::{
-    config::{MAX_TTL, MissingKey},
     key::{KeySource, Scope},
+    layer::config::{MAX_TTL, MissingKey},
     store::IdempotencyStore,
 };
 

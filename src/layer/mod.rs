@@ -6,6 +6,7 @@
 //! responses, metrics and abandoned claims); `grpc` (gRPC calls: which stream, which answers
 //! are kept).
 
+pub(crate) mod config;
 mod fingerprint;
 mod grpc;
 mod keys;
@@ -16,7 +17,7 @@ use std::{fmt, sync::Arc};
 
 use tower_layer::Layer;
 
-use crate::{config::Config, service::Idempotency, store::IdempotencyStore};
+use crate::{flow::service::Idempotency, layer::config::Config, store::IdempotencyStore};
 
 /// Applies [`Idempotency`] to a service: retried and duplicated requests run the handler at
 /// most once per key, and every retry gets the first response, byte for byte.

@@ -7,7 +7,7 @@ use http::request;
 
 use super::IdempotencyLayer;
 use crate::{
-    config::{FailMode, OnAbandoned, Recovery},
+    layer::config::{FailMode, OnAbandoned, Recovery},
     problem::ProblemResponse,
     store::IdempotencyStore,
 };

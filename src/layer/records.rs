@@ -7,7 +7,9 @@ use http::{HeaderName, response};
 
 use super::IdempotencyLayer;
 use crate::{
-    config::{MAX_CAPTURE_AFTER_DISCONNECT, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE, WaitMode},
+    layer::config::{
+        MAX_CAPTURE_AFTER_DISCONNECT, MAX_LEASE, MAX_TTL, MAX_WAIT, MIN_LEASE, WaitMode,
+    },
     store::IdempotencyStore,
 };
 

@@ -16,9 +16,9 @@ use tracing::{Span, field};
 use super::metrics;
 use super::{AbandonedAction, Op, Outcome, RecordResult, Renewal};
 use crate::{
-    claim::Claim,
-    error::{StoreError, StoreErrorKind},
     key::StorageKey,
+    store::claim::Claim,
+    store::error::{StoreError, StoreErrorKind},
 };
 
 /// The route label of a layer that was not given one.

@@ -24,7 +24,9 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, header};
 
 use super::{Problem, ProblemKind};
-use crate::grpc::{GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, GrpcCode, percent_encode};
+use crate::protocol::grpc::{
+    GRPC_MESSAGE, GRPC_RETRY_PUSHBACK_MS, GRPC_STATUS, GrpcCode, percent_encode,
+};
 
 /// The metadata naming which rule a rejected call broke: the problem's `type` URI.
 pub(crate) const IDEMPOTENCY_PROBLEM: HeaderName = HeaderName::from_static("idempotency-problem");
@@ -79,7 +81,7 @@ mod tests {
     use http::StatusCode;
 
     use super::*;
-    use crate::grpc::{self, percent_decode};
+    use crate::protocol::grpc::{self, percent_decode};
 
     fn problems() -> [Problem; 11] {
         [

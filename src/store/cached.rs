@@ -11,11 +11,11 @@ use super::{
     record_cache::{self, RecordCache},
 };
 use crate::{
-    error::StoreError,
     fingerprint::Fingerprint,
-    inspect::{ClaimPage, Inspection, ListCursor},
     key::StorageKey,
     record::Record,
+    store::error::StoreError,
+    store::inspect::{ClaimPage, Inspection, ListCursor},
 };
 
 /// A cache of completed records in front of another store, usually a remote one.

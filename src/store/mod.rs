@@ -129,17 +129,20 @@
 
 use std::{future::Future, time::Duration};
 
-pub use crate::claim::{Claim, FenceToken};
+pub use self::claim::{Claim, FenceToken};
 use crate::{
-    error::StoreError,
     fingerprint::Fingerprint,
-    inspect::{ClaimPage, Inspection, ListCursor},
     key::StorageKey,
     record::Record,
+    store::error::StoreError,
+    store::inspect::{ClaimPage, Inspection, ListCursor},
 };
 
 #[cfg(feature = "moka")]
 pub mod cached;
+pub(crate) mod claim;
+pub(crate) mod error;
+pub(crate) mod inspect;
 #[cfg(feature = "moka")]
 pub mod memory;
 #[cfg(feature = "postgres")]

@@ -26,7 +26,7 @@ use moka::{notification::RemovalCause, ops::compute::Op, policy::EvictionPolicy,
 // Tokio's clock is the system's, but tests can pause and advance it.
 use tokio::time::Instant;
 
-use crate::{config::MAX_TTL, key::StorageKey, record::Record};
+use crate::{key::StorageKey, layer::config::MAX_TTL, record::Record};
 
 /// Called whenever moka calls back into the cache (weighing a record, evicting one): tests
 /// use it to check that no lock of the store is held while moka runs.

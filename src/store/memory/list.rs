@@ -18,9 +18,9 @@ use super::{
     shard::{BYTES_PER_SHARD, SHARDS, Slot, claim_info, lock, shard_index},
 };
 use crate::{
-    error::{StoreError, StoreErrorKind},
-    inspect::{ClaimInfo, ClaimPage, ListCursor},
     key::StorageKey,
+    store::error::{StoreError, StoreErrorKind},
+    store::inspect::{ClaimInfo, ClaimPage, ListCursor},
 };
 
 /// Shards one page looks through at most: with the page's limit, what bounds its work.

@@ -13,11 +13,11 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
-    claim::{Claim, FenceToken},
     fingerprint::Fingerprint,
-    inspect::ClaimInfo,
     key::StorageKey,
     record::Record,
+    store::claim::{Claim, FenceToken},
+    store::inspect::ClaimInfo,
 };
 
 /// Claims are spread over this many independently locked maps, so requests for different

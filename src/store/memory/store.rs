@@ -14,13 +14,13 @@ use super::{
     shard::{Claims, InFlight, Settle, Slot, claim_info, held, lock},
 };
 use crate::{
-    claim::{Claim, FenceToken},
-    config::{MAX_LEASE, MAX_TTL},
-    error::StoreError,
     fingerprint::Fingerprint,
-    inspect::{ClaimPage, Inspection, ListCursor, RecordInfo},
     key::StorageKey,
+    layer::config::{MAX_LEASE, MAX_TTL},
     record::Record,
+    store::claim::{Claim, FenceToken},
+    store::error::StoreError,
+    store::inspect::{ClaimPage, Inspection, ListCursor, RecordInfo},
     store::{IdempotencyStore, record_cache},
 };
 

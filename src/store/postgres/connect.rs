@@ -11,7 +11,7 @@ use super::{
     schema::{self, Statements, Table},
     transaction::Transactions,
 };
-use crate::error::StoreError;
+use crate::store::error::StoreError;
 
 /// The default bound on each statement, waiting for a pooled connection included: 2 s.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);

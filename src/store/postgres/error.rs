@@ -2,7 +2,7 @@
 
 use std::{fmt, time::Duration};
 
-use crate::error::{StoreError, StoreErrorKind};
+use crate::store::error::{StoreError, StoreErrorKind};
 
 /// An error sqlx reported, by kind: the server or the pool out of reach, or a failure that
 /// is not transient, or a failure of the database to keep a promise (serialization, deadlock)

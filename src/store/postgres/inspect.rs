@@ -12,12 +12,12 @@ use super::{
     store::{bytes32, millis, token_of},
 };
 use crate::{
-    config::MAX_TTL,
-    error::StoreError,
     fingerprint::Fingerprint,
-    inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, RecordInfo},
     key::StorageKey,
+    layer::config::MAX_TTL,
     record::Record,
+    store::error::StoreError,
+    store::inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, RecordInfo},
 };
 
 /// The most rows one call of [`PostgresStore::purge_expired`] deletes.

@@ -16,8 +16,8 @@ use super::{
     script::Script,
 };
 use crate::{
-    error::StoreError,
     key::StorageKey,
+    store::error::StoreError,
     store::{Claim, FenceToken},
 };
 

@@ -54,9 +54,9 @@ use bytes::Bytes;
 
 use super::error::Unexpected;
 use crate::{
-    error::StoreError,
     fingerprint::Fingerprint,
     record::{Record, RecordError, check_head},
+    store::error::StoreError,
     store::{Claim, FenceToken},
 };
 
@@ -276,7 +276,7 @@ fn check_envelope_decode(bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::StoreErrorKind;
+    use crate::store::error::StoreErrorKind;
 
     #[test]
     fn a_held_value_is_a_claim_in_flight_or_a_record_and_anything_else_corrupt() {

@@ -17,8 +17,8 @@ use super::{
     notify::{Notifier, Subscribers},
 };
 use crate::{
-    config::MAX_TTL, digest::push_hex, error::StoreError, key::StorageKey,
-    observe::ShortfallCounter,
+    fingerprint::digest::push_hex, key::StorageKey, layer::config::MAX_TTL,
+    observe::ShortfallCounter, store::error::StoreError,
 };
 
 /// The default key prefix: `idempotency:`.

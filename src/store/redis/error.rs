@@ -4,7 +4,7 @@ use std::{fmt, time::Duration};
 
 use ::redis::{ErrorKind, RedisError, ServerErrorKind};
 
-use crate::error::{StoreError, StoreErrorKind};
+use crate::store::error::{StoreError, StoreErrorKind};
 
 pub(super) fn timed_out(after: Duration) -> StoreError {
     StoreError::unavailable(std::io::Error::new(

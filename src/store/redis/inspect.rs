@@ -15,9 +15,9 @@ use super::{
     script::INSPECT,
 };
 use crate::{
-    error::{StoreError, StoreErrorKind},
-    inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, RecordInfo},
     key::StorageKey,
+    store::error::{StoreError, StoreErrorKind},
+    store::inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, RecordInfo},
 };
 
 /// `SCAN` calls one page may make at most, so a page's work is bounded whatever is found.

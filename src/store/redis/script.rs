@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use ::redis::{Cmd, ErrorKind, ServerErrorKind, Value, aio::ConnectionLike};
 
 use super::{connect::RedisStore, error::store_error};
-use crate::{error::StoreError, key::StorageKey};
+use crate::{key::StorageKey, store::error::StoreError};
 
 /// A Lua script and its SHA-1, the name `EVALSHA` knows it by.
 pub(super) struct Script {

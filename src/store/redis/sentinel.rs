@@ -38,7 +38,7 @@ use super::{
     notify::Subscribers,
     resolver::Resolver,
 };
-use crate::error::StoreError;
+use crate::store::error::StoreError;
 
 /// After a failed look-up, commands fail at once for this long rather than each asking the
 /// Sentinels again (a failover takes seconds; requests arrive by the thousand).

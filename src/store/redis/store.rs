@@ -14,12 +14,12 @@ use super::{
     script::{BREAK, COMPLETE, FORGET, HELD, RELEASE, RENEW, Script, WATCH},
 };
 use crate::{
-    config::{MAX_LEASE, MAX_TTL},
-    error::{StoreError, StoreErrorKind},
     fingerprint::Fingerprint,
-    inspect::{ClaimPage, Inspection, ListCursor},
     key::StorageKey,
+    layer::config::{MAX_LEASE, MAX_TTL},
     record::Record,
+    store::error::{StoreError, StoreErrorKind},
+    store::inspect::{ClaimPage, Inspection, ListCursor},
     store::{Claim, FenceToken, IdempotencyStore},
 };
 

@@ -11,11 +11,11 @@ use std::{
 use http::{HeaderValue, Method, Request, StatusCode, header};
 
 use crate::{
-    claim::FenceToken,
-    digest::{FieldHasher, Secret},
     fingerprint::Fingerprint,
+    fingerprint::digest::{FieldHasher, Secret},
     key::{IdempotencyKey, KeyRef, Scope, StorageKey},
     record::Record,
+    store::claim::FenceToken,
 };
 
 /// What a store holds under one key, as [`IdempotencyStore::inspect`] reports it.

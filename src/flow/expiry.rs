@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
-use crate::{config::Config, problem::ProblemKind};
+use crate::{layer::config::Config, problem::ProblemKind};
 
 /// `Idempotency-Key-Expires-In`: how many whole seconds from now the key will be honoured
 /// (retries replayed rather than executed). Sent only when

@@ -24,12 +24,12 @@ use std::{
 use tokio::time::{Instant, Sleep};
 
 use crate::{
-    error::{StoreError, StoreErrorKind},
+    flow::task::spawn,
     key::StorageKey,
     observe::{Describe, Observer, Op, RecordResult, Renewal as Renewed},
     record::Record,
+    store::error::{StoreError, StoreErrorKind},
     store::{FenceToken, IdempotencyStore},
-    task::spawn,
 };
 
 /// The first pause before a failed completion or release is tried again; it doubles up to

@@ -10,12 +10,12 @@ use bytes::Bytes;
 use http::{Extensions, HeaderMap, request::Parts};
 
 use crate::{
-    config::{Config, MissingKey},
     fingerprint::Fingerprint,
-    grpc,
-    jsonrpc::Rpc,
     key::{Delivery, Found, IdempotencyKey, KeyRef, StorageKey},
+    layer::config::{Config, MissingKey},
     problem::Problem,
+    protocol::grpc,
+    protocol::jsonrpc::Rpc,
 };
 
 /// What the request head says.

@@ -15,7 +15,7 @@
 //! ```
 //!
 //! - **ReadBody**: the body is read whole, up to the limit, fingerprinted, and its key found
-//!   ([`plan`](crate::plan)). **ReadUnkeyed** does the same for a request without a key;
+//!   ([`plan`](crate::flow::plan)). **ReadUnkeyed** does the same for a request without a key;
 //!   past the limit, what was read and the rest of the body go to the handler unprotected.
 //! - **Claim**: a claim (or a take-over of an abandoned claim) is on its way to the store.
 //! - **Probe**: the key is claimed, and the secret was rotated: the addresses the key had
@@ -25,7 +25,7 @@
 //! - **Ready**: the inner service is made ready again if it gave its readiness back to wait
 //!   (a `ConcurrencyLimit` permit is never held across a wait).
 //! - **Run**: the handler runs, its [`Lease`] renewed beside it; its response is then
-//!   [settled](crate::capture::settle): a whole body's record is stored before the response
+//!   [settled](crate::flow::capture::settle): a whole body's record is stored before the response
 //!   goes out; a streamed body is captured by a task of its own.
 //! - **Finish**: the record is stored (or the key released); then the response is answered.
 //!
@@ -56,21 +56,21 @@ mod step;
 
 use rotation::Found;
 
-use super::{Output, Work};
+use super::future::{Output, Work};
 use crate::{
-    body::{self, Chunks, RequestBody},
-    catch_unwind::{CatchUnwind, Panic},
-    config::Config,
-    error::{BoxError, StoreError},
     fingerprint::Fingerprint,
-    jsonrpc::Rpc,
+    flow::body::{self, Chunks, RequestBody},
+    flow::catch_unwind::{CatchUnwind, Panic},
+    flow::lease::{Kept, Lease, Renewal},
+    flow::plan::{Key, KeyPlan},
+    flow::ready::Inner,
+    flow::reject::nobody_listens,
     key::StorageKey,
-    lease::{Kept, Lease, Renewal},
+    layer::config::Config,
     observe::{Op, WaitClock},
-    plan::{Key, KeyPlan},
     problem::{Problem, ProblemKind},
-    ready::Inner,
-    reject::nobody_listens,
+    protocol::jsonrpc::Rpc,
+    store::error::{BoxError, StoreError},
     store::{Claim, FenceToken, IdempotencyStore},
 };
 
@@ -470,7 +470,7 @@ where
         }
         // Without a runtime the work is dropped; a claim it held frees itself when its lease
         // ends.
-        crate::task::spawn(async move {
+        crate::flow::task::spawn(async move {
             let _ = std::future::poll_fn(|cx| self.as_mut().poll_work(cx)).await;
         });
     }

@@ -7,8 +7,8 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-pub(crate) use crate::chunks::Chunks;
-use crate::{error::BoxError, problem::Problem, stream::Receiver};
+pub(crate) use crate::flow::chunks::Chunks;
+use crate::{flow::stream::Receiver, problem::Problem, store::error::BoxError};
 use bytes::Bytes;
 use http::{HeaderMap, header, request};
 use http_body::{Body, Frame, SizeHint};
@@ -323,7 +323,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_that_closes_without_end_is_an_error() {
-        let (tx, rx) = crate::stream::channel(captured(b"part"));
+        let (tx, rx) = crate::flow::stream::channel(captured(b"part"));
         drop(tx);
         let mut body = ResponseBody::<Plain>::channel(rx);
         let first = body.frame().await.unwrap().unwrap();
@@ -335,7 +335,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_that_ends_is_a_complete_body() {
-        let (tx, rx) = crate::stream::channel(captured(b"a"));
+        let (tx, rx) = crate::flow::stream::channel(captured(b"a"));
         tx.capture(Bytes::from_static(b"b"));
         tx.end();
         let body = ResponseBody::<Plain>::channel(rx);

@@ -3,7 +3,10 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, Version, header};
 
-use crate::{body::ResponseBody, config::Config, jsonrpc::Rpc, observe::Outcome, problem::Problem};
+use crate::{
+    flow::body::ResponseBody, layer::config::Config, observe::Outcome, problem::Problem,
+    protocol::jsonrpc::Rpc,
+};
 
 /// The one way the layer answers a request with a problem: every rejection is observed here.
 /// A JSON-RPC request (`rpc`) is answered with a JSON-RPC error carrying its `id`.

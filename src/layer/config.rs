@@ -6,13 +6,13 @@ use bytes::Bytes;
 use http::{HeaderName, Method, Response, StatusCode, request::Parts, response};
 
 use crate::{
-    digest::{FieldHasher, Secret},
+    fingerprint::digest::{FieldHasher, Secret},
     fingerprint::{Fingerprint, FingerprintRule},
-    grpc,
-    jsonrpc::{self, Rpc},
     key::{Delivery, IdempotencyKey, KeyRef, KeySource, Scope, StorageKey, sent_uri},
     observe::{self, Observer},
     problem::{Problem, ProblemResponse},
+    protocol::grpc,
+    protocol::jsonrpc::{self, Rpc},
 };
 
 /// The request header that carries the key: `Idempotency-Key`.
@@ -257,7 +257,7 @@ impl Config {
 
     /// Where a request's record was kept under each previous secret, newest first: the
     /// address and the fingerprint, both computed with that secret as the current ones are
-    /// ([`plan::after_body`](crate::plan)). `client` is the key the request carries and the
+    /// ([`plan::after_body`](crate::flow::plan)). `client` is the key the request carries and the
     /// delivery it was found for (`None`: its key is derived from its fingerprint).
     pub(crate) fn previous_addresses(
         &self,
@@ -465,7 +465,7 @@ mod tests {
         use http::Request;
 
         use crate::{
-            digest::Secret,
+            fingerprint::digest::Secret,
             key::{IdempotencyKey, Scope},
         };
 

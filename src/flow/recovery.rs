@@ -6,8 +6,8 @@
 use http::request::Parts;
 
 use crate::{
-    config::{Config, Recovery},
     fingerprint::Fingerprint,
+    layer::config::{Config, Recovery},
     observe::AbandonedAction,
     problem::Problem,
 };

@@ -11,20 +11,20 @@ use tower_service::Service;
 
 use super::{Ctx, Held, Keyed, LeaseOp, Pending, State, Step, StoreOp};
 use crate::{
-    body::{Chunks, RequestBody, ResponseBody},
-    capture::{self, Settled},
-    catch_unwind::{self, CatchUnwind, Panic},
-    config::{FailMode, WaitMode},
-    error::{BoxError, StoreError, StoreErrorKind},
-    jsonrpc::{self, Rpc},
+    flow::body::{Chunks, RequestBody, ResponseBody},
+    flow::capture::{self, Settled},
+    flow::catch_unwind::{self, CatchUnwind, Panic},
+    flow::lease::{Lease, Renewal},
+    flow::plan::{self, KeyPlan, Keying},
+    flow::recovery::on_abandoned,
+    flow::reject::{close_connection, nobody_listens, reject},
+    flow::replay::{Retry, replay},
     key::StorageKey,
-    lease::{Lease, Renewal},
+    layer::config::{FailMode, WaitMode},
     observe::{Describe, Op, Outcome, RecordResult},
-    plan::{self, KeyPlan, Keying},
     problem::Problem,
-    recovery::on_abandoned,
-    reject::{close_connection, nobody_listens, reject},
-    replay::{Retry, replay},
+    protocol::jsonrpc::{self, Rpc},
+    store::error::{BoxError, StoreError, StoreErrorKind},
     store::{Claim, FenceToken, IdempotencyStore},
 };
 

@@ -28,8 +28,8 @@ use http::HeaderMap;
 use http_body::Frame;
 
 use crate::{
-    chunks::{Chunks, Cursor},
-    error::BoxError,
+    flow::chunks::{Chunks, Cursor},
+    store::error::BoxError,
 };
 
 /// What frames past the capture limit may cost, queued for the client, before the producer

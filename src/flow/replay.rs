@@ -5,13 +5,13 @@ use std::time::Duration;
 use http::{HeaderValue, Response};
 
 use crate::{
-    body::ResponseBody,
-    config::{Config, IDEMPOTENT_REPLAYED},
-    expiry,
     fingerprint::Fingerprint,
-    jsonrpc::{self, Rpc},
+    flow::body::ResponseBody,
+    flow::expiry,
+    layer::config::{Config, IDEMPOTENT_REPLAYED},
     observe::Outcome,
     problem::Problem,
+    protocol::jsonrpc::{self, Rpc},
     record::Record,
 };
 

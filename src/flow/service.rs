@@ -1,12 +1,12 @@
 //! [`Idempotency`]: decides whether a request passes through or is protected, and hands a
-//! protected one to its [`Flow`](crate::future) (read, claim, replay | wait | run, store).
+//! protected one to its [`Flow`](crate::flow::machine) (read, claim, replay | wait | run, store).
 //!
 //! 1. Unprotected method, or a gRPC call of a streaming method → pass through (no
 //!    allocation, no store call, body untouched).
 //! 2. Find the key: the key header (invalid → 400), else a configured key source, else the
 //!    missing-key policy (pass through, 400, or derive the key from the request: only when
 //!    its scope tells its sender apart, else it passes through unprotected, counted).
-//! 3. Anything else is protected: see [`future`](crate::future) for the rest of its flow.
+//! 3. Anything else is protected: see [`future`](crate::flow::future) for the rest of its flow.
 
 use std::{
     fmt,
@@ -23,18 +23,19 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    body::{Chunks, RequestBody, ResponseBody, poll_read_limited},
-    config::Config,
-    error::BoxError,
-    future::{Flow, ResponseFuture, send_claim},
-    grpc::{self, Call},
-    jsonrpc::Rpc,
+    flow::body::{Chunks, RequestBody, ResponseBody, poll_read_limited},
+    flow::future::ResponseFuture,
+    flow::machine::{Flow, send_claim},
+    flow::plan::{self, Head},
+    flow::reject::{close_connection, reject},
     key::sent_path,
+    layer::config::Config,
     observe::Outcome,
-    plan::{self, Head},
     problem::Problem,
-    reject::{close_connection, reject},
+    protocol::grpc::{self, Call},
+    protocol::jsonrpc::Rpc,
     store::IdempotencyStore,
+    store::error::BoxError,
 };
 
 /// Middleware that runs a request's handler at most once per idempotency key and replays the

@@ -1,11 +1,9 @@
 //! [`ResponseFuture`]: the future [`Idempotency`](crate::Idempotency) returns, and the flow
-//! of one protected request ([`flow`]), as a state machine.
+//! of one protected request ([`machine`](super::machine)), as a state machine.
 //!
 //! Requests the layer lets through poll the inner future in place; a protected request is a
-//! boxed [`Flow`], which [`ResponseFuture`] polls and, if its client goes away, hands on to
-//! finish what must not be cut short.
-
-mod flow;
+//! boxed [`Flow`](super::machine::Flow), which [`ResponseFuture`] polls and, if its client
+//! goes away, hands on to finish what must not be cut short.
 
 use std::{
     fmt,
@@ -17,9 +15,7 @@ use std::{
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::body::ResponseBody;
-
-pub(crate) use self::flow::{Flow, send_claim};
+use crate::flow::body::ResponseBody;
 
 /// What a protected request answers.
 pub(crate) type Output<B, E> = Result<Response<ResponseBody<B>>, E>;

@@ -16,16 +16,16 @@ use tower_service::Service;
 
 use super::{Ctx, Keyed, LeaseOp, Probing, State, Step, step::FlowStep};
 use crate::{
-    body::RequestBody,
-    error::{BoxError, StoreError},
     fingerprint::Fingerprint,
+    flow::body::RequestBody,
+    flow::lease::{Lease, Renewal},
+    flow::recovery::on_abandoned,
+    flow::reject::{nobody_listens, reject},
+    flow::replay::{Retry, replay},
     key::StorageKey,
-    lease::{Lease, Renewal},
     observe::{Op, RecordResult},
     problem::Problem,
-    recovery::on_abandoned,
-    reject::{nobody_listens, reject},
-    replay::{Retry, replay},
+    store::error::{BoxError, StoreError},
     store::{Claim, IdempotencyStore},
 };
 

@@ -9,17 +9,17 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame};
 
 use crate::{
-    catch_unwind,
-    error::BoxError,
     fingerprint::Fingerprint,
-    grpc,
-    jsonrpc::{self, Rpc},
-    lease::{Kept, Lease},
+    flow::catch_unwind,
+    flow::lease::{Kept, Lease},
+    flow::stream::Sender,
+    flow::task,
     observe::RecordResult,
+    protocol::grpc,
+    protocol::jsonrpc::{self, Rpc},
     record::Record,
     store::IdempotencyStore,
-    stream::Sender,
-    task,
+    store::error::BoxError,
 };
 
 /// Whether a whole response within the limit is kept for replay, besides the store-when

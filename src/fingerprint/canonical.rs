@@ -28,7 +28,7 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
-use crate::digest::FieldHasher;
+use crate::fingerprint::digest::FieldHasher;
 
 mod number;
 

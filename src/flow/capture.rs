@@ -2,7 +2,7 @@
 //! rest of a streamed body, read by a task of its own at the pace the handler produces it.
 //!
 //! The captured data is handed to the client without waiting for it
-//! ([`stream`](crate::stream)): a slow or silent client never holds the key in flight. Past
+//! ([`stream`](crate::flow::stream)): a slow or silent client never holds the key in flight. Past
 //! the capture limit the key is spent (completed, not replayable) and the rest of the body
 //! follows at the client's pace. A streamed response ends only once its record is stored, so
 //! a client that has the whole response and retries at once is replayed.
@@ -37,20 +37,21 @@ use http::{HeaderMap, Response, response};
 use http_body::Body;
 
 use crate::{
-    body::{Chunks, ResponseBody},
-    catch_unwind,
-    config::Config,
-    error::BoxError,
-    expiry,
     fingerprint::Fingerprint,
-    jsonrpc::Rpc,
-    lease::{Kept, Lease},
+    flow::body::{Chunks, ResponseBody},
+    flow::catch_unwind,
+    flow::expiry,
+    flow::lease::{Kept, Lease},
+    flow::reject::reject,
+    flow::stream,
+    flow::task,
+    layer::config::Config,
     observe::RecordResult,
     problem::Problem,
+    protocol::jsonrpc::Rpc,
     record::Record,
-    reject::reject,
     store::IdempotencyStore,
-    stream, task,
+    store::error::BoxError,
 };
 
 use pump::{Pump, RecordOf, kept};

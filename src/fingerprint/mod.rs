@@ -3,15 +3,15 @@
 //!
 //! Pure logic: no tower or tokio in here.
 
+pub(crate) mod canonical;
+pub(crate) mod digest;
+
 use std::{fmt, sync::Arc};
 
 use http::{HeaderMap, HeaderName, Method, Uri, header};
 
-use crate::{
-    canonical,
-    digest::{FieldHasher, Secret},
-    jsonrpc::{self, Rpc},
-};
+use self::digest::{FieldHasher, Secret};
+use crate::protocol::jsonrpc::{self, Rpc};
 
 /// A SHA-256 digest of a request's method, path, query and body.
 ///
@@ -323,7 +323,11 @@ impl FingerprintRule {
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({}…)", &crate::digest::hex(&self.0)[..12])
+        write!(
+            f,
+            "Fingerprint({}…)",
+            &crate::fingerprint::digest::hex(&self.0)[..12]
+        )
     }
 }
 
@@ -377,7 +381,7 @@ mod tests {
         // every retry after an upgrade into a 409.
         let fp = Fingerprint::of(&Method::POST, &"/charges?a=1".parse().unwrap(), b"{}");
         assert_eq!(
-            crate::digest::hex(fp.as_bytes()),
+            crate::fingerprint::digest::hex(fp.as_bytes()),
             "2007476a50d446cc42cc5d0b124506f84ff0d05b4c1c1ed040bb4d1402c3035c"
         );
     }

@@ -66,11 +66,11 @@ use http::{StatusCode, request::Parts};
 use serde_json::{Value, json};
 
 use crate::{
-    config::Config,
-    inspect::{Inspection, ListCursor},
     key::StorageKey,
     layer::IdempotencyLayer,
+    layer::config::Config,
     store::IdempotencyStore,
+    store::inspect::{Inspection, ListCursor},
 };
 
 mod json;
