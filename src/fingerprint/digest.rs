@@ -123,18 +123,23 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// Appends bytes to `out` as lowercase hex digits, two a byte.
 pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     // Into a buffer on the stack, then appended at once: `String::push` checks room and
     // encodes UTF-8 for every character.
     let mut buffer = [0; 128];
     for chunk in bytes.chunks(buffer.len() / 2) {
         let hex = &mut buffer[..2 * chunk.len()];
-        for (pair, byte) in hex.chunks_exact_mut(2).zip(chunk) {
-            pair[0] = DIGITS[usize::from(byte >> 4)];
-            pair[1] = DIGITS[usize::from(byte & 0x0f)];
-        }
+        write_hex(hex, chunk);
         // Hex digits are ASCII: this never fails.
         out.push_str(std::str::from_utf8(hex).unwrap_or_default());
+    }
+}
+
+/// Writes bytes as lowercase hex digits into the start of `out`, two a byte (as many as fit).
+pub(crate) fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
     }
 }
 

@@ -17,9 +17,30 @@ use super::{
     notify::{Notifier, Subscribers},
 };
 use crate::{
-    fingerprint::digest::push_hex, key::StorageKey, layer::config::MAX_TTL,
-    observe::ShortfallCounter, store::error::StoreError,
+    fingerprint::digest::{push_hex, write_hex},
+    key::StorageKey,
+    layer::config::MAX_TTL,
+    observe::ShortfallCounter,
+    store::error::StoreError,
 };
+
+/// How long a Redis key may be to be built on the stack: a prefix of up to 64 bytes.
+const INLINE_KEY: usize = 128;
+
+/// A Redis key, on the stack if it fits ([`RedisStore::key_bytes`]).
+pub(super) enum RedisKey {
+    Inline { bytes: [u8; INLINE_KEY], len: usize },
+    Heap(String),
+}
+
+impl RedisKey {
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { bytes, len } => bytes.get(..*len).unwrap_or(bytes),
+            Self::Heap(key) => key.as_bytes(),
+        }
+    }
+}
 
 /// The default key prefix: `idempotency:`.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
@@ -389,6 +410,21 @@ where
         redis_key.push_str(prefix);
         push_hex(&mut redis_key, key.as_bytes());
         redis_key
+    }
+
+    /// `key`'s Redis key as [`redis_key`](Self::redis_key) spells it, on the stack when the
+    /// prefix is short enough (every command a request sends names its key).
+    pub(super) fn key_bytes(&self, key: &StorageKey) -> RedisKey {
+        let (prefix, digest) = (self.shared.settings.prefix.as_bytes(), key.as_bytes());
+        let len = prefix.len() + 2 * digest.len();
+        let mut bytes = [0; INLINE_KEY];
+        let Some(inline) = bytes.get_mut(..len) else {
+            return RedisKey::Heap(self.redis_key(key));
+        };
+        let (start, hex) = inline.split_at_mut(prefix.len());
+        start.copy_from_slice(prefix);
+        write_hex(hex, digest);
+        RedisKey::Inline { bytes, len }
     }
 
     /// A new handle with changed settings (and so a fresh subscriber: the channel may have

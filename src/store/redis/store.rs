@@ -141,18 +141,22 @@ where
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let (marker, expiry) = self.new_claim(token, fingerprint, lease);
-        let redis_key = self.redis_key(key);
-        // Sized up front: a command's buffers grown argument by argument reallocate.
-        let data = "SETNXPXGET".len() + redis_key.len() + marker.len() + expiry.len();
-        let mut claim = Cmd::with_capacity(7, data);
-        claim
-            .arg("SET")
-            .arg(redis_key.as_bytes())
-            .arg(&marker[..])
-            .arg("NX")
-            .arg("PX")
-            .arg(expiry.as_bytes())
-            .arg("GET");
+        // Sized up front: a command's buffers grown argument by argument reallocate. (The
+        // key in a block of its own: held across the round trip, it would widen the future.)
+        let claim = {
+            let redis_key = self.key_bytes(key);
+            let data = "SETNXPXGET".len() + redis_key.as_bytes().len();
+            let mut claim = Cmd::with_capacity(7, data + marker.len() + expiry.len());
+            claim
+                .arg("SET")
+                .arg(redis_key.as_bytes())
+                .arg(&marker[..])
+                .arg("NX")
+                .arg("PX")
+                .arg(expiry.as_bytes())
+                .arg("GET");
+            claim
+        };
         // A reply lost on its way (the claim may have landed all the same) is an error here;
         // the layer releases the claim by its token.
         let reply = self
