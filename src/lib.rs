@@ -43,10 +43,10 @@ pub use crate::{
     problem::{Problem, ProblemKind, ProblemResponse},
     protocol::grpc::{GrpcCode, grpc_message},
     record::{MAX_RECORD_HEADERS, Record, RecordError},
-    store::IdempotencyStore,
     store::claim::{Claim, FenceToken},
     store::error::{BoxError, StoreError, StoreErrorKind},
     store::inspect::{ClaimInfo, ClaimPage, Inspection, ListCursor, LookupScope, RecordInfo},
+    store::{AdminStore, IdempotencyStore},
 };
 
 #[cfg(feature = "postgres")]

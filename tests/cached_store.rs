@@ -12,11 +12,13 @@ use std::{
 };
 
 use tower_idempotency::{
-    CachedStore, Claim, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection,
-    ListCursor, MemoryStore, Record, StorageKey, StoreError,
+    CachedStore, Claim, FenceToken, IdempotencyStore, MemoryStore, StorageKey, StoreError,
 };
 
-use common::conformance::{completed_record, fingerprint, fresh_key, sample_record};
+use common::{
+    conformance::{completed_record, fingerprint, fresh_key, sample_record},
+    wrap::{Hook, Op, Wrap},
+};
 
 conformance_suite!(paused; async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1024) });
 
@@ -26,19 +28,22 @@ operations_suite!(async { CachedStore::new(MemoryStore::default(), 16 * 1024 * 1
 const LEASE: Duration = Duration::from_secs(30);
 
 /// Counts the claims that reach the inner store; can hide the expiry it reports.
+type Inner = Wrap<MemoryStore, Counter>;
+
 #[derive(Clone)]
-struct Inner {
-    store: MemoryStore,
+struct Counter {
     claims: Arc<AtomicUsize>,
     report_expiry: bool,
 }
 
 impl Inner {
     fn new(report_expiry: bool) -> Self {
-        Self {
-            store: MemoryStore::default(),
-            claims: Arc::default(),
-            report_expiry,
+        Wrap {
+            inner: MemoryStore::default(),
+            hook: Counter {
+                claims: Arc::default(),
+                report_expiry,
+            },
         }
     }
 
@@ -47,78 +52,24 @@ impl Inner {
     }
 }
 
-impl IdempotencyStore for Inner {
-    async fn claim_as(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        fp: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
-        let claim = self.store.claim_as(key, token, fp, lease).await?;
-        Ok(match claim {
-            Claim::Completed { record, expires_in } if !self.report_expiry => {
-                let _ = expires_in;
-                Claim::Completed {
+impl Hook for Counter {
+    async fn before(&self, op: Op<'_>) -> Result<(), StoreError> {
+        if let Op::Claim(..) = op {
+            self.claims.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn reply(&self, op: Op<'_>, reply: Result<Claim, StoreError>) -> Result<Claim, StoreError> {
+        match (op, reply) {
+            (Op::Claim(..), Ok(Claim::Completed { record, .. })) if !self.report_expiry => {
+                Ok(Claim::Completed {
                     record,
                     expires_in: None,
-                }
+                })
             }
-            other => other,
-        })
-    }
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
-        self.store.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.renew(key, token, lease).await
-    }
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.store.wait(key, timeout).await
-    }
-    async fn take_over_as(
-        &self,
-        key: &StorageKey,
-        abandoned: FenceToken,
-        token: FenceToken,
-        fp: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.store
-            .take_over_as(key, abandoned, token, fp, lease)
-            .await
-    }
-    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
-        self.store.inspect(key).await
-    }
-    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        self.store.forget(key).await
-    }
-    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
-        self.store.break_claim(key).await
-    }
-    async fn list_claims(
-        &self,
-        older_than: Duration,
-        cursor: Option<ListCursor>,
-        limit: usize,
-    ) -> Result<ClaimPage, StoreError> {
-        self.store.list_claims(older_than, cursor, limit).await
+            (_, reply) => reply,
+        }
     }
 }
 
@@ -227,7 +178,7 @@ async fn a_record_learned_from_the_inner_store_is_cached_until_the_inner_store_d
     let cached = CachedStore::new(inner.clone(), 1024 * 1024);
     let key = fresh_key();
     // Completed elsewhere (another instance), with a short life.
-    complete_directly(&inner.store, &key, Duration::from_millis(400)).await;
+    complete_directly(&inner.inner, &key, Duration::from_millis(400)).await;
     completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
     completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
     assert_eq!(inner.claims(), 1, "the second replay came from the cache");
@@ -245,7 +196,7 @@ async fn a_record_of_unknown_lifetime_is_not_cached() {
     let inner = Inner::new(false);
     let cached = CachedStore::new(inner.clone(), 1024 * 1024);
     let key = fresh_key();
-    complete_directly(&inner.store, &key, Duration::from_secs(60)).await;
+    complete_directly(&inner.inner, &key, Duration::from_secs(60)).await;
     for _ in 0..3 {
         completed_record(cached.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
     }

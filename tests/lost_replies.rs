@@ -9,7 +9,7 @@ mod common;
 use std::{sync::atomic::Ordering, time::Duration};
 
 use http::StatusCode;
-use tower_idempotency::{FailMode, IdempotencyLayer, IdempotencyStore, ProblemKind};
+use tower_idempotency::{AdminStore, FailMode, IdempotencyLayer, ProblemKind};
 
 use common::{
     flaky_store::FlakyStore,

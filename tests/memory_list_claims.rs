@@ -12,7 +12,8 @@ use std::{
 };
 
 use tower_idempotency::{
-    Claim, FenceToken, Fingerprint, IdempotencyStore, ListCursor, MemoryStore, StorageKey,
+    AdminStore, Claim, FenceToken, Fingerprint, IdempotencyStore, ListCursor, MemoryStore,
+    StorageKey,
 };
 
 struct Counting;

@@ -15,8 +15,8 @@ use http::{Method, Request, StatusCode, request::Parts};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tower::ServiceExt;
 use tower_idempotency::{
-    CachedStore, Claim, FailMode, Fingerprint, IdempotencyKey, IdempotencyLayer, IdempotencyStore,
-    LookupScope, MemoryStore, Recovery, StorageKey, WaitMode,
+    AdminStore, CachedStore, Claim, FailMode, Fingerprint, IdempotencyKey, IdempotencyLayer,
+    IdempotencyStore, LookupScope, MemoryStore, Recovery, StorageKey, WaitMode,
 };
 
 use common::{

@@ -13,7 +13,7 @@ use std::{
 use http::StatusCode;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tower_idempotency::{
-    Claim, FenceToken, IdempotencyLayer, IdempotencyStore, PostgresStore, ProblemKind,
+    AdminStore, Claim, FenceToken, IdempotencyLayer, IdempotencyStore, PostgresStore, ProblemKind,
     StoreErrorKind,
 };
 
@@ -49,6 +49,7 @@ async fn store_in(table: &str) -> PostgresStore {
 }
 
 conformance_suite!(async { store_in("conformance").await });
+admin_conformance_suite!(async { store_in("conformance").await });
 
 fn acquired(claim: Claim) -> FenceToken {
     match claim {

@@ -27,6 +27,7 @@ async fn connect() -> RedisStore<redis::cluster_async::ClusterConnection> {
 }
 
 conformance_suite!(async { connect().await });
+admin_conformance_suite!(async { connect().await });
 
 #[cfg(feature = "axum")]
 operations_suite!(async { connect().await });

@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use http::StatusCode;
 use tower_idempotency::{
-    Claim, Durability, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, RedisStore,
-    StoreErrorKind,
+    AdminStore, Claim, Durability, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind,
+    RedisStore, StoreErrorKind,
 };
 
 use common::{

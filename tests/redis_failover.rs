@@ -14,7 +14,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use tower_idempotency::{
-    Claim, Durability, IdempotencyLayer, IdempotencyStore, RedisStore, StoreErrorKind, WaitMode,
+    AdminStore, Claim, Durability, IdempotencyLayer, IdempotencyStore, RedisStore, StoreErrorKind,
+    WaitMode,
 };
 
 use common::{

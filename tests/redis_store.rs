@@ -14,8 +14,8 @@ use std::{
 use bytes::Bytes;
 use http::StatusCode;
 use tower_idempotency::{
-    Claim, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, Record, RedisStore,
-    StoreErrorKind, WaitMode,
+    AdminStore, Claim, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, Record,
+    RedisStore, StoreErrorKind, WaitMode,
 };
 
 use common::{
@@ -90,6 +90,7 @@ fn unique_prefix(what: &str) -> String {
 }
 
 conformance_suite!(async { connect(shared_server()).await });
+admin_conformance_suite!(async { connect(shared_server()).await });
 
 #[cfg(feature = "axum")]
 operations_suite!(async { connect(shared_server()).await });

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use tower_idempotency::{IdempotencyStore, RedisStore, StoreErrorKind};
+use tower_idempotency::{AdminStore, IdempotencyStore, RedisStore, StoreErrorKind};
 
 use common::{
     conformance::{fingerprint, fresh_key, sample_record},

@@ -13,14 +13,14 @@ use crate::{
     fingerprint::digest::Secret,
     key::{IdempotencyKey, KeyRef, Scope, StorageKey},
     layer::config::Config,
-    store::IdempotencyStore,
+    store::AdminStore,
     store::inspect::LookupScope,
 };
 
 /// The largest look-up body read.
 const MAX_LOOKUP_BODY: usize = 16 * 1024;
 
-impl<St: IdempotencyStore> AdminRouter<St> {
+impl<St: AdminStore> AdminRouter<St> {
     /// `POST /records/lookup`: what the store holds under the address the body gives.
     pub(super) async fn look_up(State(admin): Admin<St>, request: Request) -> Response {
         let (parts, body) = request.into_parts();

@@ -69,7 +69,7 @@ use crate::{
     key::StorageKey,
     layer::IdempotencyLayer,
     layer::config::Config,
-    store::IdempotencyStore,
+    store::AdminStore,
     store::inspect::{Inspection, ListCursor},
 };
 
@@ -83,7 +83,8 @@ type AuthorizeFn = Arc<dyn Fn(&Parts) -> Result<String, StatusCode> + Send + Syn
 /// The most claims one listing page returns.
 const MAX_LIMIT: usize = 1000;
 
-/// Builds the admin [`Router`] for a layer. See the [module docs](self).
+/// Builds the admin [`Router`] for a layer whose store implements [`AdminStore`] (the stores of
+/// this crate do). See the [module docs](self).
 pub struct AdminRouter<St> {
     store: St,
     config: Arc<Config>,
@@ -94,7 +95,7 @@ pub struct AdminRouter<St> {
 #[derive(Clone)]
 struct Operator(String);
 
-impl<St: IdempotencyStore> AdminRouter<St> {
+impl<St: AdminStore> AdminRouter<St> {
     /// Admin routes over `layer`'s store, finding records as `layer` addresses them (its
     /// secret, its scope), and answering only requests that `authorize` allows.
     ///
@@ -151,7 +152,7 @@ impl<St: fmt::Debug> fmt::Debug for AdminRouter<St> {
 }
 
 /// Every request, to any path, is put to `authorize` first.
-async fn authorize<St: IdempotencyStore>(
+async fn authorize<St: AdminStore>(
     State(admin): Admin<St>,
     request: Request,
     next: Next,
@@ -182,7 +183,7 @@ async fn authorize<St: IdempotencyStore>(
 type Admin<St> = State<Arc<AdminRouter<St>>>;
 type Params = Query<HashMap<String, String>>;
 
-async fn inspect<St: IdempotencyStore>(
+async fn inspect<St: AdminStore>(
     State(admin): Admin<St>,
     parts: Parts,
     Path(digest): Path<String>,
@@ -193,7 +194,7 @@ async fn inspect<St: IdempotencyStore>(
     admin.inspect_key(&parts, "inspect", key).await
 }
 
-async fn forget<St: IdempotencyStore>(
+async fn forget<St: AdminStore>(
     State(admin): Admin<St>,
     parts: Parts,
     Path(digest): Path<String>,
@@ -223,7 +224,7 @@ async fn forget<St: IdempotencyStore>(
     }
 }
 
-async fn release<St: IdempotencyStore>(
+async fn release<St: AdminStore>(
     State(admin): Admin<St>,
     parts: Parts,
     Path(digest): Path<String>,
@@ -261,7 +262,7 @@ async fn release<St: IdempotencyStore>(
     }
 }
 
-async fn list<St: IdempotencyStore>(
+async fn list<St: AdminStore>(
     State(admin): Admin<St>,
     parts: Parts,
     Query(params): Params,
@@ -294,7 +295,7 @@ async fn list<St: IdempotencyStore>(
     }
 }
 
-impl<St: IdempotencyStore> AdminRouter<St> {
+impl<St: AdminStore> AdminRouter<St> {
     async fn inspect_key(&self, parts: &Parts, action: &'static str, key: StorageKey) -> Response {
         match self.store.inspect(&key).await {
             Ok(found) => self.inspected(parts, action, key, found, false),

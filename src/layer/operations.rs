@@ -9,7 +9,7 @@ use super::IdempotencyLayer;
 use crate::{
     layer::config::{FailMode, OnAbandoned, Recovery},
     problem::ProblemResponse,
-    store::IdempotencyStore,
+    store::{AdminStore, IdempotencyStore},
 };
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
@@ -80,9 +80,12 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     ///
     /// [`Recovery::OutcomeUnknown`] answers `409`
     /// [`ProblemKind::OutcomeUnknown`](crate::ProblemKind::OutcomeUnknown) instead, until an
-    /// operator breaks the claim ([`IdempotencyStore::break_claim`], or the admin router) or
+    /// operator breaks the claim ([`AdminStore::break_claim`], or the admin router) or
     /// the store forgets it. Stores that cannot tell an abandoned claim from a free key
     /// never call the hook.
+    ///
+    /// The store must implement [`AdminStore`]: without an operator's way to break the claim,
+    /// such a key would answer `409` until the store itself dropped the claim.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, Recovery};
@@ -94,6 +97,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn with_outcome_unknown<F>(mut self, hook: F) -> Self
     where
         F: Fn(&request::Parts) -> Recovery + Send + Sync + 'static,
+        St: AdminStore,
     {
         self.config().on_abandoned = OnAbandoned::new(Arc::new(hook));
         self

@@ -6,7 +6,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 use super::{
-    Claim, FenceToken, IdempotencyStore,
+    AdminStore, Claim, FenceToken, IdempotencyStore,
     recent::{Inserted, Recent},
     record_cache::{self, RecordCache},
 };
@@ -236,6 +236,21 @@ impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
         Ok(claim)
     }
 
+    fn prepare_handler(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        extensions: &mut http::Extensions,
+    ) -> bool {
+        self.inner.prepare_handler(key, token, extensions)
+    }
+
+    const NAME: &'static str = "cached";
+}
+
+/// The operator tools when the inner store has them: each goes to the inner store, and `forget`
+/// also drops this cache's copy.
+impl<St: AdminStore> AdminStore for CachedStore<St> {
     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
         self.inner.inspect(key).await
     }
@@ -261,15 +276,4 @@ impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
     ) -> Result<ClaimPage, StoreError> {
         self.inner.list_claims(older_than, cursor, limit).await
     }
-
-    fn prepare_handler(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        extensions: &mut http::Extensions,
-    ) -> bool {
-        self.inner.prepare_handler(key, token, extensions)
-    }
-
-    const NAME: &'static str = "cached";
 }

@@ -18,9 +18,9 @@ use crate::{
     store::claim::FenceToken,
 };
 
-/// What a store holds under one key, as [`IdempotencyStore::inspect`] reports it.
+/// What a store holds under one key, as [`AdminStore::inspect`] reports it.
 ///
-/// [`IdempotencyStore::inspect`]: crate::IdempotencyStore::inspect
+/// [`AdminStore::inspect`]: crate::AdminStore::inspect
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inspection {
     /// A request holds the key, or held it and its lease expired without completion.
@@ -188,9 +188,9 @@ impl fmt::Debug for ListCursor {
     }
 }
 
-/// One page of [`IdempotencyStore::list_claims`].
+/// One page of [`AdminStore::list_claims`].
 ///
-/// [`IdempotencyStore::list_claims`]: crate::IdempotencyStore::list_claims
+/// [`AdminStore::list_claims`]: crate::AdminStore::list_claims
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClaimPage {
     /// The claims found on this page (possibly none, even when more pages follow).

@@ -1,74 +1,60 @@
 //! Where records and in-flight claims live.
 //!
-//! [`IdempotencyStore`] holds atomic primitives only: claim-or-get, complete, release, renew
-//! and wait for the request flow; take-over of an abandoned claim; and, for operators, a
-//! read-only look-up, forgetting a record, breaking a claim, and listing claims. There is no
-//! `get` followed by a `set`: that pair is the race that lets two concurrent duplicates both
-//! execute. Every method that changes a key changes it in one atomic step, and says so.
+//! [`IdempotencyStore`] holds the request path's atomic primitives: claim-or-get, complete,
+//! release, renew and wait, and take-over of an abandoned claim. There is no `get` followed
+//! by a `set`: that pair is the race that lets two concurrent duplicates both execute. Every
+//! method that changes a key changes it in one atomic step, and says so. It is all a store
+//! must implement for [`IdempotencyLayer`](crate::IdempotencyLayer) to protect requests.
+//!
+//! [`AdminStore`] adds the operator tools (a read-only look-up, forgetting a record, breaking
+//! a claim, listing claims), which the admin router (feature `axum`) requires. The stores of
+//! this crate implement both.
 //!
 //! # A custom store
 //!
 //! A store is a cheap `Clone` handle over shared state. This one keeps everything in one
-//! mutex-guarded map (no expiry, no waiting by notification) to show the contract; see
-//! [`MemoryStore`](crate::MemoryStore) for a real one.
+//! mutex-guarded map, with no expiry and no waiting by notification, to show the contract;
+//! see [`MemoryStore`](crate::MemoryStore) for a real one.
 //!
 //! ```
-//! use std::{collections::HashMap, sync::{Arc, Mutex}, time::{Duration, SystemTime}};
-//! use tower_idempotency::{
-//!     Claim, ClaimInfo, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection,
-//!     ListCursor, Record, RecordInfo, StorageKey, StoreError,
-//! };
+//! use std::{collections::HashMap, sync::{Arc, Mutex}, time::Duration};
+//! use tower_idempotency::{Claim, FenceToken, Fingerprint, IdempotencyStore, Record, StorageKey, StoreError};
 //!
-//! enum Entry {
-//!     InFlight { token: FenceToken, fingerprint: Fingerprint, claimed_at: SystemTime },
-//!     Done(Record),
-//! }
+//! enum Entry { InFlight(FenceToken, Fingerprint), Done(Record) }
 //!
 //! #[derive(Clone, Default)]
-//! struct MapStore {
-//!     entries: Arc<Mutex<HashMap<StorageKey, Entry>>>,
-//! }
+//! struct MapStore(Arc<Mutex<HashMap<StorageKey, Entry>>>);
 //!
 //! impl MapStore {
+//!     /// Runs `f` on the map if `key` holds the claim `token`; refuses it otherwise.
 //!     fn fenced(&self, key: &StorageKey, token: FenceToken, f: impl FnOnce(&mut HashMap<StorageKey, Entry>)) -> Result<(), StoreError> {
-//!         let mut entries = self.entries.lock().unwrap();
-//!         match entries.get(key) {
-//!             Some(Entry::InFlight { token: held, .. }) if *held == token => Ok(f(&mut entries)),
+//!         let mut map = self.0.lock().unwrap();
+//!         match map.get(key) {
+//!             Some(Entry::InFlight(held, _)) if *held == token => Ok(f(&mut map)),
 //!             _ => Err(StoreError::lease_lost()),
-//!         }
-//!     }
-//!
-//!     fn claim_info(key: &StorageKey, entry: &Entry) -> Option<ClaimInfo> {
-//!         match entry {
-//!             // Leases never end in this store: it has no clock.
-//!             Entry::InFlight { token, fingerprint, claimed_at } => Some(ClaimInfo::new(
-//!                 *key, *token, *fingerprint, Some(*claimed_at), SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX.into()),
-//!             )),
-//!             Entry::Done(_) => None,
 //!         }
 //!     }
 //! }
 //!
 //! impl IdempotencyStore for MapStore {
 //!     async fn claim_as(&self, key: &StorageKey, token: FenceToken, fingerprint: &Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
-//!         let mut entries = self.entries.lock().unwrap();
-//!         Ok(match entries.get(key) {
+//!         let mut map = self.0.lock().unwrap();
+//!         Ok(match map.get(key) {
 //!             Some(Entry::Done(record)) => Claim::Completed { record: record.clone(), expires_in: None },
-//!             Some(Entry::InFlight { fingerprint, .. }) => Claim::InFlight { fingerprint: *fingerprint },
+//!             Some(Entry::InFlight(_, fingerprint)) => Claim::InFlight { fingerprint: *fingerprint },
 //!             None => {
-//!                 let claimed_at = SystemTime::now();
-//!                 entries.insert(*key, Entry::InFlight { token, fingerprint: *fingerprint, claimed_at });
+//!                 map.insert(*key, Entry::InFlight(token, *fingerprint));
 //!                 Claim::Acquired(token)
 //!             }
 //!         })
 //!     }
 //!
 //!     async fn complete(&self, key: &StorageKey, token: FenceToken, record: Record, _ttl: Duration) -> Result<(), StoreError> {
-//!         self.fenced(key, token, |entries| { entries.insert(*key, Entry::Done(record)); })
+//!         self.fenced(key, token, |map| { map.insert(*key, Entry::Done(record)); })
 //!     }
 //!
 //!     async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
-//!         self.fenced(key, token, |entries| { entries.remove(key); })
+//!         self.fenced(key, token, |map| { map.remove(key); })
 //!     }
 //!
 //!     async fn renew(&self, key: &StorageKey, token: FenceToken, _lease: Duration) -> Result<(), StoreError> {
@@ -84,43 +70,6 @@
 //!     async fn take_over_as(&self, key: &StorageKey, _abandoned: FenceToken, token: FenceToken, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
 //!         // Claims never expire here, so none is ever abandoned: this is a plain claim.
 //!         self.claim_as(key, token, fingerprint, lease).await
-//!     }
-//!
-//!     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
-//!         let entries = self.entries.lock().unwrap();
-//!         Ok(entries.get(key).map(|entry| match entry {
-//!             Entry::Done(record) => Inspection::Completed(RecordInfo::of(record, None, None)),
-//!             other => Inspection::InFlight(Self::claim_info(key, other).unwrap()),
-//!         }))
-//!     }
-//!
-//!     async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
-//!         let mut entries = self.entries.lock().unwrap();
-//!         let done = matches!(entries.get(key), Some(Entry::Done(_)));
-//!         if done {
-//!             entries.remove(key);
-//!         }
-//!         Ok(done)
-//!     }
-//!
-//!     async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
-//!         let mut entries = self.entries.lock().unwrap();
-//!         let Some(Entry::InFlight { token, .. }) = entries.get(key) else { return Ok(None) };
-//!         let token = *token;
-//!         entries.remove(key);
-//!         Ok(Some(token))
-//!     }
-//!
-//!     async fn list_claims(&self, older_than: Duration, _cursor: Option<ListCursor>, _limit: usize) -> Result<ClaimPage, StoreError> {
-//!         // Small enough to list in one page.
-//!         let now = SystemTime::now();
-//!         let entries = self.entries.lock().unwrap();
-//!         let claims = entries
-//!             .iter()
-//!             .filter_map(|(key, entry)| Self::claim_info(key, entry))
-//!             .filter(|claim| claim.age(now).is_none_or(|age| age >= older_than))
-//!             .collect();
-//!         Ok(ClaimPage { claims, next: None })
 //!     }
 //! }
 //!
@@ -154,7 +103,8 @@ mod record_cache;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-/// A backend for idempotency records: atomic primitives over one key each.
+/// A backend for idempotency records: atomic primitives over one key each, all that the
+/// layer calls on a request's path. Operator tools are the optional [`AdminStore`].
 ///
 /// Every operation that changes a claimed key is *fenced*: it names the [`FenceToken`]
 /// the claim was made with ([`claim_as`](IdempotencyStore::claim_as)) and is refused with
@@ -257,6 +207,35 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         self.take_over_as(key, abandoned, FenceToken::generate(), fingerprint, lease)
     }
 
+    /// Called once a request holds the claim `token` on `key`, just before its handler runs,
+    /// with the request's extensions. A store that writes records in the handler's own
+    /// transaction puts there what the handler opens it with, and returns `true`: the
+    /// layer then reads a streamed response body to its end (within the capture limit) before
+    /// the record is written and the transaction committed, and answers after that. Not an
+    /// operation on the store: nothing is sent, nothing waits.
+    ///
+    /// Default: does nothing and returns `false`.
+    fn prepare_handler(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        extensions: &mut http::Extensions,
+    ) -> bool {
+        let _ = (key, token, extensions);
+        false
+    }
+
+    /// The store's name in metrics (`store` label) and logs. Default: `custom`.
+    const NAME: &'static str = "custom";
+}
+
+/// Operator tools over an [`IdempotencyStore`]: look a key up, forget a record, break a claim,
+/// list claims.
+///
+/// Requests do not need them: [`IdempotencyLayer`](crate::IdempotencyLayer) asks for
+/// [`IdempotencyStore`] only. The admin router (`admin::AdminRouter`, feature `axum`) requires
+/// this trait. Each method is read-only or one atomic step.
+pub trait AdminStore: IdempotencyStore {
     /// Read-only: what `key` holds, `None` when it is free. An expired record is free.
     fn inspect(
         &self,
@@ -265,7 +244,7 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
 
     /// Atomically: removes the completed record under `key`, so the next request with the
     /// key executes again; returns whether there was one. A claim in flight is left alone
-    /// (see [`break_claim`](IdempotencyStore::break_claim)).
+    /// (see [`break_claim`](AdminStore::break_claim)).
     fn forget(&self, key: &StorageKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Atomically: removes the claim on `key`, live or abandoned, whoever holds it, wakes
@@ -289,25 +268,4 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         cursor: Option<ListCursor>,
         limit: usize,
     ) -> impl Future<Output = Result<ClaimPage, StoreError>> + Send;
-
-    /// Called once a request holds the claim `token` on `key`, just before its handler runs,
-    /// with the request's extensions. A store that writes records in the handler's own
-    /// transaction puts there what the handler opens it with, and returns `true`: the
-    /// layer then reads a streamed response body to its end (within the capture limit) before
-    /// the record is written and the transaction committed, and answers after that. Not an
-    /// operation on the store: nothing is sent, nothing waits.
-    ///
-    /// Default: does nothing and returns `false`.
-    fn prepare_handler(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        extensions: &mut http::Extensions,
-    ) -> bool {
-        let _ = (key, token, extensions);
-        false
-    }
-
-    /// The store's name in metrics (`store` label) and logs. Default: `custom`.
-    const NAME: &'static str = "custom";
 }

@@ -1,6 +1,8 @@
 //! The store conformance suite: the contract of `IdempotencyStore`, checked against a real
-//! store. Every store runs all of it (`run_all`); each check uses keys of its own, so checks
-//! may share one store.
+//! store, in two parts. Every store runs the core (`conformance_suite!`, or `run_core`): what
+//! the layer needs to protect requests. A store implementing `AdminStore` also runs the
+//! operator tools' part (`admin_conformance_suite!`, or `run_admin`). Each check uses keys of
+//! its own, so checks may share one store.
 //!
 //! Time is tokio's: checks sleep with `tokio::time::sleep` and measure with
 //! `tokio::time::Instant`. Stores that keep time by tokio's clock (`MemoryStore`,
@@ -18,8 +20,8 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use tower_idempotency::{
-    Claim, ClaimInfo, FenceToken, Fingerprint, IdempotencyStore, Inspection, Record, StorageKey,
-    StoreErrorKind,
+    AdminStore, Claim, ClaimInfo, FenceToken, Fingerprint, IdempotencyStore, Inspection, Record,
+    StorageKey, StoreErrorKind,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -580,9 +582,7 @@ pub async fn an_owner_may_release_its_own_expired_claim<S: IdempotencyStore>(sto
     store.release(&key, again).await.unwrap();
 }
 
-pub async fn inspect_tells_free_in_flight_abandoned_and_completed_keys_apart<
-    S: IdempotencyStore,
->(
+pub async fn inspect_tells_free_in_flight_abandoned_and_completed_keys_apart<S: AdminStore>(
     store: &S,
 ) {
     let key = fresh_key();
@@ -645,7 +645,7 @@ pub async fn inspect_tells_free_in_flight_abandoned_and_completed_keys_apart<
     );
 }
 
-pub async fn forget_removes_a_completed_record_and_nothing_else<S: IdempotencyStore>(store: &S) {
+pub async fn forget_removes_a_completed_record_and_nothing_else<S: AdminStore>(store: &S) {
     let free = fresh_key();
     assert!(!store.forget(&free).await.unwrap(), "nothing to forget");
 
@@ -671,9 +671,7 @@ pub async fn forget_removes_a_completed_record_and_nothing_else<S: IdempotencySt
     store.release(&key, again).await.unwrap();
 }
 
-pub async fn break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner<
-    S: IdempotencyStore,
->(
+pub async fn break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner<S: AdminStore>(
     store: &S,
 ) {
     assert_eq!(store.break_claim(&fresh_key()).await.unwrap(), None);
@@ -738,7 +736,7 @@ pub async fn break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner<
 }
 
 /// Every claim the store lists from the start, page by page (bounded).
-pub async fn list_all<S: IdempotencyStore>(
+pub async fn list_all<S: AdminStore>(
     store: &S,
     older_than: Duration,
     limit: usize,
@@ -761,7 +759,7 @@ pub async fn list_all<S: IdempotencyStore>(
     panic!("the listing never ended");
 }
 
-pub async fn claims_older_than_a_threshold_are_listed_page_by_page<S: IdempotencyStore>(store: &S) {
+pub async fn claims_older_than_a_threshold_are_listed_page_by_page<S: AdminStore>(store: &S) {
     let mut old = Vec::new();
     for _ in 0..5 {
         let key = fresh_key();
@@ -819,7 +817,7 @@ pub async fn claims_older_than_a_threshold_are_listed_page_by_page<S: Idempotenc
     store.break_claim(&abandoned).await.unwrap();
 }
 
-/// Defines one `#[tokio::test]` per conformance check, each on the store that `$make` (an
+/// Defines one `#[tokio::test]` per core conformance check, each on the store that `$make` (an
 /// async block) builds: on a multi-threaded runtime with the real clock, or, with `paused;`
 /// first, on a paused clock (all but the check of concurrent claims, which needs threads and
 /// no clock).
@@ -879,6 +877,16 @@ macro_rules! conformance_suite {
             a_wait_ends_when_an_abandoned_lease_expires,
             waiting_on_a_free_or_completed_key_returns_at_once,
             an_owner_may_release_its_own_expired_claim,
+        );
+    };
+}
+
+/// Defines one `#[tokio::test]` per check of the operator tools (`AdminStore`), each on the
+/// store that `$make` (an async block) builds, on a multi-threaded runtime with the real clock.
+#[macro_export]
+macro_rules! admin_conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!(@checks [tokio::test(flavor = "multi_thread", worker_threads = 2)] $make;
             inspect_tells_free_in_flight_abandoned_and_completed_keys_apart,
             forget_removes_a_completed_record_and_nothing_else,
             break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner,
@@ -887,8 +895,8 @@ macro_rules! conformance_suite {
     };
 }
 
-/// Every check above, in turn, on one store.
-pub async fn run_all<S: IdempotencyStore>(store: &S) {
+/// Every core check, in turn, on one store.
+pub async fn run_core<S: IdempotencyStore>(store: &S) {
     a_free_key_is_claimed_once_and_then_reported_in_flight(store).await;
     a_completed_key_returns_its_record_unchanged(store).await;
     not_replayable_records_are_kept_as_such(store).await;
@@ -908,6 +916,10 @@ pub async fn run_all<S: IdempotencyStore>(store: &S) {
     a_wait_ends_when_an_abandoned_lease_expires(store).await;
     waiting_on_a_free_or_completed_key_returns_at_once(store).await;
     an_owner_may_release_its_own_expired_claim(store).await;
+}
+
+/// Every check of the operator tools, in turn, on one store.
+pub async fn run_admin<S: AdminStore>(store: &S) {
     inspect_tells_free_in_flight_abandoned_and_completed_keys_apart(store).await;
     forget_removes_a_completed_record_and_nothing_else(store).await;
     break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner(store).await;

@@ -10,15 +10,16 @@ use std::{
 
 use tokio::time::Instant;
 
-use tower_idempotency::{
-    Claim, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection, ListCursor,
-    MemoryStore, Record, StorageKey, StoreError, StoreErrorKind,
-};
+use tower_idempotency::{Claim, MemoryStore, StoreError, StoreErrorKind};
+
+use super::wrap::{Hook, Op, Wrap};
 
 /// A `MemoryStore` whose operations can be made to fail as if the backend were unreachable.
+pub type FlakyStore = Wrap<MemoryStore, Switches>;
+
+/// What fails, and what is slow.
 #[derive(Clone, Default)]
-pub struct FlakyStore {
-    pub inner: MemoryStore,
+pub struct Switches {
     /// Every operation fails.
     pub down: Arc<AtomicBool>,
     /// Only `complete` fails.
@@ -42,22 +43,7 @@ pub struct FlakyStore {
 /// How long a slow operation takes.
 pub const SLOW: Duration = Duration::from_millis(300);
 
-impl FlakyStore {
-    pub fn over(inner: MemoryStore) -> Self {
-        Self {
-            inner,
-            ..Self::default()
-        }
-    }
-
-    /// A claim's reply, or its loss.
-    fn reply(&self, claim: Result<Claim, StoreError>) -> Result<Claim, StoreError> {
-        if self.claim_replies_lost.load(Ordering::SeqCst) {
-            return Err(StoreError::unavailable("simulated lost reply"));
-        }
-        claim
-    }
-
+impl Switches {
     fn check(&self, switches: &[&AtomicBool]) -> Result<(), StoreError> {
         let failing = self.down.load(Ordering::SeqCst)
             || switches.iter().any(|switch| switch.load(Ordering::SeqCst));
@@ -68,113 +54,54 @@ impl FlakyStore {
     }
 }
 
-impl IdempotencyStore for FlakyStore {
-    async fn claim_as(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.check(&[])?;
-        if self.slow_claims.load(Ordering::SeqCst) {
-            tokio::time::sleep(SLOW).await;
-        }
-        let claim = self.inner.claim_as(key, token, fingerprint, lease).await;
-        self.reply(claim)
-    }
-
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.check(&[&self.completions_down, &self.writes_down])?;
-        if self.completions_refused.load(Ordering::SeqCst) {
-            return Err(StoreError::new(
-                StoreErrorKind::Other,
-                "simulated refusal: the record is too large for the backend",
-            ));
-        }
-        if self.slow_completions.load(Ordering::SeqCst) {
-            tokio::time::sleep(SLOW).await;
-        }
-        self.inner.complete(key, token, record, ttl).await
-    }
-
-    async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
-        self.check(&[&self.writes_down])?;
-        self.inner.release(key, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.renewals_sent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Instant::now());
-        let latency = *self
-            .renewal_latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(latency) = latency {
-            tokio::time::sleep(latency).await;
-        }
-        self.check(&[&self.writes_down])?;
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-        self.check(&[])?;
-        self.inner.wait(key, timeout).await
-    }
-
-    async fn take_over_as(
-        &self,
-        key: &StorageKey,
-        abandoned: FenceToken,
-        token: FenceToken,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.check(&[])?;
-        let claim = self
-            .inner
-            .take_over_as(key, abandoned, token, fingerprint, lease)
-            .await;
-        self.reply(claim)
-    }
-
-    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
-        self.check(&[])?;
-        self.inner.inspect(key).await
-    }
-
-    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        self.check(&[&self.writes_down])?;
-        self.inner.forget(key).await
-    }
-
-    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
-        self.check(&[&self.writes_down])?;
-        self.inner.break_claim(key).await
-    }
-
-    async fn list_claims(
-        &self,
-        older_than: Duration,
-        cursor: Option<ListCursor>,
-        limit: usize,
-    ) -> Result<ClaimPage, StoreError> {
-        self.check(&[])?;
-        self.inner.list_claims(older_than, cursor, limit).await
-    }
-
+impl Hook for Switches {
     const NAME: &'static str = "flaky";
+
+    async fn before(&self, op: Op<'_>) -> Result<(), StoreError> {
+        match op {
+            Op::Claim(..) => {
+                self.check(&[])?;
+                if self.slow_claims.load(Ordering::SeqCst) {
+                    tokio::time::sleep(SLOW).await;
+                }
+            }
+            Op::Complete => {
+                self.check(&[&self.completions_down, &self.writes_down])?;
+                if self.completions_refused.load(Ordering::SeqCst) {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Other,
+                        "simulated refusal: the record is too large for the backend",
+                    ));
+                }
+                if self.slow_completions.load(Ordering::SeqCst) {
+                    tokio::time::sleep(SLOW).await;
+                }
+            }
+            Op::Renew => {
+                self.renewals_sent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Instant::now());
+                let latency = *self
+                    .renewal_latency
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(latency) = latency {
+                    tokio::time::sleep(latency).await;
+                }
+                self.check(&[&self.writes_down])?;
+            }
+            Op::Release | Op::Forget | Op::BreakClaim => self.check(&[&self.writes_down])?,
+            Op::TakeOver(..) | Op::Wait | Op::Inspect | Op::ListClaims => self.check(&[])?,
+        }
+        Ok(())
+    }
+
+    /// A claim's reply, or its loss.
+    fn reply(&self, _: Op<'_>, claim: Result<Claim, StoreError>) -> Result<Claim, StoreError> {
+        if self.claim_replies_lost.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("simulated lost reply"));
+        }
+        claim
+    }
 }

@@ -18,3 +18,4 @@ pub mod rotation;
 pub mod scenarios;
 pub mod service;
 pub mod stress;
+pub mod wrap;

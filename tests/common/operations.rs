@@ -15,8 +15,8 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyKey, IdempotencyLayer, IdempotencyStore, LookupScope,
-    ProblemKind, Recovery, StorageKey, admin::AdminRouter,
+    AdminStore, Claim, Fingerprint, IdempotencyKey, IdempotencyLayer, IdempotencyStore,
+    LookupScope, ProblemKind, Recovery, StorageKey, admin::AdminRouter,
 };
 
 use crate::common::conformance::fresh_key;
@@ -28,12 +28,12 @@ pub struct App {
     pub calls: Arc<AtomicUsize>,
 }
 
-pub fn app<St: IdempotencyStore>(store: St, recovery: Recovery) -> App {
+pub fn app<St: AdminStore>(store: St, recovery: Recovery) -> App {
     app_with(store, recovery, None)
 }
 
 /// As [`app`], its layer keyed by `secret` if given.
-pub fn app_with<St: IdempotencyStore>(store: St, recovery: Recovery, secret: Option<&[u8]>) -> App {
+pub fn app_with<St: AdminStore>(store: St, recovery: Recovery, secret: Option<&[u8]>) -> App {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
     let mut layer = IdempotencyLayer::new(store)
@@ -177,7 +177,7 @@ pub async fn abandoned_claim<St: IdempotencyStore>(store: &St, account: &str, ke
     assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
 }
 
-pub async fn look_up_forget_and_retry<St: IdempotencyStore>(store: St) {
+pub async fn look_up_forget_and_retry<St: AdminStore>(store: St) {
     let app = app(store, Recovery::RunAgain);
     let account = account();
     let first = send(&app, charge(&account, "k-1")).await;
@@ -235,7 +235,7 @@ pub async fn look_up_forget_and_retry<St: IdempotencyStore>(store: St) {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }
 
-pub async fn an_abandoned_claim_is_outcome_unknown_until_released<St: IdempotencyStore>(store: St) {
+pub async fn an_abandoned_claim_is_outcome_unknown_until_released<St: AdminStore>(store: St) {
     let app = app(store.clone(), Recovery::OutcomeUnknown);
     let account = account();
     abandoned_claim(&store, &account, "stuck").await;
@@ -290,7 +290,7 @@ pub async fn an_abandoned_claim_is_outcome_unknown_until_released<St: Idempotenc
     );
 }
 
-pub async fn an_abandoned_claim_runs_again_by_default<St: IdempotencyStore>(store: St) {
+pub async fn an_abandoned_claim_runs_again_by_default<St: AdminStore>(store: St) {
     let app = app(store.clone(), Recovery::RunAgain);
     let account = account();
     abandoned_claim(&store, &account, "crashed").await;
@@ -303,7 +303,7 @@ pub async fn an_abandoned_claim_runs_again_by_default<St: IdempotencyStore>(stor
     assert_eq!(app.calls.load(Ordering::SeqCst), 1);
 }
 
-pub async fn stuck_claims_are_listed_page_by_page<St: IdempotencyStore>(store: St) {
+pub async fn stuck_claims_are_listed_page_by_page<St: AdminStore>(store: St) {
     let app = app(store.clone(), Recovery::OutcomeUnknown);
     let account = account();
     let keys = ["s-1", "s-2", "s-3"];
@@ -343,7 +343,7 @@ pub async fn stuck_claims_are_listed_page_by_page<St: IdempotencyStore>(store: S
     }
 }
 
-pub async fn every_admin_route_refuses_an_unauthorized_request<St: IdempotencyStore>(store: St) {
+pub async fn every_admin_route_refuses_an_unauthorized_request<St: AdminStore>(store: St) {
     let app = app(store, Recovery::RunAgain);
     let account = account();
     assert_eq!(
@@ -394,7 +394,7 @@ pub async fn every_admin_route_refuses_an_unauthorized_request<St: IdempotencySt
     assert_eq!(allowed.status, StatusCode::OK);
 }
 
-pub async fn a_look_up_never_takes_credentials_from_the_url<St: IdempotencyStore>(store: St) {
+pub async fn a_look_up_never_takes_credentials_from_the_url<St: AdminStore>(store: St) {
     let app = app(store, Recovery::RunAgain);
     let account = account();
     assert_eq!(
@@ -427,7 +427,7 @@ pub async fn a_look_up_never_takes_credentials_from_the_url<St: IdempotencyStore
     assert_eq!(found.json()["state"], "completed");
 }
 
-pub async fn a_look_up_finds_what_a_keyed_layer_stored<St: IdempotencyStore>(store: St) {
+pub async fn a_look_up_finds_what_a_keyed_layer_stored<St: AdminStore>(store: St) {
     let secret = b"server secret, 32 bytes or more..";
     let app = app_with(store.clone(), Recovery::RunAgain, Some(secret));
     let account = account();

@@ -1,5 +1,5 @@
-//! [`IdempotencyStore`] for [`MemoryStore`]: claiming a key, and every operation under its
-//! key's shard lock, with the cache of records asked with no lock held.
+//! [`IdempotencyStore`] and [`AdminStore`] for [`MemoryStore`]: claiming a key, and every
+//! operation under its key's shard lock, with the cache of records asked with no lock held.
 
 use std::{
     mem,
@@ -21,7 +21,7 @@ use crate::{
     store::claim::{Claim, FenceToken},
     store::error::StoreError,
     store::inspect::{ClaimPage, Inspection, ListCursor, RecordInfo},
-    store::{IdempotencyStore, record_cache},
+    store::{AdminStore, IdempotencyStore, record_cache},
 };
 
 /// How long a claim whose lease ended without completion is remembered (to be reported as
@@ -222,6 +222,10 @@ impl IdempotencyStore for MemoryStore {
         self.claim_as(key, token, fingerprint, lease).await
     }
 
+    const NAME: &'static str = "memory";
+}
+
+impl AdminStore for MemoryStore {
     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
         {
             let claims = lock(&self.shard(key).claims);
@@ -285,6 +289,4 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<ClaimPage, StoreError> {
         self.list(older_than, cursor.as_ref(), limit)
     }
-
-    const NAME: &'static str = "memory";
 }

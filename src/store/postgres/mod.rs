@@ -57,7 +57,8 @@
 //! # Files
 //!
 //! `connect.rs` the struct, its settings and `migrate`; `schema.rs` the table and every
-//! statement; `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) implementation;
+//! statement; `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) and
+//! [`AdminStore`](crate::AdminStore) implementations;
 //! `notify.rs` the listener; `inspect.rs` look-ups, listings and purging; `transaction.rs`
 //! the handlers' transactions; `error.rs` sqlx errors as [`StoreError`](crate::StoreError)s.
 

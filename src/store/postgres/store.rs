@@ -1,5 +1,5 @@
-//! [`PostgresStore`]'s [`IdempotencyStore`] implementation: claim-or-replay, the fenced
-//! statements, and waiting.
+//! [`PostgresStore`]'s [`IdempotencyStore`] and [`AdminStore`] implementations: claim-or-replay,
+//! the fenced statements, waiting, and the operator's tools.
 
 use std::{pin::pin, time::Duration};
 
@@ -18,7 +18,7 @@ use crate::{
     record::Record,
     store::error::{StoreError, StoreErrorKind},
     store::inspect::{ClaimPage, Inspection, ListCursor},
-    store::{Claim, FenceToken, IdempotencyStore},
+    store::{AdminStore, Claim, FenceToken, IdempotencyStore},
 };
 
 /// A waiter looks again this long after a lease's end (the database's clock and ours tick
@@ -286,6 +286,23 @@ impl IdempotencyStore for PostgresStore {
             .await
     }
 
+    fn prepare_handler(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        extensions: &mut http::Extensions,
+    ) -> bool {
+        if !self.shared.settings.in_handler_transaction {
+            return false;
+        }
+        extensions.insert(self.shared.transactions.prepare(&self.pool, *key, token));
+        true
+    }
+
+    const NAME: &'static str = "postgres";
+}
+
+impl AdminStore for PostgresStore {
     async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
         self.inspect_key(key).await
     }
@@ -321,21 +338,6 @@ impl IdempotencyStore for PostgresStore {
     ) -> Result<ClaimPage, StoreError> {
         self.list(older_than, cursor, limit).await
     }
-
-    fn prepare_handler(
-        &self,
-        key: &StorageKey,
-        token: FenceToken,
-        extensions: &mut http::Extensions,
-    ) -> bool {
-        if !self.shared.settings.in_handler_transaction {
-            return false;
-        }
-        extensions.insert(self.shared.transactions.prepare(&self.pool, *key, token));
-        true
-    }
-
-    const NAME: &'static str = "postgres";
 }
 
 #[cfg(test)]

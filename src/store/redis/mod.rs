@@ -87,7 +87,8 @@
 //!
 //! # Files
 //!
-//! `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) implementation;
+//! `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) and
+//! [`AdminStore`](crate::AdminStore) implementations;
 //! `connect.rs` constructors, settings and the response timeout; `script.rs` the Lua scripts
 //! (the `.lua` files beside it) and running them; `codec.rs` the marker and envelope bytes;
 //! `notify.rs` waiting and pub/sub wake-ups; `error.rs` Redis errors as

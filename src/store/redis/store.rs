@@ -1,5 +1,5 @@
-//! [`RedisStore`]'s [`IdempotencyStore`] implementation: claim-or-replay, the fenced scripts,
-//! and the operator's tools.
+//! [`RedisStore`]'s [`IdempotencyStore`] and [`AdminStore`] implementations: claim-or-replay,
+//! the fenced scripts, and the operator's tools.
 
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +20,7 @@ use crate::{
     record::Record,
     store::error::{StoreError, StoreErrorKind},
     store::inspect::{ClaimPage, Inspection, ListCursor},
-    store::{Claim, FenceToken, IdempotencyStore},
+    store::{AdminStore, Claim, FenceToken, IdempotencyStore},
 };
 
 /// Redis expires keys to the millisecond; a waiter looks again this long after a lease's end.
@@ -239,43 +239,6 @@ where
             .await
     }
 
-    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
-        self.inspect_key(key).await
-    }
-
-    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        match self.run(&FORGET, key, &[]).await? {
-            Value::Int(1) => Ok(true),
-            Value::Int(0) => Ok(false),
-            _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
-        }
-    }
-
-    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
-        let args: [&[u8]; 2] = [self.shared.notifier.channel(), key.as_bytes()];
-        let token = match self.run(&BREAK, key, &args).await? {
-            Value::Int(0) => None,
-            Value::BulkString(token) => match <[u8; 8]>::try_from(token.as_slice()) {
-                Ok(token) => Some(FenceToken::new(u64::from_be_bytes(token))),
-                Err(_) => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
-            },
-            _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
-        };
-        if token.is_some() {
-            self.shared.notifier.wake(key);
-        }
-        Ok(token)
-    }
-
-    async fn list_claims(
-        &self,
-        older_than: Duration,
-        cursor: Option<ListCursor>,
-        limit: usize,
-    ) -> Result<ClaimPage, StoreError> {
-        self.list(older_than, cursor, limit).await
-    }
-
     const NAME: &'static str = "redis";
 
     async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
@@ -325,6 +288,48 @@ where
             // or the lease's end is due.
             look = true;
         }
+    }
+}
+
+impl<C> AdminStore for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn inspect(&self, key: &StorageKey) -> Result<Option<Inspection>, StoreError> {
+        self.inspect_key(key).await
+    }
+
+    async fn forget(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        match self.run(&FORGET, key, &[]).await? {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            _ => Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+        }
+    }
+
+    async fn break_claim(&self, key: &StorageKey) -> Result<Option<FenceToken>, StoreError> {
+        let args: [&[u8]; 2] = [self.shared.notifier.channel(), key.as_bytes()];
+        let token = match self.run(&BREAK, key, &args).await? {
+            Value::Int(0) => None,
+            Value::BulkString(token) => match <[u8; 8]>::try_from(token.as_slice()) {
+                Ok(token) => Some(FenceToken::new(u64::from_be_bytes(token))),
+                Err(_) => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+            },
+            _ => return Err(StoreError::new(StoreErrorKind::Other, Unexpected::Reply)),
+        };
+        if token.is_some() {
+            self.shared.notifier.wake(key);
+        }
+        Ok(token)
+    }
+
+    async fn list_claims(
+        &self,
+        older_than: Duration,
+        cursor: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<ClaimPage, StoreError> {
+        self.list(older_than, cursor, limit).await
     }
 }
 
