@@ -94,7 +94,7 @@ fn main() {
     let memory_bytes: u64 = std::env::var("ALLOC_MEMORY_BYTES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(tower_idempotency::store::memory::DEFAULT_CAPACITY_BYTES);
+        .unwrap_or(MemoryStore::DEFAULT_CAPACITY_BYTES);
     #[cfg(feature = "redis")]
     let cache_bytes: u64 = std::env::var("ALLOC_CACHE_BYTES")
         .ok()

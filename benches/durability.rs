@@ -26,7 +26,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput};
 use redis_server::RedisServer;
 use tower_idempotency::{
-    Claim, Durability, Fingerprint, IdempotencyStore, Record, RedisStore, StorageKey,
+    Claim, Fingerprint, IdempotencyStore, Record, RedisStore, StorageKey, redis::Durability,
 };
 
 fn main() {

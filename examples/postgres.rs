@@ -40,7 +40,7 @@ use axum::{
 };
 use serde::Deserialize;
 use sqlx::PgPool;
-use tower_idempotency::{IdempotencyLayer, PostgresStore, store::postgres::HandlerTransaction};
+use tower_idempotency::{IdempotencyLayer, PostgresStore, postgres::HandlerTransaction};
 
 /// A transfer between two accounts.
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,19 @@
 // reported under that file's name, at the page's line plus its line count.
 #![doc = include_str!("../docs/rustdoc-links.md")]
 #![doc = include_str!("../README.md")]
+//!
+//! ## Where each item is
+//!
+//! Every public item has one path. At the crate root: what an application names to protect
+//! a service (the layer, its service, future and bodies, the settings, key sources, problems,
+//! the header names and bounds) and what a store author names to implement
+//! [`IdempotencyStore`] and [`AdminStore`] (the traits, [`Claim`], [`FenceToken`], [`Record`],
+//! [`Fingerprint`], [`StorageKey`], [`StoreError`], the inspection types), and the stores:
+//! `MemoryStore`, `CachedStore`, `RedisStore`, `PostgresStore`. In a module named after its
+//! feature: what only that feature's users need, such as a store's settings types, helper
+//! types and defaults (`redis`: `Durability`, `SentinelConnection`; `postgres`:
+//! `HandlerTransaction`, `Purger`) and the operators' router (`admin`). A store's own
+//! bounds are associated constants (`MemoryStore::MIN_CAPACITY_BYTES`).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![deny(unreachable_pub)]
 #![forbid(unsafe_code)]
@@ -26,7 +39,7 @@ mod observe;
 mod problem;
 mod protocol;
 mod record;
-pub mod store;
+mod store;
 
 pub use crate::{
     fingerprint::{BodyFingerprint, Fingerprint, FingerprintHeaders},
@@ -41,7 +54,7 @@ pub use crate::{
         MAX_TTL, MAX_WAIT, MIN_LEASE, MissingKey, Recovery, WaitMode,
     },
     problem::{Problem, ProblemKind, ProblemResponse},
-    protocol::grpc::{GrpcCode, grpc_message},
+    protocol::grpc::GrpcCode,
     record::{MAX_RECORD_HEADERS, Record, RecordError},
     store::claim::{Claim, FenceToken},
     store::error::{BoxError, StoreError, StoreErrorKind},
@@ -50,9 +63,9 @@ pub use crate::{
 };
 
 #[cfg(feature = "postgres")]
-pub use crate::store::postgres::PostgresStore;
+pub use crate::store::postgres::{self, connect::PostgresStore};
 #[cfg(feature = "redis")]
-pub use crate::store::redis::{Durability, RedisStore};
+pub use crate::store::redis::{self, connect::RedisStore};
 #[cfg(feature = "moka")]
 pub use crate::store::{cached::CachedStore, memory::MemoryStore};
 

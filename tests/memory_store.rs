@@ -101,7 +101,7 @@ async fn a_claim_in_flight_is_never_evicted() {
 
 #[tokio::test]
 async fn a_record_larger_than_the_whole_store_is_not_kept_and_nothing_breaks() {
-    let store = MemoryStore::new(tower_idempotency::store::memory::MIN_CAPACITY_BYTES);
+    let store = MemoryStore::new(MemoryStore::MIN_CAPACITY_BYTES);
     let key = complete_new_key(&store, record_of(1_000_000)).await;
     store.evictions();
     // moka refuses an entry heavier than the cache; the key is then simply free again.
@@ -283,11 +283,8 @@ fn a_memory_store_too_small_to_keep_a_record_panics() {
     let cases: [(u64, bool); 5] = [
         (0, false),
         (1, false),
-        (
-            tower_idempotency::store::memory::MIN_CAPACITY_BYTES - 1,
-            false,
-        ),
-        (tower_idempotency::store::memory::MIN_CAPACITY_BYTES, true),
+        (MemoryStore::MIN_CAPACITY_BYTES - 1, false),
+        (MemoryStore::MIN_CAPACITY_BYTES, true),
         (64 * 1024 * 1024, true),
     ];
     for (capacity, accepted) in cases {

@@ -220,9 +220,9 @@ async fn every_metric_is_recorded_with_its_labels_and_never_a_key() {
 
     // Evictions, by store.
     let record = sample_record(fingerprint("a"));
-    let memory = MemoryStore::new(tower_idempotency::store::memory::MIN_CAPACITY_BYTES);
+    let memory = MemoryStore::new(MemoryStore::MIN_CAPACITY_BYTES);
     let cached = CachedStore::new(MemoryStore::default(), record.weight() as u64 * 5);
-    let to_fill = tower_idempotency::store::memory::MIN_CAPACITY_BYTES / record.weight() as u64;
+    let to_fill = MemoryStore::MIN_CAPACITY_BYTES / record.weight() as u64;
     for _ in 0..to_fill * 2 {
         for store in [&memory as &dyn Completes, &cached] {
             store.complete_fresh(&record).await;

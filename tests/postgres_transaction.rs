@@ -29,7 +29,7 @@ use axum::{
 use http_body_util::BodyExt;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, PostgresStore, store::postgres::HandlerTransaction};
+use tower_idempotency::{IdempotencyLayer, PostgresStore, postgres::HandlerTransaction};
 
 use common::postgres_server::PostgresServer;
 

@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use http::StatusCode;
 use tower_idempotency::{
-    AdminStore, Claim, Durability, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind,
-    RedisStore, StoreErrorKind,
+    AdminStore, Claim, FenceToken, IdempotencyLayer, IdempotencyStore, ProblemKind, RedisStore,
+    StoreErrorKind, redis::Durability,
 };
 
 use common::{

@@ -14,8 +14,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use tower_idempotency::{
-    AdminStore, Claim, Durability, IdempotencyLayer, IdempotencyStore, RedisStore, StoreErrorKind,
-    WaitMode,
+    AdminStore, Claim, IdempotencyLayer, IdempotencyStore, RedisStore, StoreErrorKind, WaitMode,
+    redis::Durability,
 };
 
 use common::{

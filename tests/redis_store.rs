@@ -142,7 +142,7 @@ async fn keys_hold_a_small_marker_while_in_flight_then_the_record_with_its_expir
         claimed_at <= local_now && claimed_at + 5_000 > local_now,
         "claimed at {claimed_at} by the local clock ({local_now})"
     );
-    let retention = tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as u64;
+    let retention = tower_idempotency::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as u64;
     assert_eq!(be_u64(&marker[53..61]), retention);
     let key_left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
     let lease_left = key_left - retention as i64;
@@ -365,7 +365,7 @@ async fn a_long_handler_keeps_its_claim_through_renewal() {
         "still in flight after five leases"
     );
     let left: i64 = query(&mut admin, redis::cmd("PTTL").arg(&redis_key)).await;
-    let retention = tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as i64;
+    let retention = tower_idempotency::redis::DEFAULT_ABANDONED_RETENTION.as_millis() as i64;
     assert!(
         (1..=300).contains(&(left - retention)),
         "the claim lives by renewal of a short lease (PTTL {left}: the lease, then the retention)"
@@ -1360,7 +1360,7 @@ async fn a_ttl_or_lease_longer_than_redis_accepts_is_clamped_not_refused() {
             .unwrap(),
     );
     // A marker outlives its lease by the abandoned-claim retention.
-    let marker_life = MAX_LEASE + tower_idempotency::store::redis::DEFAULT_ABANDONED_RETENTION;
+    let marker_life = MAX_LEASE + tower_idempotency::redis::DEFAULT_ABANDONED_RETENTION;
     assert!(near(pttl(&mut admin).await, marker_life), "lease clamped");
     store.renew(&key, token, Duration::MAX).await.unwrap();
     assert!(near(pttl(&mut admin).await, marker_life), "renewal clamped");

@@ -20,7 +20,9 @@ use axum::{
 };
 use bytes::Bytes;
 use serde::Deserialize;
-use tower_idempotency::{Durability, IdempotencyLayer, IdempotencyStore, MissingKey, RedisStore};
+use tower_idempotency::{
+    IdempotencyLayer, IdempotencyStore, MissingKey, RedisStore, redis::Durability,
+};
 
 use crate::{BoxError, env, env_or};
 

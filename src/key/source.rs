@@ -80,7 +80,9 @@ impl KeySource {
 
     /// A closure over a unary gRPC call's request message (the body without its 5-byte
     /// length prefix): AIP-155's `request_id`, decoded with the message's own type. A body
-    /// that is not one uncompressed message has no key (see [`grpc_message`](crate::grpc_message)).
+    /// that is not one uncompressed message (a compressed flag of 0, a 4-byte big-endian
+    /// length, that many bytes and nothing after them) has no key: a compressed message, a
+    /// stream of several or a frame cut short.
     ///
     /// ```
     /// use prost::Message;

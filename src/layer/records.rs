@@ -43,7 +43,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// A completion that the store could not take (an outage, a failover) is retried only
     /// while the lease lasts: with a replicated Redis, two thirds of it must outlast a
     /// failover plus a completion's retry (the default 30 s covers failovers of up to
-    /// 17.5 s with the default timeouts; see `Durability`, feature `redis`).
+    /// 17.5 s with the default timeouts; see `redis::Durability`, feature `redis`).
     ///
     /// ```
     /// # use std::time::Duration;

@@ -251,13 +251,7 @@ pub(crate) fn kept(
 /// The message of a unary call's body: one length-prefixed message (a compressed flag of 0,
 /// a 4-byte big-endian length, that many bytes) and nothing after it. `None` for anything
 /// else: a compressed message, a stream of several, or a frame cut short.
-///
-/// ```
-/// let body = [0, 0, 0, 0, 3, 0x08, 0x96, 0x01];
-/// assert_eq!(tower_idempotency::grpc_message(&body), Some(&[0x08, 0x96, 0x01][..]));
-/// assert_eq!(tower_idempotency::grpc_message(&body[..7]), None);
-/// ```
-pub fn grpc_message(body: &[u8]) -> Option<&[u8]> {
+pub(crate) fn grpc_message(body: &[u8]) -> Option<&[u8]> {
     let (&[flag, a, b, c, d], message) = body.split_first_chunk::<5>()?;
     let len = usize::try_from(u32::from_be_bytes([a, b, c, d])).ok()?;
     (flag == 0 && message.len() == len).then_some(message)

@@ -78,7 +78,7 @@
 
 use std::{future::Future, time::Duration};
 
-pub use self::claim::{Claim, FenceToken};
+pub(crate) use self::claim::{Claim, FenceToken};
 use crate::{
     fingerprint::Fingerprint,
     key::StorageKey,
@@ -88,12 +88,12 @@ use crate::{
 };
 
 #[cfg(feature = "moka")]
-pub mod cached;
+pub(crate) mod cached;
 pub(crate) mod claim;
 pub(crate) mod error;
 pub(crate) mod inspect;
 #[cfg(feature = "moka")]
-pub mod memory;
+pub(crate) mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "moka")]

@@ -21,14 +21,6 @@ use self::{
 use super::{Claim, record_cache::RecordCache};
 use crate::{key::StorageKey, record::Record};
 
-/// The capacity of [`MemoryStore::default`]: 64 MiB of records.
-pub const DEFAULT_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
-
-/// The smallest capacity [`MemoryStore::new`] accepts: 64 KiB, room for a few dozen small
-/// records. A store with less keeps next to nothing, so retries would execute again; a
-/// capacity read from configuration in the wrong unit (64 for 64 MiB) is caught here.
-pub const MIN_CAPACITY_BYTES: u64 = 64 * 1024;
-
 /// An in-process store: completed records bounded by bytes, with a per-record TTL; in-flight
 /// claims beside them.
 ///
@@ -82,6 +74,14 @@ struct Inner {
 const REPLAYED_SHARE: u64 = 2;
 
 impl MemoryStore {
+    /// The capacity of [`MemoryStore::default`]: 64 MiB of records.
+    pub const DEFAULT_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+
+    /// The smallest capacity [`MemoryStore::new`] accepts: 64 KiB, room for a few dozen small
+    /// records. A store with less keeps next to nothing, so retries would execute again; a
+    /// capacity read from configuration in the wrong unit (64 for 64 MiB) is caught here.
+    pub const MIN_CAPACITY_BYTES: u64 = 64 * 1024;
+
     /// A store holding up to `capacity_bytes` of records (as weighed by
     /// [`Record::weight`](crate::Record::weight)).
     ///
@@ -93,13 +93,14 @@ impl MemoryStore {
     ///
     /// # Panics
     ///
-    /// If `capacity_bytes` is less than [`MIN_CAPACITY_BYTES`] (64 KiB): such a store would
-    /// keep next to nothing, and retries would execute again.
+    /// If `capacity_bytes` is less than [`MIN_CAPACITY_BYTES`](Self::MIN_CAPACITY_BYTES)
+    /// (64 KiB): such a store would keep next to nothing, and retries would execute again.
     pub fn new(capacity_bytes: u64) -> Self {
         assert!(
-            capacity_bytes >= MIN_CAPACITY_BYTES,
-            "MemoryStore::new: the capacity must be at least MIN_CAPACITY_BYTES \
-             ({MIN_CAPACITY_BYTES} bytes), got {capacity_bytes}"
+            capacity_bytes >= Self::MIN_CAPACITY_BYTES,
+            "MemoryStore::new: the capacity must be at least MemoryStore::MIN_CAPACITY_BYTES \
+             ({} bytes), got {capacity_bytes}",
+            Self::MIN_CAPACITY_BYTES
         );
         let records = RecordCache::new(capacity_bytes / REPLAYED_SHARE, "memory");
         Self::with_records(records, capacity_bytes, new_shards())
@@ -203,9 +204,9 @@ impl MemoryStore {
 }
 
 impl Default for MemoryStore {
-    /// A store of [`DEFAULT_CAPACITY_BYTES`] (64 MiB).
+    /// A store of [`DEFAULT_CAPACITY_BYTES`](Self::DEFAULT_CAPACITY_BYTES) (64 MiB).
     fn default() -> Self {
-        Self::new(DEFAULT_CAPACITY_BYTES)
+        Self::new(Self::DEFAULT_CAPACITY_BYTES)
     }
 }
 
@@ -273,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_record_asked_for_again_moves_to_the_cache_and_outlives_a_flood_of_new_keys() {
-        let store = MemoryStore::new(MIN_CAPACITY_BYTES * 4);
+        let store = MemoryStore::new(MemoryStore::MIN_CAPACITY_BYTES * 4);
         complete(&store, 0).await;
         assert_eq!(store.inner.recent.len(), 1);
         assert!(replays(&store, 0).await);
@@ -301,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_records_held_never_weigh_more_than_the_capacity() {
-        let capacity = MIN_CAPACITY_BYTES * 4;
+        let capacity = MemoryStore::MIN_CAPACITY_BYTES * 4;
         let store = MemoryStore::new(capacity);
         for n in 0..6_000 {
             complete(&store, n).await;
@@ -339,8 +340,8 @@ mod tests {
             })
         };
         let store = MemoryStore::with_records(
-            RecordCache::with_probe(MIN_CAPACITY_BYTES / 2, "memory", probe),
-            MIN_CAPACITY_BYTES,
+            RecordCache::with_probe(MemoryStore::MIN_CAPACITY_BYTES / 2, "memory", probe),
+            MemoryStore::MIN_CAPACITY_BYTES,
             shards,
         );
         let fingerprint = Fingerprint::from_bytes([7; 32]);

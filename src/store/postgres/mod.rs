@@ -1,10 +1,10 @@
-//! [`PostgresStore`]: records in the application's own PostgreSQL database (feature
-//! `postgres`).
+//! [`PostgresStore`](crate::PostgresStore): records in the application's own PostgreSQL
+//! database (feature `postgres`).
 //!
 //! # Layout in PostgreSQL
 //!
 //! One table ([`DEFAULT_TABLE`] unless named otherwise), one row per key, created by
-//! [`PostgresStore::migrate`]:
+//! [`PostgresStore::migrate`](crate::PostgresStore::migrate):
 //!
 //! ```sql
 //! CREATE TABLE IF NOT EXISTS idempotency_records (
@@ -61,8 +61,12 @@
 //! [`AdminStore`](crate::AdminStore) implementations;
 //! `notify.rs` the listener; `inspect.rs` look-ups, listings and purging; `transaction.rs`
 //! the handlers' transactions; `error.rs` sqlx errors as [`StoreError`](crate::StoreError)s.
+//!
+//! [`PostgresStore::in_handler_transaction`]: crate::PostgresStore::in_handler_transaction
+//! [`PostgresStore::purge_expired`]: crate::PostgresStore::purge_expired
+//! [`PostgresStore::with_abandoned_retention`]: crate::PostgresStore::with_abandoned_retention
 
-mod connect;
+pub(crate) mod connect;
 mod error;
 mod inspect;
 mod notify;
@@ -71,9 +75,7 @@ mod store;
 mod transaction;
 
 pub use self::{
-    connect::{
-        DEFAULT_ABANDONED_RETENTION, DEFAULT_POLL_INTERVAL, DEFAULT_RESPONSE_TIMEOUT, PostgresStore,
-    },
+    connect::{DEFAULT_ABANDONED_RETENTION, DEFAULT_POLL_INTERVAL, DEFAULT_RESPONSE_TIMEOUT},
     inspect::{MAX_PURGE_BATCH, Purger},
     schema::DEFAULT_TABLE,
     transaction::{HandlerTransaction, TransactionGuard},

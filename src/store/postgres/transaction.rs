@@ -36,7 +36,7 @@ type Open = AsyncMutex<Option<Transaction<'static, Postgres>>>;
 ///
 /// ```
 /// use axum::{http::StatusCode, response::IntoResponse};
-/// use tower_idempotency::store::postgres::HandlerTransaction;
+/// use tower_idempotency::postgres::HandlerTransaction;
 ///
 /// async fn debit(tx: HandlerTransaction) -> impl IntoResponse {
 ///     let Ok(mut tx) = tx.begin().await else {

@@ -388,7 +388,7 @@ where
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
-    /// use tower_idempotency::{Durability, RedisStore};
+    /// use tower_idempotency::{RedisStore, redis::Durability};
     /// let store = RedisStore::connect("redis://127.0.0.1").await?
     ///     .with_durability(Durability::replicas(1));
     /// # Ok(()) }

@@ -16,7 +16,7 @@ use ::redis::{Cmd, Value};
 /// The default bound on waiting for the acknowledgements: 500 ms.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// What [`RedisStore`](super::RedisStore) waits for after it writes a claim or a completion,
+/// What [`RedisStore`](crate::RedisStore) waits for after it writes a claim or a completion,
 /// in the same round trip (a pipeline): `n` replicas having received it (`WAIT n timeout`)
 /// and, with [`with_local_fsync`](Self::with_local_fsync), the primary having written it to
 /// its append-only file (`WAITAOF 1 0 timeout`, Redis 7.2 or newer with `appendonly yes`).
@@ -59,7 +59,7 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(500);
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_idempotency::Durability;
+/// use tower_idempotency::redis::Durability;
 ///
 /// let durability = Durability::replicas(1).with_timeout(Duration::from_millis(200));
 /// assert_eq!(durability.replica_count(), 1);
@@ -81,7 +81,7 @@ impl Durability {
     /// No waiting: a write is reported as soon as the primary has it (the default).
     ///
     /// ```
-    /// assert_eq!(tower_idempotency::Durability::none().replica_count(), 0);
+    /// assert_eq!(tower_idempotency::redis::Durability::none().replica_count(), 0);
     /// ```
     pub const fn none() -> Self {
         Self {
@@ -95,7 +95,7 @@ impl Durability {
     /// Zero waits for none.
     ///
     /// ```
-    /// assert_eq!(tower_idempotency::Durability::replicas(2).replica_count(), 2);
+    /// assert_eq!(tower_idempotency::redis::Durability::replicas(2).replica_count(), 2);
     /// ```
     pub const fn replicas(replicas: u32) -> Self {
         Self {
@@ -109,7 +109,7 @@ impl Durability {
     /// `appendonly yes`: elsewhere every claim fails. Default: off.
     ///
     /// ```
-    /// let durability = tower_idempotency::Durability::replicas(1).with_local_fsync();
+    /// let durability = tower_idempotency::redis::Durability::replicas(1).with_local_fsync();
     /// assert!(durability.local_fsync());
     /// ```
     pub const fn with_local_fsync(self) -> Self {
@@ -126,7 +126,7 @@ impl Durability {
     ///
     /// ```
     /// # use std::time::Duration;
-    /// let durability = tower_idempotency::Durability::replicas(1)
+    /// let durability = tower_idempotency::redis::Durability::replicas(1)
     ///     .with_timeout(Duration::from_millis(100));
     /// assert_eq!(durability.timeout(), Duration::from_millis(100));
     /// ```

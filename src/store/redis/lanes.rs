@@ -71,7 +71,7 @@ pub(super) struct Lanes<C> {
 
 impl<C: Clone + Send + Sync + 'static> Lanes<C> {
     /// Lanes that `opener` opens, or none (every write then shares the store's connection:
-    /// a store built on a connection it cannot copy, [`RedisStore::new`](super::RedisStore::new)).
+    /// a store built on a connection it cannot copy, [`RedisStore::new`](crate::RedisStore::new)).
     pub(super) fn new(opener: Option<Opener<C>>) -> Self {
         Self {
             opener,

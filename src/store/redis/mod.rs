@@ -1,4 +1,5 @@
-//! [`RedisStore`]: one store shared by every instance of a service (feature `redis`).
+//! [`RedisStore`](crate::RedisStore): one store shared by every instance of a service
+//! (feature `redis`).
 //!
 //! # Layout in Redis
 //!
@@ -97,10 +98,15 @@
 //! `acknowledge.rs` sending a write with its `WAIT` and acting on the verdict;
 //! `eviction.rs` the eviction guard; `sentinel.rs` [`SentinelConnection`] and the
 //! constructors that make one; `resolver.rs` asking the Sentinels for the primary.
+//!
+//! [`RedisStore`]: crate::RedisStore
+//! [`RedisStore::connect_sentinel`]: crate::RedisStore::connect_sentinel
+//! [`RedisStore::with_abandoned_retention`]: crate::RedisStore::with_abandoned_retention
+//! [`RedisStore::with_durability`]: crate::RedisStore::with_durability
 
 mod acknowledge;
 mod codec;
-mod connect;
+pub(crate) mod connect;
 mod durability;
 mod error;
 mod eviction;
@@ -116,7 +122,6 @@ mod store;
 pub(crate) use self::codec::{check_envelope, check_marker};
 pub use self::connect::{
     DEFAULT_ABANDONED_RETENTION, DEFAULT_POLL_INTERVAL, DEFAULT_PREFIX, DEFAULT_RESPONSE_TIMEOUT,
-    RedisStore,
 };
 pub use self::durability::{DEFAULT_ACK_TIMEOUT, Durability};
 pub use self::sentinel::SentinelConnection;

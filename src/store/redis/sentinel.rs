@@ -60,7 +60,7 @@ impl RedisStore<SentinelConnection> {
     /// within the default response timeout.
     ///
     /// ```no_run
-    /// use tower_idempotency::{Durability, RedisStore};
+    /// use tower_idempotency::{RedisStore, redis::Durability};
     ///
     /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
     /// let sentinels = ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"];
@@ -113,7 +113,7 @@ impl RedisStore<SentinelConnection> {
 }
 
 /// A connection to the primary that Redis Sentinel names, which follows a failover: made by
-/// [`RedisStore::connect_sentinel`](super::RedisStore::connect_sentinel). A cheap `Clone`
+/// [`RedisStore::connect_sentinel`](crate::RedisStore::connect_sentinel). A cheap `Clone`
 /// handle: clones share the connection.
 #[derive(Clone)]
 pub struct SentinelConnection {
