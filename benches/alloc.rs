@@ -189,7 +189,7 @@ mod counted {
 
     use redis::{
         Cmd, Pipeline, RedisFuture, Value,
-        aio::{ConnectionLike, ConnectionManager},
+        aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     };
     use tower_idempotency::RedisStore;
 
@@ -235,7 +235,11 @@ mod counted {
     ) -> Option<(Server, RedisStore<Counted>)> {
         let redis = crate::common::redis_server()?;
         let connected = redis::Client::open(redis.url()).and_then(|client| {
-            let inner = runtime.block_on(client.get_connection_manager())?;
+            // As `RedisStore::connect` makes it: the store bounds every command itself, and a
+            // response timeout of the connection's own would be a second timer per command.
+            let config = ConnectionManagerConfig::new().set_response_timeout(None);
+            let inner =
+                runtime.block_on(ConnectionManager::new_with_config(client.clone(), config))?;
             Ok((client, inner))
         });
         match connected {

@@ -190,6 +190,36 @@ async fn keys_hold_a_small_marker_while_in_flight_then_the_record_with_its_expir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_too_long_for_keys_built_on_the_stack_claims_and_completes_the_same_key() {
+    let server = shared_server();
+    // The store builds a key on the stack for a prefix of up to 64 bytes; this one is longer.
+    let prefix = format!("{}{}:", unique_prefix("long"), "p".repeat(80));
+    let store = connect(server).await.with_prefix(&prefix);
+    let key = fresh_key();
+    let redis_key = store.redis_key(&key);
+    let mut admin = admin(server).await;
+
+    let token = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
+    let marker: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
+    assert_eq!(
+        &marker[5..13],
+        &token.get().to_be_bytes(),
+        "the claim's marker"
+    );
+    store
+        .complete(&key, token, sample_record(fingerprint("a")), TTL)
+        .await
+        .unwrap();
+    let stored: Vec<u8> = query(&mut admin, redis::cmd("GET").arg(&redis_key)).await;
+    assert_eq!(&stored[..4], b"TIC\x01", "the completed record");
+    assert!(matches!(
+        store.claim(&key, &fingerprint("a"), LEASE).await.unwrap(),
+        Claim::Completed { .. }
+    ));
+    assert_eq!(keys(server, &prefix).await, vec![redis_key], "one key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_with_different_prefixes_share_nothing() {
     let server = shared_server();
     let first = connect(server).await.with_prefix(unique_prefix("one"));

@@ -123,10 +123,23 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// Appends bytes to `out` as lowercase hex digits, two a byte.
 pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    // Into a buffer on the stack, then appended at once: `String::push` checks room and
+    // encodes UTF-8 for every character.
+    let mut buffer = [0; 128];
+    for chunk in bytes.chunks(buffer.len() / 2) {
+        let hex = &mut buffer[..2 * chunk.len()];
+        write_hex(hex, chunk);
+        // Hex digits are ASCII: this never fails.
+        out.push_str(std::str::from_utf8(hex).unwrap_or_default());
+    }
+}
+
+/// Writes bytes as lowercase hex digits into the start of `out`, two a byte (as many as fit).
+pub(crate) fn write_hex(out: &mut [u8], bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        out.push(DIGITS[usize::from(byte >> 4)] as char);
-        out.push(DIGITS[usize::from(byte & 0x0f)] as char);
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
     }
 }
 
@@ -260,6 +273,15 @@ mod tests {
         let mut out = String::from("prefix:");
         push_hex(&mut out, &[0x01, 0xbc]);
         assert_eq!(out, "prefix:01bc");
+    }
+
+    #[test]
+    fn push_hex_spells_every_byte_of_a_long_input() {
+        let bytes: Vec<u8> = (0..=255).chain(0..=255).collect();
+        let mut out = String::from(":");
+        push_hex(&mut out, &bytes);
+        let expected: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(out, format!(":{expected}"));
     }
 
     #[test]

@@ -104,13 +104,16 @@ pin_project! {
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
         St: IdempotencyStore,
     {
+        // The claim on its way, or the handler running, beside the state rather than in it:
+        // every state moves by value from one step to the next, and these futures are the
+        // large ones (a few KiB for Redis's claim, the handler's as large as the application
+        // makes it); this slot is written in place and never moved once polled. (Before the
+        // state: a handler dropped unfinished goes before the lease its state holds, as when
+        // it was a field of `Run`.)
+        #[pin]
+        pending: Pending<C, S::Future>,
         #[pin]
         state: State<S::Future, ReqB, St, ResB, S::Error>,
-        // The claim on its way, beside the state rather than in it: every state moves by
-        // value from one step to the next, and a store's claim future can be large (a few
-        // KiB for Redis's); this slot is written in place and never moved once polled.
-        #[pin]
-        sending: Option<C>,
         send_claim: SendClaim<St, C>,
         ctx: Ctx<S, St, ReqB, ResB>,
         span: Span,
@@ -128,14 +131,28 @@ pin_project! {
         // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
         // A claim's future is the flow's `sending`; a take-over's (rare) is boxed here.
         Claim { take_over: Option<StoreOp<Claim>>, token: FenceToken, sent: Instant, keyed: Keyed },
-        // The key claimed, under a rotated secret: its earlier addresses are looked at.
-        Probe { probe: StoreOp<Option<Found>>, keyed: Keyed, lease: Lease<St>, renewal: Renewal },
+        // The key claimed, under a rotated secret: its earlier addresses are looked at. The
+        // rest boxed: this state is rare, and the largest held, and every state is as large
+        // as the largest.
+        Probe { probe: StoreOp<Option<Found>>, probing: Box<Probing<St>> },
         Wait { wait: StoreOp<()>, keyed: Keyed },
         // `held: None` runs the handler unprotected (fail-open, or no key to protect).
         Ready { request: Request<RequestBody<ReqB>>, held: Option<Held<St>> },
-        Run { #[pin] handler: CatchUnwind<F>, held: Option<Held<St>> },
+        // The handler is the flow's `pending`.
+        Run { held: Option<Held<St>>, _handler: PhantomData<F> },
         Finish { lease_op: LeaseOp, output: Output<ResB, E> },
         Done,
+    }
+}
+
+pin_project! {
+    /// What the flow waits for beside its state: a claim on its way to the store, or the
+    /// handler.
+    #[project = PendingProj]
+    enum Pending<C, F> {
+        Nothing,
+        Claim { #[pin] claim: C },
+        Handler { #[pin] handler: CatchUnwind<F> },
     }
 }
 
@@ -145,6 +162,13 @@ struct Keyed {
     body: Bytes,
     key: Key,
     fingerprint: Fingerprint,
+}
+
+/// A request that holds its claim while its key's earlier addresses are looked at.
+struct Probing<St: IdempotencyStore> {
+    keyed: Keyed,
+    lease: Lease<St>,
+    renewal: Renewal,
 }
 
 /// The claim this request holds, its renewal, and what its record will be made of.
@@ -256,8 +280,8 @@ where
             _types: PhantomData,
         };
         Self {
+            pending: Pending::Nothing,
             state,
-            sending: None,
             send_claim,
             ctx,
             span,
@@ -305,28 +329,24 @@ where
                     keyed,
                     ..
                 } => {
-                    if this.sending.is_none() {
+                    if let Pending::Nothing = *this.pending {
                         let (store, config) = (ctx.store.clone(), Arc::clone(&ctx.config));
                         let (key, fingerprint) = (keyed.key.storage, keyed.fingerprint);
                         let claim = (this.send_claim)(store, config, key, *token, fingerprint);
-                        this.sending.set(Some(claim));
+                        this.pending.set(Pending::Claim { claim });
                     }
-                    let Some(claim) = this.sending.as_mut().as_pin_mut() else {
+                    let PendingProj::Claim { claim } = this.pending.as_mut().project() else {
                         unreachable!("a claim was just put in the slot")
                     };
                     let claimed = ready!(claim.poll(cx));
                     // Emptied before the next step, which may send another claim.
-                    this.sending.set(None);
+                    this.pending.set(Pending::Nothing);
                     Event::Claimed(claimed)
                 }
-                StateProj::Probe {
-                    probe,
-                    lease,
-                    renewal,
-                    ..
-                } => match probe.as_mut().poll(cx) {
+                StateProj::Probe { probe, probing } => match probe.as_mut().poll(cx) {
                     Poll::Ready(found) => Event::Probed(found),
                     Poll::Pending => {
+                        let Probing { lease, renewal, .. } = &mut **probing;
                         renewal.poll(lease, cx);
                         return Poll::Pending;
                     }
@@ -341,13 +361,22 @@ where
                         return Poll::Pending;
                     }
                 },
-                StateProj::Run { handler, held } => match handler.poll(cx) {
-                    Poll::Ready(ran) => Event::Ran(ran),
-                    Poll::Pending => {
-                        Held::keep_alive(held, cx);
-                        return Poll::Pending;
+                StateProj::Run { held, .. } => {
+                    let PendingProj::Handler { handler } = this.pending.as_mut().project() else {
+                        unreachable!("a running handler is in the slot")
+                    };
+                    match handler.poll(cx) {
+                        Poll::Ready(ran) => {
+                            // Dropped as it was when it was a field of `Run`, at its answer.
+                            this.pending.set(Pending::Nothing);
+                            Event::Ran(ran)
+                        }
+                        Poll::Pending => {
+                            Held::keep_alive(held, cx);
+                            return Poll::Pending;
+                        }
                     }
-                },
+                }
                 StateProj::Finish { lease_op, .. } => {
                     Event::Finished(ready!(lease_op.as_mut().poll(cx)))
                 }
@@ -375,7 +404,8 @@ where
                     },
                     Event::Claimed(claim),
                 ) => ctx.claimed(keyed, token, sent, claim),
-                (StateOwned::Probe { keyed, lease, .. }, Event::Probed(found)) => {
+                (StateOwned::Probe { probing, .. }, Event::Probed(found)) => {
+                    let Probing { keyed, lease, .. } = *probing;
                     ctx.probed(keyed, lease, found)
                 }
                 (StateOwned::Wait { keyed, .. }, Event::Waited(Ok(()))) => {
@@ -385,7 +415,7 @@ where
                     ctx.store_failed(error, keyed)
                 }
                 (StateOwned::Ready { request, held }, Event::Ready(ready)) => {
-                    ctx.run(request, held, ready)
+                    ctx.run(request, held, ready, this.pending.as_mut())
                 }
                 (StateOwned::Run { held, .. }, Event::Ran(ran)) => ctx.ran(held, ran, cx),
                 (StateOwned::Finish { output, .. }, Event::Finished(Kept::Response)) => {

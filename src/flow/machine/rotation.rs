@@ -14,7 +14,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use super::{Ctx, Keyed, LeaseOp, State, Step, step::FlowStep};
+use super::{Ctx, Keyed, LeaseOp, Probing, State, Step, step::FlowStep};
 use crate::{
     fingerprint::Fingerprint,
     flow::body::RequestBody,
@@ -95,12 +95,12 @@ where
             }
             Ok(abandoned)
         });
-        State::Probe {
-            probe,
+        let probing = Box::new(Probing {
             keyed,
             lease,
             renewal: Renewal::default(),
-        }
+        });
+        State::Probe { probe, probing }
     }
 
     /// The earlier addresses are looked at: run under `lease` if none holds anything live;

@@ -1,7 +1,7 @@
 //! Where each state's answer leads: the decisions of the [flow](super), one method per
 //! event.
 
-use std::{future::Future, pin::Pin, sync::Arc, task::Context};
+use std::{future::Future, marker::PhantomData, pin::Pin, sync::Arc, task::Context};
 
 use bytes::Bytes;
 use http::{Request, Response, request::Parts};
@@ -9,7 +9,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Ctx, Held, Keyed, LeaseOp, State, Step, StoreOp};
+use super::{Ctx, Held, Keyed, LeaseOp, Pending, State, Step, StoreOp};
 use crate::{
     flow::body::{Chunks, RequestBody, ResponseBody},
     flow::capture::{self, Settled},
@@ -344,12 +344,14 @@ where
         }
     }
 
-    /// The inner service is ready (or failed to get ready): the handler runs.
-    pub(super) fn run(
+    /// The inner service is ready (or failed to get ready): the handler runs, its future
+    /// put in the flow's `pending` slot.
+    pub(super) fn run<C>(
         &mut self,
         request: Request<RequestBody<ReqB>>,
         held: Option<Held<St>>,
         ready: Result<(), S::Error>,
+        mut pending: Pin<&mut Pending<C, S::Future>>,
     ) -> FlowStep<S, St, ReqB, ResB> {
         if let Err(error) = ready {
             return match held {
@@ -371,7 +373,11 @@ where
             Ok(handler) => CatchUnwind::new(handler),
             Err(panic) => return self.panicked(held, panic),
         };
-        Step::Next(State::Run { handler, held })
+        pending.set(Pending::Handler { handler });
+        Step::Next(State::Run {
+            held,
+            _handler: PhantomData,
+        })
     }
 
     /// The handler answered (or panicked): its response is settled.

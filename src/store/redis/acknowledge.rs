@@ -93,20 +93,19 @@ where
         if !self.asks(write) {
             return Ok((self.run(script, key, args).await?, self.unasked()));
         }
-        let redis_key = self.redis_key(key);
         let lane = self.lane();
         let mut connection = lane.clone();
         let exchange = async {
-            let replies = self
-                .pipelined(&mut connection, &script.evalsha(&redis_key, args))
-                .await?;
+            // The key spelled in a statement of its own, not held across the round trip.
+            let evalsha = script.evalsha(self.key_bytes(key).as_bytes(), args);
+            let replies = self.pipelined(&mut connection, &evalsha).await?;
             match replies.first() {
                 // The script ran nowhere: run it with its code, which also caches it.
                 Some(Value::ServerError(error))
                     if error.kind() == Some(ServerErrorKind::NoScript) =>
                 {
-                    self.pipelined(&mut connection, &script.eval(&redis_key, args))
-                        .await
+                    let eval = script.eval(self.key_bytes(key).as_bytes(), args);
+                    self.pipelined(&mut connection, &eval).await
                 }
                 _ => Ok(replies),
             }

@@ -17,9 +17,30 @@ use super::{
     notify::{Notifier, Subscribers},
 };
 use crate::{
-    fingerprint::digest::push_hex, key::StorageKey, layer::config::MAX_TTL,
-    observe::ShortfallCounter, store::error::StoreError,
+    fingerprint::digest::{push_hex, write_hex},
+    key::StorageKey,
+    layer::config::MAX_TTL,
+    observe::ShortfallCounter,
+    store::error::StoreError,
 };
+
+/// How long a Redis key may be to be built on the stack: a prefix of up to 64 bytes.
+const INLINE_KEY: usize = 128;
+
+/// A Redis key, on the stack if it fits ([`RedisStore::key_bytes`]).
+pub(super) enum RedisKey {
+    Inline { bytes: [u8; INLINE_KEY], len: usize },
+    Heap(String),
+}
+
+impl RedisKey {
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { bytes, len } => bytes.get(..*len).unwrap_or(bytes),
+            Self::Heap(key) => key.as_bytes(),
+        }
+    }
+}
 
 /// The default key prefix: `idempotency:`.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
@@ -225,18 +246,22 @@ where
     /// (which does not reconnect) — with `subscriber` opening the connection that receives
     /// notifications (for a cluster, any of its nodes).
     ///
-    /// Commands are bounded by the store's response timeout, whatever the connection's own.
-    /// With [`with_durability`](Self::with_durability), writes that wait for their
+    /// Commands are bounded by the store's response timeout, whatever the connection's own;
+    /// a connection with a response timeout of its own (a [`ConnectionManager`]'s is 500 ms
+    /// by default) starts a second timer for every command: `connect` sets none, as the
+    /// example does. With [`with_durability`](Self::with_durability), writes that wait for their
     /// acknowledgement share this one connection too (`connect`, `connect_cluster` and
     /// `connect_sentinel` open four more for them): each `WAIT` then holds up the commands
     /// queued behind it.
     ///
     /// ```no_run
+    /// use redis::aio::{ConnectionManager, ConnectionManagerConfig};
     /// use tower_idempotency::RedisStore;
     ///
     /// # async fn run() -> redis::RedisResult<()> {
     /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
-    /// let connection = client.get_connection_manager().await?;
+    /// let config = ConnectionManagerConfig::new().set_response_timeout(None);
+    /// let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
     /// let store = RedisStore::new(connection, client);
     /// # Ok(()) }
     /// ```
@@ -385,6 +410,21 @@ where
         redis_key.push_str(prefix);
         push_hex(&mut redis_key, key.as_bytes());
         redis_key
+    }
+
+    /// `key`'s Redis key as [`redis_key`](Self::redis_key) spells it, on the stack when the
+    /// prefix is short enough (every command a request sends names its key).
+    pub(super) fn key_bytes(&self, key: &StorageKey) -> RedisKey {
+        let (prefix, digest) = (self.shared.settings.prefix.as_bytes(), key.as_bytes());
+        let len = prefix.len() + 2 * digest.len();
+        let mut bytes = [0; INLINE_KEY];
+        let Some(inline) = bytes.get_mut(..len) else {
+            return RedisKey::Heap(self.redis_key(key));
+        };
+        let (start, hex) = inline.split_at_mut(prefix.len());
+        start.copy_from_slice(prefix);
+        write_hex(hex, digest);
+        RedisKey::Inline { bytes, len }
     }
 
     /// A new handle with changed settings (and so a fresh subscriber: the channel may have

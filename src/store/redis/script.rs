@@ -86,8 +86,11 @@ where
         key: &StorageKey,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
-        let redis_key = self.redis_key(key);
-        let command = |verb: &str, body: &[u8]| script_command(verb, body, &redis_key, args);
+        // The key is spelled per command, not held across the round trip: it would widen
+        // every future that sends one (`EVAL` follows only on a server that lost its scripts).
+        let command = |verb: &str, body: &[u8]| {
+            script_command(verb, body, self.key_bytes(key).as_bytes(), args)
+        };
         let exchange = async {
             let reply = command("EVALSHA", script.sha.as_bytes())
                 .query_async::<Value>(&mut connection)
@@ -110,22 +113,22 @@ where
 
 impl Script {
     /// `EVALSHA` of this script on `redis_key` with `args`.
-    pub(super) fn evalsha(&self, redis_key: &str, args: &[&[u8]]) -> Cmd {
+    pub(super) fn evalsha(&self, redis_key: &[u8], args: &[&[u8]]) -> Cmd {
         script_command("EVALSHA", self.sha.as_bytes(), redis_key, args)
     }
 
     /// `EVAL` of this script on `redis_key` with `args` (which also caches it on the server).
-    pub(super) fn eval(&self, redis_key: &str, args: &[&[u8]]) -> Cmd {
+    pub(super) fn eval(&self, redis_key: &[u8], args: &[&[u8]]) -> Cmd {
         script_command("EVAL", self.code.as_bytes(), redis_key, args)
     }
 }
 
-fn script_command(verb: &str, body: &[u8], redis_key: &str, args: &[&[u8]]) -> Cmd {
+fn script_command(verb: &str, body: &[u8], redis_key: &[u8], args: &[&[u8]]) -> Cmd {
     // Sized up front: a command's buffers grown argument by argument reallocate.
     let data = verb.len() + body.len() + 1 + redis_key.len();
     let data = data + args.iter().map(|arg| arg.len()).sum::<usize>();
     let mut command = Cmd::with_capacity(4 + args.len(), data);
-    command.arg(verb).arg(body).arg(1).arg(redis_key.as_bytes());
+    command.arg(verb).arg(body).arg(1).arg(redis_key);
     for arg in args {
         command.arg(*arg);
     }

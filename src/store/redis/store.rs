@@ -37,7 +37,7 @@ where
         token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> ([u8; MARKER_LEN], String) {
+    ) -> ([u8; MARKER_LEN], Millis) {
         let retention = self.shared.settings.abandoned_retention;
         let claimed_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -65,7 +65,7 @@ where
         abandoned: Option<FenceToken>,
         token: FenceToken,
         marker: &[u8],
-        expiry: &str,
+        expiry: &Millis,
     ) -> Result<Claim, StoreError> {
         let abandoned = abandoned.map(|token| token.get().to_be_bytes());
         let args: [&[u8]; 3] = [
@@ -141,18 +141,22 @@ where
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let (marker, expiry) = self.new_claim(token, fingerprint, lease);
-        let redis_key = self.redis_key(key);
-        // Sized up front: a command's buffers grown argument by argument reallocate.
-        let data = "SETNXPXGET".len() + redis_key.len() + marker.len() + expiry.len();
-        let mut claim = Cmd::with_capacity(7, data);
-        claim
-            .arg("SET")
-            .arg(redis_key.as_bytes())
-            .arg(&marker[..])
-            .arg("NX")
-            .arg("PX")
-            .arg(expiry.as_bytes())
-            .arg("GET");
+        // Sized up front: a command's buffers grown argument by argument reallocate. (The
+        // key in a block of its own: held across the round trip, it would widen the future.)
+        let claim = {
+            let redis_key = self.key_bytes(key);
+            let data = "SETNXPXGET".len() + redis_key.as_bytes().len();
+            let mut claim = Cmd::with_capacity(7, data + marker.len() + expiry.len());
+            claim
+                .arg("SET")
+                .arg(redis_key.as_bytes())
+                .arg(&marker[..])
+                .arg("NX")
+                .arg("PX")
+                .arg(expiry.as_bytes())
+                .arg("GET");
+            claim
+        };
         // A reply lost on its way (the claim may have landed all the same) is an error here;
         // the layer releases the claim by its token.
         let reply = self
@@ -332,8 +336,42 @@ where
 /// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires, and
 /// at most `max` ([`MAX_TTL`] or [`MAX_LEASE`]). Redis refuses an expiry whose milliseconds,
 /// added to its clock, overflow; a refused completion would let every retry execute again.
-pub(super) fn millis(duration: Duration, max: Duration) -> String {
-    duration.min(max).as_millis().max(1).to_string()
+pub(super) fn millis(duration: Duration, max: Duration) -> Millis {
+    let millis = duration.min(max).as_millis().max(1);
+    Millis::new(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+/// A number of milliseconds as the decimal digits Redis reads, on the stack (a `String` was
+/// one allocation per command).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Millis {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Millis {
+    fn new(mut millis: u64) -> Self {
+        const DIGITS: &[u8; 10] = b"0123456789";
+        // `u64::MAX` has 20 digits.
+        let mut digits = [0; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = DIGITS[(millis % 10) as usize];
+            millis /= 10;
+            if millis == 0 {
+                return Self { digits, start };
+            }
+        }
+    }
+
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.digits.len() - self.start
+    }
 }
 
 #[cfg(test)]
@@ -353,10 +391,19 @@ mod tests {
         ];
         for (duration, max, expected) in cases {
             assert_eq!(
-                millis(duration, max),
-                expected,
+                millis(duration, max).as_bytes(),
+                expected.as_bytes(),
                 "{duration:?} up to {max:?}"
             );
+        }
+    }
+
+    #[test]
+    fn milliseconds_are_spelled_as_decimal_digits() {
+        for n in [0, 1, 9, 10, 99, 100, 1_234_567_890, u64::MAX / 10, u64::MAX] {
+            let millis = Millis::new(n);
+            assert_eq!(millis.as_bytes(), n.to_string().as_bytes());
+            assert_eq!(millis.len(), n.to_string().len());
         }
     }
 }
