@@ -18,7 +18,7 @@ use tokio::{sync::Notify, time::Instant};
 use tower::ServiceExt;
 use tower_idempotency::{
     Claim, FenceToken, Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore,
-    Record, StorageKey, StoreError,
+    Record, Recovery, StorageKey, StoreError,
 };
 
 /// A claim or a record, each with the time it ends.
@@ -175,9 +175,11 @@ fn app(calls: &Arc<AtomicUsize>) -> Router {
         tokio::time::sleep(Duration::from_millis(50)).await;
         (StatusCode::CREATED, format!("charge {n}"))
     };
-    Router::new()
-        .route("/charges", post(handler))
-        .layer(IdempotencyLayer::new(MapStore::default()))
+    Router::new().route("/charges", post(handler)).layer(
+        // Compiles without `AdminStore`: the setting needs only the core trait.
+        IdempotencyLayer::new(MapStore::default())
+            .with_outcome_unknown(|_: &http::request::Parts| Recovery::RunAgain),
+    )
 }
 
 /// The status, whether it was replayed, and the body.
