@@ -669,6 +669,33 @@ pub async fn forget_removes_a_completed_record_and_nothing_else<S: AdminStore>(s
     let again = acquired(store.claim(&key, &fingerprint("a"), LEASE).await.unwrap());
     assert!(!store.forget(&key).await.unwrap());
     store.release(&key, again).await.unwrap();
+
+    // The same for a record replayed before it is forgotten (a cache may hold it elsewhere).
+    let replayed = fresh_key();
+    let token = acquired(
+        store
+            .claim(&replayed, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    let record = sample_record(fingerprint("a"));
+    store
+        .complete(&replayed, token, record.clone(), TTL)
+        .await
+        .unwrap();
+    let replay = store
+        .claim(&replayed, &fingerprint("a"), LEASE)
+        .await
+        .unwrap();
+    assert_eq!(completed_record(replay), record);
+    assert!(store.forget(&replayed).await.unwrap());
+    let again = acquired(
+        store
+            .claim(&replayed, &fingerprint("a"), LEASE)
+            .await
+            .unwrap(),
+    );
+    store.release(&replayed, again).await.unwrap();
 }
 
 pub async fn break_claim_frees_a_live_or_abandoned_claim_and_fences_its_owner<S: AdminStore>(
