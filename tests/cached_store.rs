@@ -52,7 +52,7 @@ impl Inner {
     }
 
     fn claims(&self) -> usize {
-        self.claims.load(Ordering::SeqCst)
+        self.hook.claims.load(Ordering::SeqCst)
     }
 }
 
