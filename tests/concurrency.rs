@@ -266,7 +266,7 @@ async fn a_client_that_has_the_whole_response_and_retries_at_once_is_replayed_ev
     });
     for handler in [whole, streamed] {
         let store = FlakyStore::default();
-        store.slow_completions.store(true, Ordering::SeqCst);
+        store.hook.slow_completions.store(true, Ordering::SeqCst);
         let layer = IdempotencyLayer::new(store).with_wait_mode(WaitMode::Reject);
         let svc = serve(&layer, &handler);
         let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
@@ -329,7 +329,7 @@ async fn a_request_whose_client_leaves_while_its_claim_is_on_its_way_runs_nothin
  {
     let handler = Handler::counting();
     let store = FlakyStore::default();
-    store.slow_claims.store(true, Ordering::SeqCst);
+    store.hook.slow_claims.store(true, Ordering::SeqCst);
     let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
     let gave_up = tokio::time::timeout(
         common::flaky_store::SLOW / 2,
@@ -345,7 +345,7 @@ async fn a_request_whose_client_leaves_while_its_claim_is_on_its_way_runs_nothin
     assert_eq!(handler.calls(), 0);
     assert_eq!(store.inner.in_flight_count(), 0);
 
-    store.slow_claims.store(false, Ordering::SeqCst);
+    store.hook.slow_claims.store(false, Ordering::SeqCst);
     let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(retry.text(), "execution #1");
     assert_eq!(handler.calls(), 1);

@@ -29,7 +29,7 @@ async fn a_store_outage_fails_closed_with_503_and_recovers_by_itself() {
     let store = FlakyStore::default();
     let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
 
-    store.down.store(true, Ordering::SeqCst);
+    store.hook.down.store(true, Ordering::SeqCst);
     for _ in 0..2 {
         let reply = send(&svc, keyed_post("/charges", "k", "{}")).await;
         reply.assert_problem(
@@ -40,7 +40,7 @@ async fn a_store_outage_fails_closed_with_503_and_recovers_by_itself() {
     }
     assert_eq!(handler.calls(), 0, "nothing runs unprotected");
 
-    store.down.store(false, Ordering::SeqCst);
+    store.hook.down.store(false, Ordering::SeqCst);
     let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
     let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
@@ -55,7 +55,7 @@ async fn a_store_outage_fails_open_by_executing_unprotected_and_recovers_by_itse
     let layer = IdempotencyLayer::new(store.clone()).with_fail_mode(FailMode::Open);
     let svc = serve(&layer, &handler);
 
-    store.down.store(true, Ordering::SeqCst);
+    store.hook.down.store(true, Ordering::SeqCst);
     for n in 1..=2 {
         let reply = send(&svc, keyed_post("/charges", "k", "{}")).await;
         assert_eq!(reply.status, StatusCode::CREATED);
@@ -64,7 +64,7 @@ async fn a_store_outage_fails_open_by_executing_unprotected_and_recovers_by_itse
     }
     assert_eq!(store.inner.record_count(), 0);
 
-    store.down.store(false, Ordering::SeqCst);
+    store.hook.down.store(false, Ordering::SeqCst);
     let protected = send(&svc, keyed_post("/charges", "k", "{}")).await;
     let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert!(!protected.replayed());
@@ -82,7 +82,7 @@ async fn a_completion_that_fails_while_the_store_is_unreachable_lands_once_it_is
         .with_lease(lease)
         .with_wait_mode(WaitMode::Reject);
     let svc = serve(&layer, &handler);
-    store.completions_down.store(true, Ordering::SeqCst);
+    store.hook.completions_down.store(true, Ordering::SeqCst);
     let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(
         first.status,
@@ -95,7 +95,7 @@ async fn a_completion_that_fails_while_the_store_is_unreachable_lands_once_it_is
     meanwhile.assert_problem(ProblemKind::InFlight, StatusCode::CONFLICT);
     assert_eq!(store.inner.in_flight_count(), 1);
 
-    store.completions_down.store(false, Ordering::SeqCst);
+    store.hook.completions_down.store(false, Ordering::SeqCst);
     eventually("the record lands", || store.inner.record_count() == 1).await;
     let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert!(retry.replayed());
@@ -112,7 +112,7 @@ async fn a_completion_that_cannot_land_within_the_lease_frees_the_key_when_the_l
         &IdempotencyLayer::new(store.clone()).with_lease(lease),
         &handler,
     );
-    store.completions_down.store(true, Ordering::SeqCst);
+    store.hook.completions_down.store(true, Ordering::SeqCst);
     let sent = tokio::time::Instant::now();
     let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
@@ -132,11 +132,14 @@ async fn a_completion_refused_for_another_reason_releases_the_key_at_once() {
     let handler = Handler::counting();
     let store = FlakyStore::default();
     let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
-    store.completions_refused.store(true, Ordering::SeqCst);
+    store.hook.completions_refused.store(true, Ordering::SeqCst);
     let first = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     eventually("the key is released", || store.inner.in_flight_count() == 0).await;
-    store.completions_refused.store(false, Ordering::SeqCst);
+    store
+        .hook
+        .completions_refused
+        .store(false, Ordering::SeqCst);
     let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert!(!retry.replayed());
     assert_eq!(retry.text(), "execution #2");
@@ -151,13 +154,13 @@ async fn duplicates_of_a_key_in_flight_fail_closed_when_the_store_goes_down() {
     let svc = serve(&IdempotencyLayer::new(store.clone()), &handler);
     let first = tokio::spawn(send(&svc, keyed_post("/charges", "k", "{}")));
     eventually("the first request runs", || handler.calls() == 1).await;
-    store.down.store(true, Ordering::SeqCst);
+    store.hook.down.store(true, Ordering::SeqCst);
     let duplicate = send(&svc, keyed_post("/charges", "k", "{}")).await;
     duplicate.assert_problem(
         ProblemKind::StoreUnavailable,
         StatusCode::SERVICE_UNAVAILABLE,
     );
-    store.down.store(false, Ordering::SeqCst);
+    store.hook.down.store(false, Ordering::SeqCst);
     gate.open();
     within(first).await.unwrap();
     assert_eq!(handler.calls(), 1);
@@ -183,7 +186,7 @@ async fn an_abandoned_claim_expires_after_its_lease_and_the_key_executes_again()
         }
     });
     let cut_off = FlakyStore::over(shared.clone());
-    cut_off.writes_down.store(true, Ordering::SeqCst);
+    cut_off.hook.writes_down.store(true, Ordering::SeqCst);
     let instance_a = serve(
         &IdempotencyLayer::new(cut_off.clone()).with_lease(lease),
         &handler,

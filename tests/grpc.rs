@@ -968,7 +968,7 @@ async fn a_store_outage_answers_unavailable_and_runs_nothing() {
     let store = common::flaky_store::FlakyStore::over(MemoryStore::default());
     let served = serve(IdempotencyLayer::new(store.clone()), Duration::ZERO).await;
     let mut client = served.client().await;
-    store.down.store(true, Ordering::SeqCst);
+    store.hook.down.store(true, Ordering::SeqCst);
     let status = client
         .charge(Some("outage"), charge(1))
         .await
@@ -982,7 +982,7 @@ async fn a_store_outage_answers_unavailable_and_runs_nothing() {
         "2000"
     );
     assert_eq!(served.calls(), 0, "fail-closed: nothing ran unprotected");
-    store.down.store(false, Ordering::SeqCst);
+    store.hook.down.store(false, Ordering::SeqCst);
     client
         .charge(Some("outage"), charge(1))
         .await

@@ -52,7 +52,7 @@ mod outages {
             "/mcp",
             &counts,
         );
-        store.down.store(true, Ordering::SeqCst);
+        store.hook.down.store(true, Ordering::SeqCst);
         let session = [("mcp-session-id", "s-1")];
         let reply = call(
             &router,

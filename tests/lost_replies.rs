@@ -47,10 +47,10 @@ async fn a_claim_whose_reply_is_lost_is_released_once_the_store_is_back() {
         let svc = serve(&layer, &handler);
 
         // The claim lands, its reply is lost, and the store is unreachable for 2 s after.
-        store.claim_replies_lost.store(true, Ordering::SeqCst);
-        store.writes_down.store(true, Ordering::SeqCst);
+        store.hook.claim_replies_lost.store(true, Ordering::SeqCst);
+        store.hook.writes_down.store(true, Ordering::SeqCst);
         let lost = send(&svc, keyed_post("/charges", "k", "{}")).await;
-        store.claim_replies_lost.store(false, Ordering::SeqCst);
+        store.hook.claim_replies_lost.store(false, Ordering::SeqCst);
         let unprotected = match fail_mode {
             FailMode::Closed => {
                 lost.assert_problem(
@@ -69,7 +69,7 @@ async fn a_claim_whose_reply_is_lost_is_released_once_the_store_is_back() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(claims(&store).await, 1, "releasing needs the store");
 
-        store.writes_down.store(false, Ordering::SeqCst);
+        store.hook.writes_down.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         assert_eq!(
             claims(&store).await,
@@ -101,16 +101,16 @@ async fn a_lost_claim_left_unreleased_frees_its_key_no_later_than_its_lease() {
         &IdempotencyLayer::new(store.clone()).with_lease(lease),
         &Handler::counting(),
     );
-    store.claim_replies_lost.store(true, Ordering::SeqCst);
-    store.writes_down.store(true, Ordering::SeqCst);
+    store.hook.claim_replies_lost.store(true, Ordering::SeqCst);
+    store.hook.writes_down.store(true, Ordering::SeqCst);
     let lost = send(&svc, keyed_post("/charges", "k", "{}")).await;
     lost.assert_problem(
         ProblemKind::StoreUnavailable,
         StatusCode::SERVICE_UNAVAILABLE,
     );
     tokio::time::sleep(lease * 3).await;
-    store.claim_replies_lost.store(false, Ordering::SeqCst);
-    store.writes_down.store(false, Ordering::SeqCst);
+    store.hook.claim_replies_lost.store(false, Ordering::SeqCst);
+    store.hook.writes_down.store(false, Ordering::SeqCst);
     // Abandoned now (its owner never completed it): the default recovery runs it again.
     let retry = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.problem);

@@ -12,6 +12,9 @@ use common::conformance::{fingerprint, fresh_key};
 
 conformance_suite!(paused; async { MemoryStore::default() });
 
+// The operator tools compare against `SystemTime`: the real clock.
+admin_conformance_suite!(async { MemoryStore::default() });
+
 #[cfg(feature = "axum")]
 operations_suite!(async { MemoryStore::default() });
 

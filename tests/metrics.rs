@@ -152,7 +152,7 @@ async fn every_metric_is_recorded_with_its_labels_and_never_a_key() {
         ),
     ];
     for (app, path, key, body, down, status) in steps {
-        store.down.store(down, Ordering::SeqCst);
+        store.hook.down.store(down, Ordering::SeqCst);
         let request = if key.is_empty() {
             Request::post(path)
                 .header("idempotency-key", "")
@@ -163,7 +163,7 @@ async fn every_metric_is_recorded_with_its_labels_and_never_a_key() {
         };
         assert_eq!(send(app, request).await, status, "{path} {key} {body}");
     }
-    store.down.store(false, Ordering::SeqCst);
+    store.hook.down.store(false, Ordering::SeqCst);
 
     // A duplicate refused while the first is in flight, and one that waits for it.
     let first = tokio::spawn({

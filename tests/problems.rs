@@ -155,7 +155,7 @@ async fn provoke(kind: ProblemKind, rendering: &Rendering) -> Reply {
         }
         ProblemKind::StoreUnavailable => {
             let svc = serve(&layer(plain), &Handler::counting());
-            store.down.store(true, Ordering::SeqCst);
+            store.hook.down.store(true, Ordering::SeqCst);
             send(&svc, keyed_post("/charges", "k", "{}")).await
         }
         ProblemKind::HandlerFailed => {
@@ -173,7 +173,7 @@ async fn provoke(kind: ProblemKind, rendering: &Rendering) -> Reply {
             // ends. Instance B, on the same records, is told to leave such keys alone.
             let lease = Duration::from_secs(1);
             let cut_off = FlakyStore::over(store.inner.clone());
-            cut_off.writes_down.store(true, Ordering::SeqCst);
+            cut_off.hook.writes_down.store(true, Ordering::SeqCst);
             let a = serve(
                 &rendering.apply(Layer::new(cut_off).with_lease(lease)),
                 &Handler::counting(),

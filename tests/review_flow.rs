@@ -115,7 +115,7 @@ async fn the_wait_bound_counts_from_the_claim_not_from_the_start_of_the_upload()
 #[tokio::test(start_paused = true)]
 async fn renewals_go_out_a_third_of_the_lease_after_the_start_and_after_each_answer() {
     let store = FlakyStore::default();
-    *store.renewal_latency.lock().unwrap() = Some(Duration::from_millis(500));
+    *store.hook.renewal_latency.lock().unwrap() = Some(Duration::from_millis(500));
     let handler = Handler::sleeping(Duration::from_millis(5_200));
     let layer = IdempotencyLayer::new(store.clone()).with_lease(Duration::from_secs(3));
     let svc = serve(&layer, &handler);
@@ -123,6 +123,7 @@ async fn renewals_go_out_a_third_of_the_lease_after_the_start_and_after_each_ans
     let reply = send(&svc, keyed_post("/charges", "k", "{}")).await;
     assert_eq!(reply.status, StatusCode::CREATED);
     let sent: Vec<u128> = store
+        .hook
         .renewals_sent
         .lock()
         .unwrap()

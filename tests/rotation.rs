@@ -19,7 +19,7 @@ use common::{
 /// address fails.
 async fn probe_fails(mode: FailMode) -> (common::service::Reply, Handler) {
     let store = FlakyStore::over(MemoryStore::default());
-    store.slow_claims.store(true, Ordering::SeqCst);
+    store.hook.slow_claims.store(true, Ordering::SeqCst);
     let layer = IdempotencyLayer::new(store.clone())
         .with_secret(b"new secret, 32 bytes or more....")
         .add_previous_secret(b"old secret, 32 bytes or more....")
@@ -29,7 +29,7 @@ async fn probe_fails(mode: FailMode) -> (common::service::Reply, Handler) {
     let request = tokio::spawn(send(&svc, keyed_post("/charges", "k-1", "{}")));
     // Time is paused: the claim (sent at once) sleeps SLOW; the store goes down half way.
     tokio::time::sleep(SLOW / 2).await;
-    store.down.store(true, Ordering::SeqCst);
+    store.hook.down.store(true, Ordering::SeqCst);
     let reply = request.await.expect("the request");
     (reply, handler)
 }

@@ -125,12 +125,12 @@ async fn spans_and_events_name_requests_by_digest_and_never_show_a_key_or_creden
         send(&app, charge(&format!("{KEY} x"), "{}")).await,
         StatusCode::BAD_REQUEST
     );
-    store.down.store(true, Ordering::SeqCst);
+    store.hook.down.store(true, Ordering::SeqCst);
     assert_eq!(
         send(&app, charge("KEY-SECRET-down", "{}")).await,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    store.down.store(false, Ordering::SeqCst);
+    store.hook.down.store(false, Ordering::SeqCst);
     let abandoned = "KEY-SECRET-abandoned";
     let fingerprint = Fingerprint::of(&Method::POST, &"/charges".parse().unwrap(), b"{}");
     let claim = store

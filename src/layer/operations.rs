@@ -9,7 +9,7 @@ use super::IdempotencyLayer;
 use crate::{
     layer::config::{FailMode, OnAbandoned, Recovery},
     problem::ProblemResponse,
-    store::{AdminStore, IdempotencyStore},
+    store::IdempotencyStore,
 };
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
@@ -80,12 +80,14 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     ///
     /// [`Recovery::OutcomeUnknown`] answers `409`
     /// [`ProblemKind::OutcomeUnknown`](crate::ProblemKind::OutcomeUnknown) instead, until an
-    /// operator breaks the claim ([`AdminStore::break_claim`], or the admin router) or
-    /// the store forgets it. Stores that cannot tell an abandoned claim from a free key
-    /// never call the hook.
+    /// operator breaks the claim
+    /// ([`AdminStore::break_claim`](crate::AdminStore::break_claim), or the admin router) or
+    /// the store drops it.
     ///
-    /// The store must implement [`AdminStore`]: without an operator's way to break the claim,
-    /// such a key would answer `409` until the store itself dropped the claim.
+    /// Any store will do. Over one that implements only [`IdempotencyStore`] (no operator
+    /// tools), such a key answers `409` until the store drops the abandoned claim (the
+    /// stores of this crate keep one for a retention period, 24 h by default for
+    /// `RedisStore`).
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, Recovery};
@@ -97,7 +99,6 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn with_outcome_unknown<F>(mut self, hook: F) -> Self
     where
         F: Fn(&request::Parts) -> Recovery + Send + Sync + 'static,
-        St: AdminStore,
     {
         self.config().on_abandoned = OnAbandoned::new(Arc::new(hook));
         self

@@ -218,7 +218,7 @@ impl<St: IdempotencyStore> IdempotencyStore for CachedStore<St> {
         self.inner.wait(key, timeout).await
     }
 
-    // Take-over and the operator's tools go to the inner store, the one that is shared.
+    // Take-over goes to the inner store, the one that is shared.
 
     async fn take_over_as(
         &self,

@@ -35,8 +35,10 @@ pub enum Claim {
     /// its owner crashed or lost the store, and whether its work happened is unknown.
     /// Nothing was changed; [`take_over`](crate::IdempotencyStore::take_over) claims the key.
     ///
-    /// A store that cannot tell an abandoned claim from a free key reports
-    /// [`Claim::Acquired`] instead.
+    /// Every store must report it (never [`Claim::Acquired`]) for as long as it keeps the
+    /// abandoned claim: the layer lets the application choose between running the request
+    /// again and answering `409` outcome-unknown
+    /// ([`with_outcome_unknown`](crate::IdempotencyLayer::with_outcome_unknown)).
     Abandoned {
         /// The abandoned claim's token.
         token: FenceToken,

@@ -117,9 +117,18 @@ pub mod redis;
 /// [`MAX_LEASE`](crate::MAX_LEASE); the stores of this crate clamp longer ones to those
 /// bounds, so that no deadline overflows (and Redis never refuses an expiry).
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
-    /// Atomically: if `key` is free (absent, or its claim's lease has expired), claims it for
-    /// `lease` as `token` and returns [`Claim::Acquired`] with it; otherwise returns what
-    /// holds it.
+    /// Atomically: if `key` is free (absent, or its record has expired), claims it for `lease`
+    /// as `token` and returns [`Claim::Acquired`] with it; otherwise changes nothing and
+    /// returns what holds it.
+    ///
+    /// A claim whose lease has ended without completion or release does not make the key free:
+    /// the store must report it as [`Claim::Abandoned`], with its token, until that claim is
+    /// taken over ([`take_over_as`](IdempotencyStore::take_over_as)), released, or dropped by
+    /// the store itself. Its owner may have done the work, so the layer asks the application
+    /// ([`with_outcome_unknown`](crate::IdempotencyLayer::with_outcome_unknown)) whether to
+    /// take the claim over and run the request again, or to answer `409` outcome-unknown.
+    /// Reporting [`Claim::Acquired`] instead would run it again behind the application's back;
+    /// the core conformance suite checks this.
     ///
     /// The caller chooses the token ([`FenceToken::generate`]): when the reply is lost (a
     /// timeout, a dropped connection) the claim may have landed all the same, and the layer

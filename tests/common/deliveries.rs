@@ -527,9 +527,9 @@ pub async fn a_secret_changes_storage_keys_and_fingerprints_and_records_still_ro
     );
     assert_eq!(handler.calls(), 3);
 
-    let (plain_key, plain_fingerprint) = plain_store.claims()[0];
-    let (keyed_key, keyed_fingerprint) = keyed_store.claims()[0];
-    let (other_key, other_fingerprint) = other_store.claims()[0];
+    let (plain_key, plain_fingerprint) = plain_store.hook.claims()[0];
+    let (keyed_key, keyed_fingerprint) = keyed_store.hook.claims()[0];
+    let (other_key, other_fingerprint) = other_store.hook.claims()[0];
     assert_ne!(plain_key, keyed_key);
     assert_ne!(keyed_key, other_key);
     assert_ne!(plain_fingerprint, keyed_fingerprint);
@@ -537,6 +537,7 @@ pub async fn a_secret_changes_storage_keys_and_fingerprints_and_records_still_ro
     // Every keyed claim of the same event used one address.
     assert!(
         keyed_store
+            .hook
             .claims()
             .iter()
             .all(|(key, _)| *key == keyed_key)

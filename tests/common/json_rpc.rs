@@ -271,7 +271,7 @@ pub async fn initialize_and_other_unprotected_messages_pass_through_without_a_st
         "every message reached the server"
     );
     assert!(
-        store.claims().is_empty(),
+        store.hook.claims().is_empty(),
         "no store call for a message that is not protected"
     );
 }

@@ -1,8 +1,8 @@
 //! One wrapper for the test stores: `Wrap<S, H>` passes every operation to the store `S`, and
 //! puts it to the hook `H` first (and a claim's reply after), so that a test store writes only
-//! what it changes. The hook's fields and methods are reached through the wrapper (`Deref`).
+//! what it changes. Tests reach the hook's fields and methods as `store.hook`.
 
-use std::{future::Future, ops::Deref, time::Duration};
+use std::{future::Future, time::Duration};
 
 use tower_idempotency::{
     AdminStore, Claim, ClaimPage, FenceToken, Fingerprint, IdempotencyStore, Inspection,
@@ -55,14 +55,6 @@ impl<S, H: Default> Wrap<S, H> {
             inner,
             hook: H::default(),
         }
-    }
-}
-
-impl<S, H> Deref for Wrap<S, H> {
-    type Target = H;
-
-    fn deref(&self) -> &H {
-        &self.hook
     }
 }
 
