@@ -9,72 +9,6 @@
 //! [`AdminStore`] adds the operator tools (a read-only look-up, forgetting a record, breaking
 //! a claim, listing claims), which the admin router (feature `axum`) requires. The stores of
 //! this crate implement both.
-//!
-//! # A custom store
-//!
-//! A store is a cheap `Clone` handle over shared state. This one keeps everything in one
-//! mutex-guarded map, with no expiry and no waiting by notification, to show the contract;
-//! see [`MemoryStore`](crate::MemoryStore) for a real one.
-//!
-//! ```
-//! use std::{collections::HashMap, sync::{Arc, Mutex}, time::Duration};
-//! use tower_idempotency::{Claim, FenceToken, Fingerprint, IdempotencyStore, Record, StorageKey, StoreError};
-//!
-//! enum Entry { InFlight(FenceToken, Fingerprint), Done(Record) }
-//!
-//! #[derive(Clone, Default)]
-//! struct MapStore(Arc<Mutex<HashMap<StorageKey, Entry>>>);
-//!
-//! impl MapStore {
-//!     /// Runs `f` on the map if `key` holds the claim `token`; refuses it otherwise.
-//!     fn fenced(&self, key: &StorageKey, token: FenceToken, f: impl FnOnce(&mut HashMap<StorageKey, Entry>)) -> Result<(), StoreError> {
-//!         let mut map = self.0.lock().unwrap();
-//!         match map.get(key) {
-//!             Some(Entry::InFlight(held, _)) if *held == token => Ok(f(&mut map)),
-//!             _ => Err(StoreError::lease_lost()),
-//!         }
-//!     }
-//! }
-//!
-//! impl IdempotencyStore for MapStore {
-//!     async fn claim_as(&self, key: &StorageKey, token: FenceToken, fingerprint: &Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
-//!         let mut map = self.0.lock().unwrap();
-//!         Ok(match map.get(key) {
-//!             Some(Entry::Done(record)) => Claim::Completed { record: record.clone(), expires_in: None },
-//!             Some(Entry::InFlight(_, fingerprint)) => Claim::InFlight { fingerprint: *fingerprint },
-//!             None => {
-//!                 map.insert(*key, Entry::InFlight(token, *fingerprint));
-//!                 Claim::Acquired(token)
-//!             }
-//!         })
-//!     }
-//!
-//!     async fn complete(&self, key: &StorageKey, token: FenceToken, record: Record, _ttl: Duration) -> Result<(), StoreError> {
-//!         self.fenced(key, token, |map| { map.insert(*key, Entry::Done(record)); })
-//!     }
-//!
-//!     async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
-//!         self.fenced(key, token, |map| { map.remove(key); })
-//!     }
-//!
-//!     async fn renew(&self, key: &StorageKey, token: FenceToken, _lease: Duration) -> Result<(), StoreError> {
-//!         self.fenced(key, token, |_| ())
-//!     }
-//!
-//!     async fn wait(&self, _key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
-//!         // No notifications here: let the layer look again shortly.
-//!         tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
-//!         Ok(())
-//!     }
-//!
-//!     async fn take_over_as(&self, key: &StorageKey, _abandoned: FenceToken, token: FenceToken, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
-//!         // Claims never expire here, so none is ever abandoned: this is a plain claim.
-//!         self.claim_as(key, token, fingerprint, lease).await
-//!     }
-//! }
-//!
-//! let layer = tower_idempotency::IdempotencyLayer::new(MapStore::default());
-//! ```
 
 use std::{future::Future, time::Duration};
 
@@ -116,6 +50,72 @@ pub mod redis;
 /// The layer passes TTLs of at most [`MAX_TTL`](crate::MAX_TTL) and leases of at most
 /// [`MAX_LEASE`](crate::MAX_LEASE); the stores of this crate clamp longer ones to those
 /// bounds, so that no deadline overflows (and Redis never refuses an expiry).
+///
+/// # A custom store
+///
+/// A store is a cheap `Clone` handle over shared state. This one keeps everything in one
+/// mutex-guarded map, with no expiry and no waiting by notification, to show the contract;
+/// see [`MemoryStore`](crate::MemoryStore) for a real one.
+///
+/// ```
+/// use std::{collections::HashMap, sync::{Arc, Mutex}, time::Duration};
+/// use tower_idempotency::{Claim, FenceToken, Fingerprint, IdempotencyStore, Record, StorageKey, StoreError};
+///
+/// enum Entry { InFlight(FenceToken, Fingerprint), Done(Record) }
+///
+/// #[derive(Clone, Default)]
+/// struct MapStore(Arc<Mutex<HashMap<StorageKey, Entry>>>);
+///
+/// impl MapStore {
+///     /// Runs `f` on the map if `key` holds the claim `token`; refuses it otherwise.
+///     fn fenced(&self, key: &StorageKey, token: FenceToken, f: impl FnOnce(&mut HashMap<StorageKey, Entry>)) -> Result<(), StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         match map.get(key) {
+///             Some(Entry::InFlight(held, _)) if *held == token => Ok(f(&mut map)),
+///             _ => Err(StoreError::lease_lost()),
+///         }
+///     }
+/// }
+///
+/// impl IdempotencyStore for MapStore {
+///     async fn claim_as(&self, key: &StorageKey, token: FenceToken, fingerprint: &Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         Ok(match map.get(key) {
+///             Some(Entry::Done(record)) => Claim::Completed { record: record.clone(), expires_in: None },
+///             Some(Entry::InFlight(_, fingerprint)) => Claim::InFlight { fingerprint: *fingerprint },
+///             None => {
+///                 map.insert(*key, Entry::InFlight(token, *fingerprint));
+///                 Claim::Acquired(token)
+///             }
+///         })
+///     }
+///
+///     async fn complete(&self, key: &StorageKey, token: FenceToken, record: Record, _ttl: Duration) -> Result<(), StoreError> {
+///         self.fenced(key, token, |map| { map.insert(*key, Entry::Done(record)); })
+///     }
+///
+///     async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+///         self.fenced(key, token, |map| { map.remove(key); })
+///     }
+///
+///     async fn renew(&self, key: &StorageKey, token: FenceToken, _lease: Duration) -> Result<(), StoreError> {
+///         self.fenced(key, token, |_| ())
+///     }
+///
+///     async fn wait(&self, _key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+///         // No notifications here: let the layer look again shortly.
+///         tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
+///         Ok(())
+///     }
+///
+///     async fn take_over_as(&self, key: &StorageKey, _abandoned: FenceToken, token: FenceToken, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+///         // Claims never expire here, so none is ever abandoned: this is a plain claim.
+///         self.claim_as(key, token, fingerprint, lease).await
+///     }
+/// }
+///
+/// let layer = tower_idempotency::IdempotencyLayer::new(MapStore::default());
+/// ```
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Atomically: if `key` is free (absent, or its record has expired), claims it for `lease`
     /// as `token` and returns [`Claim::Acquired`] with it; otherwise changes nothing and
