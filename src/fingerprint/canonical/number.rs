@@ -158,6 +158,10 @@ impl Decimal {
             // only one of them reads back as `n`, and there is no tie to break.
             return fewest;
         }
+        // The closest decimal of as many digits may still not read back: below a power of
+        // two the neighbour is twice as near as above it, so what reads back reaches half as
+        // far down (2^-24 is `5.960464477539063e-8`, and `…062e-8` is as close but another
+        // double).
         let mut closest = StackText::default();
         let _ = write!(closest, "{:.*e}", fewest.digits.len().saturating_sub(1), n);
         let reads_back = std::str::from_utf8(closest.as_bytes())
@@ -282,6 +286,94 @@ impl fmt::Write for StackText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn written(n: f64) -> String {
+        let mut out = Vec::new();
+        write_double(n, &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn of_two_shortest_spellings_equally_close_the_even_one_is_written() {
+        // (double, ECMAScript's text, the other shortest spelling). 2^49 + 1/4 lies halfway
+        // between two 16-digit decimals that both read back as it (its neighbours are 1/8
+        // away); Rust's `{:e}` breaks that tie upwards. 2^49 + 3/4 rounds up to the even
+        // digit either way, and the 17-digit tie RFC 8785 names is kept beside them.
+        let ties = [
+            (
+                2f64.powi(49) + 0.25,
+                "562949953421312.2",
+                "562949953421312.3",
+            ),
+            (
+                2f64.powi(49) + 0.75,
+                "562949953421312.8",
+                "562949953421312.7",
+            ),
+            (
+                1_424_953_923_781_206.0 + 0.25,
+                "1424953923781206.2",
+                "1424953923781206.3",
+            ),
+        ];
+        for (n, text, other) in ties {
+            assert_eq!(written(n), text);
+            assert_eq!(written(-n), format!("-{text}"));
+            assert_eq!(
+                other.parse::<f64>(),
+                Ok(n),
+                "{other} is a spelling of {text} too"
+            );
+            // Only the spelling written back is compared by value: the other one is not
+            // what the parser keeps of it, so its body is fingerprinted byte for byte.
+            assert!(all_exact(text.as_bytes()), "{text}");
+            assert!(!all_exact(other.as_bytes()), "{other}");
+        }
+    }
+
+    #[test]
+    fn the_closest_spelling_is_written_only_when_it_reads_back() {
+        // (power of two, ECMAScript's text, the closer spelling of as many digits). A power
+        // of two has a neighbour below at half the distance of the one above, so the
+        // decimal closest to it may lie outside what reads back as it, while a farther one
+        // above still does: the farther one is written.
+        let powers = [
+            (-24, "5.960464477539063e-8", "5.960464477539062e-8"),
+            (-44, "5.684341886080802e-14", "5.684341886080801e-14"),
+            (89, "6.189700196426902e+26", "6.189700196426901e+26"),
+            (976, "6.386688990511104e+293", "6.386688990511103e+293"),
+        ];
+        for (exponent, text, closer) in powers {
+            let n = 2f64.powi(exponent);
+            assert_eq!(written(n), text, "2^{exponent}");
+            assert_eq!(text.parse::<f64>(), Ok(n), "2^{exponent}");
+            assert_ne!(closer.parse::<f64>(), Ok(n), "2^{exponent}");
+            assert!(all_exact(text.as_bytes()), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_scientific_text_is_read_without_its_trailing_zeros() {
+        // `{:.Ne}` pads with zeros to N digits; a decimal's digits never end in one, or
+        // two spellings of one value would compare unequal.
+        // (double, digits after the point, text, the decimal's digits and point)
+        let padded = [
+            (1.5, 3, "1.500e0", "15", 1),
+            (1200.0, 5, "1.20000e3", "12", 4),
+            (5e-7, 15, "5.000000000000000e-7", "5", -6),
+        ];
+        for (n, precision, text, digits, point) in padded {
+            let mut written = StackText::default();
+            let _ = write!(written, "{n:.precision$e}");
+            assert_eq!(written.as_bytes(), text.as_bytes());
+            let decimal = Decimal::of_scientific(written.as_bytes());
+            assert_eq!(
+                decimal.as_ref().map(|d| (d.digits.as_bytes(), d.point)),
+                Some((digits.as_bytes(), point)),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn text_past_the_stack_buffer_is_cut_never_a_panic() {
