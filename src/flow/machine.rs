@@ -111,9 +111,9 @@ pin_project! {
         // state: a handler dropped unfinished goes before the lease its state holds, as when
         // it was a field of `Run`.)
         #[pin]
-        pending: Pending<C, S::Future>,
+        pending: Slot<C, S::Future>,
         #[pin]
-        state: State<S::Future, ReqB, St, ResB, S::Error>,
+        state: State<ReqB, St, ResB, S::Error>,
         send_claim: SendClaim<St, C>,
         ctx: Ctx<S, St, ReqB, ResB>,
         span: Span,
@@ -123,13 +123,13 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     #[project_replace = StateOwned]
-    enum State<F, ReqB, St: IdempotencyStore, ResB, E> {
+    enum State<ReqB, St: IdempotencyStore, ResB, E> {
         ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
         // No key, and a body that may be over the limit: boxed, so that it can be handed on,
         // the part read and the rest.
         ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
         // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
-        // A claim's future is the flow's `sending`; a take-over's (rare) is boxed here.
+        // A claim's future is the flow's `pending`; a take-over's (rare) is boxed here.
         Claim { take_over: Option<StoreOp<Claim>>, token: FenceToken, sent: Instant, keyed: Keyed },
         // The key claimed, under a rotated secret: its earlier addresses are looked at. The
         // rest boxed: this state is rare, and the largest held, and every state is as large
@@ -139,7 +139,7 @@ pin_project! {
         // `held: None` runs the handler unprotected (fail-open, or no key to protect).
         Ready { request: Request<RequestBody<ReqB>>, held: Option<Held<St>> },
         // The handler is the flow's `pending`.
-        Run { held: Option<Held<St>>, _handler: PhantomData<F> },
+        Run { held: Option<Held<St>> },
         Finish { lease_op: LeaseOp, output: Output<ResB, E> },
         Done,
     }
@@ -148,8 +148,8 @@ pin_project! {
 pin_project! {
     /// What the flow waits for beside its state: a claim on its way to the store, or the
     /// handler.
-    #[project = PendingProj]
-    enum Pending<C, F> {
+    #[project = SlotProj]
+    enum Slot<C, F> {
         Nothing,
         Claim { #[pin] claim: C },
         Handler { #[pin] handler: CatchUnwind<F> },
@@ -203,8 +203,8 @@ enum Event<ResB, E> {
 /// The next state, or the answer.
 // Moved once, straight into the boxed flow's state: boxing it would only add an allocation.
 #[allow(clippy::large_enum_variant)]
-enum Step<F, ReqB, St: IdempotencyStore, ResB, E> {
-    Next(State<F, ReqB, St, ResB, E>),
+enum Step<ReqB, St: IdempotencyStore, ResB, E> {
+    Next(State<ReqB, St, ResB, E>),
     Answer(Output<ResB, E>),
 }
 
@@ -280,7 +280,7 @@ where
             _types: PhantomData,
         };
         Self {
-            pending: Pending::Nothing,
+            pending: Slot::Nothing,
             state,
             send_claim,
             ctx,
@@ -329,18 +329,18 @@ where
                     keyed,
                     ..
                 } => {
-                    if let Pending::Nothing = *this.pending {
+                    if let Slot::Nothing = *this.pending {
                         let (store, config) = (ctx.store.clone(), Arc::clone(&ctx.config));
                         let (key, fingerprint) = (keyed.key.storage, keyed.fingerprint);
                         let claim = (this.send_claim)(store, config, key, *token, fingerprint);
-                        this.pending.set(Pending::Claim { claim });
+                        this.pending.set(Slot::Claim { claim });
                     }
-                    let PendingProj::Claim { claim } = this.pending.as_mut().project() else {
+                    let SlotProj::Claim { claim } = this.pending.as_mut().project() else {
                         unreachable!("a claim was just put in the slot")
                     };
                     let claimed = ready!(claim.poll(cx));
                     // Emptied before the next step, which may send another claim.
-                    this.pending.set(Pending::Nothing);
+                    this.pending.set(Slot::Nothing);
                     Event::Claimed(claimed)
                 }
                 StateProj::Probe { probe, probing } => match probe.as_mut().poll(cx) {
@@ -362,13 +362,13 @@ where
                     }
                 },
                 StateProj::Run { held, .. } => {
-                    let PendingProj::Handler { handler } = this.pending.as_mut().project() else {
+                    let SlotProj::Handler { handler } = this.pending.as_mut().project() else {
                         unreachable!("a running handler is in the slot")
                     };
                     match handler.poll(cx) {
                         Poll::Ready(ran) => {
                             // Dropped as it was when it was a field of `Run`, at its answer.
-                            this.pending.set(Pending::Nothing);
+                            this.pending.set(Slot::Nothing);
                             Event::Ran(ran)
                         }
                         Poll::Pending => {
@@ -473,5 +473,176 @@ where
         crate::flow::task::spawn(async move {
             let _ = std::future::poll_fn(|cx| self.as_mut().poll_work(cx)).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        sync::{
+            Mutex,
+            atomic::{AtomicBool, Ordering},
+        },
+        task::Waker,
+        time::Duration,
+    };
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::{
+        MemoryStore,
+        flow::plan::{self, Head},
+        record::Record,
+    };
+
+    /// What was dropped, in order, once armed.
+    #[derive(Default)]
+    struct Log {
+        armed: AtomicBool,
+        order: Mutex<Vec<&'static str>>,
+    }
+
+    impl Log {
+        fn record(&self, what: &'static str) {
+            if self.armed.load(Ordering::SeqCst) {
+                self.order
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(what);
+            }
+        }
+    }
+
+    /// Held by the handler's future: records "handler" when that future is dropped.
+    struct OnDrop(Arc<Log>);
+
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            self.0.record("handler");
+        }
+    }
+
+    /// A `MemoryStore` whose clones record "lease": a `Lease` dropped while held clones its
+    /// store, synchronously, to give the key back.
+    struct Recording {
+        inner: MemoryStore,
+        log: Arc<Log>,
+    }
+
+    impl Clone for Recording {
+        fn clone(&self) -> Self {
+            self.log.record("lease");
+            Self {
+                inner: self.inner.clone(),
+                log: Arc::clone(&self.log),
+            }
+        }
+    }
+
+    impl IdempotencyStore for Recording {
+        async fn claim_as(
+            &self,
+            key: &StorageKey,
+            token: FenceToken,
+            fingerprint: &Fingerprint,
+            lease: Duration,
+        ) -> Result<Claim, StoreError> {
+            self.inner.claim_as(key, token, fingerprint, lease).await
+        }
+
+        async fn complete(
+            &self,
+            key: &StorageKey,
+            token: FenceToken,
+            record: Record,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.complete(key, token, record, ttl).await
+        }
+
+        async fn release(&self, key: &StorageKey, token: FenceToken) -> Result<(), StoreError> {
+            self.inner.release(key, token).await
+        }
+
+        async fn renew(
+            &self,
+            key: &StorageKey,
+            token: FenceToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.renew(key, token, lease).await
+        }
+
+        async fn wait(&self, key: &StorageKey, timeout: Duration) -> Result<(), StoreError> {
+            self.inner.wait(key, timeout).await
+        }
+
+        async fn take_over_as(
+            &self,
+            key: &StorageKey,
+            abandoned: FenceToken,
+            token: FenceToken,
+            fingerprint: &Fingerprint,
+            lease: Duration,
+        ) -> Result<Claim, StoreError> {
+            let inner = &self.inner;
+            inner
+                .take_over_as(key, abandoned, token, fingerprint, lease)
+                .await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_handler_is_dropped_before_the_lease_it_runs_under() {
+        let log = Arc::new(Log::default());
+        let handler_log = Arc::clone(&log);
+        // A handler that never answers, and says when its future is dropped.
+        let inner = tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+            let on_drop = OnDrop(Arc::clone(&handler_log));
+            async move {
+                let _on_drop = on_drop;
+                std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>().await
+            }
+        });
+        let store = Recording {
+            inner: MemoryStore::default(),
+            log: Arc::clone(&log),
+        };
+        let config = Arc::new(Config::default());
+        let request = Request::post("/charges")
+            .header("idempotency-key", "drop-order")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap_or_default();
+        let Head::Protect(plan) = plan::from_head(
+            &config,
+            request.headers(),
+            request.extensions(),
+            &Rpc::Plain,
+        ) else {
+            panic!("a keyed POST is protected");
+        };
+        let flow = Flow::new(
+            inner,
+            store,
+            config,
+            request,
+            plan,
+            Rpc::Plain,
+            send_claim::<Recording>,
+        );
+        let mut flow = Box::pin(flow);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(flow.as_mut().poll_work(&mut cx).is_pending());
+        assert!(
+            matches!(&flow.state, State::Run { held: Some(_) }),
+            "the handler runs under its claim"
+        );
+
+        log.armed.store(true, Ordering::SeqCst);
+        drop(flow);
+        let order = log.order.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(order, ["handler", "lease"]);
     }
 }

@@ -51,11 +51,7 @@ where
     /// Looks at the key's earlier addresses, newest secret first, holding `lease` (the claim
     /// under the current secret, not yet observed: what becomes of it is reported only if
     /// the handler runs under it).
-    pub(super) fn probe(
-        &self,
-        keyed: Keyed,
-        lease: Lease<St>,
-    ) -> State<S::Future, ReqB, St, ResB, S::Error> {
+    pub(super) fn probe(&self, keyed: Keyed, lease: Lease<St>) -> State<ReqB, St, ResB, S::Error> {
         let config = &self.config;
         let client = keyed
             .key

@@ -1,7 +1,7 @@
 //! Where each state's answer leads: the decisions of the [flow](super), one method per
 //! event.
 
-use std::{future::Future, marker::PhantomData, pin::Pin, sync::Arc, task::Context};
+use std::{future::Future, pin::Pin, sync::Arc, task::Context};
 
 use bytes::Bytes;
 use http::{Request, Response, request::Parts};
@@ -9,7 +9,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Ctx, Held, Keyed, LeaseOp, Pending, State, Step, StoreOp};
+use super::{Ctx, Held, Keyed, LeaseOp, Slot, State, Step, StoreOp};
 use crate::{
     flow::body::{Chunks, RequestBody, ResponseBody},
     flow::capture::{self, Settled},
@@ -28,13 +28,8 @@ use crate::{
     store::{Claim, FenceToken, IdempotencyStore},
 };
 
-pub(super) type FlowStep<S, St, ReqB, ResB> = Step<
-    <S as Service<Request<RequestBody<ReqB>>>>::Future,
-    ReqB,
-    St,
-    ResB,
-    <S as Service<Request<RequestBody<ReqB>>>>::Error,
->;
+pub(super) type FlowStep<S, St, ReqB, ResB> =
+    Step<ReqB, St, ResB, <S as Service<Request<RequestBody<ReqB>>>>::Error>;
 
 impl<S, St, ReqB, ResB> Ctx<S, St, ReqB, ResB>
 where
@@ -125,8 +120,8 @@ where
     }
 
     /// Sends the claim on the key, under a token of its own.
-    pub(super) fn claim(&self, keyed: Keyed) -> State<S::Future, ReqB, St, ResB, S::Error> {
-        // The claim's future is made and held by the flow (`Flow::sending`), not boxed.
+    pub(super) fn claim(&self, keyed: Keyed) -> State<ReqB, St, ResB, S::Error> {
+        // The claim's future is made and held by the flow (`Flow::pending`), not boxed.
         let token = FenceToken::generate();
         let sent = Instant::now();
         State::Claim {
@@ -351,7 +346,7 @@ where
         request: Request<RequestBody<ReqB>>,
         held: Option<Held<St>>,
         ready: Result<(), S::Error>,
-        mut pending: Pin<&mut Pending<C, S::Future>>,
+        mut pending: Pin<&mut Slot<C, S::Future>>,
     ) -> FlowStep<S, St, ReqB, ResB> {
         if let Err(error) = ready {
             return match held {
@@ -373,11 +368,14 @@ where
             Ok(handler) => CatchUnwind::new(handler),
             Err(panic) => return self.panicked(held, panic),
         };
-        pending.set(Pending::Handler { handler });
-        Step::Next(State::Run {
-            held,
-            _handler: PhantomData,
-        })
+        // The slot is empty here (a claim's future leaves it before `claimed` runs): a
+        // handler never replaces a future the flow still needs.
+        debug_assert!(
+            matches!(*pending, Slot::Nothing),
+            "the flow's slot is empty"
+        );
+        pending.set(Slot::Handler { handler });
+        Step::Next(State::Run { held })
     }
 
     /// The handler answered (or panicked): its response is settled.

@@ -37,7 +37,7 @@ where
         token: FenceToken,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> ([u8; MARKER_LEN], Millis) {
+    ) -> ([u8; MARKER_LEN], u64) {
         let retention = self.shared.settings.abandoned_retention;
         let claimed_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -65,13 +65,14 @@ where
         abandoned: Option<FenceToken>,
         token: FenceToken,
         marker: &[u8],
-        expiry: &Millis,
+        expiry: u64,
     ) -> Result<Claim, StoreError> {
         let abandoned = abandoned.map(|token| token.get().to_be_bytes());
+        let mut digits = itoa::Buffer::new();
         let args: [&[u8]; 3] = [
             abandoned.as_ref().map_or(&[][..], |token| &token[..]),
             marker,
-            expiry.as_bytes(),
+            digits.format(expiry).as_bytes(),
         ];
         // Registered before the script flags the claim: its end, published from then on,
         // reaches the wait that follows however soon it comes.
@@ -142,9 +143,11 @@ where
     ) -> Result<Claim, StoreError> {
         let (marker, expiry) = self.new_claim(token, fingerprint, lease);
         // Sized up front: a command's buffers grown argument by argument reallocate. (The
-        // key in a block of its own: held across the round trip, it would widen the future.)
+        // key and the digits in a block of their own: held across the round trip, they would
+        // widen the future.)
         let claim = {
-            let redis_key = self.key_bytes(key);
+            let (redis_key, mut digits) = (self.key_bytes(key), itoa::Buffer::new());
+            let expiry = digits.format(expiry).as_bytes();
             let data = "SETNXPXGET".len() + redis_key.as_bytes().len();
             let mut claim = Cmd::with_capacity(7, data + marker.len() + expiry.len());
             claim
@@ -153,7 +156,7 @@ where
                 .arg(&marker[..])
                 .arg("NX")
                 .arg("PX")
-                .arg(expiry.as_bytes())
+                .arg(expiry)
                 .arg("GET");
             claim
         };
@@ -166,7 +169,7 @@ where
             (Value::Nil, verdict) => self.acquired_if_acknowledged(verdict, token),
             // A claim holds the key: whether its lease has ended is for Redis's clock to say.
             (Value::BulkString(held), _) if held.starts_with(MARKER_MAGIC) => {
-                self.claim_held(key, None, token, &marker, &expiry).await
+                self.claim_held(key, None, token, &marker, expiry).await
             }
             // Nothing was written: there was nothing to acknowledge.
             (Value::BulkString(held), _) => held_by(held, SystemTime::now()),
@@ -181,11 +184,11 @@ where
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let (encoded, ttl) = (record.encode(), millis(ttl, MAX_TTL));
+        let (encoded, mut digits) = (record.encode(), itoa::Buffer::new());
         let args: [&[u8]; 5] = [
             &token.get().to_be_bytes(),
             &encoded,
-            ttl.as_bytes(),
+            digits.format(millis(ttl, MAX_TTL)).as_bytes(),
             self.shared.notifier.channel(),
             key.as_bytes(),
         ];
@@ -221,7 +224,8 @@ where
         token: FenceToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let lease = millis(lease, MAX_LEASE);
+        let mut digits = itoa::Buffer::new();
+        let lease = digits.format(millis(lease, MAX_LEASE));
         let args: [&[u8]; 2] = [&token.get().to_be_bytes(), lease.as_bytes()];
         self.fenced(&RENEW, key, &args).await
     }
@@ -235,7 +239,7 @@ where
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let (marker, expiry) = self.new_claim(token, fingerprint, lease);
-        self.claim_held(key, Some(abandoned), token, &marker, &expiry)
+        self.claim_held(key, Some(abandoned), token, &marker, expiry)
             .await
     }
 
@@ -336,42 +340,11 @@ where
 /// A duration as whole milliseconds for `PX`/`PEXPIRE`: at least 1, which Redis requires, and
 /// at most `max` ([`MAX_TTL`] or [`MAX_LEASE`]). Redis refuses an expiry whose milliseconds,
 /// added to its clock, overflow; a refused completion would let every retry execute again.
-pub(super) fn millis(duration: Duration, max: Duration) -> Millis {
+/// (Sent as decimal digits spelled on the stack by `itoa`: a `String` was one
+/// allocation per command.)
+pub(super) fn millis(duration: Duration, max: Duration) -> u64 {
     let millis = duration.min(max).as_millis().max(1);
-    Millis::new(u64::try_from(millis).unwrap_or(u64::MAX))
-}
-
-/// A number of milliseconds as the decimal digits Redis reads, on the stack (a `String` was
-/// one allocation per command).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Millis {
-    digits: [u8; 20],
-    start: usize,
-}
-
-impl Millis {
-    fn new(mut millis: u64) -> Self {
-        const DIGITS: &[u8; 10] = b"0123456789";
-        // `u64::MAX` has 20 digits.
-        let mut digits = [0; 20];
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = DIGITS[(millis % 10) as usize];
-            millis /= 10;
-            if millis == 0 {
-                return Self { digits, start };
-            }
-        }
-    }
-
-    pub(super) fn as_bytes(&self) -> &[u8] {
-        &self.digits[self.start..]
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.digits.len() - self.start
-    }
+    u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -381,29 +354,20 @@ mod tests {
     #[test]
     fn durations_become_at_least_one_millisecond_and_at_most_the_bound() {
         let cases = [
-            (Duration::ZERO, MAX_TTL, "1"),
-            (Duration::from_micros(1_500), MAX_TTL, "1"),
-            (Duration::from_secs(86_400), MAX_TTL, "86400000"),
-            (MAX_TTL, MAX_TTL, "31536000000"),
-            (Duration::MAX, MAX_TTL, "31536000000"),
-            (Duration::MAX, MAX_LEASE, "3600000"),
-            (Duration::from_secs(30), MAX_LEASE, "30000"),
+            (Duration::ZERO, MAX_TTL, 1),
+            (Duration::from_micros(1_500), MAX_TTL, 1),
+            (Duration::from_secs(86_400), MAX_TTL, 86_400_000),
+            (MAX_TTL, MAX_TTL, 31_536_000_000),
+            (Duration::MAX, MAX_TTL, 31_536_000_000),
+            (Duration::MAX, MAX_LEASE, 3_600_000),
+            (Duration::from_secs(30), MAX_LEASE, 30_000),
         ];
         for (duration, max, expected) in cases {
             assert_eq!(
-                millis(duration, max).as_bytes(),
-                expected.as_bytes(),
+                millis(duration, max),
+                expected,
                 "{duration:?} up to {max:?}"
             );
-        }
-    }
-
-    #[test]
-    fn milliseconds_are_spelled_as_decimal_digits() {
-        for n in [0, 1, 9, 10, 99, 100, 1_234_567_890, u64::MAX / 10, u64::MAX] {
-            let millis = Millis::new(n);
-            assert_eq!(millis.as_bytes(), n.to_string().as_bytes());
-            assert_eq!(millis.len(), n.to_string().len());
         }
     }
 }
