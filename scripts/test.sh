@@ -49,6 +49,8 @@ if grep -rEo 'href="[^"]*\.md(#[^"]*)?"' target/doc/tower_idempotency/index.html
     echo "error: links to .md files in the crate docs; add their labels to docs/rustdoc-links.md" >&2
     exit 1
 fi
+# Default features too: an intra-doc link to an item of an optional feature breaks there.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 
 # Offline: the crates are in cargo's cache by now. `cargo publish --dry-run` would also read
 # the crates.io index over the network, so it is not run here.

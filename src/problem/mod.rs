@@ -40,7 +40,7 @@ pub enum ProblemKind {
     /// `Retry-After`).
     StoreUnavailable,
     /// The handler panicked (500); or, completing in the handler's own transaction
-    /// ([`PostgresStore::in_handler_transaction`](crate::PostgresStore::in_handler_transaction)),
+    /// (`PostgresStore::in_handler_transaction`, feature `postgres`),
     /// its streamed body failed or panicked before the commit, and the transaction was rolled
     /// back. The key is released: a retry executes again.
     HandlerFailed,
