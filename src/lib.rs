@@ -100,4 +100,8 @@ pub mod guide {
     #[doc = include_str!("../docs/rustdoc-links.md")]
     #[doc = include_str!("../docs/reliability.md")]
     pub mod reliability {}
+
+    #[doc = include_str!("../docs/rustdoc-links.md")]
+    #[doc = include_str!("../docs/mutation-testing.md")]
+    pub mod mutation_testing {}
 }
