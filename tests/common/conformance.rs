@@ -873,6 +873,7 @@ macro_rules! conformance_suite {
             a_wait_ends_at_its_timeout,
             a_wait_ends_when_an_abandoned_lease_expires,
             waiting_on_a_free_or_completed_key_returns_at_once,
+            an_owner_may_release_its_own_expired_claim,
         );
         $crate::conformance_suite!(@checks [tokio::test(flavor = "multi_thread", worker_threads = 2)] $make;
             concurrent_claims_acquire_exactly_once,

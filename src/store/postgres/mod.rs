@@ -54,17 +54,16 @@
 //! With [`PostgresStore::in_handler_transaction`], the handler writes in a
 //! [`HandlerTransaction`] and the layer writes the record in it and commits (`transaction.rs`).
 //!
-//! # Files
-//!
-//! `connect.rs` the struct, its settings and `migrate`; `schema.rs` the table and every
-//! statement; `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) and
-//! [`AdminStore`](crate::AdminStore) implementations;
-//! `notify.rs` the listener; `inspect.rs` look-ups, listings and purging; `transaction.rs`
-//! the handlers' transactions; `error.rs` sqlx errors as [`StoreError`](crate::StoreError)s.
-//!
 //! [`PostgresStore::in_handler_transaction`]: crate::PostgresStore::in_handler_transaction
 //! [`PostgresStore::purge_expired`]: crate::PostgresStore::purge_expired
 //! [`PostgresStore::with_abandoned_retention`]: crate::PostgresStore::with_abandoned_retention
+
+// Files:
+// `connect.rs` the struct, its settings and `migrate`; `schema.rs` the table and every
+// statement; `store.rs` the `IdempotencyStore` and
+// `AdminStore` implementations;
+// `notify.rs` the listener; `inspect.rs` look-ups, listings and purging; `transaction.rs`
+// the handlers' transactions; `error.rs` sqlx errors as `StoreError`s.
 
 pub(crate) mod connect;
 mod error;

@@ -86,23 +86,22 @@
 //!   `maxmemory-policy` and warn if Redis may evict claims and records, or if it refuses
 //!   `CONFIG GET` (the check is then skipped); neither fails.
 //!
-//! # Files
-//!
-//! `store.rs` the [`IdempotencyStore`](crate::IdempotencyStore) and
-//! [`AdminStore`](crate::AdminStore) implementations;
-//! `connect.rs` constructors, settings and the response timeout; `script.rs` the Lua scripts
-//! (the `.lua` files beside it) and running them; `codec.rs` the marker and envelope bytes;
-//! `notify.rs` waiting and pub/sub wake-ups; `error.rs` Redis errors as
-//! [`StoreError`](crate::StoreError)s; `inspect.rs` the operator's look-ups and listings;
-//! `durability.rs` the [`Durability`] setting and the verdict on `WAIT`'s replies;
-//! `acknowledge.rs` sending a write with its `WAIT` and acting on the verdict;
-//! `eviction.rs` the eviction guard; `sentinel.rs` [`SentinelConnection`] and the
-//! constructors that make one; `resolver.rs` asking the Sentinels for the primary.
-//!
 //! [`RedisStore`]: crate::RedisStore
 //! [`RedisStore::connect_sentinel`]: crate::RedisStore::connect_sentinel
 //! [`RedisStore::with_abandoned_retention`]: crate::RedisStore::with_abandoned_retention
 //! [`RedisStore::with_durability`]: crate::RedisStore::with_durability
+
+// Files:
+// `store.rs` the `IdempotencyStore` and
+// `AdminStore` implementations;
+// `connect.rs` constructors, settings and the response timeout; `script.rs` the Lua scripts
+// (the `.lua` files beside it) and running them; `codec.rs` the marker and envelope bytes;
+// `notify.rs` waiting and pub/sub wake-ups; `error.rs` Redis errors as
+// `StoreError`s; `inspect.rs` the operator's look-ups and listings;
+// `durability.rs` the `Durability` setting and the verdict on `WAIT`'s replies;
+// `acknowledge.rs` sending a write with its `WAIT` and acting on the verdict;
+// `eviction.rs` the eviction guard; `sentinel.rs` `SentinelConnection` and the
+// constructors that make one; `resolver.rs` asking the Sentinels for the primary.
 
 mod acknowledge;
 mod codec;
