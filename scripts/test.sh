@@ -61,6 +61,9 @@ if grep -E '^(tests|benches|examples|scripts|fuzz|proptest-regressions|\.ci)/' <
     exit 1
 fi
 cargo package --allow-dirty --offline
+# Again with every feature: the verify build above compiles default features only, so the
+# packaged RedisStore (its Lua include_str!s) and PostgresStore sources are compiled here.
+cargo package --allow-dirty --offline --all-features
 
 step "benches compile (criterion; numbers come from running them, never from tests)"
 cargo bench --all-features --no-run
