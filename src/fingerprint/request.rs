@@ -1,16 +1,12 @@
-//! The request fingerprint: what a key's reuse is checked against, and the modes that decide
-//! which differences between a request and its retry count.
-//!
-//! Pure logic: no tower or tokio in here.
-
-pub(crate) mod canonical;
-pub(crate) mod digest;
+//! [`Fingerprint`], the modes that choose which parts of a request count ([`BodyFingerprint`],
+//! [`FingerprintHeaders`]), and the rule that computes it from the layer's settings.
 
 use std::{fmt, sync::Arc};
 
 use http::{HeaderMap, HeaderName, Method, Uri, header};
 
-use self::digest::{FieldHasher, Secret};
+use super::canonical;
+use super::digest::{FieldHasher, Secret};
 use crate::protocol::jsonrpc::{self, Rpc};
 
 /// A SHA-256 digest of a request's method, path, query and body.
