@@ -1,15 +1,5 @@
-//! What a store keeps for a completed request; its versioned binary encoding is in [`wire`].
-//!
-//! Pure logic: no tower or tokio in here.
-
-mod wire;
-
-#[cfg(any(test, fuzzing))]
-pub(crate) use wire::check_decode;
-#[cfg(feature = "redis")]
-pub(crate) use wire::check_head;
-#[cfg(all(test, feature = "redis"))]
-pub(crate) use wire::properties;
+//! [`Record`]: a completed request's response (or the fact that it cannot be replayed) and
+//! the fingerprint it answers; the headers kept, and the errors building one.
 
 use std::{fmt, sync::Arc};
 
@@ -36,18 +26,18 @@ pub const MAX_RECORD_HEADERS: usize = 4096;
 /// Records never change once written, so caches may hold them freely: a clone shares the
 /// same record (a reference count), it copies nothing.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Record(Arc<Inner>);
+pub struct Record(pub(super) Arc<Inner>);
 
 #[derive(PartialEq, Eq)]
-struct Inner {
-    fingerprint: Fingerprint,
-    outcome: Outcome,
+pub(super) struct Inner {
+    pub(super) fingerprint: Fingerprint,
+    pub(super) outcome: Outcome,
 }
 
 // Nearly every record is a response: boxing it would add an allocation to every record.
 #[allow(clippy::large_enum_variant)]
 #[derive(PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     Response {
         status: StatusCode,
         headers: HeaderMap,
@@ -360,15 +350,15 @@ fn copy_with_room(headers: &HeaderMap, extra: usize) -> HeaderMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use http::{HeaderValue, Method, Uri};
 
-    pub(super) fn fingerprint() -> Fingerprint {
+    pub(in crate::record) fn fingerprint() -> Fingerprint {
         Fingerprint::of(&Method::POST, &Uri::from_static("/charges"), b"{}")
     }
 
-    pub(super) fn sample() -> Record {
+    pub(in crate::record) fn sample() -> Record {
         let mut headers = HeaderMap::new();
         headers.append("content-type", HeaderValue::from_static("application/json"));
         headers.append("set-cookie", HeaderValue::from_static("a=1"));
@@ -385,7 +375,7 @@ mod tests {
         )
     }
 
-    pub(super) fn pairs(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+    pub(in crate::record) fn pairs(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
         map.iter()
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect()
