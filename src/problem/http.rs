@@ -1,11 +1,5 @@
-//! RFC 9457 problem details: every response the layer itself produces, and
+//! [`Problem`] and [`ProblemKind`] as RFC 9457 `application/problem+json` responses, and
 //! [`ProblemResponse`], the strategy that renders them.
-//!
-//! Pure logic: no tower or tokio in here. The body is four fields, written by hand (with
-//! `serde_json` escaping the one free-text field) rather than through a serde derive.
-
-mod grpc;
-mod json_rpc;
 
 use std::{borrow::Cow, fmt, time::Duration};
 
@@ -340,7 +334,7 @@ impl Problem {
 }
 
 /// Whole seconds, rounded up: `Retry-After: 0` would invite a tight loop.
-fn retry_after_secs(after: Duration) -> u64 {
+pub(super) fn retry_after_secs(after: Duration) -> u64 {
     after.as_secs() + u64::from(after.subsec_nanos() > 0)
 }
 
