@@ -1,52 +1,5 @@
-//! An axum router for operators (feature `axum`): look records up, forget one, release a
-//! stuck claim, list claims in flight.
-//!
-//! It is built from the layer it serves ([`AdminRouter::for_layer`]), so its look-ups derive
-//! addresses with the layer's own secret and scope rules, and it cannot be built without an
-//! authorization decision: every request, to any path, is first put to your `authorize`
-//! closure, which returns the operator's name (for the log) or the status to deny it with.
-//!
-//! | request | does |
-//! |---|---|
-//! | `GET /records/{digest}` | what the store holds under a storage key digest (as logged in the `key_digest` span field) |
-//! | `POST /records/lookup` | the same, found by the request's address, given as a JSON body: `{"method":"POST","path":"/charges","key":"K","scope":"acct_1"}` when the layer has a `with_scope` (what it returns), or `{…,"headers":{"authorization":"Bearer …"}}` with the request's credential headers for the default scope. Never in the URL: access logs and `TraceLayer` record URLs, so a query string is refused |
-//! | `DELETE /records/{digest}` | forgets a completed record: the next request with its key executes again |
-//! | `DELETE /claims/{digest}` | releases a claim, live or abandoned: the next request executes; its owner, if still running, cannot store its response |
-//! | `GET /claims?older_than=60&limit=100&cursor=…` | claims made at least `older_than` seconds ago (default 0), a page at a time; `next` is the cursor of the next page |
-//!
-//! Answers are JSON; times are Unix milliseconds. A free key is `404` with `"state":"free"`;
-//! a store error `503`; a bad parameter `400`; a request `authorize` refused, the status it
-//! chose. Every action is logged at `info` with the operator `authorize` named, the key's
-//! digest and what happened, never the key, the scope or credentials given to find it.
-//!
-//! A predicate over the request head, rather than a tower layer the router would demand:
-//! axum applications authenticate in a middleware that puts the caller in the request's
-//! extensions, and the predicate reads it there (or checks a header itself); it also names
-//! the operator for the log in the same place, and it applies to every path, unknown ones
-//! included, so nothing about the routes is learnt without it.
-//!
-//! ```
-//! use axum::{Router, routing::post};
-//! use http::{StatusCode, request::Parts};
-//! use tower_idempotency::{IdempotencyLayer, MemoryStore, admin::AdminRouter};
-//!
-//! /// Put in the request's extensions by your operators' authentication middleware.
-//! #[derive(Clone)]
-//! struct Operator { name: String, on_call: bool }
-//!
-//! let layer = IdempotencyLayer::new(MemoryStore::default());
-//! let admin = AdminRouter::for_layer(&layer, |parts: &Parts| {
-//!     match parts.extensions.get::<Operator>() {
-//!         Some(operator) if operator.on_call => Ok(operator.name.clone()),
-//!         Some(_) => Err(StatusCode::FORBIDDEN),
-//!         None => Err(StatusCode::UNAUTHORIZED),
-//!     }
-//! });
-//! let app: Router = Router::new()
-//!     .route("/charges", post(|| async { "charged" }))
-//!     .layer(layer)
-//!     .nest("/admin/idempotency", admin.into_router());
-//! ```
+//! [`AdminRouter`]: its settings, the authorization middleware every request goes through,
+//! and the handlers behind the routes (the look-up by address is in `lookup.rs`).
 
 use std::{
     collections::HashMap,
@@ -73,10 +26,7 @@ use crate::{
     store::inspect::{Inspection, ListCursor},
 };
 
-mod json;
-mod lookup;
-
-use json::{bad_request, claim_json, json_response, record_json};
+use super::json::{bad_request, claim_json, json_response, record_json};
 
 type AuthorizeFn = Arc<dyn Fn(&Parts) -> Result<String, StatusCode> + Send + Sync>;
 
@@ -84,10 +34,10 @@ type AuthorizeFn = Arc<dyn Fn(&Parts) -> Result<String, StatusCode> + Send + Syn
 const MAX_LIMIT: usize = 1000;
 
 /// Builds the admin [`Router`] for a layer whose store implements [`AdminStore`] (the stores of
-/// this crate do). See the [module docs](self).
+/// this crate do). See the [module docs](super).
 pub struct AdminRouter<St> {
-    store: St,
-    config: Arc<Config>,
+    pub(super) store: St,
+    pub(super) config: Arc<Config>,
     authorize: AuthorizeFn,
 }
 
@@ -180,7 +130,7 @@ async fn authorize<St: AdminStore>(
     }
 }
 
-type Admin<St> = State<Arc<AdminRouter<St>>>;
+pub(super) type Admin<St> = State<Arc<AdminRouter<St>>>;
 type Params = Query<HashMap<String, String>>;
 
 async fn inspect<St: AdminStore>(
@@ -304,7 +254,7 @@ impl<St: AdminStore> AdminRouter<St> {
     }
 
     /// The answer for what `key` holds; `previous`: found under a previous secret.
-    fn inspected(
+    pub(super) fn inspected(
         &self,
         parts: &Parts,
         action: &'static str,
@@ -349,7 +299,7 @@ impl<St: AdminStore> AdminRouter<St> {
         );
     }
 
-    fn store_failed(
+    pub(super) fn store_failed(
         &self,
         parts: &Parts,
         action: &'static str,
