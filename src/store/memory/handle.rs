@@ -1,24 +1,15 @@
-//! [`MemoryStore`]: the embedded store for a single instance.
-//!
-//! `shard` holds the claims and the invariant that keeps them exactly-once; `fifo` the
-//! records completed and not asked for since; `store` the
-//! [`IdempotencyStore`](crate::IdempotencyStore) operations over them and the cache of records
-//! asked for again.
-
-mod fifo;
-mod list;
-mod shard;
-mod store;
+//! [`MemoryStore`] itself: the handle, its constructors and counters, and the moves of a
+//! record between the recent completions and the cache of records asked for again.
 
 use std::{fmt, sync::Arc};
 
 use tokio::time::Instant;
 
-use self::{
+use super::{
     fifo::Fifo,
     shard::{Shard, lock, new_shards, shard_index},
 };
-use super::{Claim, record_cache::RecordCache};
+use crate::store::{Claim, record_cache::RecordCache};
 use crate::{key::StorageKey, record::Record};
 
 /// An in-process store: completed records bounded by bytes, with a per-record TTL; in-flight
@@ -57,16 +48,16 @@ use crate::{key::StorageKey, record::Record};
 /// [moka]: https://docs.rs/moka
 #[derive(Clone)]
 pub struct MemoryStore {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(super) struct Inner {
     /// Records asked for again.
-    records: RecordCache,
+    pub(super) records: RecordCache,
     /// Records completed and not asked for since.
-    recent: Fifo,
+    pub(super) recent: Fifo,
     capacity: u64,
-    shards: Arc<[Shard]>,
+    pub(super) shards: Arc<[Shard]>,
 }
 
 /// The share of the capacity the cache of records asked for again may take: one part in this
@@ -143,13 +134,13 @@ impl MemoryStore {
             .sum()
     }
 
-    fn shard(&self, key: &StorageKey) -> &Shard {
+    pub(super) fn shard(&self, key: &StorageKey) -> &Shard {
         &self.inner.shards[shard_index(key)]
     }
 
     /// Holds a completed record among the recent completions, the oldest records making
     /// room for it in what the cache of records asked for again leaves of the capacity.
-    fn keep(&self, key: StorageKey, record: Record, expires_at: Instant) {
+    pub(super) fn keep(&self, key: StorageKey, record: Record, expires_at: Instant) {
         let Inner {
             records,
             recent,
@@ -167,7 +158,7 @@ impl MemoryStore {
 
     /// The unexpired record under `key`, as a claim returns it; a record found among the
     /// recent completions moves to the cache of records asked for again.
-    fn completed(&self, key: &StorageKey) -> Option<Claim> {
+    pub(super) fn completed(&self, key: &StorageKey) -> Option<Claim> {
         let Inner {
             records, recent, ..
         } = &*self.inner;
