@@ -8,7 +8,8 @@ use axum::{
 use http::{HeaderMap, HeaderName, HeaderValue, Method, request::Parts};
 use serde_json::Value;
 
-use super::{Admin, AdminRouter, json::bad_request};
+use super::router::Admin;
+use super::{AdminRouter, json::bad_request};
 use crate::{
     fingerprint::digest::Secret,
     key::{IdempotencyKey, KeyRef, Scope, StorageKey},

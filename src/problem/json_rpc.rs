@@ -9,7 +9,8 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::{Problem, ProblemKind, retry_after_secs};
+use super::http::retry_after_secs;
+use super::{Problem, ProblemKind};
 
 /// The JSON-RPC error code of a problem: JSON-RPC's own for a request that is not valid
 /// (-32600) and for an internal failure (-32603), and codes of the implementation-defined

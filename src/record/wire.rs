@@ -9,7 +9,8 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::{Inner, MAX_RECORD_HEADERS, Outcome, Record, RecordError};
+use super::response::{Inner, Outcome};
+use super::{MAX_RECORD_HEADERS, Record, RecordError};
 use crate::fingerprint::Fingerprint;
 
 /// The first bytes of every encoded record; a value that starts otherwise is not ours.
@@ -223,7 +224,7 @@ fn take_headers(input: &mut Bytes) -> Result<HeaderMap, RecordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::tests::{fingerprint, pairs, sample};
+    use crate::record::response::tests::{fingerprint, pairs, sample};
 
     #[test]
     fn the_header_check_tells_foreign_truncated_and_newer_bytes_apart() {
