@@ -100,8 +100,9 @@
 // `StoreError`s; `inspect.rs` the operator's look-ups and listings;
 // `durability.rs` the `Durability` setting and the verdict on `WAIT`'s replies;
 // `acknowledge.rs` sending a write with its `WAIT` and acting on the verdict;
-// `eviction.rs` the eviction guard; `sentinel.rs` `SentinelConnection` and the
-// constructors that make one; `resolver.rs` asking the Sentinels for the primary.
+// `key.rs` a storage key's name in Redis; `eviction.rs` the eviction guard; `sentinel.rs`
+// `SentinelConnection` and the constructors that make one; `resolver.rs` asking the Sentinels
+// for the primary.
 
 mod acknowledge;
 mod codec;
@@ -110,6 +111,7 @@ mod durability;
 mod error;
 mod eviction;
 mod inspect;
+mod key;
 mod lanes;
 mod notify;
 mod resolver;
