@@ -26,7 +26,7 @@ use tokio::time::{Instant, Sleep};
 use crate::{
     flow::task::spawn,
     key::StorageKey,
-    observe::{Describe, Observer, Op, RecordResult, Renewal as Renewed},
+    observe::{Describe, Observed, Observer, Op, RecordResult, Renewal as Renewed, observed},
     record::Record,
     store::error::{StoreError, StoreErrorKind},
     store::{FenceToken, IdempotencyStore},
@@ -132,15 +132,12 @@ impl<St: IdempotencyStore> Lease<St> {
         self.in_transaction
     }
 
-    async fn store_op<F>(&self, op: Op, operation: F) -> F::Output
+    fn store_op<F>(&self, op: Op, operation: F) -> Observed<'_, F>
     where
         F: Future,
         F::Output: Describe,
     {
-        match &self.observer {
-            Some(observer) => observer.store_op(St::NAME, op, operation).await,
-            None => operation.await,
-        }
+        observed(self.observer.as_ref(), St::NAME, op, operation)
     }
 
     fn report(&self, report: impl FnOnce(&Observer)) {

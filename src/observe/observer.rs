@@ -4,12 +4,16 @@
 use std::{
     fmt,
     future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
 };
 
+use pin_project_lite::pin_project;
 use tracing::{Span, field};
 
 #[cfg(feature = "metrics")]
@@ -131,19 +135,23 @@ impl Observer {
 
     /// Runs a store operation, timing it when a span or metrics want it, and reports the
     /// state it found or made at debug level.
-    pub(crate) async fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> F::Output
+    pub(crate) fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> Observed<'_, F>
     where
         F: Future,
         F::Output: Describe,
     {
-        let span = Span::current();
-        let timed = !span.is_disabled() || cfg!(feature = "metrics");
-        if !timed {
-            return operation.await;
-        }
-        let started = std::time::Instant::now();
-        let output = operation.await;
-        let elapsed = started.elapsed();
+        observed(Some(self), store, op, operation)
+    }
+
+    /// Reports a store operation that answered after `elapsed`, in `span`.
+    fn answered(
+        &self,
+        store: &'static str,
+        op: Op,
+        span: &Span,
+        elapsed: Duration,
+        output: &impl Describe,
+    ) {
         let ms = elapsed.as_secs_f64() * 1000.0;
         let field = match op {
             Op::Claim => "claim_ms",
@@ -165,7 +173,6 @@ impl Observer {
         self.inner.metrics.store_op(store, op, elapsed);
         #[cfg(not(feature = "metrics"))]
         let _ = store;
-        output
     }
 
     /// Counts what became of a response that ran under a claim.
@@ -307,6 +314,77 @@ impl fmt::Display for Digest<'_> {
             write!(f, "{byte:02x}")?;
         }
         Ok(())
+    }
+}
+
+/// `operation` observed by `observer` (if any), as [`Observer::store_op`] does.
+pub(crate) fn observed<'a, F>(
+    observer: Option<&'a Observer>,
+    store: &'static str,
+    op: Op,
+    operation: F,
+) -> Observed<'a, F>
+where
+    F: Future,
+    F::Output: Describe,
+{
+    Observed {
+        operation,
+        observer,
+        store,
+        op,
+        clock: Clock::Unstarted,
+    }
+}
+
+pin_project! {
+    /// A store operation, observed. A future of its own rather than an `async fn`: an
+    /// `async fn` moves the operation it is handed into its own state when first polled,
+    /// a copy of the whole future (a few KiB for Redis's) on every store call; this one
+    /// polls it where it was put.
+    pub(crate) struct Observed<'a, F> {
+        #[pin]
+        operation: F,
+        observer: Option<&'a Observer>,
+        store: &'static str,
+        op: Op,
+        clock: Clock,
+    }
+}
+
+/// Whether, and since when, an observed operation is timed.
+enum Clock {
+    /// Not polled yet: the span it runs in is the one current at its first poll.
+    Unstarted,
+    Untimed,
+    Started(Span, Instant),
+}
+
+impl<F> Future for Observed<'_, F>
+where
+    F: Future,
+    F::Output: Describe,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let Some(observer) = *this.observer else {
+            return this.operation.poll(cx);
+        };
+        if let Clock::Unstarted = this.clock {
+            let span = Span::current();
+            *this.clock = if !span.is_disabled() || cfg!(feature = "metrics") {
+                Clock::Started(span, Instant::now())
+            } else {
+                Clock::Untimed
+            };
+        }
+        let output = ready!(this.operation.poll(cx));
+        if let Clock::Started(span, started) = std::mem::replace(this.clock, Clock::Untimed) {
+            observer.answered(this.store, *this.op, &span, started.elapsed(), &output);
+        }
+        Poll::Ready(output)
     }
 }
 
