@@ -98,8 +98,16 @@ pub(crate) async fn send_claim<St: IdempotencyStore>(
     token: FenceToken,
     fingerprint: Fingerprint,
 ) -> Result<Claim, StoreError> {
-    let claim = store.claim_as(&key, token, &fingerprint, config.lease);
-    config.observer.store_op(St::NAME, Op::Claim, claim).await
+    // Made in the call, not bound first: a binding is one more copy of the store's future.
+    let observer = &config.observer;
+    let lease = config.lease;
+    observer
+        .store_op(
+            St::NAME,
+            Op::Claim,
+            store.claim_as(&key, token, &fingerprint, lease),
+        )
+        .await
 }
 
 pin_project! {
