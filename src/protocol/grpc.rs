@@ -164,27 +164,23 @@ pub(crate) enum Call {
 /// Whether `headers` say the request is gRPC: `content-type: application/grpc`, alone or
 /// with a `+format` or parameters (never `application/grpc-web`).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    content_type_is(headers, b"application/grpc")
-}
-
-/// Whether `headers` say the request is gRPC-Web: `content-type: application/grpc-web` or
-/// `application/grpc-web-text`, alone or with a `+format` or parameters.
-fn is_grpc_web(headers: &HeaderMap) -> bool {
-    content_type_is(headers, b"application/grpc-web")
-        || content_type_is(headers, b"application/grpc-web-text")
-}
-
-/// Whether the `content-type` of `headers` is `essence`, alone or followed by a `+format` or
-/// parameters (ASCII case ignored).
-fn content_type_is(headers: &HeaderMap, essence: &[u8]) -> bool {
     headers
         .get(header::CONTENT_TYPE)
-        .map(|value| value.as_bytes())
-        .is_some_and(|value| {
-            value.len() >= essence.len()
-                && value[..essence.len()].eq_ignore_ascii_case(essence)
-                && matches!(value.get(essence.len()), None | Some(b'+' | b';'))
-        })
+        .is_some_and(|value| essence_is(value.as_bytes(), b"application/grpc"))
+}
+
+/// Whether a `content-type` of `value` is gRPC-Web: `application/grpc-web` or
+/// `application/grpc-web-text`, alone or with a `+format` or parameters.
+fn is_grpc_web(value: &[u8]) -> bool {
+    essence_is(value, b"application/grpc-web") || essence_is(value, b"application/grpc-web-text")
+}
+
+/// Whether a `content-type` of `value` is `essence`, alone or followed by a `+format` or
+/// parameters (ASCII case ignored).
+fn essence_is(value: &[u8], essence: &[u8]) -> bool {
+    value.len() >= essence.len()
+        && value[..essence.len()].eq_ignore_ascii_case(essence)
+        && matches!(value.get(essence.len()), None | Some(b'+' | b';'))
 }
 
 /// What a request with `method`, `paths` and `headers` is to gRPC; `None` when it is not a
@@ -199,10 +195,12 @@ pub(crate) fn classify(
     if method != Method::POST {
         return None;
     }
-    if is_grpc_web(headers) {
+    // Looked up once: every protected request comes this way.
+    let content_type = headers.get(header::CONTENT_TYPE)?.as_bytes();
+    if is_grpc_web(content_type) {
         return Some(Call::Web);
     }
-    if !is_grpc(headers) {
+    if !essence_is(content_type, b"application/grpc") {
         return None;
     }
     let named = |methods: &[Box<str>]| methods.iter().any(|m| paths.contains(&&**m));
@@ -339,6 +337,8 @@ mod tests {
         let json = content_type("application/json");
         let web = content_type("application/grpc-web+proto");
         let web_text = content_type("application/grpc-web-text");
+        let shouted = content_type("Application/GRPC+proto");
+        let untyped = HeaderMap::new();
         for (method, path, headers, call) in [
             (
                 Method::POST,
@@ -368,6 +368,13 @@ mod tests {
                 Some(Call::Web),
             ),
             (Method::GET, "/pay.Payments/Charge", &web, None),
+            (
+                Method::POST,
+                "/pay.Payments/Charge",
+                &shouted,
+                Some(Call::Unary),
+            ),
+            (Method::POST, "/pay.Payments/Charge", &untyped, None),
         ] {
             assert_eq!(
                 classify(&method, [path, path], headers, &settings),
