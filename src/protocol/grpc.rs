@@ -161,14 +161,6 @@ pub(crate) enum Call {
     Web,
 }
 
-/// Whether `headers` say the request is gRPC: `content-type: application/grpc`, alone or
-/// with a `+format` or parameters (never `application/grpc-web`).
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|value| essence_is(value.as_bytes(), b"application/grpc"))
-}
-
 /// Whether a `content-type` of `value` is gRPC-Web: `application/grpc-web` or
 /// `application/grpc-web-text`, alone or with a `+format` or parameters.
 fn is_grpc_web(value: &[u8]) -> bool {
@@ -195,7 +187,8 @@ pub(crate) fn classify(
     if method != Method::POST {
         return None;
     }
-    // Looked up once: every protected request comes this way.
+    // gRPC: `content-type: application/grpc`, alone or with a `+format` or parameters. Looked
+    // up once: every protected request comes this way.
     let content_type = headers.get(header::CONTENT_TYPE)?.as_bytes();
     if is_grpc_web(content_type) {
         return Some(Call::Web);
@@ -305,6 +298,12 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
         headers
+    }
+
+    /// Whether a `POST` with `headers` is a (unary) gRPC call.
+    fn is_grpc(headers: &HeaderMap) -> bool {
+        let path = "/pay.Payments/Charge";
+        classify(&Method::POST, [path, path], headers, &Settings::default()) == Some(Call::Unary)
     }
 
     #[test]
