@@ -8,7 +8,7 @@
 # and server CPU per request (the CPU time /proc gives for the server process around the wrk
 # run, divided by the requests wrk reports), with the ratio to bare (per round, then the
 # median), and for Redis modes redis-server's CPU per request too.
-# naive-moka and naive-redis are baselines, not the layer: the naive middleware
+# naive-moka and naive-redis are baselines, not the layer: the naive middleware in
 # benches/common/naive.rs (a response cache by raw key, no claim, no fingerprint), which
 # pass requests without an Idempotency-Key through: their derived rows measure a
 # pass-through (marked in the table), where the layer derives a key and protects the request.
