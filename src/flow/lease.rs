@@ -26,7 +26,7 @@ use tokio::time::{Instant, Sleep};
 use crate::{
     flow::task::spawn,
     key::StorageKey,
-    observe::{Describe, Observer, Op, RecordResult, Renewal as Renewed},
+    observe::{Observer, Op, RecordResult, Renewal as Renewed, Timed},
     record::Record,
     store::error::{StoreError, StoreErrorKind},
     store::{FenceToken, IdempotencyStore},
@@ -132,15 +132,8 @@ impl<St: IdempotencyStore> Lease<St> {
         self.in_transaction
     }
 
-    async fn store_op<F>(&self, op: Op, operation: F) -> F::Output
-    where
-        F: Future,
-        F::Output: Describe,
-    {
-        match &self.observer {
-            Some(observer) => observer.store_op(St::NAME, op, operation).await,
-            None => operation.await,
-        }
+    fn store_op<F>(&self, op: Op, operation: F) -> Timed<'_, F> {
+        Timed::new(self.observer.as_ref(), St::NAME, op, operation)
     }
 
     fn report(&self, report: impl FnOnce(&Observer)) {
@@ -170,10 +163,7 @@ impl<St: IdempotencyStore> Lease<St> {
         let observer = self.observer.clone();
         Box::pin(async move {
             let renewal = store.renew(&key, token, duration);
-            match observer {
-                Some(observer) => observer.store_op(St::NAME, Op::Renew, renewal).await,
-                None => renewal.await,
-            }
+            Timed::new(observer.as_ref(), St::NAME, Op::Renew, renewal).await
         })
     }
 

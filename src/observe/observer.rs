@@ -1,15 +1,20 @@
 //! [`Observer`]: one layer's reporting, to `tracing` (a span per protected request and debug
-//! events) and, with the `metrics` feature, to its metric handles.
+//! events) and, with the `metrics` feature, to its metric handles; [`Timed`]: a store
+//! operation timed and reported as it ends.
 
 use std::{
     fmt,
     future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
 };
 
+use pin_project_lite::pin_project;
 use tracing::{Span, field};
 
 #[cfg(feature = "metrics")]
@@ -130,20 +135,20 @@ impl Observer {
     }
 
     /// Runs a store operation, timing it when a span or metrics want it, and reports the
-    /// state it found or made at debug level.
-    pub(crate) async fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> F::Output
-    where
-        F: Future,
-        F::Output: Describe,
-    {
-        let span = Span::current();
-        let timed = !span.is_disabled() || cfg!(feature = "metrics");
-        if !timed {
-            return operation.await;
-        }
-        let started = std::time::Instant::now();
-        let output = operation.await;
-        let elapsed = started.elapsed();
+    /// state it found or made at debug level ([`Timed`]).
+    pub(crate) fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> Timed<'_, F> {
+        Timed::new(Some(self), store, op, operation)
+    }
+
+    /// Reports a timed store operation that took `elapsed` (in `span`) and came to `output`.
+    fn store_op_ended(
+        &self,
+        store: &'static str,
+        op: Op,
+        span: &Span,
+        elapsed: Duration,
+        output: &impl Describe,
+    ) {
         let ms = elapsed.as_secs_f64() * 1000.0;
         let field = match op {
             Op::Claim => "claim_ms",
@@ -165,7 +170,6 @@ impl Observer {
         self.inner.metrics.store_op(store, op, elapsed);
         #[cfg(not(feature = "metrics"))]
         let _ = store;
-        output
     }
 
     /// Counts what became of a response that ran under a claim.
@@ -307,6 +311,81 @@ impl fmt::Display for Digest<'_> {
             write!(f, "{byte:02x}")?;
         }
         Ok(())
+    }
+}
+
+pin_project! {
+    /// A store operation, timed when a span or metrics want it, and reported at debug level
+    /// with the state it found or made ([`Observer::store_op`]).
+    ///
+    /// A future of its own rather than an `async fn`: an async function keeps the future it
+    /// is given twice, as its argument and as what it awaits (rust-lang/rust#62958), and the
+    /// store's futures are the largest the flow holds and moves: a completion's boxed future
+    /// was three times the store's (one `async fn` wrapping another).
+    pub(crate) struct Timed<'a, F> {
+        #[pin]
+        operation: F,
+        observer: Option<&'a Observer>,
+        store: &'static str,
+        op: Op,
+        timing: Timing,
+    }
+}
+
+/// Whether and since when an operation is timed.
+enum Timing {
+    /// Not polled yet: the span it runs in is known at its first poll.
+    Unstarted,
+    /// Reported by nobody (no observer; no span and no metrics), or reported already.
+    Untimed,
+    Started(Span, Instant),
+}
+
+impl<'a, F> Timed<'a, F> {
+    /// `operation` on `store`, reported to `observer` if there is one.
+    pub(crate) fn new(
+        observer: Option<&'a Observer>,
+        store: &'static str,
+        op: Op,
+        operation: F,
+    ) -> Self {
+        let timing = match observer {
+            Some(_) => Timing::Unstarted,
+            None => Timing::Untimed,
+        };
+        Self {
+            operation,
+            observer,
+            store,
+            op,
+            timing,
+        }
+    }
+}
+
+impl<F> Future for Timed<'_, F>
+where
+    F: Future,
+    F::Output: Describe,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Timing::Unstarted = this.timing {
+            let span = Span::current();
+            *this.timing = if !span.is_disabled() || cfg!(feature = "metrics") {
+                Timing::Started(span, Instant::now())
+            } else {
+                Timing::Untimed
+            };
+        }
+        let output = ready!(this.operation.poll(cx));
+        let timing = std::mem::replace(this.timing, Timing::Untimed);
+        if let (Some(observer), Timing::Started(span, started)) = (this.observer, timing) {
+            observer.store_op_ended(this.store, *this.op, &span, started.elapsed(), &output);
+        }
+        Poll::Ready(output)
     }
 }
 
