@@ -10,6 +10,11 @@
 //! ALLOC_ITERS=5000 cargo bench --bench alloc       # more requests per case (default 2000)
 //! ```
 //!
+//! Beside the layer's targets (`bare`, `memory`, `redis`, `cached`), `naive-moka` and
+//! `naive-redis` are the load script's naive baselines (`benches/common/naive.rs`: a response
+//! cache by raw key, no claim, no fingerprint) on the two cases they cover, first execution
+//! and replay.
+//!
 //! `ALLOC_ONLY=memory:replay` runs one target and case only, which makes the binary a small
 //! driver for `valgrind --tool=callgrind` (instructions per request: the difference between
 //! two runs with different `ALLOC_ITERS`, divided by the difference in requests).
@@ -31,10 +36,16 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tokio::runtime::Runtime;
-use tower::Service;
+use tower::{Layer, Service};
 use tower_idempotency::MemoryStore;
 
-use common::{Case, ReqBody, Requests, bare, check, handler::CREATED, layered, run};
+use common::{
+    Case, ReqBody, Requests, bare, check,
+    handler::CREATED,
+    layered,
+    naive::{self, NaiveLayer},
+    run,
+};
 
 /// Counts every allocation (a `realloc` counts as one) and the bytes asked for.
 struct Counting;
@@ -110,10 +121,9 @@ fn main() {
         .expect("a tokio runtime");
 
     #[cfg(feature = "redis")]
-    let redis = if Case::ALL
-        .iter()
-        .any(|case| wanted("redis", *case) || wanted("cached", *case))
-    {
+    let redis = if Case::ALL.iter().any(|case| {
+        wanted("redis", *case) || wanted("cached", *case) || wanted("naive-redis", *case)
+    }) {
         counted::with_store(&runtime)
     } else {
         None
@@ -157,6 +167,15 @@ fn main() {
                 measure(&runtime, case, true, service, iterations, None),
             );
         }
+        // The load script's naive baselines, on the cases they cover (they derive no key and
+        // hold no claim).
+        let naive_case = matches!(case, Case::FirstExecution | Case::Replay);
+        #[cfg(feature = "moka")]
+        if naive_case && wanted("naive-moka", case) {
+            let service = NaiveLayer(naive::Moka::new(memory_bytes)).layer(bare());
+            let costs = measure(&runtime, case, true, service, iterations, None);
+            row("naive-moka", costs);
+        }
         #[cfg(feature = "redis")]
         if let Some((server, store)) = &redis {
             if wanted("redis", case) {
@@ -170,7 +189,16 @@ fn main() {
                 let costs = measure(&runtime, case, true, service, iterations, Some(server));
                 row("cached", costs);
             }
+            if naive_case
+                && wanted("naive-redis", case)
+                && let Some(connection) = counted::naive(&runtime, server)
+            {
+                let service = NaiveLayer(naive::Redis(connection)).layer(bare());
+                let costs = measure(&runtime, case, true, service, iterations, Some(server));
+                row("naive-redis", costs);
+            }
         }
+        let _ = naive_case;
     }
 }
 
@@ -226,6 +254,18 @@ mod counted {
         fn get_db(&self) -> i64 {
             self.inner.get_db()
         }
+    }
+
+    /// A connection for the naive baseline to `server`, counted alike, made as the load
+    /// script's server makes it (`get_connection_manager`: redis-rs's defaults, its response
+    /// timeout included).
+    pub(crate) fn naive(runtime: &tokio::runtime::Runtime, server: &Server) -> Option<Counted> {
+        let client = redis::Client::open(server.redis.url()).ok()?;
+        let inner = runtime.block_on(client.get_connection_manager()).ok()?;
+        Some(Counted {
+            inner,
+            sent: Arc::clone(&server.sent),
+        })
     }
 
     /// A `redis-server` of our own and a counted store on it; `None` (with a note on

@@ -8,8 +8,8 @@
 # and server CPU per request (the CPU time /proc gives for the server process around the wrk
 # run, divided by the requests wrk reports), with the ratio to bare (per round, then the
 # median), and for Redis modes redis-server's CPU per request too.
-# naive-moka and naive-redis are baselines, not the layer: the naive middlewares of
-# examples/bench_server.rs (a response cache by raw key, no claim, no fingerprint), which
+# naive-moka and naive-redis are baselines, not the layer: the naive middleware in
+# benches/common/naive.rs (a response cache by raw key, no claim, no fingerprint), which
 # pass requests without an Idempotency-Key through: their derived rows measure a
 # pass-through (marked in the table), where the layer derives a key and protects the request.
 # Everything listens on and talks to 127.0.0.1 only.

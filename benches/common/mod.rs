@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod handler;
+pub mod naive;
 // The tests' helper: a `redis-server` of our own on a free loopback port, stopped on drop.
 #[cfg(feature = "redis")]
 #[path = "../../tests/common/redis_server.rs"]

@@ -10,9 +10,9 @@ use std::{
 
 use axum::{
     Router,
-    extract::{Path, Query, Request, State},
+    extract::{FromRequestParts, Path, Query, Request, State},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use http::{StatusCode, request::Parts};
@@ -133,25 +133,35 @@ async fn authorize<St: AdminStore>(
 pub(super) type Admin<St> = State<Arc<AdminRouter<St>>>;
 type Params = Query<HashMap<String, String>>;
 
+/// The address a route names: the storage key's digest, 64 hex digits (`400` otherwise).
+struct Digest(StorageKey);
+
+impl<S: Send + Sync> FromRequestParts<S> for Digest {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let Path(digest) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        StorageKey::from_hex(&digest)
+            .map(Digest)
+            .ok_or_else(|| bad_request("the digest is not 64 hex digits"))
+    }
+}
+
 async fn inspect<St: AdminStore>(
     State(admin): Admin<St>,
     parts: Parts,
-    Path(digest): Path<String>,
+    Digest(key): Digest,
 ) -> Response {
-    let Some(key) = StorageKey::from_hex(&digest) else {
-        return bad_request("the digest is not 64 hex digits");
-    };
     admin.inspect_key(&parts, "inspect", key).await
 }
 
 async fn forget<St: AdminStore>(
     State(admin): Admin<St>,
     parts: Parts,
-    Path(digest): Path<String>,
+    Digest(key): Digest,
 ) -> Response {
-    let Some(key) = StorageKey::from_hex(&digest) else {
-        return bad_request("the digest is not 64 hex digits");
-    };
     match admin.store.forget(&key).await {
         Ok(forgotten) => {
             admin.log(
@@ -177,11 +187,8 @@ async fn forget<St: AdminStore>(
 async fn release<St: AdminStore>(
     State(admin): Admin<St>,
     parts: Parts,
-    Path(digest): Path<String>,
+    Digest(key): Digest,
 ) -> Response {
-    let Some(key) = StorageKey::from_hex(&digest) else {
-        return bad_request("the digest is not 64 hex digits");
-    };
     match admin.store.break_claim(&key).await {
         Ok(token) => {
             admin.log(

@@ -26,7 +26,7 @@ use tokio::time::{Instant, Sleep};
 use crate::{
     flow::task::spawn,
     key::StorageKey,
-    observe::{Describe, Observed, Observer, Op, RecordResult, Renewal as Renewed, observed},
+    observe::{Observer, Op, RecordResult, Renewal as Renewed, Timed},
     record::Record,
     store::error::{StoreError, StoreErrorKind},
     store::{FenceToken, IdempotencyStore},
@@ -132,12 +132,8 @@ impl<St: IdempotencyStore> Lease<St> {
         self.in_transaction
     }
 
-    fn store_op<F>(&self, op: Op, operation: F) -> Observed<'_, F>
-    where
-        F: Future,
-        F::Output: Describe,
-    {
-        observed(self.observer.as_ref(), St::NAME, op, operation)
+    fn store_op<F>(&self, op: Op, operation: F) -> Timed<'_, F> {
+        Timed::new(self.observer.as_ref(), St::NAME, op, operation)
     }
 
     fn report(&self, report: impl FnOnce(&Observer)) {
@@ -167,10 +163,7 @@ impl<St: IdempotencyStore> Lease<St> {
         let observer = self.observer.clone();
         Box::pin(async move {
             let renewal = store.renew(&key, token, duration);
-            match observer {
-                Some(observer) => observer.store_op(St::NAME, Op::Renew, renewal).await,
-                None => renewal.await,
-            }
+            Timed::new(observer.as_ref(), St::NAME, Op::Renew, renewal).await
         })
     }
 

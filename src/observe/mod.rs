@@ -21,6 +21,6 @@ pub(crate) use self::acknowledgement::ShortfallCounter;
 #[cfg(feature = "moka")]
 pub(crate) use self::eviction::EvictionCounter;
 pub(crate) use self::{
-    observer::{DEFAULT_ROUTE, Describe, Observed, Observer, WaitClock, observed},
+    observer::{DEFAULT_ROUTE, Describe, Observer, Timed, WaitClock},
     outcome::{AbandonedAction, Op, Outcome, RecordResult, Renewal},
 };

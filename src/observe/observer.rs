@@ -1,5 +1,6 @@
 //! [`Observer`]: one layer's reporting, to `tracing` (a span per protected request and debug
-//! events) and, with the `metrics` feature, to its metric handles.
+//! events) and, with the `metrics` feature, to its metric handles; [`Timed`]: a store
+//! operation timed and reported as it ends.
 
 use std::{
     fmt,
@@ -134,17 +135,13 @@ impl Observer {
     }
 
     /// Runs a store operation, timing it when a span or metrics want it, and reports the
-    /// state it found or made at debug level.
-    pub(crate) fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> Observed<'_, F>
-    where
-        F: Future,
-        F::Output: Describe,
-    {
-        observed(Some(self), store, op, operation)
+    /// state it found or made at debug level ([`Timed`]).
+    pub(crate) fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> Timed<'_, F> {
+        Timed::new(Some(self), store, op, operation)
     }
 
-    /// Reports a store operation that answered after `elapsed`, in `span`.
-    fn answered(
+    /// Reports a timed store operation that took `elapsed` (in `span`) and came to `output`.
+    fn store_op_ended(
         &self,
         store: &'static str,
         op: Op,
@@ -317,50 +314,56 @@ impl fmt::Display for Digest<'_> {
     }
 }
 
-/// `operation` observed by `observer` (if any), as [`Observer::store_op`] does.
-pub(crate) fn observed<'a, F>(
-    observer: Option<&'a Observer>,
-    store: &'static str,
-    op: Op,
-    operation: F,
-) -> Observed<'a, F>
-where
-    F: Future,
-    F::Output: Describe,
-{
-    Observed {
-        operation,
-        observer,
-        store,
-        op,
-        clock: Clock::Unstarted,
-    }
-}
-
 pin_project! {
-    /// A store operation, observed. A future of its own rather than an `async fn`: an
-    /// `async fn` moves the operation it is handed into its own state when first polled,
-    /// a copy of the whole future (a few KiB for Redis's) on every store call; this one
-    /// polls it where it was put.
-    pub(crate) struct Observed<'a, F> {
+    /// A store operation, timed when a span or metrics want it, and reported at debug level
+    /// with the state it found or made ([`Observer::store_op`]).
+    ///
+    /// A future of its own rather than an `async fn`: an async function keeps the future it
+    /// is given twice, as its argument and as what it awaits (rust-lang/rust#62958), and the
+    /// store's futures are the largest the flow holds and moves: a completion's boxed future
+    /// was three times the store's (one `async fn` wrapping another).
+    pub(crate) struct Timed<'a, F> {
         #[pin]
         operation: F,
         observer: Option<&'a Observer>,
         store: &'static str,
         op: Op,
-        clock: Clock,
+        timing: Timing,
     }
 }
 
-/// Whether, and since when, an observed operation is timed.
-enum Clock {
-    /// Not polled yet: the span it runs in is the one current at its first poll.
+/// Whether and since when an operation is timed.
+enum Timing {
+    /// Not polled yet: the span it runs in is known at its first poll.
     Unstarted,
+    /// Reported by nobody (no observer; no span and no metrics), or reported already.
     Untimed,
     Started(Span, Instant),
 }
 
-impl<F> Future for Observed<'_, F>
+impl<'a, F> Timed<'a, F> {
+    /// `operation` on `store`, reported to `observer` if there is one.
+    pub(crate) fn new(
+        observer: Option<&'a Observer>,
+        store: &'static str,
+        op: Op,
+        operation: F,
+    ) -> Self {
+        let timing = match observer {
+            Some(_) => Timing::Unstarted,
+            None => Timing::Untimed,
+        };
+        Self {
+            operation,
+            observer,
+            store,
+            op,
+            timing,
+        }
+    }
+}
+
+impl<F> Future for Timed<'_, F>
 where
     F: Future,
     F::Output: Describe,
@@ -369,20 +372,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let Some(observer) = *this.observer else {
-            return this.operation.poll(cx);
-        };
-        if let Clock::Unstarted = this.clock {
+        if let Timing::Unstarted = this.timing {
             let span = Span::current();
-            *this.clock = if !span.is_disabled() || cfg!(feature = "metrics") {
-                Clock::Started(span, Instant::now())
+            *this.timing = if !span.is_disabled() || cfg!(feature = "metrics") {
+                Timing::Started(span, Instant::now())
             } else {
-                Clock::Untimed
+                Timing::Untimed
             };
         }
         let output = ready!(this.operation.poll(cx));
-        if let Clock::Started(span, started) = std::mem::replace(this.clock, Clock::Untimed) {
-            observer.answered(this.store, *this.op, &span, started.elapsed(), &output);
+        let timing = std::mem::replace(this.timing, Timing::Untimed);
+        if let (Some(observer), Timing::Started(span, started)) = (this.observer, timing) {
+            observer.store_op_ended(this.store, *this.op, &span, started.elapsed(), &output);
         }
         Poll::Ready(output)
     }

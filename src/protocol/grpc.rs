@@ -161,30 +161,18 @@ pub(crate) enum Call {
     Web,
 }
 
-/// Whether `headers` say the request is gRPC: `content-type: application/grpc`, alone or
-/// with a `+format` or parameters (never `application/grpc-web`).
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    content_type_is(headers, b"application/grpc")
-}
-
-/// Whether `headers` say the request is gRPC-Web: `content-type: application/grpc-web` or
+/// Whether a `content-type` of `value` is gRPC-Web: `application/grpc-web` or
 /// `application/grpc-web-text`, alone or with a `+format` or parameters.
-fn is_grpc_web(headers: &HeaderMap) -> bool {
-    content_type_is(headers, b"application/grpc-web")
-        || content_type_is(headers, b"application/grpc-web-text")
+fn is_grpc_web(value: &[u8]) -> bool {
+    essence_is(value, b"application/grpc-web") || essence_is(value, b"application/grpc-web-text")
 }
 
-/// Whether the `content-type` of `headers` is `essence`, alone or followed by a `+format` or
+/// Whether a `content-type` of `value` is `essence`, alone or followed by a `+format` or
 /// parameters (ASCII case ignored).
-fn content_type_is(headers: &HeaderMap, essence: &[u8]) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .map(|value| value.as_bytes())
-        .is_some_and(|value| {
-            value.len() >= essence.len()
-                && value[..essence.len()].eq_ignore_ascii_case(essence)
-                && matches!(value.get(essence.len()), None | Some(b'+' | b';'))
-        })
+fn essence_is(value: &[u8], essence: &[u8]) -> bool {
+    value.len() >= essence.len()
+        && value[..essence.len()].eq_ignore_ascii_case(essence)
+        && matches!(value.get(essence.len()), None | Some(b'+' | b';'))
 }
 
 /// What a request with `method`, `paths` and `headers` is to gRPC; `None` when it is not a
@@ -199,10 +187,13 @@ pub(crate) fn classify(
     if method != Method::POST {
         return None;
     }
-    if is_grpc_web(headers) {
+    // gRPC: `content-type: application/grpc`, alone or with a `+format` or parameters. Looked
+    // up once: every protected request comes this way.
+    let content_type = headers.get(header::CONTENT_TYPE)?.as_bytes();
+    if is_grpc_web(content_type) {
         return Some(Call::Web);
     }
-    if !is_grpc(headers) {
+    if !essence_is(content_type, b"application/grpc") {
         return None;
     }
     let named = |methods: &[Box<str>]| methods.iter().any(|m| paths.contains(&&**m));
@@ -309,6 +300,12 @@ mod tests {
         headers
     }
 
+    /// Whether a `POST` with `headers` is a (unary) gRPC call.
+    fn is_grpc(headers: &HeaderMap) -> bool {
+        let path = "/pay.Payments/Charge";
+        classify(&Method::POST, [path, path], headers, &Settings::default()) == Some(Call::Unary)
+    }
+
     #[test]
     fn only_grpc_content_types_are_grpc_calls() {
         for (value, grpc) in [
@@ -339,6 +336,8 @@ mod tests {
         let json = content_type("application/json");
         let web = content_type("application/grpc-web+proto");
         let web_text = content_type("application/grpc-web-text");
+        let shouted = content_type("Application/GRPC+proto");
+        let untyped = HeaderMap::new();
         for (method, path, headers, call) in [
             (
                 Method::POST,
@@ -368,6 +367,13 @@ mod tests {
                 Some(Call::Web),
             ),
             (Method::GET, "/pay.Payments/Charge", &web, None),
+            (
+                Method::POST,
+                "/pay.Payments/Charge",
+                &shouted,
+                Some(Call::Unary),
+            ),
+            (Method::POST, "/pay.Payments/Charge", &untyped, None),
         ] {
             assert_eq!(
                 classify(&method, [path, path], headers, &settings),

@@ -229,8 +229,22 @@ pub async fn look_up_forget_and_retry<St: AdminStore>(store: St) {
     assert_eq!(again.body, b"charge #2");
     assert_eq!(app.calls.load(Ordering::SeqCst), 2);
 
-    let bad = send(&app, admin(Method::GET, "/admin/records/xyz")).await;
-    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    // Every route that names an address refuses one that is not 64 hex digits.
+    for (method, uri) in [
+        (Method::GET, "/admin/records/xyz"),
+        (Method::DELETE, "/admin/records/xyz"),
+        (Method::DELETE, "/admin/claims/xyz"),
+    ] {
+        let bad = send(&app, admin(method.clone(), uri)).await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{method} {uri}");
+        assert!(
+            bad.json()["error"]
+                .as_str()
+                .is_some_and(|detail| detail.contains("64 hex")),
+            "{method} {uri}: {:?}",
+            bad.json()
+        );
+    }
     let bad = send(&app, look_up(r#"{"method":"POST","path":"/charges"}"#)).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }

@@ -69,6 +69,19 @@ where
                 .await?;
             return Ok((reply, self.unasked()));
         }
+        // Boxed, as in `run_acknowledged`.
+        Box::pin(self.send_on_lane(key, token, command, error)).await
+    }
+
+    /// [`send_acknowledged`](Self::send_acknowledged) on a lane, with the acknowledgement
+    /// commands.
+    async fn send_on_lane(
+        &self,
+        key: &StorageKey,
+        token: FenceToken,
+        command: &Cmd,
+        error: fn(RedisError) -> StoreError,
+    ) -> Result<Acknowledged, StoreError> {
         let lane = self.lane();
         let mut connection = lane.clone();
         let exchange = self.pipelined(&mut connection, command);
@@ -93,6 +106,21 @@ where
         if !self.asks(write) {
             return Ok((self.run(script, key, args).await?, self.unasked()));
         }
+        // Boxed: the path of a store that waits for replicas would otherwise widen every
+        // write's future, which the layer moves and holds.
+        Box::pin(self.run_on_lane(write, token, script, key, args)).await
+    }
+
+    /// [`run_acknowledged`](Self::run_acknowledged) on a lane, with the acknowledgement
+    /// commands.
+    async fn run_on_lane(
+        &self,
+        write: Write,
+        token: FenceToken,
+        script: &Script,
+        key: &StorageKey,
+        args: &[&[u8]],
+    ) -> Result<Acknowledged, StoreError> {
         let lane = self.lane();
         let mut connection = lane.clone();
         let exchange = async {

@@ -168,8 +168,9 @@ where
         match reply {
             (Value::Nil, verdict) => self.acquired_if_acknowledged(verdict, token),
             // A claim holds the key: whether its lease has ended is for Redis's clock to say.
+            // (Boxed: rare, and it would widen the future of every claim.)
             (Value::BulkString(held), _) if held.starts_with(MARKER_MAGIC) => {
-                self.claim_held(key, None, token, &marker, expiry).await
+                Box::pin(self.claim_held(key, None, token, &marker, expiry)).await
             }
             // Nothing was written: there was nothing to acknowledge.
             (Value::BulkString(held), _) => held_by(held, SystemTime::now()),
