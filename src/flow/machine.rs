@@ -32,7 +32,7 @@
 //! Each step moves the state by value, so what does not change from one state to the next
 //! stays out of it: the request's head (and its body once read) is written once into the
 //! flow's context and read there, until the request is rebuilt for the handler in **Ready**;
-//! the claim's future and the handler's run in slots of the flow's own, written in place.
+//! the claim's future and the handler's run in the flow's `pending` slot, written in place.
 //!
 //! The lease is a field of the states that hold the claim, as tower's concurrency permit is a
 //! field of its future: every path that does not complete it gives it back, dropped ones
@@ -117,19 +117,14 @@ pin_project! {
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
         St: IdempotencyStore,
     {
-        // The handler running, and the claim on its way, beside the state rather than in it:
+        // The claim on its way, or the handler running, beside the state rather than in it:
         // every state moves by value from one step to the next, and these futures are the
         // large ones (a few KiB for Redis's claim, the handler's as large as the application
-        // makes it). Each is written in place, into a slot of its own type (a write copies
-        // the whole type written: one slot for both would copy the larger at every write),
-        // and never moved once polled. A claim answered stays in its slot (a finished
-        // future holds nothing) until the next claim replaces it. (The handler before the
-        // state: one dropped unfinished goes before the lease its state holds, as when it was
-        // a field of `Run`.)
+        // makes it); this slot is written in place and never moved once polled. (Before the
+        // state: a handler dropped unfinished goes before the lease its state holds, as when
+        // it was a field of `Run`.)
         #[pin]
-        handler: Option<CatchUnwind<S::Future>>,
-        #[pin]
-        claim: Option<C>,
+        pending: Slot<C, S::Future>,
         #[pin]
         state: State<ReqB, St, ResB, S::Error>,
         send_claim: SendClaim<St, C>,
@@ -147,7 +142,8 @@ pin_project! {
         // the part read and the rest.
         ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks },
         // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
-        Claim { sending: Sending, token: FenceToken, sent: Instant, key: Key },
+        // A claim's future is the flow's `pending`; a take-over's (rare) is boxed here.
+        Claim { take_over: Option<StoreOp<Claim>>, token: FenceToken, sent: Instant, key: Key },
         // The key claimed, under a rotated secret: its earlier addresses are looked at. The
         // rest boxed: this state is rare, and the largest held, and every state is as large
         // as the largest.
@@ -156,21 +152,22 @@ pin_project! {
         // `held: None` runs the handler unprotected (fail-open, or no key to protect). The
         // request's head waits in `Ctx`.
         Ready { body: RequestBody<ReqB>, held: Option<Held<St>> },
-        // The handler is the flow's `handler`.
+        // The handler is the flow's `pending`.
         Run { held: Option<Held<St>> },
         Finish { lease_op: LeaseOp, output: Output<ResB, E> },
         Done,
     }
 }
 
-/// Where the future of the claim a `Claim` state waits for is.
-enum Sending {
-    /// Not made yet: it is made in the flow's `claim` slot when the state is first polled.
-    Unsent,
-    /// In the flow's `claim` slot.
-    InSlot,
-    /// A take-over of an abandoned claim (rare): boxed here.
-    TakeOver(StoreOp<Claim>),
+pin_project! {
+    /// What the flow waits for beside its state: a claim on its way to the store, or the
+    /// handler.
+    #[project = SlotProj]
+    enum Slot<C, F> {
+        Nothing,
+        Claim { #[pin] claim: C },
+        Handler { #[pin] handler: CatchUnwind<F> },
+    }
 }
 
 /// A request that holds its claim while its key's earlier addresses are looked at.
@@ -291,8 +288,7 @@ where
             _types: PhantomData,
         };
         Self {
-            handler: None,
-            claim: None,
+            pending: Slot::Nothing,
             state,
             send_claim,
             ctx,
@@ -330,26 +326,28 @@ where
                     Event::Read(ready!(body::poll_read(body, read, head, limit, cx)))
                 }
                 StateProj::Claim {
-                    sending: Sending::TakeOver(take_over),
+                    take_over: Some(take_over),
                     ..
                 } => Event::Claimed(ready!(take_over.as_mut().poll(cx))),
                 StateProj::Claim {
-                    sending,
+                    take_over: None,
                     token,
                     key,
                     ..
                 } => {
-                    if let Sending::Unsent = sending {
+                    if let Slot::Nothing = *this.pending {
                         let (store, config) = (ctx.store.clone(), Arc::clone(&ctx.config));
                         let (key, fingerprint) = (key.storage, key.fingerprint);
                         let claim = (this.send_claim)(store, config, key, *token, fingerprint);
-                        this.claim.set(Some(claim));
-                        *sending = Sending::InSlot;
+                        this.pending.set(Slot::Claim { claim });
                     }
-                    let Some(claim) = this.claim.as_mut().as_pin_mut() else {
-                        unreachable!("a claim was just put in its slot")
+                    let SlotProj::Claim { claim } = this.pending.as_mut().project() else {
+                        unreachable!("a claim was just put in the slot")
                     };
-                    Event::Claimed(ready!(claim.poll(cx)))
+                    let claimed = ready!(claim.poll(cx));
+                    // Emptied before the next step, which may send another claim.
+                    this.pending.set(Slot::Nothing);
+                    Event::Claimed(claimed)
                 }
                 StateProj::Probe { probe, probing } => match probe.as_mut().poll(cx) {
                     Poll::Ready(found) => Event::Probed(found),
@@ -370,13 +368,13 @@ where
                     }
                 },
                 StateProj::Run { held, .. } => {
-                    let Some(handler) = this.handler.as_mut().as_pin_mut() else {
-                        unreachable!("a running handler is in its slot")
+                    let SlotProj::Handler { handler } = this.pending.as_mut().project() else {
+                        unreachable!("a running handler is in the slot")
                     };
                     match handler.poll(cx) {
                         Poll::Ready(ran) => {
                             // Dropped as it was when it was a field of `Run`, at its answer.
-                            this.handler.set(None);
+                            this.pending.set(Slot::Nothing);
                             Event::Ran(ran)
                         }
                         Poll::Pending => {
@@ -416,7 +414,7 @@ where
                 (StateOwned::Wait { key, .. }, Event::Waited(Ok(()))) => Step::Next(ctx.claim(key)),
                 (StateOwned::Wait { .. }, Event::Waited(Err(error))) => ctx.store_failed(error),
                 (StateOwned::Ready { body, held }, Event::Ready(ready)) => {
-                    ctx.run(body, held, ready, this.handler.as_mut())
+                    ctx.run(body, held, ready, this.pending.as_mut())
                 }
                 (StateOwned::Run { held, .. }, Event::Ran(ran)) => ctx.ran(held, ran, cx),
                 (StateOwned::Finish { output, .. }, Event::Finished(Kept::Response)) => {
@@ -597,7 +595,7 @@ mod tests {
 
     /// The sizes the flow moves: the state (by value, every step), the slot (written in
     /// place) and the whole flow (boxed once), for a handler whose future is `F`.
-    fn sizes<St, C, F>(_: SendClaim<St, C>, _: fn() -> F) -> [(&'static str, usize); 7]
+    fn sizes<St, C, F>(_: SendClaim<St, C>, _: fn() -> F) -> [(&'static str, usize); 6]
     where
         St: IdempotencyStore,
     {
@@ -605,8 +603,7 @@ mod tests {
         [
             ("state", size_of::<State<B, St, B, Infallible>>()),
             ("claim", size_of::<C>()),
-            ("claim slot", size_of::<Option<C>>()),
-            ("handler slot", size_of::<Option<CatchUnwind<F>>>()),
+            ("slot", size_of::<Slot<C, F>>()),
             ("key", size_of::<Key>()),
             ("held", size_of::<Held<St>>()),
             ("output", size_of::<Output<B, Infallible>>()),

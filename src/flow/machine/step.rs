@@ -9,7 +9,7 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Ctx, Held, LeaseOp, Sending, State, Step, StoreOp};
+use super::{Ctx, Held, LeaseOp, Slot, State, Step, StoreOp};
 use crate::{
     flow::body::{Chunks, RequestBody, ResponseBody},
     flow::capture::{self, Settled},
@@ -114,11 +114,11 @@ where
 
     /// Sends the claim on the key, under a token of its own.
     pub(super) fn claim(&self, key: Key) -> State<ReqB, St, ResB, S::Error> {
-        // The claim's future is made and held by the flow (`Flow::claim`), not boxed.
+        // The claim's future is made and held by the flow (`Flow::pending`), not boxed.
         let token = FenceToken::generate();
         let sent = Instant::now();
         State::Claim {
-            sending: Sending::Unsent,
+            take_over: None,
             token,
             sent,
             key,
@@ -199,7 +199,7 @@ where
                 });
                 let sent = Instant::now();
                 Step::Next(State::Claim {
-                    sending: Sending::TakeOver(claim),
+                    take_over: Some(claim),
                     token,
                     sent,
                     key,
@@ -305,13 +305,13 @@ where
     }
 
     /// The inner service is ready (or failed to get ready): the handler runs on the request
-    /// rebuilt from its head and `body`, its future put in the flow's `handler` slot.
-    pub(super) fn run(
+    /// rebuilt from its head and `body`, its future put in the flow's `pending` slot.
+    pub(super) fn run<C>(
         &mut self,
         body: RequestBody<ReqB>,
         held: Option<Held<St>>,
         ready: Result<(), S::Error>,
-        mut slot: Pin<&mut Option<CatchUnwind<S::Future>>>,
+        mut pending: Pin<&mut Slot<C, S::Future>>,
     ) -> FlowStep<S, St, ReqB, ResB> {
         if let Err(error) = ready {
             return match held {
@@ -334,9 +334,13 @@ where
             Ok(handler) => CatchUnwind::new(handler),
             Err(panic) => return self.panicked(held, panic),
         };
-        // A request's handler runs once: its slot is empty.
-        debug_assert!(slot.is_none(), "the handler's slot is empty");
-        slot.set(Some(handler));
+        // The slot is empty here (a claim's future leaves it before `claimed` runs): a
+        // handler never replaces a future the flow still needs.
+        debug_assert!(
+            matches!(*pending, Slot::Nothing),
+            "the flow's slot is empty"
+        );
+        pending.set(Slot::Handler { handler });
         Step::Next(State::Run { held })
     }
 
