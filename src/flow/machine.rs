@@ -29,6 +29,11 @@
 //!   goes out; a streamed body is captured by a task of its own.
 //! - **Finish**: the record is stored (or the key released); then the response is answered.
 //!
+//! Each step moves the state by value, so what does not change from one state to the next
+//! stays out of it: the request's head (and its body once read) is written once into the
+//! flow's context and read there, until the request is rebuilt for the handler in **Ready**;
+//! the claim's future and the handler's run in the flow's `pending` slot, written in place.
+//!
 //! The lease is a field of the states that hold the claim, as tower's concurrency permit is a
 //! field of its future: every path that does not complete it gives it back, dropped ones
 //! included. A client that goes away while a claim is on its way, a handler runs or a record
@@ -93,8 +98,16 @@ pub(crate) async fn send_claim<St: IdempotencyStore>(
     token: FenceToken,
     fingerprint: Fingerprint,
 ) -> Result<Claim, StoreError> {
-    let claim = store.claim_as(&key, token, &fingerprint, config.lease);
-    config.observer.store_op(St::NAME, Op::Claim, claim).await
+    // Made in the call, not bound first: a binding is one more copy of the store's future.
+    let observer = &config.observer;
+    let lease = config.lease;
+    observer
+        .store_op(
+            St::NAME,
+            Op::Claim,
+            store.claim_as(&key, token, &fingerprint, lease),
+        )
+        .await
 }
 
 pin_project! {
@@ -124,20 +137,21 @@ pin_project! {
     #[project = StateProj]
     #[project_replace = StateOwned]
     enum State<ReqB, St: IdempotencyStore, ResB, E> {
-        ReadBody { #[pin] body: ReqB, read: Chunks, parts: Parts, plan: KeyPlan },
+        ReadBody { #[pin] body: ReqB, read: Chunks, plan: KeyPlan },
         // No key, and a body that may be over the limit: boxed, so that it can be handed on,
         // the part read and the rest.
-        ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks, parts: Parts },
+        ReadUnkeyed { body: Pin<Box<ReqB>>, read: Chunks },
         // `token`: the claim's, chosen here, so a claim whose reply is lost can be released.
         // A claim's future is the flow's `pending`; a take-over's (rare) is boxed here.
-        Claim { take_over: Option<StoreOp<Claim>>, token: FenceToken, sent: Instant, keyed: Keyed },
+        Claim { take_over: Option<StoreOp<Claim>>, token: FenceToken, sent: Instant, key: Key },
         // The key claimed, under a rotated secret: its earlier addresses are looked at. The
         // rest boxed: this state is rare, and the largest held, and every state is as large
         // as the largest.
         Probe { probe: StoreOp<Option<Found>>, probing: Box<Probing<St>> },
-        Wait { wait: StoreOp<()>, keyed: Keyed },
-        // `held: None` runs the handler unprotected (fail-open, or no key to protect).
-        Ready { request: Request<RequestBody<ReqB>>, held: Option<Held<St>> },
+        Wait { wait: StoreOp<()>, key: Key },
+        // `held: None` runs the handler unprotected (fail-open, or no key to protect). The
+        // request's head waits in `Ctx`.
+        Ready { body: RequestBody<ReqB>, held: Option<Held<St>> },
         // The handler is the flow's `pending`.
         Run { held: Option<Held<St>> },
         Finish { lease_op: LeaseOp, output: Output<ResB, E> },
@@ -156,17 +170,9 @@ pin_project! {
     }
 }
 
-/// A protected request whose body is read and key known.
-struct Keyed {
-    parts: Parts,
-    body: Bytes,
-    key: Key,
-    fingerprint: Fingerprint,
-}
-
 /// A request that holds its claim while its key's earlier addresses are looked at.
 struct Probing<St: IdempotencyStore> {
-    keyed: Keyed,
+    key: Key,
     lease: Lease<St>,
     renewal: Renewal,
 }
@@ -210,6 +216,12 @@ enum Step<ReqB, St: IdempotencyStore, ResB, E> {
 
 /// What the flow carries through every state.
 struct Ctx<S, St, ReqB, ResB> {
+    /// The request's head, written once and read in place until the request is rebuilt for
+    /// the handler (the states move by value at every step: the head does not ride in them).
+    head: Parts,
+    /// The request's body once read, if a key is claimed for it: kept here for the same
+    /// reason, until the handler (or a probe of earlier addresses) takes it.
+    body: Bytes,
     inner: Inner<S>,
     store: St,
     config: Arc<Config>,
@@ -258,17 +270,13 @@ where
                 State::ReadUnkeyed {
                     body: Box::pin(body),
                     read,
-                    parts,
                 }
             }
-            plan => State::ReadBody {
-                body,
-                read,
-                parts,
-                plan,
-            },
+            plan => State::ReadBody { body, read, plan },
         };
         let ctx = Ctx {
+            head: parts,
+            body: Bytes::new(),
             inner: Inner::new(inner),
             store,
             wait_until: None,
@@ -308,16 +316,14 @@ where
         loop {
             // Poll what the state waits for...
             let event = match this.state.as_mut().project() {
-                StateProj::ReadBody {
-                    body, read, parts, ..
-                } => {
-                    let limit = ctx.config.request_body_limit;
-                    Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
+                StateProj::ReadBody { body, read, .. } => {
+                    let (head, limit) = (&ctx.head, ctx.config.request_body_limit);
+                    Event::Read(ready!(body::poll_read(body, read, head, limit, cx)))
                 }
-                StateProj::ReadUnkeyed { body, read, parts } => {
-                    let limit = ctx.config.request_body_limit;
+                StateProj::ReadUnkeyed { body, read } => {
+                    let (head, limit) = (&ctx.head, ctx.config.request_body_limit);
                     let body = body.as_mut();
-                    Event::Read(ready!(body::poll_read(body, read, parts, limit, cx)))
+                    Event::Read(ready!(body::poll_read(body, read, head, limit, cx)))
                 }
                 StateProj::Claim {
                     take_over: Some(take_over),
@@ -326,12 +332,12 @@ where
                 StateProj::Claim {
                     take_over: None,
                     token,
-                    keyed,
+                    key,
                     ..
                 } => {
                     if let Slot::Nothing = *this.pending {
                         let (store, config) = (ctx.store.clone(), Arc::clone(&ctx.config));
-                        let (key, fingerprint) = (keyed.key.storage, keyed.fingerprint);
+                        let (key, fingerprint) = (key.storage, key.fingerprint);
                         let claim = (this.send_claim)(store, config, key, *token, fingerprint);
                         this.pending.set(Slot::Claim { claim });
                     }
@@ -384,38 +390,31 @@ where
             };
             // ...then decide where it leads.
             let step = match (this.state.as_mut().project_replace(State::Done), event) {
-                (
-                    StateOwned::ReadBody {
-                        parts, read, plan, ..
-                    },
-                    Event::Read(read_body),
-                ) => ctx.read(parts, read_body.map(|()| read.concat()), plan),
-                (StateOwned::ReadUnkeyed { body, read, parts }, Event::Read(Err(problem)))
+                (StateOwned::ReadBody { read, plan, .. }, Event::Read(read_body)) => {
+                    ctx.read(read_body.map(|()| read.concat()), plan)
+                }
+                (StateOwned::ReadUnkeyed { body, read }, Event::Read(Err(problem)))
                     if problem.kind() == ProblemKind::BodyTooLarge =>
                 {
-                    ctx.oversized(parts, read, body)
+                    ctx.oversized(read, body)
                 }
-                (StateOwned::ReadUnkeyed { parts, read, .. }, Event::Read(read_body)) => {
-                    ctx.read(parts, read_body.map(|()| read.concat()), KeyPlan::Derived)
+                (StateOwned::ReadUnkeyed { read, .. }, Event::Read(read_body)) => {
+                    ctx.read(read_body.map(|()| read.concat()), KeyPlan::Derived)
                 }
                 (
                     StateOwned::Claim {
-                        token, sent, keyed, ..
+                        token, sent, key, ..
                     },
                     Event::Claimed(claim),
-                ) => ctx.claimed(keyed, token, sent, claim),
+                ) => ctx.claimed(key, token, sent, claim),
                 (StateOwned::Probe { probing, .. }, Event::Probed(found)) => {
-                    let Probing { keyed, lease, .. } = *probing;
-                    ctx.probed(keyed, lease, found)
+                    let Probing { key, lease, .. } = *probing;
+                    ctx.probed(key, lease, found)
                 }
-                (StateOwned::Wait { keyed, .. }, Event::Waited(Ok(()))) => {
-                    Step::Next(ctx.claim(keyed))
-                }
-                (StateOwned::Wait { keyed, .. }, Event::Waited(Err(error))) => {
-                    ctx.store_failed(error, keyed)
-                }
-                (StateOwned::Ready { request, held }, Event::Ready(ready)) => {
-                    ctx.run(request, held, ready, this.pending.as_mut())
+                (StateOwned::Wait { key, .. }, Event::Waited(Ok(()))) => Step::Next(ctx.claim(key)),
+                (StateOwned::Wait { .. }, Event::Waited(Err(error))) => ctx.store_failed(error),
+                (StateOwned::Ready { body, held }, Event::Ready(ready)) => {
+                    ctx.run(body, held, ready, this.pending.as_mut())
                 }
                 (StateOwned::Run { held, .. }, Event::Ran(ran)) => ctx.ran(held, ran, cx),
                 (StateOwned::Finish { output, .. }, Event::Finished(Kept::Response)) => {
@@ -592,6 +591,55 @@ mod tests {
                 .take_over_as(key, abandoned, token, fingerprint, lease)
                 .await
         }
+    }
+
+    /// The sizes the flow moves: the state (by value, every step), the slot (written in
+    /// place) and the whole flow (boxed once), for a handler whose future is `F`.
+    fn sizes<St, C, F>(_: SendClaim<St, C>, _: fn() -> F) -> [(&'static str, usize); 6]
+    where
+        St: IdempotencyStore,
+    {
+        type B = Full<Bytes>;
+        [
+            ("state", size_of::<State<B, St, B, Infallible>>()),
+            ("claim", size_of::<C>()),
+            ("slot", size_of::<Slot<C, F>>()),
+            ("key", size_of::<Key>()),
+            ("held", size_of::<Held<St>>()),
+            ("output", size_of::<Output<B, Infallible>>()),
+        ]
+    }
+
+    /// The size of the boxed flow of `inner`, its claims sent by `send`.
+    fn flow_size<S, St, C>(_: &S, _: SendClaim<St, C>) -> usize
+    where
+        S: Service<Request<RequestBody<Full<Bytes>>>, Response = Response<Full<Bytes>>>,
+        St: IdempotencyStore,
+    {
+        size_of::<Flow<S, St, Full<Bytes>, Full<Bytes>, C>>()
+    }
+
+    type Handler = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
+    fn handler() -> Handler {
+        std::future::ready(Ok(Response::new(Full::default())))
+    }
+
+    #[test]
+    fn the_state_moved_at_every_step_stays_small() {
+        let memory = sizes(send_claim::<MemoryStore>, handler);
+        let inner = tower::service_fn(|_: Request<RequestBody<Full<Bytes>>>| handler());
+        let flow = flow_size(&inner, send_claim::<MemoryStore>);
+        println!("MemoryStore: {memory:?}, flow {flow}");
+        #[cfg(feature = "redis")]
+        {
+            let redis = sizes(send_claim::<crate::RedisStore>, handler);
+            let flow = flow_size(&inner, send_claim::<crate::RedisStore>);
+            println!("RedisStore: {redis:?}, flow {flow}");
+        }
+        let state = memory[0].1;
+        // 464 bytes when the request's head rode in the states.
+        assert!(state <= 256, "the state grew to {state} bytes");
     }
 
     #[tokio::test]

@@ -14,11 +14,12 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use super::{Ctx, Keyed, LeaseOp, Probing, State, Step, step::FlowStep};
+use super::{Ctx, LeaseOp, Probing, State, Step, step::FlowStep};
 use crate::{
     fingerprint::Fingerprint,
     flow::body::RequestBody,
     flow::lease::{Lease, Renewal},
+    flow::plan::Key,
     flow::recovery::on_abandoned,
     flow::reject::{nobody_listens, reject},
     flow::replay::{Retry, replay},
@@ -51,14 +52,10 @@ where
     /// Looks at the key's earlier addresses, newest secret first, holding `lease` (the claim
     /// under the current secret, not yet observed: what becomes of it is reported only if
     /// the handler runs under it).
-    pub(super) fn probe(&self, keyed: Keyed, lease: Lease<St>) -> State<ReqB, St, ResB, S::Error> {
+    pub(super) fn probe(&self, key: Key, lease: Lease<St>) -> State<ReqB, St, ResB, S::Error> {
         let config = &self.config;
-        let client = keyed
-            .key
-            .client
-            .as_ref()
-            .map(|key| (key, keyed.key.delivery));
-        let earlier = config.previous_addresses(&keyed.parts, &keyed.body, client, &self.rpc);
+        let client = key.client.as_ref().map(|client| (client, key.delivery));
+        let earlier = config.previous_addresses(&self.head, &self.body, client, &self.rpc);
         let (store, observer, lease_for) =
             (self.store.clone(), config.observer.clone(), config.lease);
         let probe = Box::pin(async move {
@@ -92,7 +89,7 @@ where
             Ok(abandoned)
         });
         let probing = Box::new(Probing {
-            keyed,
+            key,
             lease,
             renewal: Renewal::default(),
         });
@@ -103,7 +100,7 @@ where
     /// otherwise give the claim back and replay, wait, or refuse.
     pub(super) fn probed(
         &mut self,
-        keyed: Keyed,
+        key: Key,
         lease: Lease<St>,
         found: Result<Option<Found>, StoreError>,
     ) -> FlowStep<S, St, ReqB, ResB> {
@@ -113,16 +110,16 @@ where
             return self.give_back(lease, Ok(nobody_listens()));
         }
         let found = match found {
-            Ok(None) => return self.hold(keyed, lease.observed(config.observer.clone())),
+            Ok(None) => return self.hold(key, lease.observed(config.observer.clone())),
             Ok(Some(found)) => found,
             Err(error) => {
                 // Dropped, the lease gives the key back in the background.
                 drop(lease);
-                return self.store_failed(error, keyed);
+                return self.store_failed(error);
             }
         };
         let Found {
-            key,
+            key: on,
             fingerprint,
             claim,
         } = found;
@@ -145,18 +142,18 @@ where
                     let problem = Problem::key_reused(config.mismatch_status);
                     return self.give_back(lease, Ok(reject(&config, &problem, &self.rpc)));
                 }
-                self.wait_on(keyed, key, Some(release(lease)))
+                self.wait_on(key, on, Some(release(lease)))
             }
             Claim::Abandoned {
                 fingerprint: held, ..
-            } => match on_abandoned(&config, &keyed.parts, &held, &fingerprint) {
+            } => match on_abandoned(&config, &self.head, &held, &fingerprint) {
                 // Its owner's work is not known to have happened: run under the current
                 // claim; the abandoned one expires by itself.
-                Ok(()) => self.hold(keyed, lease.observed(config.observer.clone())),
+                Ok(()) => self.hold(key, lease.observed(config.observer.clone())),
                 Err(problem) => self.give_back(lease, Ok(reject(&config, &problem, &self.rpc))),
             },
             // Never found: a free address is given back in the probe itself.
-            Claim::Acquired(_) => self.hold(keyed, lease.observed(config.observer.clone())),
+            Claim::Acquired(_) => self.hold(key, lease.observed(config.observer.clone())),
         }
     }
 

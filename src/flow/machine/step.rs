@@ -9,13 +9,13 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{Ctx, Held, Keyed, LeaseOp, Slot, State, Step, StoreOp};
+use super::{Ctx, Held, LeaseOp, Slot, State, Step, StoreOp};
 use crate::{
     flow::body::{Chunks, RequestBody, ResponseBody},
     flow::capture::{self, Settled},
     flow::catch_unwind::{self, CatchUnwind, Panic},
     flow::lease::{Lease, Renewal},
-    flow::plan::{self, KeyPlan, Keying},
+    flow::plan::{self, Key, KeyPlan, Keying},
     flow::recovery::on_abandoned,
     flow::reject::{close_connection, nobody_listens, reject},
     flow::replay::{Retry, replay},
@@ -46,7 +46,6 @@ where
     /// key.
     pub(super) fn read(
         &mut self,
-        parts: Parts,
         body: Result<Bytes, Problem>,
         plan: KeyPlan,
     ) -> FlowStep<S, St, ReqB, ResB> {
@@ -63,7 +62,7 @@ where
                 // The rest of the body was not read: the connection cannot carry another
                 // request.
                 let response = reject(&config, &problem, &rpc);
-                return Step::Answer(Ok(close_connection(response, parts.version)));
+                return Step::Answer(Ok(close_connection(response, self.head.version)));
             }
         };
         if config.json_rpc.enabled && !self.rpc.is_grpc() {
@@ -72,22 +71,17 @@ where
                 // A JSON-RPC message that calls nothing protected: untouched, no store call.
                 None => {
                     return Step::Next(State::Ready {
-                        request: Request::from_parts(parts, RequestBody::full(body)),
+                        body: RequestBody::full(body),
                         held: None,
                     });
                 }
             }
         }
-        let keying = match plan::after_body(&config, plan, &parts, &body, &self.rpc) {
+        let keying = match plan::after_body(&config, plan, &self.head, &body, &self.rpc) {
             Ok(Keying::Protect(key)) => {
                 config.observer.key(&key.storage);
-                let fingerprint = key.fingerprint;
-                return Step::Next(self.claim(Keyed {
-                    parts,
-                    body,
-                    key,
-                    fingerprint,
-                }));
+                self.body = body;
+                return Step::Next(self.claim(key));
             }
             Ok(keying) => keying,
             Err(problem) => return self.reject(&problem),
@@ -98,7 +92,7 @@ where
             Keying::Protect(_) | Keying::PassThrough => {}
         }
         Step::Next(State::Ready {
-            request: Request::from_parts(parts, RequestBody::full(body)),
+            body: RequestBody::full(body),
             held: None,
         })
     }
@@ -108,19 +102,18 @@ where
     /// the rest of its body handed on.
     pub(super) fn oversized(
         &mut self,
-        parts: Parts,
         read: Chunks,
         rest: Pin<Box<ReqB>>,
     ) -> FlowStep<S, St, ReqB, ResB> {
         self.config.observer.outcome(Outcome::Oversized);
         Step::Next(State::Ready {
-            request: Request::from_parts(parts, RequestBody::resumed(read, rest)),
+            body: RequestBody::resumed(read, rest),
             held: None,
         })
     }
 
     /// Sends the claim on the key, under a token of its own.
-    pub(super) fn claim(&self, keyed: Keyed) -> State<ReqB, St, ResB, S::Error> {
+    pub(super) fn claim(&self, key: Key) -> State<ReqB, St, ResB, S::Error> {
         // The claim's future is made and held by the flow (`Flow::pending`), not boxed.
         let token = FenceToken::generate();
         let sent = Instant::now();
@@ -128,26 +121,26 @@ where
             take_over: None,
             token,
             sent,
-            keyed,
+            key,
         }
     }
 
-    /// Sends `op` on `keyed`'s key, observed.
-    fn store_op<T, F, Fut>(&self, op: Op, keyed: &Keyed, send: F) -> StoreOp<T>
+    /// Sends `op` on `key`, observed.
+    fn store_op<T, F, Fut>(&self, op: Op, key: &Key, send: F) -> StoreOp<T>
     where
         F: FnOnce(St, StorageKey) -> Fut,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
         Result<T, StoreError>: Describe,
     {
         let observer = self.config.observer.clone();
-        let operation = send(self.store.clone(), keyed.key.storage);
+        let operation = send(self.store.clone(), key.storage);
         Box::pin(async move { observer.store_op(St::NAME, op, operation).await })
     }
 
     /// The store answered the claim (or take-over) sent at `sent` as `token`.
     pub(super) fn claimed(
         &mut self,
-        keyed: Keyed,
+        key: Key,
         token: FenceToken,
         sent: Instant,
         claim: Result<Claim, StoreError>,
@@ -162,13 +155,7 @@ where
             // by its token in the background, retried while its lease may last; when it did
             // not land, the store says so and nothing changes. (A key holding bytes not ours,
             // `Corrupt`, took no claim.)
-            let lease = Lease::new(
-                self.store.clone(),
-                keyed.key.storage,
-                token,
-                config.lease,
-                sent,
-            );
+            let lease = Lease::new(self.store.clone(), key.storage, token, config.lease, sent);
             lease.observed(observer.clone()).release_unanswered();
         }
         if self.gone && !matches!(claim, Ok(Claim::Acquired(_))) {
@@ -177,22 +164,16 @@ where
         match claim {
             // The store's word for the token, which the contract says is the one sent.
             Ok(Claim::Acquired(token)) => {
-                let lease = Lease::new(
-                    self.store.clone(),
-                    keyed.key.storage,
-                    token,
-                    config.lease,
-                    sent,
-                );
+                let lease = Lease::new(self.store.clone(), key.storage, token, config.lease, sent);
                 if !self.gone && !config.fingerprint.previous_secrets.is_empty() {
                     // The secret was rotated: the record may be under an earlier address.
-                    return Step::Next(self.probe(keyed, lease));
+                    return Step::Next(self.probe(key, lease));
                 }
-                self.hold(keyed, lease.observed(observer.clone()))
+                self.hold(key, lease.observed(observer.clone()))
             }
             Ok(Claim::Completed { record, expires_in }) => {
                 let retry = Retry {
-                    fingerprint: &keyed.fingerprint,
+                    fingerprint: &key.fingerprint,
                     rpc: &self.rpc,
                     expires_in,
                     waited: self.waited,
@@ -207,12 +188,11 @@ where
                 fingerprint,
             }) => {
                 let held = &fingerprint;
-                if let Err(problem) = on_abandoned(&config, &keyed.parts, held, &keyed.fingerprint)
-                {
+                if let Err(problem) = on_abandoned(&config, &self.head, held, &key.fingerprint) {
                     return self.reject(&problem);
                 }
                 let (lease, token) = (config.lease, FenceToken::generate());
-                let claim = self.store_op(Op::TakeOver, &keyed, move |store, key| async move {
+                let claim = self.store_op(Op::TakeOver, &key, move |store, key| async move {
                     store
                         .take_over_as(&key, abandoned, token, &fingerprint, lease)
                         .await
@@ -222,52 +202,42 @@ where
                     take_over: Some(claim),
                     token,
                     sent,
-                    keyed,
+                    key,
                 })
             }
             Ok(Claim::InFlight { fingerprint }) => {
-                if fingerprint != keyed.fingerprint {
+                if fingerprint != key.fingerprint {
                     return self.reject(&Problem::key_reused(config.mismatch_status));
                 }
-                let on = keyed.key.storage;
-                self.wait_on(keyed, on, None)
+                let on = key.storage;
+                self.wait_on(key, on, None)
             }
-            Err(error) => self.store_failed(error, keyed),
+            Err(error) => self.store_failed(error),
         }
     }
 
     /// The key is claimed, under `lease`: the handler runs, once the inner service is ready
     /// (unless the client has gone: the key is given back).
-    pub(super) fn hold(
-        &mut self,
-        keyed: Keyed,
-        mut lease: Lease<St>,
-    ) -> FlowStep<S, St, ReqB, ResB> {
-        let Keyed {
-            parts,
-            body,
-            key,
-            fingerprint,
-        } = keyed;
+    pub(super) fn hold(&mut self, key: Key, mut lease: Lease<St>) -> FlowStep<S, St, ReqB, ResB> {
         if self.gone {
             // Nobody is left to answer: the handler is not started for nobody.
             let lease_op = Box::pin(lease.release(RecordResult::ClientGone));
             let output = Ok(nobody_listens());
             return Step::Next(State::Finish { lease_op, output });
         }
-        let mut request = Request::from_parts(parts, RequestBody::full(body));
+        let extensions = &mut self.head.extensions;
         if let Some(client_key) = key.client {
-            request.extensions_mut().insert(client_key);
+            extensions.insert(client_key);
         }
-        lease.prepare_handler(request.extensions_mut());
+        lease.prepare_handler(extensions);
         let held = Held {
             lease,
             renewal: Renewal::default(),
-            fingerprint,
+            fingerprint: key.fingerprint,
             ttl: key.ttl,
         };
         Step::Next(State::Ready {
-            request,
+            body: RequestBody::full(std::mem::take(&mut self.body)),
             held: Some(held),
         })
     }
@@ -277,7 +247,7 @@ where
     /// gives back before it waits.
     pub(super) fn wait_on(
         &mut self,
-        keyed: Keyed,
+        key: Key,
         on: StorageKey,
         first: Option<LeaseOp>,
     ) -> FlowStep<S, St, ReqB, ResB> {
@@ -312,16 +282,12 @@ where
             let wait = store.wait(&on, remaining);
             observer.store_op(St::NAME, Op::Wait, wait).await
         });
-        Step::Next(State::Wait { wait, keyed })
+        Step::Next(State::Wait { wait, key })
     }
 
     /// The store failed: 503 when failing closed; when failing open, the handler runs
     /// unprotected.
-    pub(super) fn store_failed(
-        &mut self,
-        error: StoreError,
-        keyed: Keyed,
-    ) -> FlowStep<S, St, ReqB, ResB> {
+    pub(super) fn store_failed(&mut self, error: StoreError) -> FlowStep<S, St, ReqB, ResB> {
         match self.config.fail_mode {
             FailMode::Closed => {
                 tracing::warn!(%error, "refusing the request (fail-closed)");
@@ -330,20 +296,19 @@ where
             FailMode::Open => {
                 tracing::warn!(%error, "executing unprotected (fail-open)");
                 self.config.observer.outcome(Outcome::FailOpen);
-                let request = Request::from_parts(keyed.parts, RequestBody::full(keyed.body));
                 Step::Next(State::Ready {
-                    request,
+                    body: RequestBody::full(std::mem::take(&mut self.body)),
                     held: None,
                 })
             }
         }
     }
 
-    /// The inner service is ready (or failed to get ready): the handler runs, its future
-    /// put in the flow's `pending` slot.
+    /// The inner service is ready (or failed to get ready): the handler runs on the request
+    /// rebuilt from its head and `body`, its future put in the flow's `pending` slot.
     pub(super) fn run<C>(
         &mut self,
-        request: Request<RequestBody<ReqB>>,
+        body: RequestBody<ReqB>,
         held: Option<Held<St>>,
         ready: Result<(), S::Error>,
         mut pending: Pin<&mut Slot<C, S::Future>>,
@@ -364,6 +329,7 @@ where
         self.wait_clock = None;
         // `call` itself may panic before it returns a future (a router, a `service_fn`
         // closure): that costs a 500 and the key too, as a panic while polling does.
+        let request = Request::from_parts(self.take_head(), body);
         let handler = match catch_unwind::catching(|| self.inner.call(request)) {
             Ok(handler) => CatchUnwind::new(handler),
             Err(panic) => return self.panicked(held, panic),
@@ -455,6 +421,13 @@ where
     /// (nothing of the response was sent).
     pub(super) fn body_failed_before_commit(&self) -> FlowStep<S, St, ReqB, ResB> {
         self.reject(&Problem::handler_failed())
+    }
+
+    /// The request's head, taken for the handler's request (an empty head left behind:
+    /// nothing reads it after).
+    fn take_head(&mut self) -> Parts {
+        let (empty, ()) = Request::new(()).into_parts();
+        std::mem::replace(&mut self.head, empty)
     }
 
     /// A problem, answered at once.
