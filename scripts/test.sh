@@ -37,6 +37,8 @@ cargo test --all-features
 
 step "cargo test (default features: the feature set users get)"
 cargo test --lib --tests
+# Examples and benchmarks too: one that names a feature it does not require fails here.
+cargo check --examples --benches
 
 step "cargo check (no default features: features stay additive)"
 cargo check --no-default-features --lib
