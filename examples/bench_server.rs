@@ -9,8 +9,9 @@
 //! - `MODE`: `bare` (no layer), `memory` (`MemoryStore`), `redis` (`RedisStore`) or
 //!   `cached` (`CachedStore` over `RedisStore`); the last two need the `redis` feature and
 //!   `REDIS_URL`. Default `memory`. Two more modes are **naive baselines**, measured only to
-//!   put the layer's cost in context (`benches/common/naive.rs`): `naive-moka` (a moka cache of responses)
-//!   and `naive-redis` (the same over Redis: needs the `redis` feature and `REDIS_URL`).
+//!   put the layer's cost in context (`benches/common/naive.rs`): `naive-moka` (a moka cache
+//!   of responses) and `naive-redis` (the same over Redis: needs the `redis` feature and
+//!   `REDIS_URL`).
 //! - `MODE=postgres`: `PostgresStore` (the `postgres` feature and `DATABASE_URL`; the table is
 //!   created if missing).
 //! - `PORT`: the loopback port to listen on. Default 3000.

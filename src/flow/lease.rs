@@ -162,8 +162,14 @@ impl<St: IdempotencyStore> Lease<St> {
             (self.store.clone(), self.key, self.token, self.duration);
         let observer = self.observer.clone();
         Box::pin(async move {
-            let renewal = store.renew(&key, token, duration);
-            Timed::new(observer.as_ref(), St::NAME, Op::Renew, renewal).await
+            // Made in the call: bound first, the box would hold it twice.
+            Timed::new(
+                observer.as_ref(),
+                St::NAME,
+                Op::Renew,
+                store.renew(&key, token, duration),
+            )
+            .await
         })
     }
 

@@ -134,8 +134,8 @@ impl Observer {
         warned_once(&self.inner.warned_unscoped)
     }
 
-    /// Runs a store operation, timing it when a span or metrics want it, and reports the
-    /// state it found or made at debug level ([`Timed`]).
+    /// `operation`, timed when a span or metrics want it, and reported at debug level with
+    /// the state it found or made ([`Timed`]).
     pub(crate) fn store_op<F>(&self, store: &'static str, op: Op, operation: F) -> Timed<'_, F> {
         Timed::new(Some(self), store, op, operation)
     }
@@ -397,5 +397,84 @@ mod tests {
     fn a_digest_is_written_as_the_storage_key_hex() {
         let key = StorageKey::from_bytes(core::array::from_fn(|i| i as u8));
         assert_eq!(Digest(&key).to_string(), key.to_hex());
+    }
+
+    /// What a subscriber printed while `run` ran in a span (debug level, no colours).
+    fn logged(run: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                let mut buffer = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                buffer.extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", claim_ms = field::Empty);
+            span.in_scope(run);
+        });
+        let bytes = buffer.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Polls `future` once, with a waker that does nothing.
+    fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+        future.poll(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    /// The milliseconds the one store event in `log` reports.
+    fn elapsed_ms(log: &str) -> Vec<f64> {
+        log.lines()
+            .filter(|line| line.contains("idempotency store"))
+            .filter_map(|line| line.split("elapsed_ms=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn a_store_operation_is_timed_from_its_first_poll() {
+        let observer = Observer::new("test");
+        let log = logged(|| {
+            let operation = std::future::ready(Ok::<(), StoreError>(()));
+            let mut timed = std::pin::pin!(observer.store_op("memory", Op::Claim, operation));
+            std::thread::sleep(Duration::from_millis(60));
+            assert!(poll_once(timed.as_mut()).is_ready());
+        });
+        let reported = elapsed_ms(&log);
+        assert_eq!(reported.len(), 1, "one event: {log}");
+        assert!(reported[0] < 50.0, "timed from its creation: {log}");
+    }
+
+    #[test]
+    fn a_store_operation_is_reported_once_when_it_ends() {
+        let observer = Observer::new("test");
+        let log = logged(|| {
+            let mut pending_once = true;
+            let operation = std::future::poll_fn(move |_| {
+                if std::mem::take(&mut pending_once) {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Ok::<(), StoreError>(()))
+                }
+            });
+            let mut timed = std::pin::pin!(observer.store_op("memory", Op::Claim, operation));
+            assert!(poll_once(timed.as_mut()).is_pending());
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(poll_once(timed.as_mut()).is_ready());
+        });
+        let reported = elapsed_ms(&log);
+        assert_eq!(reported.len(), 1, "one event: {log}");
+        assert!(reported[0] >= 20.0, "timed across its polls: {log}");
     }
 }

@@ -128,13 +128,17 @@ where
     /// Sends `op` on `key`, observed.
     fn store_op<T, F, Fut>(&self, op: Op, key: &Key, send: F) -> StoreOp<T>
     where
-        F: FnOnce(St, StorageKey) -> Fut,
+        F: FnOnce(St, StorageKey) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
         Result<T, StoreError>: Describe,
     {
-        let observer = self.config.observer.clone();
-        let operation = send(self.store.clone(), key.storage);
-        Box::pin(async move { observer.store_op(St::NAME, op, operation).await })
+        let (observer, store, storage) = (
+            self.config.observer.clone(),
+            self.store.clone(),
+            key.storage,
+        );
+        // The operation made inside the block: made outside, the box would hold it twice.
+        Box::pin(async move { observer.store_op(St::NAME, op, send(store, storage)).await })
     }
 
     /// The store answered the claim (or take-over) sent at `sent` as `token`.
@@ -279,8 +283,9 @@ where
                 // A claim given back before a wait answers nobody: what stands is moot.
                 let _ = give_back.await;
             }
-            let wait = store.wait(&on, remaining);
-            observer.store_op(St::NAME, Op::Wait, wait).await
+            observer
+                .store_op(St::NAME, Op::Wait, store.wait(&on, remaining))
+                .await
         });
         Step::Next(State::Wait { wait, key })
     }
@@ -426,6 +431,9 @@ where
     /// The request's head, taken for the handler's request (an empty head left behind:
     /// nothing reads it after).
     fn take_head(&mut self) -> Parts {
+        // Taken once: a second take would hand a handler an empty `GET /`.
+        debug_assert!(!self.head_taken, "the request's head was taken twice");
+        self.head_taken = true;
         let (empty, ()) = Request::new(()).into_parts();
         std::mem::replace(&mut self.head, empty)
     }
