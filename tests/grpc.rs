@@ -333,6 +333,7 @@ where
 }
 
 /// `routes` served by tonic over HTTP/2 on a loopback port; `calls` counts their executions.
+#[cfg(feature = "axum")]
 async fn serve_routes(routes: axum::Router, calls: Arc<AtomicUsize>) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
