@@ -32,6 +32,9 @@ python3 scripts/modgraph.py --check --files
 step "cargo clippy (all targets, all features)"
 cargo clippy --all-targets --all-features -- -D warnings
 
+step "cargo clippy (all targets, default features: code only some features use is gated)"
+cargo clippy --all-targets -- -D warnings
+
 step "cargo test (all features)"
 cargo test --all-features
 
